@@ -1,0 +1,57 @@
+// The small non-tensor surface, through pybind11: what this binary was built
+// with.  Kept alone in this file because pybind11's headers compile slowly; it
+// also provides PyInit__C, which makes the library importable as lca_ext._C
+// (importing it runs the TORCH_LIBRARY registrations of the other files).
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+
+#include "chunk_plan.h"
+
+// setup.py passes the arch list as bare tokens (-DLCA_EXT_CUDA_ARCHS=8.0,9.0).
+#define LCA_EXT_STR_(...) #__VA_ARGS__
+#define LCA_EXT_STR(...) LCA_EXT_STR_(__VA_ARGS__)
+#ifdef LCA_EXT_CUDA_ARCHS
+#define LCA_EXT_CUDA_ARCHS_STRING LCA_EXT_STR(LCA_EXT_CUDA_ARCHS)
+#else
+#define LCA_EXT_CUDA_ARCHS_STRING ""
+#endif
+
+namespace py = pybind11;
+
+static py::dict build_info() {
+  py::dict d;
+#ifdef WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  d["cuda_archs"] = std::string(LCA_EXT_CUDA_ARCHS_STRING);
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["num_threads"] = at::get_num_threads();
+  d["parallel_info"] = at::get_parallel_info();
+  d["chunk_size"] = lca_ext::kChunkSize;
+#if defined(__AVX512F__)
+  d["simd"] = std::string("avx512");
+#elif defined(__AVX2__)
+  d["simd"] = std::string("avx2");
+#elif defined(__SSE2__)
+  d["simd"] = std::string("sse2");
+#elif defined(__ARM_NEON)
+  d["simd"] = std::string("neon");
+#else
+  d["simd"] = std::string("none");
+#endif
+  d["compiler"] = std::string(__VERSION__);
+  return d;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lca_ext compiled ops (registered as torch.ops.lca_ext.*) and build info";
+  m.def("build_info", &build_info,
+        "What this binary was compiled with: CUDA (and for which archs), "
+        "OpenMP, SIMD level, compiler, and the current ATen thread count.");
+}

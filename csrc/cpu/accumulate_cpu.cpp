@@ -1,0 +1,68 @@
+// accumulate_: acc[k] += weight * grads[k] for a whole list, one parallel pass.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../chunk_plan.h"
+#include "../validate.h"
+#include "dispatch.h"
+
+namespace lca_ext {
+namespace cpu {
+namespace {
+
+template <typename A, typename G>
+void axpy(A* __restrict acc, const G* __restrict g, int64_t n, A w) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<A>(g[i]);
+}
+
+void accumulate_cpu(at::TensorList acc, at::TensorList grads, double weight) {
+  const char* op = "accumulate_";
+  check_nonempty(op, "acc", acc);
+  check_same_length(op, "grads", grads, "acc", acc);
+  for (size_t k = 0; k < acc.size(); ++k) {
+    TORCH_CHECK(acc[k].defined(), "lca_ext.accumulate_: acc[", k,
+                "] is undefined (None); expected a tensor");
+  }
+  check_dtypes(op, "acc", acc, at::kFloat, at::kDouble);
+  check_float_dtypes(op, "grads", grads);
+  check_same_shapes(op, "grads", grads, "acc", acc);
+  check_device(op, "acc", acc, acc[0].device());
+  check_device(op, "grads", grads, acc[0].device());
+  TORCH_CHECK(std::isfinite(weight), "lca_ext.accumulate_: weight is ", weight,
+              "; expected a finite number");
+
+  const std::vector<at::Tensor> g = contiguous_all(grads);
+  std::vector<at::Tensor> a = contiguous_all(acc);  // a copy only if acc[k] is strided
+  const ChunkPlan plan = make_chunk_plan(numels(acc));
+  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1,
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& ch = plan.chunks[c];
+      const at::Tensor& ak = a[ch.tensor];
+      const at::Tensor& gk = g[ch.tensor];
+      const int64_t n = ch.end - ch.begin;
+      dispatch_float(gk.scalar_type(), [&](auto gtag) {
+        using G = decltype(gtag);
+        const G* gp = static_cast<const G*>(gk.const_data_ptr()) + ch.begin;
+        if (ak.scalar_type() == at::kDouble) {
+          axpy(static_cast<double*>(ak.data_ptr()) + ch.begin, gp, n, weight);
+        } else {
+          axpy(static_cast<float*>(ak.data_ptr()) + ch.begin, gp, n,
+               static_cast<float>(weight));
+        }
+      });
+    }
+  });
+  for (size_t k = 0; k < acc.size(); ++k) {
+    if (!a[k].is_same(acc[k])) acc[k].copy_(a[k]);
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lca_ext
+
+TORCH_LIBRARY_IMPL(lca_ext, CPU, m) {
+  m.impl("accumulate_", &lca_ext::cpu::accumulate_cpu);
+}

@@ -1,0 +1,382 @@
+// The fused LCA pass on the CPU: allocate and allocate_classes.
+//
+// One parallel pass over the chunk table.  For each chunk, tile by tile:
+//   stage 1 (typed on the input dtypes)  lca = (after - before) * grad into an L1 tile
+//   stage 2 (typed on the tile's float)   sums, sign counts, row sums, histogram,
+//                                         per-parameter state, raw LCA out
+// Each chunk writes its own partials; a short serial cleanup adds them in chunk
+// order, so every output is bit-identical for any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../chunk_plan.h"
+#include "../validate.h"
+#include "dispatch.h"
+#include "tile.h"
+
+namespace lca_ext {
+namespace cpu {
+namespace {
+
+// A row (neuron) that a chunk covers only in part: added up in the cleanup.
+struct RowPartial {
+  int64_t row = -1;  // global row index, -1: none
+  double sum = 0;
+};
+
+struct ChunkResult {
+  double sum = 0;
+  SignCounts counts;
+  RowPartial head, tail;
+};
+
+// Follows the current row while tiles of one chunk stream by.  Rows wholly
+// inside the chunk are written straight to the output (no other chunk touches
+// them); the first and last row, when they reach outside, become partials.
+struct RowTracker {
+  int64_t row_len, chunk_begin, chunk_end, row_offset;
+  double* out;
+  ChunkResult* res;
+  int64_t cur = -1;
+  double cur_sum = 0;
+
+  void add(int64_t row, double s) {
+    if (row != cur) {
+      flush();
+      cur = row;
+      cur_sum = 0;
+    }
+    cur_sum += s;
+  }
+  void flush() {
+    if (cur < 0) return;
+    const int64_t rs = cur * row_len, re = rs + row_len;
+    if (rs >= chunk_begin && re <= chunk_end) {
+      out[row_offset + cur] = cur_sum;
+    } else if (rs < chunk_begin) {
+      res->head = RowPartial{row_offset + cur, cur_sum};
+    } else {
+      res->tail = RowPartial{row_offset + cur, cur_sum};
+    }
+    cur = -1;
+  }
+};
+
+// Everything the kernel needs about tensor k, as raw pointers.
+struct TensorView {
+  const void* before;
+  const void* after;
+  const void* grad;
+  c10::ScalarType param_t, grad_t;
+  int64_t row_len, row_offset;
+  void* cum;  // nullptr: not requested
+  c10::ScalarType cum_t;
+  int32_t* helped_steps;
+  void* lca_out;
+  c10::ScalarType out_t;
+};
+
+struct Options {
+  bool row_sums;
+  const std::vector<double>* edges;  // empty: no histogram
+  double* row_out;
+};
+
+template <typename T, typename S>
+inline void add_into(S* __restrict dst, const T* __restrict v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<S>(v[i]);
+}
+template <typename T, typename S>
+inline void copy_into(S* __restrict dst, const T* __restrict v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(v[i]);
+}
+template <typename T>
+inline void count_helped(int32_t* __restrict dst, const T* __restrict v,
+                         int64_t n) {
+  const T big = std::numeric_limits<T>::max();
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] += static_cast<int32_t>((std::abs(v[i]) <= big) & (v[i] < T(0)));
+}
+
+// Histogram slots: 0 below edges[0], j+1 for [edges[j], edges[j+1]) (the last
+// bin closed on the right, as numpy does), B+1 above edges[B]; non-finite skipped.
+template <typename T>
+inline void histogram(const T* v, int64_t n, const std::vector<double>& edges,
+                      int64_t* slots) {
+  const double lo = edges.front(), hi = edges.back();
+  const int64_t nb = static_cast<int64_t>(edges.size()) - 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(v[i]);
+    if (!std::isfinite(x)) continue;
+    int64_t s;
+    if (x < lo) {
+      s = 0;
+    } else if (x >= hi) {
+      s = x == hi ? nb : nb + 1;
+    } else {
+      s = std::upper_bound(edges.begin(), edges.end(), x) - edges.begin();
+    }
+    ++slots[s];
+  }
+}
+
+// Stage 2 on one tile of n LCA values starting at flat index pos of tensor tv.
+template <typename T>
+void reduce_tile(const T* v, int64_t n, int64_t pos, const TensorView& tv,
+                 const Options& opt, ChunkResult& res, RowTracker& rows,
+                 int64_t* hist_slots) {
+  count_signs(v, n, res.counts);
+  if (opt.row_sums) {
+    for (int64_t i = 0; i < n;) {
+      const int64_t row = (pos + i) / tv.row_len;
+      const int64_t seg_end = std::min(n, (row + 1) * tv.row_len - pos);
+      const double s = lane_sum(v + i, seg_end - i);
+      res.sum += s;
+      rows.add(row, s);
+      i = seg_end;
+    }
+  } else {
+    res.sum += lane_sum(v, n);
+  }
+  if (hist_slots) histogram(v, n, *opt.edges, hist_slots);
+  if (tv.cum) {
+    if (tv.cum_t == c10::kDouble)
+      add_into(static_cast<double*>(tv.cum) + pos, v, n);
+    else
+      add_into(static_cast<float*>(tv.cum) + pos, v, n);
+  }
+  if (tv.helped_steps) count_helped(tv.helped_steps + pos, v, n);
+  if (tv.lca_out) {
+    if (tv.out_t == c10::kDouble)
+      copy_into(static_cast<double*>(tv.lca_out) + pos, v, n);
+    else
+      copy_into(static_cast<float*>(tv.lca_out) + pos, v, n);
+  }
+}
+
+template <typename P, typename G>
+void allocate_chunk(const Chunk& ch, const TensorView& tv, const Options& opt,
+                    ChunkResult& res, int64_t* hist_slots) {
+  using T = typename MathType<P, G>::type;
+  alignas(64) T delta[kTile];
+  alignas(64) T lca[kTile];
+  const P* before = static_cast<const P*>(tv.before);
+  const P* after = static_cast<const P*>(tv.after);
+  const G* grad = static_cast<const G*>(tv.grad);
+  RowTracker rows{tv.row_len, ch.begin, ch.end, tv.row_offset, opt.row_out, &res};
+  for (int64_t pos = ch.begin; pos < ch.end; pos += kTile) {
+    const int64_t n = std::min(kTile, ch.end - pos);
+    load_delta(before + pos, after + pos, n, delta);
+    mul_grad(delta, grad + pos, n, lca);
+    reduce_tile(lca, n, pos, tv, opt, res, rows, hist_slots);
+  }
+  rows.flush();
+}
+
+// Per-parameter state tensors: dense views to write into, and whether each must
+// be copied back (only a strided caller tensor needs that).
+std::vector<at::Tensor> dense_state(at::TensorList list) {
+  return contiguous_all(list);
+}
+void write_back(at::TensorList caller, const std::vector<at::Tensor>& dense) {
+  for (size_t k = 0; k < caller.size(); ++k)
+    if (!dense[k].is_same(caller[k])) caller[k].copy_(dense[k]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
+    at::TensorList before, at::TensorList after, at::TensorList avg_grad,
+    const c10::optional<at::Tensor>& bin_edges, bool row_sums,
+    at::TensorList cum_lca, at::TensorList helped_steps, at::TensorList lca_out,
+    bool check_finite_values) {
+  const char* op = "allocate";
+  check_allocate_inputs(op, before, after, "avg_grad", avg_grad, {},
+                        check_finite_values);
+  check_state_list(op, "cum_lca", cum_lca, before, at::kFloat, at::kDouble);
+  check_state_list(op, "helped_steps", helped_steps, before, at::kInt, at::kInt);
+  check_state_list(op, "lca_out", lca_out, before, at::kFloat, at::kDouble);
+  const std::vector<double> edges =
+      checked_bin_edges(op, bin_edges, before[0].device());
+
+  const auto b = contiguous_all(before);
+  const auto a = contiguous_all(after);
+  const auto g = contiguous_all(avg_grad);
+  const auto cum = dense_state(cum_lca);
+  const auto helped = dense_state(helped_steps);
+  const auto out = dense_state(lca_out);
+
+  const int64_t K = static_cast<int64_t>(before.size());
+  const std::vector<int64_t> nrows = rows_per_tensor(before);
+  int64_t total_rows = 0;
+  std::vector<TensorView> views(K);
+  for (int64_t k = 0; k < K; ++k) {
+    TensorView& tv = views[k];
+    tv.before = b[k].const_data_ptr();
+    tv.after = a[k].const_data_ptr();
+    tv.grad = g[k].const_data_ptr();
+    tv.param_t = b[k].scalar_type();
+    tv.grad_t = g[k].scalar_type();
+    tv.row_len = nrows[k] > 0 ? b[k].numel() / nrows[k] : 0;
+    tv.row_offset = total_rows;
+    total_rows += nrows[k];
+    tv.cum = cum.empty() ? nullptr : cum[k].data_ptr();
+    tv.cum_t = cum.empty() ? c10::kFloat : cum[k].scalar_type();
+    tv.helped_steps = helped.empty() ? nullptr : helped[k].data_ptr<int32_t>();
+    tv.lca_out = out.empty() ? nullptr : out[k].data_ptr();
+    tv.out_t = out.empty() ? c10::kFloat : out[k].scalar_type();
+  }
+
+  const auto f64 = before[0].options().dtype(at::kDouble);
+  const auto i64 = before[0].options().dtype(at::kLong);
+  at::Tensor sums = at::zeros({K}, f64);
+  at::Tensor counts = at::zeros({K, 4}, i64);
+  at::Tensor rows_out = at::zeros({row_sums ? total_rows : 0}, f64);
+  const int64_t nslots = edges.empty() ? 0 : static_cast<int64_t>(edges.size()) + 1;
+  at::Tensor hist = at::zeros({K, nslots}, i64);
+
+  const ChunkPlan plan = make_chunk_plan(numels(before));
+  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
+  std::vector<ChunkResult> results(nchunks);
+  std::vector<int64_t> hist_partials(static_cast<size_t>(nchunks * nslots), 0);
+  const Options opt{row_sums, &edges, row_sums ? rows_out.data_ptr<double>() : nullptr};
+
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& ch = plan.chunks[c];
+      const TensorView& tv = views[ch.tensor];
+      int64_t* slots = nslots ? hist_partials.data() + c * nslots : nullptr;
+      dispatch_float(tv.param_t, [&](auto ptag) {
+        dispatch_float(tv.grad_t, [&](auto gtag) {
+          allocate_chunk<decltype(ptag), decltype(gtag)>(ch, tv, opt, results[c],
+                                                         slots);
+        });
+      });
+    }
+  });
+
+  // Cleanup, serial and in chunk order.
+  double* sp = sums.data_ptr<double>();
+  int64_t* cp = counts.data_ptr<int64_t>();
+  double* rp = row_sums ? rows_out.data_ptr<double>() : nullptr;
+  int64_t* hp = hist.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = plan.first_chunk[k]; c < plan.first_chunk[k + 1]; ++c) {
+      const ChunkResult& r = results[c];
+      sp[k] += r.sum;
+      cp[4 * k + 0] += r.counts.helped;
+      cp[4 * k + 1] += r.counts.hurt;
+      cp[4 * k + 2] += r.counts.zero;
+      cp[4 * k + 3] += r.counts.nonfinite;
+      if (rp) {
+        if (r.head.row >= 0) rp[r.head.row] += r.head.sum;
+        if (r.tail.row >= 0) rp[r.tail.row] += r.tail.sum;
+      }
+      for (int64_t s = 0; s < nslots; ++s)
+        hp[k * nslots + s] += hist_partials[c * nslots + s];
+    }
+  }
+  write_back(cum_lca, cum);
+  write_back(helped_steps, helped);
+  write_back(lca_out, out);
+  return {sums, counts, rows_out, hist};
+}
+
+// ---------------------------------------------------------------------------
+// allocate_classes: class_grads[k] is [C, *before[k].shape]; before/after are
+// read once per tile, each class's gradient once.
+
+struct ClassChunkResult {
+  double sum = 0;
+  SignCounts counts;
+};
+
+template <typename P, typename G>
+void allocate_classes_chunk(const Chunk& ch, const void* before_v,
+                            const void* after_v, const void* grad_v,
+                            int64_t numel, int64_t C, ClassChunkResult* res) {
+  using T = typename MathType<P, G>::type;
+  alignas(64) T delta[kTile];
+  alignas(64) T lca[kTile];
+  const P* before = static_cast<const P*>(before_v);
+  const P* after = static_cast<const P*>(after_v);
+  const G* grad = static_cast<const G*>(grad_v);
+  for (int64_t pos = ch.begin; pos < ch.end; pos += kTile) {
+    const int64_t n = std::min(kTile, ch.end - pos);
+    load_delta(before + pos, after + pos, n, delta);
+    for (int64_t c = 0; c < C; ++c) {
+      mul_grad(delta, grad + c * numel + pos, n, lca);
+      res[c].sum += lane_sum(lca, n);
+      count_signs(lca, n, res[c].counts);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_classes_cpu(
+    at::TensorList before, at::TensorList after, at::TensorList class_grads,
+    bool check_finite_values) {
+  const char* op = "allocate_classes";
+  check_nonempty(op, "class_grads", class_grads);
+  for (size_t k = 0; k < class_grads.size(); ++k) {
+    TORCH_CHECK(class_grads[k].defined() && class_grads[k].dim() >= 1,
+                "lca_ext.allocate_classes: class_grads[", k,
+                "] must have a leading class dimension (shape [C, *before[", k,
+                "].shape])");
+  }
+  const int64_t C = class_grads[0].size(0);
+  check_allocate_inputs(op, before, after, "class_grads", class_grads, {C},
+                        check_finite_values);
+
+  const auto b = contiguous_all(before);
+  const auto a = contiguous_all(after);
+  const auto g = contiguous_all(class_grads);
+  const int64_t K = static_cast<int64_t>(before.size());
+  const ChunkPlan plan = make_chunk_plan(numels(before));
+  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
+  std::vector<ClassChunkResult> results(static_cast<size_t>(nchunks * C));
+
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& ch = plan.chunks[c];
+      const int64_t k = ch.tensor;
+      dispatch_float(b[k].scalar_type(), [&](auto ptag) {
+        dispatch_float(g[k].scalar_type(), [&](auto gtag) {
+          allocate_classes_chunk<decltype(ptag), decltype(gtag)>(
+              ch, b[k].const_data_ptr(), a[k].const_data_ptr(),
+              g[k].const_data_ptr(), b[k].numel(), C, results.data() + c * C);
+        });
+      });
+    }
+  });
+
+  const auto opts = before[0].options();
+  at::Tensor sums = at::zeros({C, K}, opts.dtype(at::kDouble));
+  at::Tensor counts = at::zeros({C, K, 4}, opts.dtype(at::kLong));
+  double* sp = sums.data_ptr<double>();
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = plan.first_chunk[k]; c < plan.first_chunk[k + 1]; ++c) {
+      for (int64_t j = 0; j < C; ++j) {
+        const ClassChunkResult& r = results[c * C + j];
+        sp[j * K + k] += r.sum;
+        int64_t* q = cp + (j * K + k) * 4;
+        q[0] += r.counts.helped;
+        q[1] += r.counts.hurt;
+        q[2] += r.counts.zero;
+        q[3] += r.counts.nonfinite;
+      }
+    }
+  }
+  return {sums, counts};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lca_ext
+
+TORCH_LIBRARY_IMPL(lca_ext, CPU, m) {
+  m.impl("allocate", &lca_ext::cpu::allocate_cpu);
+  m.impl("allocate_classes", &lca_ext::cpu::allocate_classes_cpu);
+}

@@ -1,0 +1,177 @@
+#include "validate.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace lca_ext {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
+         t == at::kBFloat16;
+}
+
+void check_nonempty(const char* op, const char* arg, at::TensorList list) {
+  TORCH_CHECK(!list.empty(), "lca_ext.", op, ": ", arg,
+              " is an empty list; expected at least one tensor");
+}
+
+void check_same_length(const char* op, const char* arg, at::TensorList list,
+                       const char* ref_arg, at::TensorList ref) {
+  TORCH_CHECK(list.size() == ref.size(), "lca_ext.", op, ": ", arg, " has ",
+              list.size(), " tensors but ", ref_arg, " has ", ref.size(),
+              "; expected one per parameter");
+}
+
+void check_float_dtypes(const char* op, const char* arg, at::TensorList list) {
+  for (size_t k = 0; k < list.size(); ++k) {
+    TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", arg, "[", k,
+                "] is undefined (None); expected a tensor");
+    TORCH_CHECK(is_supported_float(list[k].scalar_type()), "lca_ext.", op, ": ",
+                arg, "[", k, "] has dtype ", list[k].scalar_type(),
+                "; expected float16, bfloat16, float32 or float64");
+  }
+}
+
+void check_dtypes(const char* op, const char* arg, at::TensorList list,
+                  at::ScalarType dtype, at::ScalarType alt) {
+  for (size_t k = 0; k < list.size(); ++k) {
+    const auto t = list[k].scalar_type();
+    if (dtype == alt) {
+      TORCH_CHECK(t == dtype, "lca_ext.", op, ": ", arg, "[", k, "] has dtype ",
+                  t, "; expected ", dtype);
+    } else {
+      TORCH_CHECK(t == dtype || t == alt, "lca_ext.", op, ": ", arg, "[", k,
+                  "] has dtype ", t, "; expected ", dtype, " or ", alt);
+    }
+  }
+}
+
+void check_same_dtypes(const char* op, const char* arg, at::TensorList list,
+                       const char* ref_arg, at::TensorList ref) {
+  for (size_t k = 0; k < list.size(); ++k) {
+    TORCH_CHECK(list[k].scalar_type() == ref[k].scalar_type(), "lca_ext.", op,
+                ": ", arg, "[", k, "] has dtype ", list[k].scalar_type(),
+                " but ", ref_arg, "[", k, "] has dtype ", ref[k].scalar_type(),
+                "; expected the same dtype");
+  }
+}
+
+void check_same_shapes(const char* op, const char* arg, at::TensorList list,
+                       const char* ref_arg, at::TensorList ref,
+                       at::IntArrayRef leading) {
+  for (size_t k = 0; k < list.size(); ++k) {
+    std::vector<int64_t> want(leading.begin(), leading.end());
+    want.insert(want.end(), ref[k].sizes().begin(), ref[k].sizes().end());
+    TORCH_CHECK(list[k].sizes().vec() == want, "lca_ext.", op, ": ", arg, "[",
+                k, "] has shape ", list[k].sizes(), "; expected ",
+                at::IntArrayRef(want), leading.empty() ? " (the shape of " : " (",
+                leading.empty() ? "" : "classes x the shape of ", ref_arg, "[", k,
+                "])");
+  }
+}
+
+void check_device(const char* op, const char* arg, at::TensorList list,
+                  const at::Device& device) {
+  for (size_t k = 0; k < list.size(); ++k) {
+    TORCH_CHECK(list[k].device() == device, "lca_ext.", op, ": ", arg, "[", k,
+                "] is on ", list[k].device(), "; expected every tensor on ",
+                device);
+  }
+}
+
+void check_finite(const char* op, const char* arg, at::TensorList list) {
+  for (size_t k = 0; k < list.size(); ++k) {
+    if (list[k].numel() == 0) continue;
+    const bool ok = at::isfinite(list[k]).all().item<bool>();
+    TORCH_CHECK(ok, "lca_ext.", op, ": ", arg, "[", k,
+                "] contains NaN or Inf (check_finite=True)");
+  }
+}
+
+std::vector<at::Tensor> contiguous_all(at::TensorList list) {
+  std::vector<at::Tensor> out;
+  out.reserve(list.size());
+  for (const auto& t : list) out.push_back(t.contiguous());
+  return out;
+}
+
+std::vector<int64_t> rows_per_tensor(at::TensorList list) {
+  std::vector<int64_t> rows;
+  rows.reserve(list.size());
+  for (const auto& t : list) rows.push_back(t.dim() == 0 ? 1 : t.size(0));
+  return rows;
+}
+
+std::vector<int64_t> numels(at::TensorList list) {
+  std::vector<int64_t> n;
+  n.reserve(list.size());
+  for (const auto& t : list) n.push_back(t.numel());
+  return n;
+}
+
+std::vector<double> checked_bin_edges(const char* op,
+                                      const c10::optional<at::Tensor>& edges,
+                                      const at::Device& device) {
+  if (!edges.has_value() || !edges->defined()) return {};
+  const at::Tensor& e = *edges;
+  TORCH_CHECK(e.dim() == 1 && e.numel() >= 2, "lca_ext.", op,
+              ": bin_edges has shape ", e.sizes(),
+              "; expected a 1-D tensor of at least 2 edges");
+  TORCH_CHECK(e.is_floating_point(), "lca_ext.", op, ": bin_edges has dtype ",
+              e.scalar_type(), "; expected a floating dtype");
+  TORCH_CHECK(e.device() == device, "lca_ext.", op, ": bin_edges is on ",
+              e.device(), "; expected ", device, " (the device of before)");
+  const at::Tensor host = e.to(at::kCPU, at::kDouble).contiguous();
+  const double* p = host.data_ptr<double>();
+  std::vector<double> out(p, p + host.numel());
+  for (size_t i = 0; i < out.size(); ++i) {
+    TORCH_CHECK(std::isfinite(out[i]), "lca_ext.", op, ": bin_edges[", i,
+                "] is ", out[i], "; expected finite edges");
+    TORCH_CHECK(i == 0 || out[i] > out[i - 1], "lca_ext.", op, ": bin_edges[",
+                i, "] = ", out[i], " is not greater than bin_edges[", i - 1,
+                "] = ", out[i - 1], "; expected strictly increasing edges");
+  }
+  return out;
+}
+
+void check_allocate_inputs(const char* op, at::TensorList before,
+                           at::TensorList after, const char* grad_arg,
+                           at::TensorList grads, at::IntArrayRef leading,
+                           bool check_finite_values) {
+  check_nonempty(op, "before", before);
+  check_same_length(op, "after", after, "before", before);
+  check_same_length(op, grad_arg, grads, "before", before);
+  check_float_dtypes(op, "before", before);
+  check_float_dtypes(op, "after", after);
+  check_float_dtypes(op, grad_arg, grads);
+  check_same_dtypes(op, "after", after, "before", before);
+  check_same_shapes(op, "after", after, "before", before);
+  check_same_shapes(op, grad_arg, grads, "before", before, leading);
+  const at::Device device = before[0].device();
+  check_device(op, "before", before, device);
+  check_device(op, "after", after, device);
+  check_device(op, grad_arg, grads, device);
+  if (check_finite_values) {
+    check_finite(op, "before", before);
+    check_finite(op, "after", after);
+    check_finite(op, grad_arg, grads);
+  }
+}
+
+void check_state_list(const char* op, const char* arg, at::TensorList list,
+                      at::TensorList before, at::ScalarType dtype,
+                      at::ScalarType alt) {
+  if (list.empty()) return;
+  check_same_length(op, arg, list, "before", before);
+  for (size_t k = 0; k < list.size(); ++k) {
+    TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", arg, "[", k,
+                "] is undefined (None); expected a tensor");
+  }
+  check_dtypes(op, arg, list, dtype, alt);
+  check_same_shapes(op, arg, list, "before", before);
+  check_device(op, arg, list, before[0].device());
+}
+
+}  // namespace lca_ext

@@ -1,0 +1,64 @@
+// Argument checks shared by every device.  Each failure is a TORCH_CHECK whose
+// message names the op, the argument, the list index and what was expected, so a
+// caller of torch.ops.lca_ext.* gets the same clear error as a caller of lca_ext.ops.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace lca_ext {
+
+// The input dtypes every op reads: float16, bfloat16, float32, float64.
+bool is_supported_float(at::ScalarType t);
+
+// list must hold at least one tensor.
+void check_nonempty(const char* op, const char* arg, at::TensorList list);
+// list and ref must hold the same number of tensors.
+void check_same_length(const char* op, const char* arg, at::TensorList list,
+                       const char* ref_arg, at::TensorList ref);
+// Every tensor is float16/bfloat16/float32/float64.
+void check_float_dtypes(const char* op, const char* arg, at::TensorList list);
+// Every tensor has exactly dtype `dtype` or `alt` (pass the same twice for one).
+void check_dtypes(const char* op, const char* arg, at::TensorList list,
+                  at::ScalarType dtype, at::ScalarType alt);
+// list[k].dtype == ref[k].dtype for every k.
+void check_same_dtypes(const char* op, const char* arg, at::TensorList list,
+                       const char* ref_arg, at::TensorList ref);
+// list[k].shape == (leading..., *ref[k].shape) for every k.
+void check_same_shapes(const char* op, const char* arg, at::TensorList list,
+                       const char* ref_arg, at::TensorList ref,
+                       at::IntArrayRef leading = {});
+// Every tensor lives on `device`.
+void check_device(const char* op, const char* arg, at::TensorList list,
+                  const at::Device& device);
+// No tensor holds NaN or +-Inf (reads every element; synchronises on CUDA).
+void check_finite(const char* op, const char* arg, at::TensorList list);
+
+// Dense row-major views of a list (a copy only for tensors that need one).
+std::vector<at::Tensor> contiguous_all(at::TensorList list);
+
+// Number of "rows" (neurons) of each tensor: size(0), or 1 for a 0-d tensor.
+std::vector<int64_t> rows_per_tensor(at::TensorList list);
+std::vector<int64_t> numels(at::TensorList list);
+
+// Validated, host-side copy of histogram bin edges: 1-D, >= 2 values, finite,
+// strictly increasing.  An undefined tensor gives an empty vector (no histogram).
+std::vector<double> checked_bin_edges(const char* op,
+                                      const c10::optional<at::Tensor>& edges,
+                                      const at::Device& device);
+
+// The checks all allocate* ops share for before/after/a per-tensor gradient list.
+// grads[k] has shape (leading..., *before[k].shape).
+void check_allocate_inputs(const char* op, at::TensorList before,
+                           at::TensorList after, const char* grad_arg,
+                           at::TensorList grads, at::IntArrayRef leading,
+                           bool check_finite_values);
+
+// The optional per-parameter state lists of allocate: each empty (not requested)
+// or one tensor per parameter, of that parameter's shape, on its device.
+void check_state_list(const char* op, const char* arg, at::TensorList list,
+                      at::TensorList before, at::ScalarType dtype,
+                      at::ScalarType alt);
+
+}  // namespace lca_ext
