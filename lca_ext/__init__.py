@@ -1,0 +1,28 @@
+"""lca_ext: Loss Change Allocation (Lan et al., NeurIPS 2019) for PyTorch.
+
+The fused ops live in :mod:`lca_ext.ops` (``torch.ops.lca_ext.*`` underneath);
+plain-PyTorch and NumPy versions of each are in :mod:`lca_ext.reference`.
+"""
+from ._loader import build_info
+from .ops import (
+    Allocation,
+    ClassAllocation,
+    accumulate_,
+    allocate,
+    allocate_classes,
+    signed_log_edges,
+    split_rows,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocation",
+    "ClassAllocation",
+    "accumulate_",
+    "allocate",
+    "allocate_classes",
+    "build_info",
+    "signed_log_edges",
+    "split_rows",
+]

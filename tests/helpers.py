@@ -1,0 +1,52 @@
+"""Input makers shared by the op tests."""
+import torch
+
+from lca_ext.ops import Allocation
+
+
+def strided(shape, dtype, device, gen, scale=1.0):
+    """A random tensor of `shape` that is NOT contiguous (every other column of a
+    wider tensor); 0-d tensors are returned contiguous (they cannot be strided)."""
+    if len(shape) == 0:
+        return (torch.randn(tuple(), generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    wide = (torch.randn((*shape[:-1], 2 * shape[-1]), generator=gen,
+                        dtype=torch.float64) * scale).to(dtype).to(device)
+    return wide[..., ::2]
+
+
+def dense(shape, dtype, device, gen, scale=1.0):
+    return (torch.randn(tuple(shape), generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def make_step(shapes, param_dtype=torch.float32, grad_dtype=torch.float32,
+              device="cpu", seed=0, contiguous=True, step=1e-2):
+    """before, after, avg_grad lists for a fake optimiser step."""
+    gen = torch.Generator().manual_seed(seed)
+    make = dense if contiguous else strided
+    before = [make(s, param_dtype, device, gen) for s in shapes]
+    # after = before + a small step, built in place so it keeps make()'s layout
+    after = [make(s, param_dtype, device, gen, step).add_(b) for b, s in zip(before, shapes)]
+    grads = [make(s, grad_dtype, device, gen) for s in shapes]
+    return before, after, grads
+
+
+def assert_sums_close(got, want, scale):
+    """Float64 sums of the same per-element values in different orders."""
+    tol = 1e-10 * (scale + 1e-30)
+    diff = (got.double().cpu() - want.double().cpu()).abs()
+    assert torch.all(diff <= tol), f"max diff {diff.max().item()} > tol {tol}"
+
+
+def abs_scale(before, after, grads):
+    from lca_ext.reference import lca_values
+    return sum(lca_values(b, a, g).abs().double().sum().item()
+               for b, a, g in zip(before, after, grads))
+
+
+def assert_allocation_equal(got: Allocation, want: Allocation, scale: float):
+    assert_sums_close(got.sums, want.sums, scale)
+    assert torch.equal(got.counts.cpu(), want.counts.cpu())
+    assert got.row_sums.shape == want.row_sums.shape
+    if got.row_sums.numel():
+        assert_sums_close(got.row_sums, want.row_sums, scale)
+    assert torch.equal(got.histogram.cpu(), want.histogram.cpu())

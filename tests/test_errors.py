@@ -1,0 +1,140 @@
+"""Bad input: every case gives an error naming the argument, index and expectation,
+from the Python wrapper and from torch.ops.lca_ext.* directly (the C++ checks)."""
+import pytest
+import torch
+
+import lca_ext
+
+
+def ok_inputs(n=2):
+    b = [torch.zeros(4, 3), torch.zeros(5)][:n]
+    a = [torch.ones(4, 3), torch.ones(5)][:n]
+    g = [torch.ones(4, 3), torch.ones(5)][:n]
+    return b, a, g
+
+
+def raw_allocate(b, a, g, edges=None, cum=(), helped=(), out=(), check=False):
+    return torch.ops.lca_ext.allocate(b, a, g, edges, True, list(cum), list(helped),
+                                      list(out), check)
+
+
+# (description, callable, regex the message must match)
+CASES = [
+    ("empty lists", lambda: lca_ext.allocate([], [], []),
+     r"before is an empty list; expected at least one tensor"),
+    ("length mismatch", lambda: lca_ext.allocate(*ok_inputs()[:2], ok_inputs(1)[2]),
+     r"avg_grad has 1 tensors but before has 2"),
+    ("shape mismatch",
+     lambda: lca_ext.allocate(ok_inputs()[0], [torch.ones(4, 3), torch.ones(6)], ok_inputs()[2]),
+     r"after\[1\] has shape \[6\]; expected \[5\]"),
+    ("dtype int", lambda: lca_ext.allocate([torch.zeros(3, dtype=torch.int64)],
+                                           [torch.zeros(3, dtype=torch.int64)], [torch.zeros(3)]),
+     r"before\[0\] has dtype Long; expected float16, bfloat16, float32 or float64"),
+    ("before/after dtype differ",
+     lambda: lca_ext.allocate([torch.zeros(3)], [torch.zeros(3, dtype=torch.float64)],
+                              [torch.zeros(3)]),
+     r"after\[0\] has dtype Double but before\[0\] has dtype Float"),
+    ("mixed devices",
+     lambda: raw_allocate([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3, device="meta")]),
+     r"avg_grad\[0\] is on meta; expected every tensor on cpu"),
+    ("edges not increasing",
+     lambda: lca_ext.allocate(*ok_inputs(), bin_edges=torch.tensor([0.0, 1.0, 1.0])),
+     r"bin_edges\[2\] = 1 is not greater than bin_edges\[1\] = 1"),
+    ("edges NaN",
+     lambda: lca_ext.allocate(*ok_inputs(), bin_edges=torch.tensor([0.0, float("nan")])),
+     r"bin_edges\[1\] is nan; expected finite edges"),
+    ("edges too short",
+     lambda: lca_ext.allocate(*ok_inputs(), bin_edges=torch.tensor([0.0])),
+     r"bin_edges has shape \[1\]; expected a 1-D tensor of at least 2 edges"),
+    ("cum_lca wrong dtype",
+     lambda: lca_ext.allocate(*ok_inputs(), cum_lca=[torch.zeros(4, 3, dtype=torch.float16),
+                                                     torch.zeros(5)]),
+     r"cum_lca\[0\] has dtype Half; expected Float or Double"),
+    ("helped_steps wrong dtype",
+     lambda: lca_ext.allocate(*ok_inputs(), helped_steps=[torch.zeros(4, 3), torch.zeros(5)]),
+     r"helped_steps\[0\] has dtype Float; expected Int"),
+    ("lca_out wrong shape",
+     lambda: lca_ext.allocate(*ok_inputs(), lca_out=[torch.zeros(4, 3), torch.zeros(4)]),
+     r"lca_out\[1\] has shape \[4\]; expected \[5\]"),
+    ("state wrong length",
+     lambda: lca_ext.allocate(*ok_inputs(), cum_lca=[torch.zeros(4, 3)]),
+     r"cum_lca has 1 tensors but before has 2"),
+    ("nan with check_finite",
+     lambda: lca_ext.allocate(*ok_inputs()[:2], [torch.ones(4, 3), torch.full((5,), float("nan"))],
+                              check_finite=True),
+     r"avg_grad\[1\] contains NaN or Inf"),
+    ("single tensor not list", lambda: lca_ext.allocate(torch.zeros(3), [torch.zeros(3)],
+                                                        [torch.zeros(3)]),
+     r"before must be a list of tensors .* got a single Tensor"),
+    ("non-tensor element", lambda: lca_ext.allocate([torch.zeros(3)], [1.0], [torch.zeros(3)]),
+     r"after\[0\] must be a Tensor, got float"),
+    ("accumulate acc int",
+     lambda: lca_ext.accumulate_([torch.zeros(3, dtype=torch.int32)], [torch.zeros(3)], 1.0),
+     r"acc\[0\] has dtype Int; expected Float or Double"),
+    ("accumulate shape",
+     lambda: lca_ext.accumulate_([torch.zeros(3)], [torch.zeros(4)], 1.0),
+     r"grads\[0\] has shape \[4\]; expected \[3\]"),
+    ("accumulate empty", lambda: lca_ext.accumulate_([], [], 1.0),
+     r"acc is an empty list"),
+    ("accumulate length", lambda: lca_ext.accumulate_([torch.zeros(3)], [], 1.0),
+     r"grads has 0 tensors but acc has 1"),
+    ("accumulate weight nan",
+     lambda: lca_ext.accumulate_([torch.zeros(3)], [torch.zeros(3)], float("nan")),
+     r"weight is nan; expected a finite number"),
+    ("classes no class dim",
+     lambda: lca_ext.allocate_classes([torch.zeros(())], [torch.zeros(())], [torch.zeros(())]),
+     r"class_grads\[0\] must have a leading class dimension"),
+    ("classes shape",
+     lambda: lca_ext.allocate_classes([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(2, 4)]),
+     r"class_grads\[0\] has shape \[2, 4\]; expected \[2, 3\]"),
+    ("classes class count differs",
+     lambda: lca_ext.allocate_classes([torch.zeros(3), torch.zeros(2)],
+                                      [torch.zeros(3), torch.zeros(2)],
+                                      [torch.zeros(2, 3), torch.zeros(5, 2)]),
+     r"class_grads\[1\] has shape \[5, 2\]; expected \[2, 2\]"),
+    ("edges helper", lambda: lca_ext.signed_log_edges(1.0, 0.5, 3),
+     r"expected 0 < min_abs < max_abs"),
+    ("split_rows", lambda: lca_ext.split_rows(torch.zeros(3), [torch.zeros(2, 2)]),
+     r"row_sums has shape \(3,\); expected \[2\]"),
+]
+
+
+@pytest.mark.parametrize("call,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_message(call, pattern):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=pattern):
+        call()
+
+
+def test_cpp_checks_without_python_wrapper():
+    """Tool authors calling torch.ops directly get the same C++ messages."""
+    b, a, g = ok_inputs()
+    with pytest.raises(RuntimeError, match=r"lca_ext.allocate: after\[1\] has shape \[6\]"):
+        raw_allocate(b, [a[0], torch.ones(6)], g)
+    # with no tensor at all the dispatcher itself refuses, naming the cause
+    with pytest.raises(RuntimeError, match=r"empty list of Tensors"):
+        raw_allocate([], [], [])
+    with pytest.raises(RuntimeError, match=r"lca_ext.accumulate_: grads\[0\] has dtype Long"):
+        torch.ops.lca_ext.accumulate_([torch.zeros(2)], [torch.zeros(2, dtype=torch.long)], 1.0)
+
+
+def test_zero_size_tensors_are_fine():
+    b = [torch.zeros(0), torch.zeros(3, 0), torch.zeros(2)]
+    a = [torch.zeros(0), torch.zeros(3, 0), torch.ones(2)]
+    g = [torch.zeros(0), torch.zeros(3, 0), torch.ones(2)]
+    res = lca_ext.allocate(b, a, g, row_sums=True)
+    assert res.sums.tolist() == [0.0, 0.0, 2.0]
+    assert res.counts.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 2, 0, 0]]
+    assert res.row_sums.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_import_error_says_how_to_build(monkeypatch):
+    import importlib
+
+    from lca_ext import _loader
+
+    def fail(name):
+        raise ImportError("libfoo.so: cannot open shared object file")
+
+    monkeypatch.setattr(importlib, "import_module", fail)
+    with pytest.raises(ImportError, match=r"pip install --no-build-isolation -e \."):
+        _loader.load_library()
