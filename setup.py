@@ -41,7 +41,7 @@ def extension():
     debug = os.getenv("LCA_EXT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx = opt + ["-fopenmp", "-fno-math-errno"]
     if not want_cuda():
         return CppExtension(
             "lca_ext._C", sources,
@@ -57,7 +57,7 @@ def extension():
         "lca_ext._C", sources,
         extra_compile_args={
             "cxx": cxx + ["-DWITH_CUDA", f"-DLCA_EXT_CUDA_ARCHS={arch_tokens}"],
-            "nvcc": opt + ["-std=c++17", "-lineinfo", "-DWITH_CUDA"]},
+            "nvcc": opt + ["-lineinfo", "-DWITH_CUDA"]},
         extra_link_args=["-fopenmp"],
     )
 

@@ -124,24 +124,10 @@ inline void histogram(const T* v, int64_t n, const std::vector<double>& edges,
   }
 }
 
-// Stage 2 on one tile of n LCA values starting at flat index pos of tensor tv.
+// State updates and histogram on one tile of n LCA values at flat index pos.
 template <typename T>
-void reduce_tile(const T* v, int64_t n, int64_t pos, const TensorView& tv,
-                 const Options& opt, ChunkResult& res, RowTracker& rows,
-                 int64_t* hist_slots) {
-  count_signs(v, n, res.counts);
-  if (opt.row_sums) {
-    for (int64_t i = 0; i < n;) {
-      const int64_t row = (pos + i) / tv.row_len;
-      const int64_t seg_end = std::min(n, (row + 1) * tv.row_len - pos);
-      const double s = lane_sum(v + i, seg_end - i);
-      res.sum += s;
-      rows.add(row, s);
-      i = seg_end;
-    }
-  } else {
-    res.sum += lane_sum(v, n);
-  }
+void tile_extras(const T* v, int64_t n, int64_t pos, const TensorView& tv,
+                 const Options& opt, int64_t* hist_slots) {
   if (hist_slots) histogram(v, n, *opt.edges, hist_slots);
   if (tv.cum) {
     if (tv.cum_t == c10::kDouble)
@@ -162,17 +148,29 @@ template <typename P, typename G>
 void allocate_chunk(const Chunk& ch, const TensorView& tv, const Options& opt,
                     ChunkResult& res, int64_t* hist_slots) {
   using T = typename MathType<P, G>::type;
-  alignas(64) T delta[kTile];
   alignas(64) T lca[kTile];
   const P* before = static_cast<const P*>(tv.before);
   const P* after = static_cast<const P*>(tv.after);
   const G* grad = static_cast<const G*>(tv.grad);
+  const bool extras = hist_slots || tv.cum || tv.helped_steps || tv.lca_out;
   RowTracker rows{tv.row_len, ch.begin, ch.end, tv.row_offset, opt.row_out, &res};
   for (int64_t pos = ch.begin; pos < ch.end; pos += kTile) {
     const int64_t n = std::min(kTile, ch.end - pos);
-    load_delta(before + pos, after + pos, n, delta);
-    mul_grad(delta, grad + pos, n, lca);
-    reduce_tile(lca, n, pos, tv, opt, res, rows, hist_slots);
+    if (opt.row_sums) {
+      // one block per row segment, so each row's sum is exact to its own lanes
+      for (int64_t i = 0; i < n;) {
+        const int64_t row = (pos + i) / tv.row_len;
+        const int64_t seg_end = std::min(n, (row + 1) * tv.row_len - pos);
+        const double s = lca_block(before + pos + i, after + pos + i,
+                                   grad + pos + i, seg_end - i, lca + i, res.counts);
+        res.sum += s;
+        rows.add(row, s);
+        i = seg_end;
+      }
+    } else {
+      res.sum += lca_block(before + pos, after + pos, grad + pos, n, lca, res.counts);
+    }
+    if (extras) tile_extras(lca, n, pos, tv, opt, hist_slots);
   }
   rows.flush();
 }
@@ -298,18 +296,17 @@ void allocate_classes_chunk(const Chunk& ch, const void* before_v,
                             const void* after_v, const void* grad_v,
                             int64_t numel, int64_t C, ClassChunkResult* res) {
   using T = typename MathType<P, G>::type;
-  alignas(64) T delta[kTile];
   alignas(64) T lca[kTile];
   const P* before = static_cast<const P*>(before_v);
   const P* after = static_cast<const P*>(after_v);
   const G* grad = static_cast<const G*>(grad_v);
+  // Tile by tile, all classes: the tile of before/after stays in L1 while the
+  // classes' gradients stream past it, so main memory sees before/after once.
   for (int64_t pos = ch.begin; pos < ch.end; pos += kTile) {
     const int64_t n = std::min(kTile, ch.end - pos);
-    load_delta(before + pos, after + pos, n, delta);
     for (int64_t c = 0; c < C; ++c) {
-      mul_grad(delta, grad + c * numel + pos, n, lca);
-      res[c].sum += lane_sum(lca, n);
-      count_signs(lca, n, res[c].counts);
+      res[c].sum += lca_block(before + pos, after + pos, grad + c * numel + pos,
+                              n, lca, res[c].counts);
     }
   }
 }
