@@ -160,6 +160,24 @@ void check_allocate_inputs(const char* op, at::TensorList before,
   }
 }
 
+void check_accumulate_inputs(at::TensorList acc, at::TensorList grads,
+                             double weight) {
+  const char* op = "accumulate_";
+  check_nonempty(op, "acc", acc);
+  check_same_length(op, "grads", grads, "acc", acc);
+  for (size_t k = 0; k < acc.size(); ++k) {
+    TORCH_CHECK(acc[k].defined(), "lca_ext.accumulate_: acc[", k,
+                "] is undefined (None); expected a tensor");
+  }
+  check_dtypes(op, "acc", acc, at::kFloat, at::kDouble);
+  check_float_dtypes(op, "grads", grads);
+  check_same_shapes(op, "grads", grads, "acc", acc);
+  check_device(op, "acc", acc, acc[0].device());
+  check_device(op, "grads", grads, acc[0].device());
+  TORCH_CHECK(std::isfinite(weight), "lca_ext.accumulate_: weight is ", weight,
+              "; expected a finite number");
+}
+
 void check_state_list(const char* op, const char* arg, at::TensorList list,
                       at::TensorList before, at::ScalarType dtype,
                       at::ScalarType alt) {

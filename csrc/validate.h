@@ -55,6 +55,10 @@ void check_allocate_inputs(const char* op, at::TensorList before,
                            at::TensorList grads, at::IntArrayRef leading,
                            bool check_finite_values);
 
+// The checks of accumulate_(acc, grads, weight), on any device.
+void check_accumulate_inputs(at::TensorList acc, at::TensorList grads,
+                             double weight);
+
 // The optional per-parameter state lists of allocate: each empty (not requested)
 // or one tensor per parameter, of that parameter's shape, on its device.
 void check_state_list(const char* op, const char* arg, at::TensorList list,
