@@ -209,3 +209,30 @@ def test_row_sums_split(device):
     torch.testing.assert_close(parts[0], lca[0].sum(1))
     torch.testing.assert_close(parts[1], lca[1])
     torch.testing.assert_close(parts[3], lca[3].sum((1, 2)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("edges", [
+    torch.tensor([-1.0, -0.0, 0.5]),                      # a zero edge (given as -0.0)
+    torch.linspace(-1, 1, 301),                           # dense: many edges per binade
+    lca_ext.signed_log_edges(1e-30, 1e30, 200),           # wide and fine log bins
+    torch.tensor([-1e-300, 1e-300], dtype=torch.float64),  # tiny edges around zero
+], ids=["zero-edge", "dense-linear", "wide-log", "tiny"])
+def test_histogram_edge_layouts(edges, device):
+    require_kernel("allocate", device)
+    gen = torch.Generator().manual_seed(17)
+    vals = torch.randn(5000, generator=gen, dtype=torch.float64)
+    vals = vals * torch.exp(4 * torch.randn(5000, generator=gen, dtype=torch.float64))
+    vals[:50] = 0.0
+    vals[50:100] = -1.0                                   # exactly on an edge
+    b = [torch.ones_like(vals)]
+    a = [torch.full_like(vals, 2.0)]
+    a[0][100:150] = 1.0                                   # delta 0 ...
+    vals[100:150] = -3.0                                  # ... times negative: -0.0
+    g = [vals.to(device)]
+    b, a = [b[0].to(device)], [a[0].to(device)]
+    e = edges.to(device)
+    got = lca_ext.allocate(b, a, g, bin_edges=e).histogram
+    want = reference.allocate(b, a, g, bin_edges=e).histogram
+    assert torch.equal(got.cpu(), want.cpu())
+    assert got.sum().item() == vals.numel()

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 
 #include "../chunk_plan.h"
@@ -80,11 +81,6 @@ struct TensorView {
   c10::ScalarType out_t;
 };
 
-struct Options {
-  bool row_sums;
-  const std::vector<double>* edges;  // empty: no histogram
-  double* row_out;
-};
 
 template <typename T, typename S>
 inline void add_into(S* __restrict dst, const T* __restrict v, int64_t n) {
@@ -104,23 +100,72 @@ inline void count_helped(int32_t* __restrict dst, const T* __restrict v,
 
 // Histogram slots: 0 below edges[0], j+1 for [edges[j], edges[j+1]) (the last
 // bin closed on the right, as numpy does), B+1 above edges[B]; non-finite skipped.
+//
+// The slot is upper_bound(edges, x), found through a 4096-entry table indexed by
+// the top 12 bits (sign + exponent) of x's order-preserving integer image: the
+// table gives the number of edges in lower buckets, then a short scan over the
+// edges inside x's bucket (one binade) finishes.  For log-spaced edges a bucket
+// holds at most an edge or two; edges denser than kMaxScan per binade fall back
+// to binary search.
+class BinFinder {
+ public:
+  explicit BinFinder(const std::vector<double>& edges) : edges_(edges) {
+    if (edges_.empty()) return;
+    for (double& e : edges_) e += 0.0;  // -0.0 -> +0.0: one key for zero
+    std::vector<int32_t> per_bucket(kBuckets, 0);
+    for (double e : edges_) ++per_bucket[key(e)];
+    start_.assign(kBuckets, 0);
+    int32_t below = 0, widest = 0;
+    for (int k = 0; k < kBuckets; ++k) {
+      start_[k] = below;
+      below += per_bucket[k];
+      widest = std::max(widest, per_bucket[k]);
+    }
+    use_table_ = widest <= kMaxScan;
+  }
+
+  // x finite
+  inline int64_t slot(double x) const {
+    const int64_t n = static_cast<int64_t>(edges_.size());
+    int64_t s;
+    if (use_table_) {
+      x += 0.0;
+      s = start_[key(x)];
+      while (s < n && edges_[s] <= x) ++s;
+    } else {
+      s = std::upper_bound(edges_.begin(), edges_.end(), x) - edges_.begin();
+    }
+    // upper_bound gives n for x >= last edge: the last bin takes x == last edge
+    if (s == n && x == edges_.back()) s = n - 1;
+    return s;
+  }
+
+ private:
+  static constexpr int kBuckets = 4096;
+  static constexpr int kMaxScan = 8;
+  static inline int key(double x) {
+    uint64_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    u = (u >> 63) ? ~u : (u | (uint64_t(1) << 63));
+    return static_cast<int>(u >> 52);
+  }
+  std::vector<double> edges_;
+  std::vector<int32_t> start_;
+  bool use_table_ = false;
+};
+
+struct Options {
+  bool row_sums;
+  const BinFinder* bins;  // nullptr: no histogram
+  double* row_out;
+};
+
 template <typename T>
-inline void histogram(const T* v, int64_t n, const std::vector<double>& edges,
+inline void histogram(const T* v, int64_t n, const BinFinder& bins,
                       int64_t* slots) {
-  const double lo = edges.front(), hi = edges.back();
-  const int64_t nb = static_cast<int64_t>(edges.size()) - 1;
   for (int64_t i = 0; i < n; ++i) {
     const double x = static_cast<double>(v[i]);
-    if (!std::isfinite(x)) continue;
-    int64_t s;
-    if (x < lo) {
-      s = 0;
-    } else if (x >= hi) {
-      s = x == hi ? nb : nb + 1;
-    } else {
-      s = std::upper_bound(edges.begin(), edges.end(), x) - edges.begin();
-    }
-    ++slots[s];
+    if (std::isfinite(x)) ++slots[bins.slot(x)];
   }
 }
 
@@ -128,7 +173,7 @@ inline void histogram(const T* v, int64_t n, const std::vector<double>& edges,
 template <typename T>
 void tile_extras(const T* v, int64_t n, int64_t pos, const TensorView& tv,
                  const Options& opt, int64_t* hist_slots) {
-  if (hist_slots) histogram(v, n, *opt.edges, hist_slots);
+  if (hist_slots) histogram(v, n, *opt.bins, hist_slots);
   if (tv.cum) {
     if (tv.cum_t == c10::kDouble)
       add_into(static_cast<double*>(tv.cum) + pos, v, n);
@@ -239,7 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
   const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
   std::vector<ChunkResult> results(nchunks);
   std::vector<int64_t> hist_partials(static_cast<size_t>(nchunks * nslots), 0);
-  const Options opt{row_sums, &edges, row_sums ? rows_out.data_ptr<double>() : nullptr};
+  const BinFinder bins(edges);
+  const Options opt{row_sums, edges.empty() ? nullptr : &bins,
+                    row_sums ? rows_out.data_ptr<double>() : nullptr};
 
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
