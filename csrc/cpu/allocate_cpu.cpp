@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <tuple>
 
 #include "../chunk_plan.h"
@@ -109,36 +110,39 @@ inline void count_helped(int32_t* __restrict dst, const T* __restrict v,
 // to binary search.
 class BinFinder {
  public:
-  explicit BinFinder(const std::vector<double>& edges) : edges_(edges) {
-    if (edges_.empty()) return;
+  explicit BinFinder(const std::vector<double>& edges) : n_(static_cast<int64_t>(edges.size())) {
+    if (edges.empty()) return;
+    edges_ = edges;
     for (double& e : edges_) e += 0.0;  // -0.0 -> +0.0: one key for zero
+    last_ = edges_.back();
     std::vector<int32_t> per_bucket(kBuckets, 0);
     for (double e : edges_) ++per_bucket[key(e)];
     start_.assign(kBuckets, 0);
-    int32_t below = 0, widest = 0;
+    int32_t below = 0;
     for (int k = 0; k < kBuckets; ++k) {
       start_[k] = below;
       below += per_bucket[k];
-      widest = std::max(widest, per_bucket[k]);
+      max_scan_ = std::max(max_scan_, per_bucket[k]);
     }
-    use_table_ = widest <= kMaxScan;
+    use_table_ = max_scan_ <= kMaxScan;
+    // +inf sentinels: the fixed-length scan below may look past the last edge
+    edges_.resize(edges_.size() + kMaxScan, std::numeric_limits<double>::infinity());
   }
 
-  // x finite
+  // The slot of a finite x: upper_bound(edges, x), except that x == last edge
+  // belongs to the last bin.  Branch-free on the table path.
   inline int64_t slot(double x) const {
-    const int64_t n = static_cast<int64_t>(edges_.size());
     int64_t s;
     if (use_table_) {
       x += 0.0;
       s = start_[key(x)];
-      while (s < n && edges_[s] <= x) ++s;
+      for (int r = 0; r < max_scan_; ++r) s += edges_[s] <= x;
     } else {
-      s = std::upper_bound(edges_.begin(), edges_.end(), x) - edges_.begin();
+      s = std::upper_bound(edges_.begin(), edges_.begin() + n_, x) - edges_.begin();
     }
-    // upper_bound gives n for x >= last edge: the last bin takes x == last edge
-    if (s == n && x == edges_.back()) s = n - 1;
-    return s;
+    return s - (x == last_);
   }
+  int64_t num_slots() const { return n_ + 1; }
 
  private:
   static constexpr int kBuckets = 4096;
@@ -149,10 +153,27 @@ class BinFinder {
     u = (u >> 63) ? ~u : (u | (uint64_t(1) << 63));
     return static_cast<int>(u >> 52);
   }
+  int64_t n_;
+  double last_ = 0;
   std::vector<double> edges_;
   std::vector<int32_t> start_;
+  int32_t max_scan_ = 0;
   bool use_table_ = false;
 };
+
+// Counts go to kHistWays interleaved copies of the histogram (element i to copy
+// i % kHistWays), so runs of equal slots do not serialise on one counter.
+constexpr int64_t kHistWays = 4;
+
+template <typename T>
+inline void histogram(const T* v, int64_t n, const BinFinder& bins,
+                      int64_t* slots) {
+  const int64_t stride = bins.num_slots();
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(v[i]);
+    if (std::isfinite(x)) ++slots[(i & (kHistWays - 1)) * stride + bins.slot(x)];
+  }
+}
 
 struct Options {
   bool row_sums;
@@ -160,14 +181,6 @@ struct Options {
   double* row_out;
 };
 
-template <typename T>
-inline void histogram(const T* v, int64_t n, const BinFinder& bins,
-                      int64_t* slots) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double x = static_cast<double>(v[i]);
-    if (std::isfinite(x)) ++slots[bins.slot(x)];
-  }
-}
 
 // State updates and histogram on one tile of n LCA values at flat index pos.
 template <typename T>
@@ -189,7 +202,7 @@ void tile_extras(const T* v, int64_t n, int64_t pos, const TensorView& tv,
   }
 }
 
-template <typename P, typename G>
+template <typename P, typename G, bool Extras>
 void allocate_chunk(const Chunk& ch, const TensorView& tv, const Options& opt,
                     ChunkResult& res, int64_t* hist_slots) {
   using T = typename MathType<P, G>::type;
@@ -197,27 +210,29 @@ void allocate_chunk(const Chunk& ch, const TensorView& tv, const Options& opt,
   const P* before = static_cast<const P*>(tv.before);
   const P* after = static_cast<const P*>(tv.after);
   const G* grad = static_cast<const G*>(tv.grad);
-  const bool extras = hist_slots || tv.cum || tv.helped_steps || tv.lca_out;
   RowTracker rows{tv.row_len, ch.begin, ch.end, tv.row_offset, opt.row_out, &res};
+  LcaBlocks<P, G, T> blocks;
   for (int64_t pos = ch.begin; pos < ch.end; pos += kTile) {
     const int64_t n = std::min(kTile, ch.end - pos);
     if (opt.row_sums) {
-      // one block per row segment, so each row's sum is exact to its own lanes
+      // one block per row segment: each row's sum comes from its own lanes
       for (int64_t i = 0; i < n;) {
         const int64_t row = (pos + i) / tv.row_len;
         const int64_t seg_end = std::min(n, (row + 1) * tv.row_len - pos);
-        const double s = lca_block(before + pos + i, after + pos + i,
-                                   grad + pos + i, seg_end - i, lca + i, res.counts);
+        const double s = blocks.template block<Extras>(
+            before + pos + i, after + pos + i, grad + pos + i, seg_end - i, lca + i);
         res.sum += s;
         rows.add(row, s);
         i = seg_end;
       }
     } else {
-      res.sum += lca_block(before + pos, after + pos, grad + pos, n, lca, res.counts);
+      res.sum += blocks.template block<Extras>(before + pos, after + pos,
+                                               grad + pos, n, lca);
     }
-    if (extras) tile_extras(lca, n, pos, tv, opt, hist_slots);
+    if constexpr (Extras) tile_extras(lca, n, pos, tv, opt, hist_slots);
   }
   rows.flush();
+  blocks.finish(res.counts);
 }
 
 // Per-parameter state tensors: dense views to write into, and whether each must
@@ -283,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
   const ChunkPlan plan = make_chunk_plan(numels(before));
   const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
   std::vector<ChunkResult> results(nchunks);
-  std::vector<int64_t> hist_partials(static_cast<size_t>(nchunks * nslots), 0);
+  std::vector<int64_t> hist_partials(static_cast<size_t>(nchunks * kHistWays * nslots), 0);
   const BinFinder bins(edges);
   const Options opt{row_sums, edges.empty() ? nullptr : &bins,
                     row_sums ? rows_out.data_ptr<double>() : nullptr};
@@ -292,11 +307,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
     for (int64_t c = begin; c < end; ++c) {
       const Chunk& ch = plan.chunks[c];
       const TensorView& tv = views[ch.tensor];
-      int64_t* slots = nslots ? hist_partials.data() + c * nslots : nullptr;
+      int64_t* slots =
+          nslots ? hist_partials.data() + c * kHistWays * nslots : nullptr;
+      // the LCA tile is written out only for the histogram and state outputs
+      const bool extras = slots || tv.cum || tv.helped_steps || tv.lca_out;
       dispatch_float(tv.param_t, [&](auto ptag) {
         dispatch_float(tv.grad_t, [&](auto gtag) {
-          allocate_chunk<decltype(ptag), decltype(gtag)>(ch, tv, opt, results[c],
-                                                         slots);
+          using P = decltype(ptag);
+          using G = decltype(gtag);
+          if (extras)
+            allocate_chunk<P, G, true>(ch, tv, opt, results[c], slots);
+          else
+            allocate_chunk<P, G, false>(ch, tv, opt, results[c], slots);
         });
       });
     }
@@ -319,8 +341,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
         if (r.head.row >= 0) rp[r.head.row] += r.head.sum;
         if (r.tail.row >= 0) rp[r.tail.row] += r.tail.sum;
       }
-      for (int64_t s = 0; s < nslots; ++s)
-        hp[k * nslots + s] += hist_partials[c * nslots + s];
+      for (int64_t w = 0; w < kHistWays * nslots; ++w)
+        hp[k * nslots + w % nslots] += hist_partials[c * kHistWays * nslots + w];
     }
   }
   write_back(cum_lca, cum);
@@ -349,13 +371,15 @@ void allocate_classes_chunk(const Chunk& ch, const void* before_v,
   const G* grad = static_cast<const G*>(grad_v);
   // Tile by tile, all classes: the tile of before/after stays in L1 while the
   // classes' gradients stream past it, so main memory sees before/after once.
+  std::vector<LcaBlocks<P, G, T>> blocks(static_cast<size_t>(C));
   for (int64_t pos = ch.begin; pos < ch.end; pos += kTile) {
     const int64_t n = std::min(kTile, ch.end - pos);
     for (int64_t c = 0; c < C; ++c) {
-      res[c].sum += lca_block(before + pos, after + pos, grad + c * numel + pos,
-                              n, lca, res[c].counts);
+      res[c].sum += blocks[c].template block<false>(before + pos, after + pos,
+                                                    grad + c * numel + pos, n, lca);
     }
   }
+  for (int64_t c = 0; c < C; ++c) blocks[c].finish(res[c].counts);
 }
 
 std::tuple<at::Tensor, at::Tensor> allocate_classes_cpu(

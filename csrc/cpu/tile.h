@@ -1,7 +1,6 @@
-// Small loops over an L1-resident tile that the CPU kernels compose.  Each loop
-// is plain C++ written so gcc/clang vectorise it at -O3 (independent lanes, no
-// reassociation needed), which keeps every result deterministic: the order of
-// additions depends only on where a tile starts, never on the thread count.
+// The CPU kernels' inner loops, over one tile (a few KiB, L1-resident) at a time.
+// Every float64 sum adds in a fixed order that depends only on where a tile or
+// row segment starts, never on the thread count: results are deterministic.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -40,124 +39,143 @@ struct SignCounts {
   int64_t helped = 0, hurt = 0, zero = 0, nonfinite = 0;
 };
 
-// The fused inner loop: for i in [0, n)
+// The fused inner loop, as a small accumulator that lives for one chunk:
 //   x = (T(after[i]) - T(before[i])) * T(grad[i]);  out[i] = x
-// returning the float64 sum of x and adding the sign counts to c: helped
-// -max <= x < 0, hurt 0 < x <= max, zero x == 0; the rest is NaN or +-Inf.
+// block() returns the float64 sum of one block (a tile, or a row segment of
+// one) and keeps counting signs across blocks: helped -max <= x < 0, hurt
+// 0 < x <= max, zero x == 0; the rest is NaN or +-Inf.  finish() hands the
+// counts over.
 //
-// The sum uses 8 float64 lanes (element i goes to lane i % 8) combined in a
-// fixed tree, so its rounding is fixed by construction.  lca_block_sse2 is the
-// same computation, lane for lane, in SSE2 intrinsics: compilers do not reliably
-// vectorise the portable loop (it mixes float math, float64 sums and integer
-// counts), and this loop is the whole cost of the op.
-template <typename T>
-struct BlockSums {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t helped = 0, hurt = 0, zero = 0;
+// A block's sum uses 8 float64 lanes (element i of the block goes to lane i % 8)
+// combined in a fixed tree, so its rounding is fixed by construction.  The SSE2
+// specialisation below is the same computation, lane for lane, in intrinsics:
+// compilers do not reliably vectorise the portable loop (it mixes float math,
+// float64 sums and integer counts), and this loop is the whole cost of the op.
+inline double lane_tree(const double* acc) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+         ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
 
-  inline void add(int j, T x) {
+template <typename P, typename G, typename T>
+struct LcaBlocks {
+  int64_t helped = 0, hurt = 0, zero = 0, seen = 0;
+
+  static inline T lca(const P* before, const P* after, const G* grad, int64_t i) {
+    return (static_cast<T>(after[i]) - static_cast<T>(before[i])) *
+           static_cast<T>(grad[i]);
+  }
+  inline void count(T x) {
     const T big = std::numeric_limits<T>::max();
-    acc[j] += static_cast<double>(x);
     helped += (x < T(0)) & (x >= -big);
     hurt += (x > T(0)) & (x <= big);
     zero += x == T(0);
   }
-  inline double finish(int64_t n, SignCounts& c) const {
+  // Store: write the values to out (needed only for histogram / state outputs)
+  template <bool Store>
+  inline double block(const P* __restrict before, const P* __restrict after,
+                      const G* __restrict grad, int64_t n, T* __restrict out) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < n; ++i) {
+      const T x = lca(before, after, grad, i);
+      if constexpr (Store) out[i] = x;
+      acc[i & 7] += static_cast<double>(x);
+      count(x);
+    }
+    seen += n;
+    return lane_tree(acc);
+  }
+  inline void finish(SignCounts& c) const {
     c.helped += helped;
     c.hurt += hurt;
     c.zero += zero;
-    c.nonfinite += n - (helped + hurt + zero);
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
-           ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    c.nonfinite += seen - (helped + hurt + zero);
   }
 };
 
-template <typename P, typename G, typename T>
-inline double lca_block_portable(const P* __restrict before,
-                                 const P* __restrict after,
-                                 const G* __restrict grad, int64_t n,
-                                 T* __restrict out, SignCounts& c) {
-  BlockSums<T> s;
-  for (int64_t i = 0; i < n; ++i) {
-    const T x = (static_cast<T>(after[i]) - static_cast<T>(before[i])) *
-                static_cast<T>(grad[i]);
-    out[i] = x;
-    s.add(static_cast<int>(i & 7), x);
-  }
-  return s.finish(n, c);
-}
-
 #if defined(__SSE2__)
 // float in, float math: 8 elements per iteration as two 4-float registers.
-inline double lca_block_sse2(const float* __restrict before,
-                             const float* __restrict after,
-                             const float* __restrict grad, int64_t n,
-                             float* __restrict out, SignCounts& c) {
-  const __m128 zero4 = _mm_setzero_ps();
-  const __m128 big = _mm_set1_ps(std::numeric_limits<float>::max());
-  const __m128 neg_big = _mm_set1_ps(-std::numeric_limits<float>::max());
-  __m128d acc01 = _mm_setzero_pd(), acc23 = _mm_setzero_pd();
-  __m128d acc45 = _mm_setzero_pd(), acc67 = _mm_setzero_pd();
-  __m128i helped = _mm_setzero_si128(), hurt = _mm_setzero_si128();
-  __m128i zeros = _mm_setzero_si128();
-  auto count = [&](__m128 x) {
+// int32 lane counters cannot overflow: one accumulator serves one chunk.
+template <>
+struct LcaBlocks<float, float, float> {
+  LcaBlocks()
+      : helped(_mm_setzero_si128()), hurt(_mm_setzero_si128()),
+        zeros(_mm_setzero_si128()) {}
+
+  template <bool Store>
+  inline double block(const float* __restrict before,
+                      const float* __restrict after,
+                      const float* __restrict grad, int64_t n,
+                      float* __restrict out) {
+    __m128d acc01 = _mm_setzero_pd(), acc23 = _mm_setzero_pd();
+    __m128d acc45 = _mm_setzero_pd(), acc67 = _mm_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m128 x0 = _mm_mul_ps(
+          _mm_sub_ps(_mm_loadu_ps(after + i), _mm_loadu_ps(before + i)),
+          _mm_loadu_ps(grad + i));
+      const __m128 x1 = _mm_mul_ps(
+          _mm_sub_ps(_mm_loadu_ps(after + i + 4), _mm_loadu_ps(before + i + 4)),
+          _mm_loadu_ps(grad + i + 4));
+      if constexpr (Store) {
+        _mm_storeu_ps(out + i, x0);
+        _mm_storeu_ps(out + i + 4, x1);
+      }
+      acc01 = _mm_add_pd(acc01, _mm_cvtps_pd(x0));
+      acc23 = _mm_add_pd(acc23, _mm_cvtps_pd(_mm_movehl_ps(x0, x0)));
+      acc45 = _mm_add_pd(acc45, _mm_cvtps_pd(x1));
+      acc67 = _mm_add_pd(acc67, _mm_cvtps_pd(_mm_movehl_ps(x1, x1)));
+      count(x0);
+      count(x1);
+    }
+    alignas(16) double acc[8];
+    _mm_store_pd(acc + 0, acc01);
+    _mm_store_pd(acc + 2, acc23);
+    _mm_store_pd(acc + 4, acc45);
+    _mm_store_pd(acc + 6, acc67);
+    for (; i < n; ++i) {  // the tail: lane i % 8, as in the portable loop
+      const float x = (after[i] - before[i]) * grad[i];
+      if constexpr (Store) out[i] = x;
+      acc[i & 7] += static_cast<double>(x);
+      tail.count(x);
+    }
+    seen += n;
+    return lane_tree(acc);
+  }
+
+  inline void finish(SignCounts& c) const {
+    const int64_t h = tail.helped + horizontal(helped);
+    const int64_t u = tail.hurt + horizontal(hurt);
+    const int64_t z = tail.zero + horizontal(zeros);
+    c.helped += h;
+    c.hurt += u;
+    c.zero += z;
+    c.nonfinite += seen - (h + u + z);
+  }
+
+ private:
+  inline void count(__m128 x) {
     // compares give all-ones (-1) lanes; subtracting adds 1 per true lane
+    const __m128 zero4 = _mm_setzero_ps();
+    const __m128 big = _mm_set1_ps(std::numeric_limits<float>::max());
+    const __m128 neg_big = _mm_set1_ps(-std::numeric_limits<float>::max());
     const __m128 h = _mm_and_ps(_mm_cmplt_ps(x, zero4), _mm_cmpge_ps(x, neg_big));
     const __m128 u = _mm_and_ps(_mm_cmpgt_ps(x, zero4), _mm_cmple_ps(x, big));
     const __m128 z = _mm_cmpeq_ps(x, zero4);
     helped = _mm_sub_epi32(helped, _mm_castps_si128(h));
     hurt = _mm_sub_epi32(hurt, _mm_castps_si128(u));
     zeros = _mm_sub_epi32(zeros, _mm_castps_si128(z));
-  };
-  int64_t i = 0;
-  // int32 lane counters cannot overflow: a block is at most one tile long.
-  for (; i + 8 <= n; i += 8) {
-    const __m128 x0 = _mm_mul_ps(
-        _mm_sub_ps(_mm_loadu_ps(after + i), _mm_loadu_ps(before + i)),
-        _mm_loadu_ps(grad + i));
-    const __m128 x1 = _mm_mul_ps(
-        _mm_sub_ps(_mm_loadu_ps(after + i + 4), _mm_loadu_ps(before + i + 4)),
-        _mm_loadu_ps(grad + i + 4));
-    _mm_storeu_ps(out + i, x0);
-    _mm_storeu_ps(out + i + 4, x1);
-    acc01 = _mm_add_pd(acc01, _mm_cvtps_pd(x0));
-    acc23 = _mm_add_pd(acc23, _mm_cvtps_pd(_mm_movehl_ps(x0, x0)));
-    acc45 = _mm_add_pd(acc45, _mm_cvtps_pd(x1));
-    acc67 = _mm_add_pd(acc67, _mm_cvtps_pd(_mm_movehl_ps(x1, x1)));
-    count(x0);
-    count(x1);
   }
-  BlockSums<float> s;
-  _mm_storeu_pd(s.acc + 0, acc01);
-  _mm_storeu_pd(s.acc + 2, acc23);
-  _mm_storeu_pd(s.acc + 4, acc45);
-  _mm_storeu_pd(s.acc + 6, acc67);
-  int32_t lanes[4];
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), helped);
-  s.helped = int64_t(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), hurt);
-  s.hurt = int64_t(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), zeros);
-  s.zero = int64_t(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
-  for (; i < n; ++i) {  // the tail: lane i % 8, as in the portable loop
-    const float x = (after[i] - before[i]) * grad[i];
-    out[i] = x;
-    s.add(static_cast<int>(i & 7), x);
+  static inline int64_t horizontal(__m128i v) {
+    alignas(16) int32_t lanes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), v);
+    return int64_t(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
   }
-  return s.finish(n, c);
-}
-#endif
 
-template <typename P, typename G, typename T>
-inline double lca_block(const P* __restrict before, const P* __restrict after,
-                        const G* __restrict grad, int64_t n, T* __restrict out,
-                        SignCounts& c) {
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>)
-    return lca_block_sse2(before, after, grad, n, out, c);
+  __m128i helped, hurt, zeros;
+  LcaBlocks<float, float, double> tail;  // scalar counting of block tails
+  int64_t seen = 0;
+};
 #endif
-  return lca_block_portable(before, after, grad, n, out, c);
-}
 
 }  // namespace cpu
 }  // namespace lca_ext
