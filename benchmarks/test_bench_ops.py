@@ -12,7 +12,7 @@ from conftest import TriadProbe
 SHAPES = [(250, 200)] * 200
 NUMEL = sum(a * b for a, b in SHAPES)
 F32 = 4
-ROUNDS = dict(rounds=20, iterations=1, warmup_rounds=2)
+ROUNDS = dict(rounds=50, iterations=1, warmup_rounds=3)
 REF_ROUNDS = dict(rounds=4, iterations=1, warmup_rounds=1)
 
 

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include "chunk_plan.h"
+#include "cpu/tile.h"
 
 // setup.py passes the arch list as bare tokens (-DLCA_EXT_CUDA_ARCHS=8.0,9.0).
 #define LCA_EXT_STR_(...) #__VA_ARGS__
@@ -46,6 +47,7 @@ static py::dict build_info() {
   d["simd"] = std::string("none");
 #endif
   d["compiler"] = std::string(__VERSION__);
+  d["cpu_float32_kernel"] = std::string(lca_ext::cpu::float_kernel_path());
   return d;
 }
 
@@ -53,5 +55,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lca_ext compiled ops (registered as torch.ops.lca_ext.*) and build info";
   m.def("build_info", &build_info,
         "What this binary was compiled with: CUDA (and for which archs), "
-        "OpenMP, SIMD level, compiler, and the current ATen thread count.");
+        "OpenMP, SIMD level, compiler, the inner loop float32 inputs use on "
+        "this CPU, and the current ATen thread count.");
 }

@@ -28,6 +28,8 @@ def build_info() -> dict:
     Keys: ``cuda`` (bool: CUDA kernels compiled in), ``cuda_archs`` (e.g. "8.0,9.0"),
     ``openmp`` (bool), ``num_threads`` (ATen's current thread count), ``parallel_info``
     (ATen's report), ``chunk_size`` (elements per chunk of the multi-tensor kernels),
-    ``simd`` (the instruction set the C++ kernels were compiled for), ``compiler``.
+    ``simd`` (the instruction set the C++ kernels were compiled for), ``compiler``,
+    ``cpu_float32_kernel`` (the inner loop chosen at run time for float32 inputs:
+    "avx2", "sse2" or "portable"; all give bit-identical results).
     """
     return dict(_C.build_info())

@@ -39,3 +39,37 @@ def test_repeat_and_thread_counts_bit_identical(device):
         for x, y in zip(first, other):
             # torch.equal treats NaN as unequal; there are none here
             assert torch.equal(x, y)
+
+
+_SCRIPT = r"""
+import torch, lca_ext
+torch.manual_seed(3)
+shapes = [(700, 301), (129,), (5, 3)]
+b = [torch.randn(s) for s in shapes]
+a = [x + 0.01 * torch.randn_like(x) for x in b]
+g = [torch.randn(s) for s in shapes]
+r = lca_ext.allocate(b, a, g, row_sums=True)
+print(lca_ext.build_info()["cpu_float32_kernel"])
+print(" ".join(float(v).hex() for v in r.sums.tolist() + r.row_sums.tolist()))
+print(r.counts.tolist())
+"""
+
+
+def test_simd_paths_bit_identical():
+    """The AVX2, SSE2 inner loops assign lanes identically: same bits."""
+    import os
+    import subprocess
+    import sys
+
+    def run(env_extra):
+        env = dict(os.environ, **env_extra)
+        out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, check=True,
+                             capture_output=True, text=True).stdout.splitlines()
+        return out[0], out[1:]
+
+    path_default, res_default = run({})
+    path_forced, res_forced = run({"LCA_EXT_DISABLE_AVX2": "1"})
+    assert path_forced in ("sse2", "portable")
+    if path_default == path_forced:
+        pytest.skip(f"only the {path_default} path exists on this CPU")
+    assert res_default == res_forced

@@ -202,7 +202,8 @@ void tile_extras(const T* v, int64_t n, int64_t pos, const TensorView& tv,
   }
 }
 
-template <typename P, typename G, bool Extras>
+template <typename P, typename G, bool Extras,
+          typename Blocks = LcaBlocks<P, G, typename MathType<P, G>::type>>
 void allocate_chunk(const Chunk& ch, const TensorView& tv, const Options& opt,
                     ChunkResult& res, int64_t* hist_slots) {
   using T = typename MathType<P, G>::type;
@@ -211,7 +212,7 @@ void allocate_chunk(const Chunk& ch, const TensorView& tv, const Options& opt,
   const P* after = static_cast<const P*>(tv.after);
   const G* grad = static_cast<const G*>(tv.grad);
   RowTracker rows{tv.row_len, ch.begin, ch.end, tv.row_offset, opt.row_out, &res};
-  LcaBlocks<P, G, T> blocks;
+  Blocks blocks;
   for (int64_t pos = ch.begin; pos < ch.end; pos += kTile) {
     const int64_t n = std::min(kTile, ch.end - pos);
     if (opt.row_sums) {
@@ -315,6 +316,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
         dispatch_float(tv.grad_t, [&](auto gtag) {
           using P = decltype(ptag);
           using G = decltype(gtag);
+#ifdef LCA_EXT_HAVE_AVX2_PATH
+          if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
+            if (cpu_has_avx2()) {
+              if (extras)
+                allocate_chunk<P, G, true, LcaBlocksAvx2>(ch, tv, opt, results[c], slots);
+              else
+                allocate_chunk<P, G, false, LcaBlocksAvx2>(ch, tv, opt, results[c], slots);
+              return;
+            }
+          }
+#endif
           if (extras)
             allocate_chunk<P, G, true>(ch, tv, opt, results[c], slots);
           else
