@@ -13,11 +13,14 @@ from .ops import (
     signed_log_edges,
     split_rows,
 )
+from .tracker import LCATracker, Run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Allocation",
+    "LCATracker",
+    "Run",
     "ClassAllocation",
     "accumulate_",
     "allocate",

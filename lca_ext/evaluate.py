@@ -1,0 +1,137 @@
+"""The whole-set loss and gradient at a point of parameter space, free of side
+effects on the training it watches.
+
+At a point θ (a list of tensors, one per tracked parameter) the evaluator runs the
+model over every batch of the LCA set with ``torch.func.functional_call`` and
+returns the exact mean loss over the set (per-batch mean x batch size, summed,
+divided by the total count, so a last partial batch weighs right), adding the
+gradient of that mean into caller-owned buffers.  What it guarantees:
+
+* the live parameters and their ``.grad`` are never written (gradients come
+  from ``torch.autograd.grad`` on the tensors passed in);
+* BatchNorm running statistics are never touched: buffers are passed as copies.
+  By default BatchNorm normalises with the statistics of each fixed, unshuffled
+  batch of the LCA set (``batchnorm="batch"``, as the LCA paper's code did: the
+  loss is then the training-mode loss the optimiser sees); ``batchnorm="eval"``
+  uses the running statistics instead (``model.eval()`` semantics);
+* no dropout: every dropout module runs in eval mode during evaluation, and each
+  module's ``training`` flag is restored afterwards;
+* the CPU and CUDA random number streams are forked and restored, so the
+  training's dropout masks and data order are unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import ops
+from .params import ParameterSet
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+def as_batches(data, batch_size: int = 1024) -> List[Batch]:
+    """The LCA set as a fixed list of (inputs, targets) batches.
+
+    ``data`` is a (inputs, targets) pair of tensors (cut into ``batch_size``
+    chunks in order) or an iterable of such pairs (e.g. a DataLoader without
+    shuffling), read once and kept.
+    """
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"lca_ext: lca_data inputs have {x.shape[0]} rows but "
+                             f"targets have {y.shape[0]}; expected the same count")
+        return [(x[i:i + batch_size], y[i:i + batch_size])
+                for i in range(0, x.shape[0], batch_size)]
+    batches = []
+    for k, b in enumerate(data):
+        if not (isinstance(b, (tuple, list)) and len(b) == 2):
+            raise ValueError(f"lca_ext: lca_data batch {k} is not an (inputs, targets) pair")
+        batches.append((b[0], b[1]))
+    if not batches:
+        raise ValueError("lca_ext: lca_data is empty; expected at least one batch")
+    return batches
+
+
+class Evaluator:
+    """Whole-set loss and gradient of ``loss_fn(model(x), y)`` at any point."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch],
+                 params: ParameterSet, batchnorm: str = "batch"):
+        if batchnorm not in ("batch", "eval"):
+            raise ValueError(f"lca_ext: batchnorm={batchnorm!r}; expected 'batch' or 'eval'")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = list(batches)
+        self.params = params
+        self.batchnorm = batchnorm
+        self.count = sum(int(y.shape[0]) for _, y in self.batches)
+        self.passes = 0  # gradient passes run (each = one sweep of the LCA set)
+
+    def buffers_that_matter(self) -> List[torch.Tensor]:
+        """Copies of the module buffers the loss depends on (all of them, except
+        BatchNorm running statistics when BatchNorm uses batch statistics).  When
+        they change between two steps (eval-mode BatchNorm after a training
+        forward pass), the loss function itself has changed, and a gradient from
+        the previous step must not be reused."""
+        skip = set()
+        if self.batchnorm == "batch":
+            for m in self.model.modules():
+                if isinstance(m, _BATCHNORM):
+                    skip.update(id(b) for b in m.buffers(recurse=False))
+        return [b.detach().clone() for b in self.model.buffers() if id(b) not in skip]
+
+    @contextlib.contextmanager
+    def _quiet_model(self):
+        """Dropout off, BatchNorm as chosen, RNG streams forked; all restored."""
+        flags = [(m, m.training) for m in self.model.modules()]
+        devices = sorted({p.device.index for p in self.params.params
+                          if p.device.type == "cuda"})
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for m in self.model.modules():
+                    if isinstance(m, _DROPOUT):
+                        m.train(False)
+                    elif isinstance(m, _BATCHNORM):
+                        m.train(self.batchnorm == "batch")
+                yield
+        finally:
+            for m, t in flags:
+                m.training = t
+
+    def loss_and_grad(self, point: Sequence[torch.Tensor],
+                      grad_out: Optional[Sequence[torch.Tensor]] = None,
+                      weight: float = 1.0) -> float:
+        """Mean loss over the LCA set at ``point``; if ``grad_out`` is given,
+        ``grad_out[k] += weight * d(mean loss)/d(param k)`` (fused op)."""
+        names = self.params.names
+        frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
+        total = 0.0
+        with self._quiet_model():
+            for x, y in self.batches:
+                leaves = [t.detach().requires_grad_(grad_out is not None) for t in point]
+                buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+                tensors = {**frozen, **buffers, **dict(zip(names, leaves))}
+                with torch.set_grad_enabled(grad_out is not None):
+                    out = functional_call(self.model, tensors, (x,), tie_weights=True)
+                    # loss_fn gives the batch mean; x batch size = the batch's sum
+                    batch_sum = self.loss_fn(out, y) * y.shape[0]
+                total += batch_sum.item()
+                if grad_out is not None:
+                    grads = torch.autograd.grad(batch_sum, leaves, allow_unused=True)
+                    grads = [torch.zeros_like(p) if g is None else g
+                             for g, p in zip(grads, point)]
+                    ops.accumulate_(list(grad_out), grads, weight / self.count)
+        if grad_out is not None:
+            self.passes += 1
+        return total / self.count

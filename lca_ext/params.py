@@ -1,0 +1,60 @@
+"""Which parameters LCA tracks, and how they group into layers and neurons.
+
+Trainable parameters only (frozen ones are skipped), each tensor once (a tied /
+shared parameter is one tensor, reported under its first name), named by module
+path.  A *layer* is a module's own parameters together (a Linear's weight and
+bias); a *neuron* is a row of dim 0 of a tensor (an output unit / channel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ParameterSet:
+    names: List[str]                 # one per tracked tensor, in model order
+    params: List[torch.Tensor]       # the live parameters (never modified here)
+    layer_names: List[str]           # module paths, in order of first appearance
+    layer_of: List[int]              # tensor k -> index into layer_names
+    aliases: Dict[str, str] = field(default_factory=dict)  # tied name -> tracked name
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ParameterSet":
+        names, params, aliases = [], [], {}
+        first_name: Dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in first_name:
+                aliases[name] = first_name[id(p)]
+                continue
+            first_name[id(p)] = name
+            if p.requires_grad:
+                names.append(name)
+                params.append(p)
+        if not params:
+            raise ValueError("lca_ext: the model has no trainable parameters to track")
+        layer_names: List[str] = []
+        layer_of: List[int] = []
+        for name in names:
+            layer = name.rsplit(".", 1)[0] if "." in name else "<root>"
+            if layer not in layer_names:
+                layer_names.append(layer)
+            layer_of.append(layer_names.index(layer))
+        return cls(names, params, layer_names, layer_of, aliases)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def layer_matrix(self) -> torch.Tensor:
+        """float64 [num_layers, num_tensors] 0/1 matrix: per-tensor -> per-layer sums."""
+        m = torch.zeros(len(self.layer_names), len(self.params), dtype=torch.float64)
+        for k, layer in enumerate(self.layer_of):
+            m[layer, k] = 1.0
+        return m
