@@ -69,8 +69,8 @@ setup(
     packages=find_packages(include=["lca_ext", "lca_ext.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    python_requires=">=3.11",
+    install_requires=["torch>=2.4", "numpy", "zarr>=3.1"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest"]},
     zip_safe=False,
 )

@@ -13,7 +13,7 @@ from .ops import (
     signed_log_edges,
     split_rows,
 )
-from .tracker import LCATracker, Run
+from .tracker import LCATracker, Run, load_run
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "allocate",
     "allocate_classes",
     "build_info",
+    "load_run",
     "signed_log_edges",
     "split_rows",
 ]

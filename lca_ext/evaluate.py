@@ -125,7 +125,7 @@ class Evaluator:
                 with torch.set_grad_enabled(grad_out is not None):
                     out = functional_call(self.model, tensors, (x,), tie_weights=True)
                     # loss_fn gives the batch mean; x batch size = the batch's sum
-                    batch_sum = self.loss_fn(out, y) * y.shape[0]
+                    batch_sum = self._checked_loss(out, y) * y.shape[0]
                 total += batch_sum.item()
                 if grad_out is not None:
                     grads = torch.autograd.grad(batch_sum, leaves, allow_unused=True)
@@ -135,3 +135,36 @@ class Evaluator:
         if grad_out is not None:
             self.passes += 1
         return total / self.count
+
+    def _checked_loss(self, out, y) -> torch.Tensor:
+        loss = self.loss_fn(out, y)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"lca_ext: loss_fn returned {shape}; expected a scalar "
+                             "tensor (the mean loss of the batch)")
+        return loss
+
+    def class_grads(self, point: Sequence[torch.Tensor], classes: Sequence[int],
+                    grad_out: Sequence[torch.Tensor], weight: float) -> None:
+        """For each class c = classes[j]: ``grad_out[k][j] += weight * d/dθ_k`` of
+        class c's share of the mean loss, (1/N) Σ_{i: y_i = c} loss_i.  One forward
+        pass per batch (so batch statistics are those of the whole batch) and one
+        backward per class present; the shares add up to the whole-set loss."""
+        names = self.params.names
+        frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
+        with self._quiet_model():
+            for x, y in self.batches:
+                leaves = [t.detach().requires_grad_(True) for t in point]
+                buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+                tensors = {**frozen, **buffers, **dict(zip(names, leaves))}
+                out = functional_call(self.model, tensors, (x,), tie_weights=True)
+                present = [(j, y == c) for j, c in enumerate(classes)]
+                present = [(j, m) for j, m in present if bool(m.any())]
+                for i, (j, mask) in enumerate(present):
+                    share = self._checked_loss(out[mask], y[mask]) * mask.sum()
+                    grads = torch.autograd.grad(share, leaves, allow_unused=True,
+                                                retain_graph=i + 1 < len(present))
+                    grads = [torch.zeros_like(p) if g is None else g
+                             for g, p in zip(grads, point)]
+                    ops.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
+        self.passes += 1

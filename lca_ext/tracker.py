@@ -21,89 +21,168 @@ One tracked step (Simpson, the default):
           O and one fused pass (lca_ext.allocate) gives the per-tensor sums, sign
           counts, per-neuron sums, histogram and per-parameter state.
 
-Memory beyond the model, optimiser and .grad (fp32 values per tracked parameter):
-θ_t snapshot 1, Q 1, g_end 1, O 1 (= 4), plus one transient buffer for the
-current midpoint while it is evaluated, and the per-parameter statistics
-cum_lca (1) and helped_steps (1 int32).  ``reuse_gradients=False`` drops g_end
+Memory beyond the model, optimiser and .grad, in fp32 values per tracked
+parameter: the path integral needs θ_t snapshot 1, Q 1, g_end 1, O 1 (= 4),
+plus one transient buffer for the midpoint being evaluated (and autograd's own
+transient gradient).  ``reuse_gradients=False`` keeps no g_end between steps
 (3 + transient) and recomputes g(θ_t) at every step instead (one more pass).
+Each named eval set adds Q, g_end and O (3).  Per-parameter statistics: cum_lca
+(1), helped_steps (1, int32), and with ``oscillation=True`` two int32 counters
+and two int8 signs (2.5).  Per-class LCA stacks C gradients (C, or fewer per
+group under ``class_memory_budget``).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import ops
+from . import store as run_store
 from .evaluate import Evaluator, as_batches
 from .params import ParameterSet
+
+# per-step fields of every objective, and the per-parameter state fields
+STEP_FIELDS = ("loss_before", "loss_after", "lca_sum", "error", "splits", "grad_passes",
+               "tensor_sums", "counts", "row_sums", "histogram")
+STATE_FIELDS = ("cum_lca", "helped_steps", "direction_changes", "grad_sign_changes",
+                "last_delta_sign", "last_grad_sign")
 
 
 @dataclass
 class Run:
-    """A tracked run as plain data (numpy arrays, names and numbers).
+    """A tracked run as plain data: what ``LCATracker.result()`` and
+    ``lca_ext.load_run(path)`` return.
 
-    Per tracked step t (arrays indexed by position in ``steps``):
-      loss_before / loss_after  whole-set loss at θ_t and θ_{t+1}
-      lca_sum                   Σ over parameters of LCA (≈ loss_after - loss_before)
-      error                     |lca_sum − (loss_after − loss_before)|
-      splits                    Simpson intervals used (2 = plain Simpson; 1 = first order)
-      grad_passes               whole-set gradient passes spent on this step
-      tensor_sums [T, K]        LCA per parameter tensor
-      counts [T, K, 4]          helped / hurt / zero / nonfinite per tensor
-      row_sums [T, R]           LCA per neuron (rows of dim 0), tensors concatenated
-      histogram [T, K, B + 2]   LCA value counts over ``bin_edges`` (+ under/overflow)
-    Per parameter tensor k: ``cum_lca[k]`` (Σ_t LCA) and ``helped_steps[k]``.
+    ``arrays`` maps "<objective>/<field>" to numpy arrays indexed by tracked
+    step (and "step" to the step indices).  Objectives: "train" (the LCA set)
+    and each named eval set.  Fields per tracked step:
+      loss_before, loss_after  whole-set loss at θ_t and θ_{t+1}
+      lca_sum                  Σ LCA over parameters (≈ loss_after − loss_before)
+      error                    |lca_sum − (loss_after − loss_before)|
+      splits                   Simpson intervals used (1 = first order)
+      grad_passes              whole-set gradient passes spent on the step
+      tensor_sums [T, K]       LCA per parameter tensor
+      counts [T, K, 4]         helped / hurt / zero / nonfinite per tensor
+      row_sums [T, R]          LCA per neuron (rows of dim 0), tensors concatenated
+      histogram [T, K, B + 2]  LCA value counts over ``bin_edges`` (+ under/overflow)
+      class_sums [T, C, K], class_counts [T, C, K, 4]   with num_classes ("train")
+    ``state``: per-parameter arrays (lists over tensors): cum_lca, helped_steps,
+    direction_changes, grad_sign_changes (oscillation counters).  ``frames``:
+    raw per-element LCA of chosen tensors, "<k>" [F, *shape], with "step" [F].
+    Attribute access ``run.lca_sum`` reads the "train" objective.
     """
 
-    names: List[str]
-    layer_names: List[str]
-    layer_of: List[int]
-    shapes: List[tuple]
-    bin_edges: np.ndarray
-    steps: np.ndarray
-    loss_before: np.ndarray
-    loss_after: np.ndarray
-    lca_sum: np.ndarray
-    error: np.ndarray
-    splits: np.ndarray
-    grad_passes: np.ndarray
-    tensor_sums: np.ndarray
-    counts: np.ndarray
-    row_sums: np.ndarray
-    histogram: np.ndarray
-    cum_lca: List[np.ndarray] = field(repr=False)
-    helped_steps: List[np.ndarray] = field(repr=False)
+    meta: dict
+    arrays: Dict[str, np.ndarray]
+    state: Dict[str, List[np.ndarray]] = field(default_factory=dict, repr=False)
+    frames: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
-    def layer_sums(self) -> np.ndarray:
+    def names(self) -> List[str]:
+        return list(self.meta["names"])
+
+    @property
+    def layer_names(self) -> List[str]:
+        return list(self.meta["layer_names"])
+
+    @property
+    def layer_of(self) -> List[int]:
+        return list(self.meta["layer_of"])
+
+    @property
+    def objectives(self) -> List[str]:
+        return list(self.meta["objectives"])
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        return np.asarray(self.meta["bin_edges"], dtype=np.float64)
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self.arrays.get("step", np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def get(self, name: str, objective: str = "train") -> np.ndarray:
+        key = f"{objective}/{name}"
+        if key not in self.arrays:
+            raise KeyError(f"lca_ext: this run has no {key!r}; it has "
+                           f"{sorted(self.arrays)}")
+        return self.arrays[key]
+
+    def __getattr__(self, name: str):
+        arrays = self.__dict__.get("arrays", {})
+        if f"train/{name}" in arrays:
+            return arrays[f"train/{name}"]
+        if name in self.__dict__.get("state", {}):
+            return self.__dict__["state"][name]
+        raise AttributeError(name)
+
+    def layer_sums(self, objective: str = "train") -> np.ndarray:
         """[T, num_layers]: LCA per layer (a module's parameters together)."""
-        out = np.zeros((len(self.steps), len(self.layer_names)))
+        sums = self.get("tensor_sums", objective)
+        out = np.zeros((sums.shape[0], len(self.layer_names)))
         for k, layer in enumerate(self.layer_of):
-            out[:, layer] += self.tensor_sums[:, k]
+            out[:, layer] += sums[:, k]
         return out
+
+
+def load_run(path: str) -> Run:
+    """Open a run directory written by ``LCATracker(store=path)`` (complete,
+    still being written, or cut off by a crash): every committed step."""
+    meta = run_store.read_meta(path)
+    return Run(meta, run_store.read_arrays(path, meta),
+               run_store._read_state(path, meta) or {},
+               run_store.read_frames(path, meta))
+
+
+class _Objective:
+    """One loss whose change is allocated: the LCA set, or a named eval set."""
+
+    def __init__(self, name: str, evaluator: Evaluator):
+        self.name = name
+        self.evaluator = evaluator
+        self.g_start: Optional[List[torch.Tensor]] = None   # g(θ_t), when valid
+        self.loss_start = float("nan")
+        self.start_buffers: List[torch.Tensor] = []
+        self.start_passes = 0
 
 
 class LCATracker:
     """Tracks LCA of the steps taken inside ``with tracker.step():``.
 
     model:      the nn.Module being trained (its trainable parameters are tracked)
-    loss_fn:    loss_fn(model(x), y) -> the *mean* loss of a batch
+    loss_fn:    loss_fn(model(x), y) -> the *mean* loss of a batch (a scalar)
     lca_data:   the fixed LCA set: an (inputs, targets) tensor pair, cut into
                 ``batch_size`` chunks in order, or an iterable of (x, y) batches
+    eval_sets:  {"val": data, ...}: more sets whose loss change is allocated with
+                the same Δθ (same data forms as lca_data)
     method:     "simpson" (adaptive composite Simpson, default) or "first_order"
                 (ḡ = g(θ_t), the left point)
     rtol, atol: refine a step while |ΣLCA − ΔL| > atol + rtol·|ΔL|
     max_splits: at most this many Simpson intervals per step (a power of two)
     schedule:   None (every step), an int k (every k-th step, starting at 0) or
                 a collection of step indices; untracked steps cost nothing
+    num_classes: per-class LCA of the LCA set (targets are class indices);
+                class_memory_budget (bytes) bounds the stacked class gradients
     batchnorm:  "batch" (statistics of each fixed LCA batch) or "eval"; see
                 lca_ext.evaluate
     bin_edges:  histogram edges (default signed_log_edges(1e-12, 1, 24))
     row_sums:   record per-neuron LCA every tracked step
+    oscillation: count per parameter the changes of direction of its steps
+                and of the sign of its whole-set gradient
+    frames:     names of parameter tensors whose full per-element LCA is stored
+                every ``frame_every`` tracked steps (for animations)
+    store:      a run directory to append every tracked step to (crash-safe;
+                see lca_ext.store); ``resume=True`` continues an existing one
+    state_every: write the per-parameter state with every k-th committed step
     reuse_gradients: keep g(θ_{t+1}) for the next step (default) or recompute.
                 It is recomputed anyway when a buffer the loss depends on has
                 changed since (eval-mode BatchNorm statistics updated by the
@@ -111,11 +190,15 @@ class LCATracker:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, lca_data, *,
+                 eval_sets: Optional[Dict[str, object]] = None,
                  method: str = "simpson", rtol: float = 1e-3, atol: float = 1e-4,
                  max_splits: int = 32, schedule: Union[None, int, Iterable[int]] = None,
+                 num_classes: Optional[int] = None, class_memory_budget: int = 2 << 30,
                  batch_size: int = 1024, batchnorm: str = "batch",
                  bin_edges: Optional[torch.Tensor] = None, row_sums: bool = True,
-                 reuse_gradients: bool = True):
+                 oscillation: bool = True, frames: Sequence[str] = (),
+                 frame_every: int = 1, store: Optional[str] = None, resume: bool = False,
+                 state_every: int = 1, reuse_gradients: bool = True):
         if method not in ("simpson", "first_order"):
             raise ValueError(f"lca_ext.LCATracker: method={method!r}; expected "
                              "'simpson' or 'first_order'")
@@ -125,31 +208,57 @@ class LCATracker:
                              "expected a power of two >= 2")
         if rtol < 0 or atol < 0:
             raise ValueError(f"lca_ext.LCATracker: rtol={rtol}, atol={atol}; expected >= 0")
+        if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"lca_ext.LCATracker: num_classes={num_classes!r}; "
+                             "expected an int >= 1")
+        for name, value in (("frame_every", frame_every), ("state_every", state_every)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"lca_ext.LCATracker: {name}={value!r}; expected an int >= 1")
         self.model = model
         self.params = ParameterSet.from_model(model)
-        self.evaluator = Evaluator(model, loss_fn, as_batches(lca_data, batch_size),
-                                   self.params, batchnorm=batchnorm)
+        sets = {"train": lca_data, **(eval_sets or {})}
+        self.objectives = [
+            _Objective(name, Evaluator(model, loss_fn, as_batches(data, batch_size),
+                                       self.params, batchnorm=batchnorm))
+            for name, data in sets.items()]
         self.method, self.rtol, self.atol, self.max_splits = method, rtol, atol, max_splits
         self.schedule = schedule if schedule is None or isinstance(schedule, int) \
             else frozenset(schedule)
+        self.num_classes = num_classes
+        self.class_memory_budget = class_memory_budget
         self.row_sums = row_sums
+        self.oscillation = oscillation
+        unknown = [n for n in frames if n not in self.params.names]
+        if unknown:
+            raise ValueError(f"lca_ext.LCATracker: frames names {unknown} are not tracked "
+                             f"parameters; tracked: {self.params.names}")
+        self.frame_tensors = [self.params.names.index(n) for n in frames]
+        self.frame_every = frame_every
+        self.state_every = state_every
         self.reuse_gradients = reuse_gradients
         dev = self.params.params[0].device
         self.bin_edges = (ops.signed_log_edges(1e-12, 1.0, 24) if bin_edges is None
                           else bin_edges.detach().double()).to(dev)
 
         self._theta_t = [torch.empty_like(p) for p in self.params.params]
-        self._g_start: Optional[List[torch.Tensor]] = None  # g(θ_t), when valid
-        self._loss_start = float("nan")
-        self._start_buffers: List[torch.Tensor] = []
-        self._spare: Optional[List[torch.Tensor]] = None    # recycled gradient buffer
-        self.cum_lca = self._new_buffer()
-        self.helped_steps = [torch.zeros_like(p, dtype=torch.int32)
-                             for p in self.params.params]
+        self._spares: List[List[torch.Tensor]] = []   # recycled gradient buffers
+        like = lambda dt: [torch.zeros_like(p, dtype=dt) for p in self.params.params]  # noqa: E731
+        self.state: Dict[str, List[torch.Tensor]] = {
+            "cum_lca": self._new_buffer(), "helped_steps": like(torch.int32)}
+        if oscillation:
+            self.state.update(direction_changes=like(torch.int32),
+                              grad_sign_changes=like(torch.int32),
+                              last_delta_sign=like(torch.int8),
+                              last_grad_sign=like(torch.int8))
         self._records: List[dict] = []
+        self._frames: List[dict] = []
         self._step = 0
+        self._tracked_count = 0
         self._open = False
         self._tracked = False
+        self._writer: Optional[run_store.RunWriter] = None
+        if store is not None:
+            self._open_store(store, resume)
 
     # -- the loop-facing API -------------------------------------------------
 
@@ -169,31 +278,34 @@ class LCATracker:
         self.end()
 
     def begin(self) -> None:
+        """Before the optimiser step: snapshot θ_t (and g(θ_t) if not cached)."""
         if self._open:
             raise RuntimeError("lca_ext.LCATracker.begin: the previous step was not "
                                "ended; call end() after the optimiser step")
         self._open = True
         self._tracked = self.tracks(self._step)
         if not self._tracked:
-            self._drop_start()  # θ is about to change without us watching
+            for obj in self.objectives:
+                self._drop_start(obj)   # θ is about to change without us watching
             return
         with torch.no_grad():
             for snap, p in zip(self._theta_t, self.params.params):
                 snap.copy_(p)
-        buffers = self.evaluator.buffers_that_matter()
-        if self._g_start is not None and not (
-                len(buffers) == len(self._start_buffers)
-                and all(torch.equal(a, b) for a, b in zip(buffers, self._start_buffers))):
-            self._drop_start()  # the loss function moved (e.g. eval-mode BN stats)
-        self._start_buffers = buffers
-        if self._g_start is None:
-            self._g_start = self._buffer()
-            self._loss_start = self.evaluator.loss_and_grad(self._theta_t, self._g_start)
-            self._start_passes = 1
-        else:
-            self._start_passes = 0
+            for obj in self.objectives:
+                buffers = obj.evaluator.buffers_that_matter()
+                if obj.g_start is not None and not (
+                        len(buffers) == len(obj.start_buffers)
+                        and all(torch.equal(a, b) for a, b in zip(buffers, obj.start_buffers))):
+                    self._drop_start(obj)  # the loss function moved (eval-mode BN stats)
+                obj.start_buffers = buffers
+                obj.start_passes = 0
+                if obj.g_start is None:
+                    obj.g_start = self._buffer()
+                    obj.loss_start = self._loss_and_grad(obj, self._theta_t, obj.g_start, 0.0)
+                    obj.start_passes = 1
 
     def end(self) -> None:
+        """After the optimiser step: allocate the loss change of θ_t → θ_{t+1}."""
         if not self._open:
             raise RuntimeError("lca_ext.LCATracker.end: no step was begun")
         self._open = False
@@ -201,33 +313,66 @@ class LCATracker:
         if not self._tracked:
             return
         with torch.no_grad():
-            self._records.append(self._allocate_step(step))
+            after = [p.detach() for p in self.params.params]
+            record = {"step": np.int64(step)}
+            self._pending_frames = None
+            for obj in self.objectives:
+                record.update(self._allocate_objective(obj, step, after))
+            frames = self._pending_frames
+            self._tracked_count += 1
+        if self._writer is not None:
+            commit_state = self._tracked_count % self.state_every == 0
+            self._writer.commit(record, self._state_numpy() if commit_state else {}, frames)
+        else:
+            self._records.append(record)
+            if frames:
+                self._frames.append(dict(frames, step=np.int64(step)))
 
     def result(self) -> Run:
-        """Everything tracked so far, as plain data."""
-        recs = self._records
-        k = len(self.params)
-        col = lambda key, dt=np.float64: np.array([r[key] for r in recs], dtype=dt)  # noqa: E731
-        stack = lambda key, shape, dt: (np.stack([r[key] for r in recs])  # noqa: E731
-                                        if recs else np.zeros((0, *shape), dt))
-        rows = sum(p.shape[0] if p.dim() else 1 for p in self.params.params) \
-            if self.row_sums else 0
-        return Run(
-            names=list(self.params.names), layer_names=list(self.params.layer_names),
-            layer_of=list(self.params.layer_of),
-            shapes=[tuple(p.shape) for p in self.params.params],
-            bin_edges=self.bin_edges.cpu().numpy(),
-            steps=col("step", np.int64), loss_before=col("loss_before"),
-            loss_after=col("loss_after"), lca_sum=col("lca_sum"), error=col("error"),
-            splits=col("splits", np.int64), grad_passes=col("grad_passes", np.int64),
-            tensor_sums=stack("tensor_sums", (k,), np.float64),
-            counts=stack("counts", (k, 4), np.int64),
-            row_sums=stack("row_sums", (rows,), np.float64),
-            histogram=stack("histogram", (k, self.bin_edges.numel() + 1), np.int64),
-            cum_lca=[t.cpu().numpy().copy() for t in self.cum_lca],
-            helped_steps=[t.cpu().numpy().copy() for t in self.helped_steps])
+        """Everything tracked so far, as plain data (the store's, if any)."""
+        if self._writer is not None:
+            return load_run(self._writer.path)
+        arrays = {}
+        if self._records:
+            for key in self._records[0]:
+                arrays[key] = np.stack([np.asarray(r[key]) for r in self._records])
+        frames = {}
+        if self._frames:
+            for key in self._frames[0]:
+                frames[key] = np.stack([np.asarray(f[key]) for f in self._frames])
+        return Run(self._meta(), arrays, self._state_numpy(), frames)
 
     # -- internals -------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        return dict(
+            names=list(self.params.names), shapes=[list(p.shape) for p in self.params.params],
+            layer_names=list(self.params.layer_names), layer_of=list(self.params.layer_of),
+            objectives=[o.name for o in self.objectives], num_classes=self.num_classes,
+            bin_edges=self.bin_edges.cpu().tolist(),
+            frame_names=[self.params.names[k] for k in self.frame_tensors],
+            config=dict(method=self.method, rtol=self.rtol, atol=self.atol,
+                        max_splits=self.max_splits,
+                        batchnorm=self.objectives[0].evaluator.batchnorm,
+                        lca_set_size=self.objectives[0].evaluator.count,
+                        eval_set_sizes={o.name: o.evaluator.count for o in self.objectives[1:]}))
+
+    def _open_store(self, path: str, resume: bool) -> None:
+        self._writer = run_store.RunWriter(path, self._meta(), resume=resume)
+        state = self._writer.load_state() if resume else None
+        if state:
+            for name, arrays in state.items():
+                if name in self.state:
+                    for t, a in zip(self.state[name], arrays):
+                        t.copy_(torch.from_numpy(a))
+        if resume and self._writer.steps_committed:
+            last = run_store.read_arrays(path, self._writer.meta)["step"][-1]
+            self._step = int(last) + 1
+            self._tracked_count = self._writer.steps_committed
+
+    def _state_numpy(self) -> Dict[str, List[np.ndarray]]:
+        return {name: [t.cpu().numpy().copy() for t in tensors]
+                for name, tensors in self.state.items()}
 
     def _new_buffer(self) -> List[torch.Tensor]:
         # gradient-sized float32 buffers (float64 for float64 parameters)
@@ -235,15 +380,24 @@ class LCATracker:
                                  else torch.float32) for p in self.params.params]
 
     def _buffer(self) -> List[torch.Tensor]:
-        buf, self._spare = self._spare, None
-        if buf is None:
+        if not self._spares:
             return self._new_buffer()
+        buf = self._spares.pop()
         torch._foreach_zero_(buf)
         return buf
 
-    def _drop_start(self) -> None:
-        if self._g_start is not None:
-            self._spare, self._g_start = self._g_start, None
+    def _drop_start(self, obj: _Objective) -> None:
+        if obj.g_start is not None:
+            self._spares.append(obj.g_start)
+            obj.g_start = None
+
+    def _loss_and_grad(self, obj: _Objective, point, out, f: float) -> float:
+        loss = obj.evaluator.loss_and_grad(point, out)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"lca_ext: the {obj.name!r} loss is {loss} at step {self._step} "
+                f"(path point {f:g} of θ_t → θ_(t+1)); steps before it are kept")
+        return loss
 
     def _lca_total(self, after, grad) -> float:
         return ops.allocate(self._theta_t, after, grad).sums.sum().item()
@@ -252,22 +406,24 @@ class LCATracker:
         """θ_t + f·(θ_{t+1} − θ_t), in a fresh (transient) buffer."""
         return [torch.lerp(a0, a1, f) for a0, a1 in zip(self._theta_t, after)]
 
-    def _allocate_step(self, step: int) -> dict:
-        ev = self.evaluator
+    def _allocate_objective(self, obj: _Objective, step: int, after) -> dict:
+        ev = obj.evaluator
         passes0 = ev.passes
-        after = [p.detach() for p in self.params.params]
+        is_train = obj is self.objectives[0]
+        if is_train and self.oscillation:
+            self._count_oscillations(after, obj.g_start)
         g_end = self._buffer()
-        loss_after = ev.loss_and_grad(after, g_end)
-        d_loss = loss_after - self._loss_start
+        loss_after = self._loss_and_grad(obj, after, g_end, 1.0)
+        d_loss = loss_after - obj.loss_start
         tol = self.atol + self.rtol * abs(d_loss)
 
         if self.method == "first_order":
-            avg, splits = self._g_start, 1
+            avg, n = obj.g_start, 1
         else:
-            q = self._g_start                 # becomes Q = g_0 + g_N + 2·(even points)
+            q = obj.g_start                   # becomes Q = g_0 + g_N + 2·(even points)
             ops.accumulate_(q, g_end, 1.0)
-            o = [torch.zeros_like(t) for t in q]
-            ev.loss_and_grad(self._point(after, 0.5), o)
+            o = self._buffer()
+            self._loss_and_grad(obj, self._point(after, 0.5), o, 0.5)
             n = 2
             s_q, s_o = self._lca_total(after, q), self._lca_total(after, o)
             while abs((s_q + 4 * s_o) / (3 * n) - d_loss) > tol and n < self.max_splits:
@@ -275,28 +431,82 @@ class LCATracker:
                 s_q += 2 * s_o
                 torch._foreach_zero_(o)
                 for j in range(n):            # the n new midpoints
-                    ev.loss_and_grad(self._point(after, (2 * j + 1) / (2 * n)), o)
+                    f = (2 * j + 1) / (2 * n)
+                    self._loss_and_grad(obj, self._point(after, f), o, f)
                 n *= 2
                 s_o = self._lca_total(after, o)
             torch._foreach_mul_(o, 4.0 / (3 * n))
             ops.accumulate_(o, q, 1.0 / (3 * n))
-            avg, splits = o, n
+            avg = o
 
+        state = {}
+        if is_train:
+            state = dict(cum_lca=self.state["cum_lca"], helped_steps=self.state["helped_steps"])
         res = ops.allocate(self._theta_t, after, avg, row_sums=self.row_sums,
-                           bin_edges=self.bin_edges, cum_lca=self.cum_lca,
-                           helped_steps=self.helped_steps)
+                           bin_edges=self.bin_edges, **state)
         lca_sum = res.sums.sum().item()
-        record = dict(step=step, loss_before=self._loss_start, loss_after=loss_after,
-                      lca_sum=lca_sum, error=abs(lca_sum - d_loss), splits=splits,
-                      grad_passes=ev.passes - passes0 + self._start_passes,
-                      tensor_sums=res.sums.cpu().numpy(), counts=res.counts.cpu().numpy(),
-                      row_sums=res.row_sums.cpu().numpy(),
-                      histogram=res.histogram.cpu().numpy())
+        p = obj.name + "/"
+        record = {p + "loss_before": np.float64(obj.loss_start),
+                  p + "loss_after": np.float64(loss_after),
+                  p + "lca_sum": np.float64(lca_sum),
+                  p + "error": np.float64(abs(lca_sum - d_loss)),
+                  p + "splits": np.int64(n),
+                  p + "tensor_sums": res.sums.cpu().numpy(),
+                  p + "counts": res.counts.cpu().numpy(),
+                  p + "row_sums": res.row_sums.cpu().numpy(),
+                  p + "histogram": res.histogram.cpu().numpy()}
+        if is_train and self.num_classes:
+            sums, counts = self._classes(obj, after, n)
+            record.update({p + "class_sums": sums, p + "class_counts": counts})
+        record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
+        if is_train and self.frame_tensors and self._tracked_count % self.frame_every == 0:
+            self._pending_frames = self._frame(after, avg)
         # θ_{t+1} is the next step's θ_t: keep its gradient (or drop it)
-        old_start = self._g_start
+        if self.method == "simpson":
+            self._spares.append(avg)
+        self._spares.append(obj.g_start)
         if self.reuse_gradients:
-            self._g_start, self._loss_start = g_end, loss_after
-            self._spare = old_start
+            obj.g_start, obj.loss_start = g_end, loss_after
         else:
-            self._g_start, self._spare = None, g_end
+            obj.g_start = None
+            self._spares.append(g_end)
         return record
+
+    def _classes(self, obj: _Objective, after, n: int):
+        """Per-class LCA with the same n Simpson intervals as the total."""
+        numel = sum(p.numel() for p in self.params.params)
+        group = max(1, min(self.num_classes, self.class_memory_budget // max(1, 4 * numel)))
+        sums, counts = [], []
+        for c0 in range(0, self.num_classes, group):
+            classes = list(range(c0, min(self.num_classes, c0 + group)))
+            stacked = [torch.zeros((len(classes), *p.shape), dtype=torch.float32,
+                                   device=p.device) for p in self.params.params]
+            for j in range(n + 1):             # Simpson weights 1, 4, 2, ..., 4, 1
+                w = (1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n) if n > 1 \
+                    else (1.0 if j == 0 else 0.0)
+                if w == 0.0:
+                    continue
+                point = after if j == n else self._theta_t if j == 0 else \
+                    self._point(after, j / n)
+                obj.evaluator.class_grads(point, classes, stacked, w)
+            res = ops.allocate_classes(self._theta_t, after, stacked)
+            sums.append(res.sums.cpu().numpy())
+            counts.append(res.counts.cpu().numpy())
+        return np.concatenate(sums), np.concatenate(counts)
+
+    def _count_oscillations(self, after, g_start) -> None:
+        s = self.state
+        for k, (a0, a1) in enumerate(zip(self._theta_t, after)):
+            d = torch.sign(a1 - a0).to(torch.int8)
+            s["direction_changes"][k] += ((d * s["last_delta_sign"][k]) < 0).to(torch.int32)
+            s["last_delta_sign"][k] = torch.where(d != 0, d, s["last_delta_sign"][k])
+            g = torch.sign(g_start[k]).to(torch.int8)
+            s["grad_sign_changes"][k] += ((g * s["last_grad_sign"][k]) < 0).to(torch.int32)
+            s["last_grad_sign"][k] = torch.where(g != 0, g, s["last_grad_sign"][k])
+
+    def _frame(self, after, avg) -> Dict[str, np.ndarray]:
+        ks = self.frame_tensors
+        out = [torch.empty_like(avg[k]) for k in ks]
+        ops.allocate([self._theta_t[k] for k in ks], [after[k] for k in ks],
+                     [avg[k] for k in ks], lca_out=out)
+        return {str(k): t.cpu().numpy() for k, t in zip(ks, out)}

@@ -215,7 +215,7 @@ def test_layer_sums_and_state_add_up():
     train(model, opt, x, y, xent, 4, tracker)
     run = tracker.result()
     assert run.layer_names == ["0", "2"]
-    torch.testing.assert_close(torch.from_numpy(run.layer_sums.sum(1)),
+    torch.testing.assert_close(torch.from_numpy(run.layer_sums().sum(1)),
                                torch.from_numpy(run.lca_sum))
     cum = [c.sum() for c in run.cum_lca]
     torch.testing.assert_close(torch.tensor(cum, dtype=torch.float64),
