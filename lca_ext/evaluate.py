@@ -152,7 +152,7 @@ class Evaluator:
         backward per class present; the shares add up to the whole-set loss."""
         names = self.params.names
         frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
-        with self._quiet_model():
+        with self._quiet_model(), torch.enable_grad():
             for x, y in self.batches:
                 leaves = [t.detach().requires_grad_(True) for t in point]
                 buffers = {n: b.clone() for n, b in self.model.named_buffers()}

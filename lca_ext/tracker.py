@@ -283,6 +283,7 @@ class LCATracker:
             raise RuntimeError("lca_ext.LCATracker.begin: the previous step was not "
                                "ended; call end() after the optimiser step")
         self._open = True
+        self._current = self._step
         self._tracked = self.tracks(self._step)
         if not self._tracked:
             for obj in self.objectives:
@@ -309,7 +310,8 @@ class LCATracker:
         if not self._open:
             raise RuntimeError("lca_ext.LCATracker.end: no step was begun")
         self._open = False
-        step, self._step = self._step, self._step + 1
+        step = self._step
+        self._step += 1
         if not self._tracked:
             return
         with torch.no_grad():
@@ -395,7 +397,7 @@ class LCATracker:
         loss = obj.evaluator.loss_and_grad(point, out)
         if not math.isfinite(loss):
             raise FloatingPointError(
-                f"lca_ext: the {obj.name!r} loss is {loss} at step {self._step} "
+                f"lca_ext: the {obj.name!r} loss is {loss} at step {self._current} "
                 f"(path point {f:g} of θ_t → θ_(t+1)); steps before it are kept")
         return loss
 

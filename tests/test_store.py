@@ -1,0 +1,132 @@
+"""The run store: round trip, crash safety (kill -9), resume, and clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lca_ext
+from lca_ext.store import RunStoreError
+from test_tracker import train, xent
+
+
+def setup_run(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(40, 5, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    return model, x, y
+
+
+def test_store_round_trip_equals_in_memory(tmp_path):
+    runs = []
+    for store in (None, str(tmp_path / "run")):
+        model, x, y = setup_run()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        tracker = lca_ext.LCATracker(model, xent, (x, y), eval_sets={"val": (x[:10], y[:10])},
+                                     num_classes=3, frames=["2.weight"], store=store)
+        train(model, opt, x, y, xent, 4, tracker)
+        runs.append(tracker.result())
+    mem, disk = runs
+    assert sorted(mem.arrays) == sorted(disk.arrays)
+    for key in mem.arrays:
+        assert np.array_equal(mem.arrays[key], disk.arrays[key]), key
+    for key in mem.state:
+        for a, b in zip(mem.state[key], disk.state[key]):
+            assert np.array_equal(a, b), key
+    for key in mem.frames:
+        assert np.array_equal(mem.frames[key], disk.frames[key]), key
+    loaded = lca_ext.load_run(str(tmp_path / "run"))
+    assert loaded.names == mem.names and loaded.objectives == ["train", "val"]
+    assert np.array_equal(loaded.lca_sum, mem.lca_sum)
+    meta = json.load(open(tmp_path / "run" / "lca_run.json"))
+    assert meta["format"] == "lca_ext.run" and meta["version"] == 1
+    assert meta["steps_committed"] == 4
+
+
+def test_store_refuses_to_overwrite_and_checks_resume(tmp_path):
+    model, x, y = setup_run()
+    path = str(tmp_path / "run")
+    lca_ext.LCATracker(model, xent, (x, y), store=path)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        lca_ext.LCATracker(model, xent, (x, y), store=path)
+    other = nn.Linear(5, 3)
+    with pytest.raises(RunStoreError, match="cannot resume"):
+        lca_ext.LCATracker(other, xent, (x, y), store=path, resume=True)
+
+
+def test_load_run_errors(tmp_path):
+    with pytest.raises(RunStoreError, match="is not a directory"):
+        lca_ext.load_run(str(tmp_path / "missing"))
+    (tmp_path / "foreign").mkdir()
+    with pytest.raises(RunStoreError, match="not an lca_ext run directory"):
+        lca_ext.load_run(str(tmp_path / "foreign"))
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "lca_run.json").write_text("{not json")
+    with pytest.raises(RunStoreError, match="unreadable or corrupt"):
+        lca_ext.load_run(str(tmp_path / "corrupt"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "lca_run.json").write_text('{"format": "lca_ext.run", "version": 99}')
+    with pytest.raises(RunStoreError, match="schema version 99"):
+        lca_ext.load_run(str(tmp_path / "other"))
+
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    import lca_ext
+    path, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 10))
+    x, y = torch.randn(256, 20), torch.randint(0, 10, (256,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = lca_ext.LCATracker(model, lambda o, t: nn.functional.cross_entropy(o, t),
+                                 (x, y), store=path, resume=resume, num_classes=10)
+    for i in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+        with tracker.step():
+            opt.step()
+        print("committed", i, flush=True)
+""")
+
+
+def start_child(path, steps, resume):
+    return subprocess.Popen([sys.executable, "-c", CHILD, path, str(steps), "1" if resume else "0"],
+                            stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.004, 0.017])
+def test_kill_9_loses_no_completed_step_and_resumes(tmp_path, delay):
+    path = str(tmp_path / "run")
+    child = start_child(path, 10_000, resume=False)
+    seen = -1
+    for line in child.stdout:
+        seen = int(line.split()[1])
+        if seen >= 4:
+            break
+    time.sleep(delay)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    run = lca_ext.load_run(path)
+    n = len(run)
+    assert n >= seen + 1                           # every step it reported, maybe one more
+    assert run.steps.tolist() == list(range(n))
+    assert np.isfinite(run.lca_sum).all()
+    assert (run.loss_before[1:] == run.loss_after[:-1]).all()
+    assert run.class_sums.shape[:2] == (n, 10)
+    # resume: the same script continues the same directory
+    child = start_child(path, 3, resume=True)
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == 0, out
+    resumed = lca_ext.load_run(path)
+    assert resumed.steps.tolist() == list(range(n + 3))
+    assert np.array_equal(resumed.lca_sum[:n], run.lca_sum)
+    assert resumed.state["helped_steps"][0].max() <= n + 3

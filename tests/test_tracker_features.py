@@ -1,0 +1,157 @@
+"""LCATracker features: per-class LCA, eval sets, oscillation counters, frames,
+bad input."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lca_ext
+from test_tracker import Net, train, whole_set, xent
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def data(n=48, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("budget", [2 << 30, 1], ids=["stacked", "class-by-class"])
+def test_per_class_sums_add_up_to_total(budget):
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=20, num_classes=3,
+                                 class_memory_budget=budget)
+    train(model, opt, x, y, xent, 3, tracker)
+    run = tracker.result()
+    cs = run.class_sums                            # [T, C, K]
+    assert cs.shape == (3, 3, 4)
+    np.testing.assert_allclose(cs.sum(1), run.tensor_sums, rtol=1e-5, atol=1e-8)
+    assert (run.class_counts.sum(-1) == np.array([p.numel() for p in model.parameters()])).all()
+
+
+def test_per_class_matches_direct_reference():
+    torch.manual_seed(1)
+    model = mlp().double()
+    x, y = data(30, seed=1)
+    x = x.double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=30, num_classes=3,
+                                 atol=1e9)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, x, y, xent, 1, tracker)
+    after = [p.detach().clone() for p in model.parameters()]
+    mid = [(a + b) / 2 for a, b in zip(before, after)]
+    for c in range(3):
+        mask = y == c
+        # class c's share of the mean loss: (n_c / N) * mean over the class
+        share = lambda out, t, m=mask: xent(out[m], t[m]) * m.sum() / len(t)  # noqa: E731
+        g = [whole_set(model, pt, x, y, share)[1] for pt in (before, mid, after)]
+        want = [((a - b) * (g0 + 4 * gm + g1) / 6).sum().item()
+                for a, b, g0, gm, g1 in zip(after, before, *g)]
+        np.testing.assert_allclose(tracker.result().class_sums[0, c], want, rtol=1e-5,
+                                   atol=1e-10)
+
+
+def test_eval_sets_use_the_same_step():
+    torch.manual_seed(2)
+    model = mlp()
+    x, y = data(40, seed=2)
+    xv, yv = data(25, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), eval_sets={"val": (xv, yv)},
+                                 batch_size=16)
+    train(model, opt, x, y, xent, 3, tracker)
+    run = tracker.result()
+    assert run.objectives == ["train", "val"]
+    val_d = run.get("loss_after", "val") - run.get("loss_before", "val")
+    assert (run.get("error", "val") <= 1e-4 + 1e-3 * abs(val_d)).all()
+    # the val loss really is the loss on the val set
+    assert run.get("loss_after", "val")[-1] == pytest.approx(
+        whole_set(model, list(model.parameters()), xv, yv, xent)[0], rel=1e-5)
+    assert not np.allclose(run.get("lca_sum", "val"), run.lca_sum)
+
+
+def test_oscillation_counters_match_a_direct_count():
+    torch.manual_seed(3)
+    model = mlp()
+    x, y = data(40, seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), atol=1e9)
+    thetas = [[p.detach().clone() for p in model.parameters()]]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        idx = torch.randint(0, 40, (8,), generator=gen)
+        opt.zero_grad()
+        xent(model(x[idx]), y[idx]).backward()
+        with tracker.step():
+            opt.step()
+        thetas.append([p.detach().clone() for p in model.parameters()])
+    run = tracker.result()
+    for k in range(4):
+        deltas = [torch.sign(b[k] - a[k]) for a, b in zip(thetas, thetas[1:])]
+        grads = [torch.sign(whole_set(model, th, x, y, xent)[1][k]) for th in thetas[:-1]]
+        for name, seq in (("direction_changes", deltas), ("grad_sign_changes", grads)):
+            want = torch.zeros_like(seq[0], dtype=torch.int32)
+            last = torch.zeros_like(seq[0])
+            for s in seq:
+                want += (s * last < 0).int()
+                last = torch.where(s != 0, s, last)
+            assert np.array_equal(run.state[name][k], want.numpy()), (name, k)
+    assert sum(c.sum() for c in run.state["direction_changes"]) > 0
+
+
+def test_frames_hold_per_element_lca():
+    torch.manual_seed(4)
+    model = mlp()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), frames=["0.weight"], frame_every=2)
+    train(model, opt, x, y, xent, 5, tracker)
+    run = tracker.result()
+    assert run.frames["step"].tolist() == [0, 2, 4]
+    frames = run.frames["0"]
+    assert frames.shape == (3, 7, 5)
+    np.testing.assert_allclose(frames.sum((1, 2)), run.tensor_sums[::2, 0], rtol=1e-5,
+                               atol=1e-9)
+
+
+def test_bad_input():
+    model = mlp()
+    x, y = data()
+    with pytest.raises(ValueError, match="lca_data is empty"):
+        lca_ext.LCATracker(model, xent, [])
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        lca_ext.LCATracker(frozen, xent, (x, y))
+    with pytest.raises(ValueError, match="frames names"):
+        lca_ext.LCATracker(model, xent, (x, y), frames=["nope"])
+    with pytest.raises(ValueError, match="max_splits"):
+        lca_ext.LCATracker(model, xent, (x, y), max_splits=6)
+    with pytest.raises(ValueError, match="inputs have 48 rows but targets have 3"):
+        lca_ext.LCATracker(model, xent, (x, y[:3]))
+    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+    tracker = lca_ext.LCATracker(model, per_sample, (x, y))
+    with pytest.raises(ValueError, match=r"loss_fn returned \(20?4?8?,?\)|loss_fn returned"):
+        tracker.begin()
+
+
+def test_nan_loss_names_the_step_and_keeps_finished_steps(tmp_path):
+    torch.manual_seed(5)
+    model = mlp()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), store=str(tmp_path / "run"))
+    train(model, opt, x, y, xent, 2, tracker)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    opt.zero_grad()
+    with pytest.raises(FloatingPointError, match=r"'train' loss is nan at step 2"):
+        with tracker.step():
+            opt.step()
+    run = lca_ext.load_run(str(tmp_path / "run"))
+    assert run.steps.tolist() == [0, 1]
