@@ -22,10 +22,12 @@ One tracked step (Simpson, the default):
           counts, per-neuron sums, histogram and per-parameter state.
 
 Memory beyond the model, optimiser and .grad, in fp32 values per tracked
-parameter: the path integral needs θ_t snapshot 1, Q 1, g_end 1, O 1 (= 4),
-plus one transient buffer for the midpoint being evaluated (and autograd's own
-transient gradient).  ``reuse_gradients=False`` keeps no g_end between steps
-(3 + transient) and recomputes g(θ_t) at every step instead (one more pass).
+parameter: the path integral needs θ_t snapshot 1, Q 1, O 1 and one buffer that
+first holds the midpoint and then g(θ_{t+1}) (= 4; autograd's transient
+per-batch gradient aside).  A refined step needs that buffer for its new points,
+so the next step recomputes its start gradient (one more pass) rather than
+holding a fifth buffer.  ``reuse_gradients=False`` recomputes g(θ_t) at every
+step (one more pass per step).
 Each named eval set adds Q, g_end and O (3).  Per-parameter statistics: cum_lca
 (1), helped_steps (1, int32), and with ``oscillation=True`` two int32 counters
 and two int8 signs (2.5).  Per-class LCA stacks C gradients (C, or fewer per
@@ -404,9 +406,18 @@ class LCATracker:
     def _lca_total(self, after, grad) -> float:
         return ops.allocate(self._theta_t, after, grad).sums.sum().item()
 
-    def _point(self, after, f: float) -> List[torch.Tensor]:
-        """θ_t + f·(θ_{t+1} − θ_t), in a fresh (transient) buffer."""
-        return [torch.lerp(a0, a1, f) for a0, a1 in zip(self._theta_t, after)]
+    def _point(self, after, f: float, out: Optional[List[torch.Tensor]] = None
+               ) -> List[torch.Tensor]:
+        """θ_t + f·(θ_{t+1} − θ_t), written into ``out`` (or a fresh buffer)."""
+        if out is None:
+            out = [None] * len(after)
+        point = []
+        for dst, a0, a1 in zip(out, self._theta_t, after):
+            if dst is not None and dst.dtype == a0.dtype:
+                point.append(torch.lerp(a0, a1, f, out=dst))
+            else:  # e.g. bf16 parameters with float32 buffers: a transient point
+                point.append(torch.lerp(a0, a1, f))
+        return point
 
     def _allocate_objective(self, obj: _Objective, step: int, after) -> dict:
         ev = obj.evaluator
@@ -414,27 +425,36 @@ class LCATracker:
         is_train = obj is self.objectives[0]
         if is_train and self.oscillation:
             self._count_oscillations(after, obj.g_start)
-        g_end = self._buffer()
-        loss_after = self._loss_and_grad(obj, after, g_end, 1.0)
-        d_loss = loss_after - obj.loss_start
-        tol = self.atol + self.rtol * abs(d_loss)
-
+        next_start_valid = self.reuse_gradients
         if self.method == "first_order":
+            g_end = self._buffer()
+            loss_after = self._loss_and_grad(obj, after, g_end, 1.0)
+            d_loss = loss_after - obj.loss_start
             avg, n = obj.g_start, 1
         else:
+            # Four gradient-sized buffers at most: θ_t, Q (the start gradient's
+            # buffer), O, and one that first holds the midpoint and then g_end.
+            o = self._buffer()
+            g_end = self._buffer()
+            self._loss_and_grad(obj, self._point(after, 0.5, g_end), o, 0.5)
+            torch._foreach_zero_(g_end)
+            loss_after = self._loss_and_grad(obj, after, g_end, 1.0)
+            d_loss = loss_after - obj.loss_start
+            tol = self.atol + self.rtol * abs(d_loss)
             q = obj.g_start                   # becomes Q = g_0 + g_N + 2·(even points)
             ops.accumulate_(q, g_end, 1.0)
-            o = self._buffer()
-            self._loss_and_grad(obj, self._point(after, 0.5), o, 0.5)
             n = 2
             s_q, s_o = self._lca_total(after, q), self._lca_total(after, o)
             while abs((s_q + 4 * s_o) / (3 * n) - d_loss) > tol and n < self.max_splits:
+                # refining needs a buffer for the new points: g_end's (it is
+                # already in Q); the next step then recomputes its start gradient
+                next_start_valid = False
                 ops.accumulate_(q, o, 2.0)    # old midpoints become even points
                 s_q += 2 * s_o
                 torch._foreach_zero_(o)
                 for j in range(n):            # the n new midpoints
                     f = (2 * j + 1) / (2 * n)
-                    self._loss_and_grad(obj, self._point(after, f), o, f)
+                    self._loss_and_grad(obj, self._point(after, f, g_end), o, f)
                 n *= 2
                 s_o = self._lca_total(after, o)
             torch._foreach_mul_(o, 4.0 / (3 * n))
@@ -467,7 +487,7 @@ class LCATracker:
         if self.method == "simpson":
             self._spares.append(avg)
         self._spares.append(obj.g_start)
-        if self.reuse_gradients:
+        if next_start_valid:
             obj.g_start, obj.loss_start = g_end, loss_after
         else:
             obj.g_start = None
