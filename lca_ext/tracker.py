@@ -26,8 +26,8 @@ parameter: the path integral needs θ_t snapshot 1, Q 1, O 1 and one buffer that
 first holds the midpoint and then g(θ_{t+1}) (= 4; autograd's transient
 per-batch gradient aside).  A refined step needs that buffer for its new points,
 so the next step recomputes its start gradient (one more pass) rather than
-holding a fifth buffer.  ``reuse_gradients=False`` recomputes g(θ_t) at every
-step (one more pass per step).
+holding a fifth buffer.  ``reuse_gradients=False`` is the low-memory mode:
+3 buffers (θ_t, ḡ, the current point), recomputing instead of reusing.
 Each named eval set adds Q, g_end and O (3).  Per-parameter statistics: cum_lca
 (1), helped_steps (1, int32), and with ``oscillation=True`` two int32 counters
 and two int8 signs (2.5).  Per-class LCA stacks C gradients (C, or fewer per
@@ -185,10 +185,13 @@ class LCATracker:
     store:      a run directory to append every tracked step to (crash-safe;
                 see lca_ext.store); ``resume=True`` continues an existing one
     state_every: write the per-parameter state with every k-th committed step
-    reuse_gradients: keep g(θ_{t+1}) for the next step (default) or recompute.
-                It is recomputed anyway when a buffer the loss depends on has
-                changed since (eval-mode BatchNorm statistics updated by the
-                training's forward pass): the loss function itself moved.
+    reuse_gradients: True (default): keep every gradient for reuse (4 buffers,
+                see above; g(θ_{t+1}) starts the next step, recomputed only when
+                a buffer the loss depends on changed, e.g. eval-mode BatchNorm
+                statistics, or after a refined step).  False: the low-memory
+                mode, 3 buffers (θ_t, ḡ, the current point); every step
+                recomputes its start gradient and a refined step is recomputed
+                from scratch with twice the intervals.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, lca_data, *,
@@ -396,6 +399,7 @@ class LCATracker:
             obj.g_start = None
 
     def _loss_and_grad(self, obj: _Objective, point, out, f: float) -> float:
+        """Whole-set loss (and gradient into ``out`` unless None); NaN/Inf raise."""
         loss = obj.evaluator.loss_and_grad(point, out)
         if not math.isfinite(loss):
             raise FloatingPointError(
@@ -426,7 +430,10 @@ class LCATracker:
         if is_train and self.oscillation:
             self._count_oscillations(after, obj.g_start)
         next_start_valid = self.reuse_gradients
-        if self.method == "first_order":
+        if not self.reuse_gradients:
+            avg, n, loss_after = self._low_memory_average(obj, after)
+            d_loss = loss_after - obj.loss_start
+        elif self.method == "first_order":
             g_end = self._buffer()
             loss_after = self._loss_and_grad(obj, after, g_end, 1.0)
             d_loss = loss_after - obj.loss_start
@@ -484,15 +491,45 @@ class LCATracker:
         if is_train and self.frame_tensors and self._tracked_count % self.frame_every == 0:
             self._pending_frames = self._frame(after, avg)
         # θ_{t+1} is the next step's θ_t: keep its gradient (or drop it)
-        if self.method == "simpson":
+        if avg is not obj.g_start:
             self._spares.append(avg)
         self._spares.append(obj.g_start)
+        obj.g_start = None
         if next_start_valid:
             obj.g_start, obj.loss_start = g_end, loss_after
-        else:
-            obj.g_start = None
+        elif self.reuse_gradients:
             self._spares.append(g_end)
+        if not self.reuse_gradients:
+            self._spares.clear()  # hold no gradient buffer between steps
         return record
+
+    def _low_memory_average(self, obj: _Objective, after):
+        """ḡ in a single buffer, with fixed Simpson weights (1, 4, 2, ..., 4, 1)/(3n):
+        θ_t, ḡ and the current point are the only gradient-sized buffers (3).
+        A step that needs refinement is recomputed from scratch with twice the
+        intervals (no gradient is kept for reuse)."""
+        avg = obj.g_start                      # g(θ_t), computed in begin()
+        if self.method == "first_order":
+            return avg, 1, self._loss_and_grad(obj, after, None, 1.0)
+        point = self._buffer()
+        n = 2
+        torch._foreach_mul_(avg, 1.0 / (3 * n))   # ḡ starts as g(θ_t) / (3n)
+        while True:
+            for j in range(1, n + 1):
+                w = (1 if j == n else (4 if j % 2 else 2)) / (3 * n)
+                pt = after if j == n else self._point(after, j / n, point)
+                loss = obj.evaluator.loss_and_grad(pt, avg, w)
+                if not math.isfinite(loss):
+                    self._loss_and_grad(obj, pt, None, j / n)   # raises, naming the step
+            d_loss = loss - obj.loss_start
+            s = self._lca_total(after, avg)
+            if abs(s - d_loss) <= self.atol + self.rtol * abs(d_loss) or n >= self.max_splits:
+                break
+            n *= 2                              # start again with twice the intervals
+            torch._foreach_zero_(avg)
+            obj.evaluator.loss_and_grad(self._theta_t, avg, 1.0 / (3 * n))
+        self._spares.append(point)
+        return avg, n, loss
 
     def _classes(self, obj: _Objective, after, n: int):
         """Per-class LCA with the same n Simpson intervals as the total."""

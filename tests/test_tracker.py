@@ -256,3 +256,29 @@ def test_grounded_with_batchnorm_and_dropout(batchnorm):
     else:
         # running statistics moved between steps: each step re-evaluates its start
         assert (run.grad_passes == 1 + run.splits).all()
+
+
+@pytest.mark.parametrize("method", ["simpson", "first_order"])
+def test_low_memory_mode_gives_the_same_lca(method):
+    x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    runs = []
+    for reuse in (True, False):
+        torch.manual_seed(9)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=2.0)
+        tracker = lca_ext.LCATracker(model, xent, (x, y), method=method, rtol=1e-4,
+                                     atol=1e-6, reuse_gradients=reuse)
+        train(model, opt, x, y, xent, 4, tracker)
+        runs.append(tracker.result())
+    a, b = runs
+    assert (a.splits == b.splits).all()
+    np.testing.assert_allclose(b.tensor_sums, a.tensor_sums, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(b.loss_after, a.loss_after, rtol=1e-6)
+    if method == "simpson":
+        assert (b.splits > 2).any()
+        # low memory: the start every step, then n points per attempt, and the
+        # start again for every attempt after the first
+        def passes(s):
+            levels = range(1, int(np.log2(s)) + 1)
+            return 1 + sum(2 ** i for i in levels) + (len(levels) - 1)
+        assert b.grad_passes.tolist() == [passes(s) for s in b.splits]
