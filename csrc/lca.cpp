@@ -14,6 +14,11 @@ TORCH_LIBRARY(lca_ext, m) {
       "Tensor? bin_edges, bool row_sums, Tensor(a!)[] cum_lca, "
       "Tensor(b!)[] helped_steps, Tensor(c!)[] lca_out, bool check_finite) "
       "-> (Tensor sums, Tensor counts, Tensor row_sums, Tensor histogram)");
+  // Oscillation counting: s = sign(x[k] - base[k]) (sign(x[k]) when base is
+  // empty); changes[k] += (s * last_sign[k] < 0); last_sign[k] = s where s != 0.
+  m.def(
+      "sign_changes_(Tensor(a!)[] last_sign, Tensor(b!)[] changes, Tensor[] x, "
+      "Tensor[] base) -> ()");
   // The per-class form: class_grads[k] has shape [C, *before[k].shape].
   m.def(
       "allocate_classes(Tensor[] before, Tensor[] after, Tensor[] class_grads, "

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <tuple>
 #include <sstream>
 
 namespace lca_ext {
@@ -176,6 +177,34 @@ void check_accumulate_inputs(at::TensorList acc, at::TensorList grads,
   check_device(op, "grads", grads, acc[0].device());
   TORCH_CHECK(std::isfinite(weight), "lca_ext.accumulate_: weight is ", weight,
               "; expected a finite number");
+}
+
+void check_sign_changes_inputs(at::TensorList last_sign, at::TensorList changes,
+                               at::TensorList x, at::TensorList base) {
+  const char* op = "sign_changes_";
+  check_nonempty(op, "x", x);
+  check_float_dtypes(op, "x", x);
+  const at::Device device = x[0].device();
+  check_device(op, "x", x, device);
+  if (!base.empty()) {
+    check_same_length(op, "base", base, "x", x);
+    check_float_dtypes(op, "base", base);
+    check_same_dtypes(op, "base", base, "x", x);
+    check_same_shapes(op, "base", base, "x", x);
+    check_device(op, "base", base, device);
+  }
+  for (const auto& [name, list, dtype] :
+       {std::make_tuple("last_sign", last_sign, at::kChar),
+        std::make_tuple("changes", changes, at::kInt)}) {
+    check_same_length(op, name, list, "x", x);
+    for (size_t k = 0; k < list.size(); ++k) {
+      TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", name, "[", k,
+                  "] is undefined (None); expected a tensor");
+    }
+    check_dtypes(op, name, list, dtype, dtype);
+    check_same_shapes(op, name, list, "x", x);
+    check_device(op, name, list, device);
+  }
 }
 
 void check_state_list(const char* op, const char* arg, at::TensorList list,

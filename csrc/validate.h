@@ -59,6 +59,10 @@ void check_allocate_inputs(const char* op, at::TensorList before,
 void check_accumulate_inputs(at::TensorList acc, at::TensorList grads,
                              double weight);
 
+// The checks of sign_changes_(last_sign, changes, x, base), on any device.
+void check_sign_changes_inputs(at::TensorList last_sign, at::TensorList changes,
+                               at::TensorList x, at::TensorList base);
+
 // The optional per-parameter state lists of allocate: each empty (not requested)
 // or one tensor per parameter, of that parameter's shape, on its device.
 void check_state_list(const char* op, const char* arg, at::TensorList list,

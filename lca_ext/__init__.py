@@ -10,6 +10,7 @@ from .ops import (
     accumulate_,
     allocate,
     allocate_classes,
+    sign_changes_,
     signed_log_edges,
     split_rows,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "allocate_classes",
     "build_info",
     "load_run",
+    "sign_changes_",
     "signed_log_edges",
     "split_rows",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "accumulate_",
     "allocate",
     "allocate_classes",
+    "sign_changes_",
     "signed_log_edges",
     "split_rows",
 ]
@@ -200,6 +201,24 @@ def allocate_classes(before: Sequence[Tensor], after: Sequence[Tensor],
     return ClassAllocation(sums, counts)
 
 
+def sign_changes_(last_sign: Sequence[Tensor], changes: Sequence[Tensor],
+                  x: Sequence[Tensor], base: Optional[Sequence[Tensor]] = None) -> None:
+    """Oscillation counters, in place, for every k and element:
+    ``s = sign(x - base)`` (``sign(x)`` without base), found by comparison, so
+    exact in any dtype; ``changes += (s * last_sign < 0)``; ``last_sign = s``
+    where ``s != 0`` (a zero or NaN keeps the last sign).
+
+    last_sign: int8 tensors; changes: int32 tensors; x, base: float tensors of
+    one dtype per k, all of x[k]'s shape, on one device.  With x = θ_{t+1} and
+    base = θ_t this counts changes of a weight's direction of motion; with
+    x = a gradient, changes of its sign.
+    """
+    x = _nonempty("sign_changes_", "x", _as_list("x", x))
+    torch.ops.lca_ext.sign_changes_(_as_list("last_sign", last_sign),
+                                    _as_list("changes", changes), x,
+                                    _optional_list("base", base))
+
+
 def signed_log_edges(min_abs: float = 1e-12, max_abs: float = 1.0,
                      bins_per_sign: int = 24, *, dtype=torch.float64,
                      device=None) -> Tensor:
@@ -254,6 +273,15 @@ def _accumulate_fake(acc, grads, weight):
     torch._check(len(acc) == len(grads),
                  lambda: "lca_ext.accumulate_: grads and acc differ in length")
     _fake_check_devices("accumulate_", acc[0].device, acc=acc, grads=grads)
+    return None
+
+
+@torch.library.register_fake("lca_ext::sign_changes_")
+def _sign_changes_fake(last_sign, changes, x, base):
+    torch._check(len(last_sign) == len(x) and len(changes) == len(x),
+                 lambda: "lca_ext.sign_changes_: lists differ in length")
+    _fake_check_devices("sign_changes_", x[0].device, last_sign=last_sign,
+                        changes=changes, x=x, base=base)
     return None
 
 

@@ -53,6 +53,15 @@ def accumulate_(acc: Sequence[Tensor], grads: Sequence[Tensor], weight: float) -
         a.add_(g.to(a.dtype) * weight)
 
 
+def sign_changes_(last_sign, changes, x, base=None) -> None:
+    for k, xk in enumerate(x):
+        s = torch.sign(xk.double() - (base[k].double() if base else 0.0)).to(torch.int8)
+        s = torch.where(torch.isnan(xk.double() - (base[k].double() if base else 0.0)),
+                        torch.zeros_like(s), s)
+        changes[k].add_((s.int() * last_sign[k].int() < 0).int())
+        last_sign[k].copy_(torch.where(s != 0, s, last_sign[k]))
+
+
 def allocate(before: Sequence[Tensor], after: Sequence[Tensor],
              avg_grad: Sequence[Tensor], *, row_sums: bool = False,
              bin_edges: Optional[Tensor] = None,

@@ -145,6 +145,11 @@ def load_run(path: str) -> Run:
                run_store.read_frames(path, meta))
 
 
+def _has_kernel(op: str, device: torch.device) -> bool:
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lca_ext::{op}", key)
+
+
 class _Objective:
     """One loss whose change is allocated: the LCA set, or a named eval set."""
 
@@ -555,13 +560,15 @@ class LCATracker:
 
     def _count_oscillations(self, after, g_start) -> None:
         s = self.state
-        for k, (a0, a1) in enumerate(zip(self._theta_t, after)):
-            d = torch.sign(a1 - a0).to(torch.int8)
-            s["direction_changes"][k] += ((d * s["last_delta_sign"][k]) < 0).to(torch.int32)
-            s["last_delta_sign"][k] = torch.where(d != 0, d, s["last_delta_sign"][k])
-            g = torch.sign(g_start[k]).to(torch.int8)
-            s["grad_sign_changes"][k] += ((g * s["last_grad_sign"][k]) < 0).to(torch.int32)
-            s["last_grad_sign"][k] = torch.where(g != 0, g, s["last_grad_sign"][k])
+        if _has_kernel("sign_changes_", after[0].device):
+            ops.sign_changes_(s["last_delta_sign"], s["direction_changes"], after,
+                              self._theta_t)
+            ops.sign_changes_(s["last_grad_sign"], s["grad_sign_changes"], g_start)
+            return
+        from . import reference  # a device without the fused kernel (yet)
+        reference.sign_changes_(s["last_delta_sign"], s["direction_changes"], after,
+                                self._theta_t)
+        reference.sign_changes_(s["last_grad_sign"], s["grad_sign_changes"], g_start)
 
     def _frame(self, after, avg) -> Dict[str, np.ndarray]:
         ks = self.frame_tensors
