@@ -129,11 +129,19 @@ class Run:
 
     def layer_sums(self, objective: str = "train") -> np.ndarray:
         """[T, num_layers]: LCA per layer (a module's parameters together)."""
-        sums = self.get("tensor_sums", objective)
-        out = np.zeros((sums.shape[0], len(self.layer_names)))
-        for k, layer in enumerate(self.layer_of):
-            out[:, layer] += sums[:, k]
-        return out
+        return _layer_reduce(self.get("tensor_sums", objective), self.layer_of,
+                             len(self.layer_names))
+
+    def class_layer_sums(self) -> np.ndarray:
+        """[T, num_classes, num_layers]: the per-class LCA per layer."""
+        return _layer_reduce(self.get("class_sums"), self.layer_of, len(self.layer_names))
+
+
+def _layer_reduce(tensor_axis_last: np.ndarray, layer_of: List[int], num_layers: int):
+    out = np.zeros((*tensor_axis_last.shape[:-1], num_layers))
+    for k, layer in enumerate(layer_of):
+        out[..., layer] += tensor_axis_last[..., k]
+    return out
 
 
 def load_run(path: str) -> Run:

@@ -32,6 +32,9 @@ def test_per_class_sums_add_up_to_total(budget):
     assert cs.shape == (3, 3, 4)
     np.testing.assert_allclose(cs.sum(1), run.tensor_sums, rtol=1e-5, atol=1e-8)
     assert (run.class_counts.sum(-1) == np.array([p.numel() for p in model.parameters()])).all()
+    layers = run.class_layer_sums()                # [T, C, layers]
+    assert layers.shape == (3, 3, 2)
+    np.testing.assert_allclose(layers.sum(1), run.layer_sums(), rtol=1e-5, atol=1e-8)
 
 
 def test_per_class_matches_direct_reference():
