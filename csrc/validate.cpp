@@ -98,6 +98,11 @@ std::vector<at::Tensor> contiguous_all(at::TensorList list) {
   return out;
 }
 
+void write_back(at::TensorList caller, const std::vector<at::Tensor>& dense) {
+  for (size_t k = 0; k < caller.size(); ++k)
+    if (!dense[k].is_same(caller[k])) caller[k].copy_(dense[k]);
+}
+
 std::vector<int64_t> rows_per_tensor(at::TensorList list) {
   std::vector<int64_t> rows;
   rows.reserve(list.size());

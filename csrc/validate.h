@@ -38,6 +38,10 @@ void check_finite(const char* op, const char* arg, at::TensorList list);
 // Dense row-major views of a list (a copy only for tensors that need one).
 std::vector<at::Tensor> contiguous_all(at::TensorList list);
 
+// After a kernel wrote into dense copies (contiguous_all) of in-place outputs:
+// copies each back into the caller's tensor where that was not dense itself.
+void write_back(at::TensorList caller, const std::vector<at::Tensor>& dense);
+
 // Number of "rows" (neurons) of each tensor: size(0), or 1 for a 0-d tensor.
 std::vector<int64_t> rows_per_tensor(at::TensorList list);
 std::vector<int64_t> numels(at::TensorList list);

@@ -132,6 +132,12 @@ class Run:
         return _layer_reduce(self.get("tensor_sums", objective), self.layer_of,
                              len(self.layer_names))
 
+    def layer_counts(self, objective: str = "train") -> np.ndarray:
+        """[T, num_layers, 4]: helped / hurt / zero / nonfinite counts per layer."""
+        counts = np.moveaxis(self.get("counts", objective), -1, -2)   # [T, 4, K]
+        return np.moveaxis(_layer_reduce(counts, self.layer_of, len(self.layer_names)),
+                           -1, -2).astype(np.int64)
+
     def class_layer_sums(self) -> np.ndarray:
         """[T, num_classes, num_layers]: the per-class LCA per layer."""
         return _layer_reduce(self.get("class_sums"), self.layer_of, len(self.layer_names))

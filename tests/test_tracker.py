@@ -224,6 +224,8 @@ def test_layer_sums_and_state_add_up():
     torch.testing.assert_close(torch.tensor(cum, dtype=torch.float64),
                                torch.from_numpy(run.tensor_sums.sum(0)), rtol=1e-5, atol=1e-7)
     assert run.counts.sum(-1).tolist() == [[15, 5, 10, 2]] * 4
+    assert run.layer_counts().sum(-1).tolist() == [[20, 12]] * 4
+    assert (run.layer_counts()[:, 0] == run.counts[:, 0] + run.counts[:, 1]).all()
 
 
 def test_begin_end_misuse():

@@ -41,9 +41,7 @@ void accumulate_cpu(at::TensorList acc, at::TensorList grads, double weight) {
       });
     }
   });
-  for (size_t k = 0; k < acc.size(); ++k) {
-    if (!a[k].is_same(acc[k])) acc[k].copy_(a[k]);
-  }
+  write_back(acc, a);
 }
 
 }  // namespace

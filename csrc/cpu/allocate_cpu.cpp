@@ -236,16 +236,6 @@ void allocate_chunk(const Chunk& ch, const TensorView& tv, const Options& opt,
   blocks.finish(res.counts);
 }
 
-// Per-parameter state tensors: dense views to write into, and whether each must
-// be copied back (only a strided caller tensor needs that).
-std::vector<at::Tensor> dense_state(at::TensorList list) {
-  return contiguous_all(list);
-}
-void write_back(at::TensorList caller, const std::vector<at::Tensor>& dense) {
-  for (size_t k = 0; k < caller.size(); ++k)
-    if (!dense[k].is_same(caller[k])) caller[k].copy_(dense[k]);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
     at::TensorList before, at::TensorList after, at::TensorList avg_grad,
     const c10::optional<at::Tensor>& bin_edges, bool row_sums,
@@ -263,9 +253,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
   const auto b = contiguous_all(before);
   const auto a = contiguous_all(after);
   const auto g = contiguous_all(avg_grad);
-  const auto cum = dense_state(cum_lca);
-  const auto helped = dense_state(helped_steps);
-  const auto out = dense_state(lca_out);
+  // in-place outputs: dense views (copies only of strided caller tensors)
+  const auto cum = contiguous_all(cum_lca);
+  const auto helped = contiguous_all(helped_steps);
+  const auto out = contiguous_all(lca_out);
 
   const int64_t K = static_cast<int64_t>(before.size());
   const std::vector<int64_t> nrows = rows_per_tensor(before);

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../chunk_plan.h"
 #include "../validate.h"
 #include "dispatch.h"
@@ -17,22 +19,11 @@ template <typename T, bool HasBase>
 void sign_changes_chunk(int8_t* __restrict last, int32_t* __restrict changes,
                         const T* __restrict x, const T* __restrict base,
                         int64_t n) {
+  using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = static_cast<float>(x[i]);
-    const float b = HasBase ? static_cast<float>(base[i]) : 0.0f;
+    const C v = static_cast<C>(x[i]);
+    const C b = HasBase ? static_cast<C>(base[i]) : C(0);
     const int8_t s = static_cast<int8_t>((v > b) - (v < b));
-    changes[i] += (s * last[i]) < 0;
-    last[i] = s != 0 ? s : last[i];
-  }
-}
-
-template <bool HasBase>
-void sign_changes_double(int8_t* __restrict last, int32_t* __restrict changes,
-                         const double* __restrict x, const double* __restrict base,
-                         int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double b = HasBase ? base[i] : 0.0;
-    const int8_t s = static_cast<int8_t>((x[i] > b) - (x[i] < b));
     changes[i] += (s * last[i]) < 0;
     last[i] = s != 0 ? s : last[i];
   }
@@ -59,20 +50,13 @@ void sign_changes_cpu(at::TensorList last_sign, at::TensorList changes,
         const T* xp = static_cast<const T*>(xs[k].const_data_ptr()) + ch.begin;
         const T* bp = has_base ? static_cast<const T*>(bs[k].const_data_ptr()) + ch.begin
                                : nullptr;
-        if constexpr (std::is_same_v<T, double>) {
-          has_base ? sign_changes_double<true>(lp, cp, xp, bp, n)
-                   : sign_changes_double<false>(lp, cp, xp, bp, n);
-        } else {
-          has_base ? sign_changes_chunk<T, true>(lp, cp, xp, bp, n)
-                   : sign_changes_chunk<T, false>(lp, cp, xp, bp, n);
-        }
+        has_base ? sign_changes_chunk<T, true>(lp, cp, xp, bp, n)
+                 : sign_changes_chunk<T, false>(lp, cp, xp, bp, n);
       });
     }
   });
-  for (size_t k = 0; k < x.size(); ++k) {
-    if (!ls[k].is_same(last_sign[k])) last_sign[k].copy_(ls[k]);
-    if (!cs[k].is_same(changes[k])) changes[k].copy_(cs[k]);
-  }
+  write_back(last_sign, ls);
+  write_back(changes, cs);
 }
 
 }  // namespace

@@ -55,6 +55,15 @@ struct SignCounts {
 // specialisation below is the same computation, lane for lane, in intrinsics:
 // compilers do not reliably vectorise the portable loop (it mixes float math,
 // float64 sums and integer counts), and this loop is the whole cost of the op.
+// Hands a block accumulator's counts over: the non-finite are the rest.
+inline void add_counts(SignCounts& c, int64_t seen, int64_t helped, int64_t hurt,
+                       int64_t zero) {
+  c.helped += helped;
+  c.hurt += hurt;
+  c.zero += zero;
+  c.nonfinite += seen - (helped + hurt + zero);
+}
+
 inline double lane_tree(const double* acc) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
          ((acc[4] + acc[5]) + (acc[6] + acc[7]));
@@ -88,12 +97,7 @@ struct LcaBlocks {
     seen += n;
     return lane_tree(acc);
   }
-  inline void finish(SignCounts& c) const {
-    c.helped += helped;
-    c.hurt += hurt;
-    c.zero += zero;
-    c.nonfinite += seen - (helped + hurt + zero);
-  }
+  inline void finish(SignCounts& c) const { add_counts(c, seen, helped, hurt, zero); }
 };
 
 #if defined(__SSE2__)
@@ -147,13 +151,8 @@ struct LcaBlocks<float, float, float> {
   }
 
   inline void finish(SignCounts& c) const {
-    const int64_t h = tail.helped + horizontal(helped);
-    const int64_t u = tail.hurt + horizontal(hurt);
-    const int64_t z = tail.zero + horizontal(zeros);
-    c.helped += h;
-    c.hurt += u;
-    c.zero += z;
-    c.nonfinite += seen - (h + u + z);
+    add_counts(c, seen, tail.helped + horizontal(helped), tail.hurt + horizontal(hurt),
+               tail.zero + horizontal(zeros));
   }
 
  private:
@@ -232,13 +231,8 @@ struct LcaBlocksAvx2 {
   }
 
   __attribute__((target("avx2"))) void finish(SignCounts& c) const {
-    const int64_t h = tail.helped + horizontal(helped);
-    const int64_t u = tail.hurt + horizontal(hurt);
-    const int64_t z = tail.zero + horizontal(zeros);
-    c.helped += h;
-    c.hurt += u;
-    c.zero += z;
-    c.nonfinite += seen - (h + u + z);
+    add_counts(c, seen, tail.helped + horizontal(helped), tail.hurt + horizontal(hurt),
+               tail.zero + horizontal(zeros));
   }
 
  private:

@@ -60,8 +60,7 @@ void accumulate_cuda(at::TensorList acc, at::TensorList grads, double weight) {
                       c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  for (size_t k = 0; k < acc.size(); ++k)
-    if (!a[k].is_same(acc[k])) acc[k].copy_(a[k]);
+  write_back(acc, a);
 }
 
 }  // namespace
