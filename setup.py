@@ -71,6 +71,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.11",
     install_requires=["torch>=2.4", "numpy", "zarr>=3.1"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest"],
+                    "demo": ["mlxtend", "matplotlib", "pillow", "tqdm", "tensorboard"]},
+    entry_points={"console_scripts": ["lca-ext = lca_ext.cli:main"]},
     zip_safe=False,
 )

@@ -280,6 +280,7 @@ class LCATracker:
         self._tracked_count = 0
         self._open = False
         self._tracked = False
+        self.last: Optional[dict] = None   # the last tracked step's record
         self._writer: Optional[run_store.RunWriter] = None
         if store is not None:
             self._open_store(store, resume)
@@ -346,6 +347,7 @@ class LCATracker:
                 record.update(self._allocate_objective(obj, step, after))
             frames = self._pending_frames
             self._tracked_count += 1
+        self.last = record
         if self._writer is not None:
             commit_state = self._tracked_count % self.state_every == 0
             self._writer.commit(record, self._state_numpy() if commit_state else {}, frames)

