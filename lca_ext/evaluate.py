@@ -136,6 +136,31 @@ class Evaluator:
             self.passes += 1
         return total / self.count
 
+    def _batch_coupled(self) -> bool:
+        """Do samples of a batch affect each other's outputs here?"""
+        return self.batchnorm == "batch" and any(
+            isinstance(m, _BATCHNORM) for m in self.model.modules())
+
+    def _class_grads_split(self, point, classes, grad_out, weight) -> None:
+        names = self.params.names
+        frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
+        with self._quiet_model(), torch.enable_grad():
+            for x, y in self.batches:
+                for j, c in enumerate(classes):
+                    mask = y == c
+                    if not bool(mask.any()):
+                        continue
+                    leaves = [t.detach().requires_grad_(True) for t in point]
+                    buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+                    tensors = {**frozen, **buffers, **dict(zip(names, leaves))}
+                    out = functional_call(self.model, tensors, (x[mask],), tie_weights=True)
+                    share = self._checked_loss(out, y[mask]) * mask.sum()
+                    grads = torch.autograd.grad(share, leaves, allow_unused=True)
+                    grads = [torch.zeros_like(p) if g is None else g
+                             for g, p in zip(grads, point)]
+                    ops.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
+        self.passes += 1
+
     def _checked_loss(self, out, y) -> torch.Tensor:
         loss = self.loss_fn(out, y)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -147,9 +172,14 @@ class Evaluator:
     def class_grads(self, point: Sequence[torch.Tensor], classes: Sequence[int],
                     grad_out: Sequence[torch.Tensor], weight: float) -> None:
         """For each class c = classes[j]: ``grad_out[k][j] += weight * d/dθ_k`` of
-        class c's share of the mean loss, (1/N) Σ_{i: y_i = c} loss_i.  One forward
-        pass per batch (so batch statistics are those of the whole batch) and one
-        backward per class present; the shares add up to the whole-set loss."""
+        class c's share of the mean loss, (1/N) Σ_{i: y_i = c} loss_i; the shares
+        add up to the whole-set loss.  When samples are independent in the forward
+        pass (no BatchNorm using batch statistics), each class's samples are run
+        on their own: one pass over the set in all.  Otherwise one forward per
+        batch (so batch statistics are the whole batch's) and one backward per
+        class present."""
+        if not self._batch_coupled():
+            return self._class_grads_split(point, classes, grad_out, weight)
         names = self.params.names
         frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
         with self._quiet_model(), torch.enable_grad():

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo command: same set-up as scripts/test.sh, then LCA of a small MLP's
-# training, step by step (examples/quickstart.py).
-#   bash scripts/demo.sh [--steps N] [--lr LR]
+# The demo command: same set-up as scripts/test.sh (makes .venv, installs torch,
+# builds lca_ext), then `lca-ext demo`: the paper's FC network on 5,000 real MNIST
+# digits with LCA tracked, and an HTML report.
+#   bash scripts/demo.sh [--steps N] [--model lenet] [--out DIR] ...
 source "$(dirname "$0")/env.sh"
-echo "== running examples/quickstart.py"
-exec "$VENV/bin/python" examples/quickstart.py "$@"
+echo "== running lca-ext demo"
+exec "$VENV/bin/lca-ext" demo "$@"

@@ -158,3 +158,17 @@ def test_nan_loss_names_the_step_and_keeps_finished_steps(tmp_path):
             opt.step()
     run = lca_ext.load_run(str(tmp_path / "run"))
     assert run.steps.tolist() == [0, 1]
+
+
+def test_per_class_with_batchnorm_uses_whole_batch_statistics():
+    """With batch-statistics BatchNorm the class shares come from one forward of
+    the whole batch, so they still add up to the total exactly."""
+    torch.manual_seed(10)
+    model = Net()
+    x, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=30, num_classes=3)
+    assert tracker.objectives[0].evaluator._batch_coupled()
+    train(model, opt, x, y, xent, 2, tracker)
+    run = tracker.result()
+    np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-5, atol=1e-8)

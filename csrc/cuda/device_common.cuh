@@ -1,0 +1,116 @@
+// Device helpers shared by the CUDA kernels: dtype dispatch, conversions, the
+// per-element LCA, sign counts and fixed-order warp reductions.  No torch headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace lca_ext {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) for the C++ type T of a dtype code.  The code is the same
+// for a whole chunk, so the branch is uniform across the block.
+template <typename F>
+__device__ __forceinline__ void dispatch_float(int32_t t, F&& f) {
+  switch (t) {
+    case kF32: f(Tag<float>{}); break;
+    case kF64: f(Tag<double>{}); break;
+    case kF16: f(Tag<__half>{}); break;
+    default: f(Tag<__nv_bfloat16>{}); break;
+  }
+}
+
+// The type a tensor's LCA is computed in: float32 unless an input is float64
+// (the same rule as the CPU's MathType).
+template <typename P, typename G>
+struct MathType {
+  using type = std::conditional_t<std::is_same_v<P, double> || std::is_same_v<G, double>,
+                                  double, float>;
+};
+
+// Exact conversions to the math type (fp16/bf16 -> float is exact; a float64
+// input only ever meets a float64 math type).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T, typename S>
+__device__ __forceinline__ T to_math(S v) {
+  if constexpr (std::is_same_v<S, double>) {
+    return static_cast<T>(v);
+  } else {
+    return static_cast<T>(to_float(v));
+  }
+}
+
+// Round-to-nearest arithmetic through intrinsics: nvcc never contracts these
+// into an FMA, so (after - before) * grad is rounded exactly as the CPU kernel
+// and the torch reference round it, and `acc + lca` stays two roundings.
+template <typename T>
+struct Arith;
+template <>
+struct Arith<float> {
+  static __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
+  static __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+  static constexpr float kMax = FLT_MAX;
+};
+template <>
+struct Arith<double> {
+  static __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
+  static __device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
+  static constexpr double kMax = DBL_MAX;
+};
+
+// lca = (after - before) * grad in the math type T.
+template <typename T, typename P, typename G>
+__device__ __forceinline__ T lca_value(P before, P after, G grad) {
+  return Arith<T>::mul(Arith<T>::sub(to_math<T>(after), to_math<T>(before)),
+                       to_math<T>(grad));
+}
+
+// helped: -max <= x < 0, hurt: 0 < x <= max, zero: x == 0; NaN/Inf in none
+// (non-finite = seen - the three, worked out once per chunk).
+struct SignCounts {
+  int32_t helped = 0, hurt = 0, zero = 0;
+};
+
+template <typename T>
+__device__ __forceinline__ bool is_helped(T x) {
+  return (x < T(0)) & (x >= -Arith<T>::kMax);
+}
+
+template <typename T>
+__device__ __forceinline__ void count_sign(T x, SignCounts& c) {
+  c.helped += is_helped(x);
+  c.hurt += (x > T(0)) & (x <= Arith<T>::kMax);
+  c.zero += x == T(0);
+}
+
+// Butterfly sums over the 32 lanes; every lane gets the result.  The tree is
+// fixed, and a + b == b + a exactly, so all lanes hold the same bits.
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+__device__ __forceinline__ int32_t warp_sum(int32_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace lca_ext
