@@ -39,11 +39,16 @@ def helped_fraction(run, objective: str = "train") -> Dict[str, np.ndarray]:
 
 def helped_iterations_distribution(run, bins: int = 20) -> Dict[str, np.ndarray]:
     """"Heroes and villains": over parameters, the fraction of tracked iterations
-    each one helped; returns the per-parameter fractions and their histogram."""
+    each one helped, and its histogram.  Parameters whose total LCA is exactly
+    zero (never moved along a gradient, e.g. weights of always-blank input
+    pixels) are left out of the histogram and counted in ``idle``."""
     t = max(len(run), 1)
     frac = np.concatenate([h.ravel() for h in run.state["helped_steps"]]) / t
-    hist, edges = np.histogram(frac, bins=bins, range=(0.0, 1.0))
-    return dict(fraction=frac, hist=hist, edges=edges)
+    idle = np.zeros(frac.shape, dtype=bool)
+    if "cum_lca" in run.state:
+        idle = np.concatenate([c.ravel() for c in run.state["cum_lca"]]) == 0
+    hist, edges = np.histogram(frac[~idle], bins=bins, range=(0.0, 1.0))
+    return dict(fraction=frac, hist=hist, edges=edges, idle=int(idle.sum()))
 
 
 def lca_value_summary(run, objective: str = "train") -> Dict[str, object]:

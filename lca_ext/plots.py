@@ -57,7 +57,7 @@ def heroes_villains(run, out_dir: str) -> str:
     colors = [GREEN if c >= 0.5 else RED for c in centres]
     ax.bar(100 * centres, hv["hist"], width=100 * np.diff(hv["edges"]), color=colors)
     ax.set(xlabel="% of iterations the parameter helped", ylabel="parameters",
-           title="Heroes and villains")
+           title=f"Heroes and villains ({hv['idle']} idle parameters left out)")
     return _save(fig, os.path.join(out_dir, "heroes_villains.png"))
 
 

@@ -12,7 +12,7 @@ from . import analysis, plots
 from .tracker import Run, load_run
 
 PAPER = {
-    "helped": "barely over 50% (MNIST FC: ≈50.7%)",
+    "helped": "barely over 50% of parameters help at any step",
     "grounding": "ΣLCA matches ΔL to the integration tolerance",
     "layers": "some layers hurt overall (first and last layer of ResNet)",
     "sync": "layers' peak moments of learning coincide (synchronized, p < 0.001)",

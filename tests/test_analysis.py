@@ -49,10 +49,12 @@ def test_helped_fraction_overall_and_per_layer():
 
 
 def test_heroes_and_villains():
-    run = make_run([[0.0]] * 4, state={"helped_steps": [np.array([0, 1, 2, 4])]})
+    run = make_run([[0.0]] * 4, state={"helped_steps": [np.array([0, 1, 2, 4, 0])],
+                                       "cum_lca": [np.array([0.5, 1, -1, -2, 0])]})
     hv = analysis.helped_iterations_distribution(run, bins=4)
-    assert hv["fraction"].tolist() == [0.0, 0.25, 0.5, 1.0]
-    assert hv["hist"].tolist() == [1, 1, 1, 1]
+    assert hv["fraction"].tolist() == [0.0, 0.25, 0.5, 1.0, 0.0]
+    assert hv["hist"].tolist() == [1, 1, 1, 1]          # the idle one left out
+    assert hv["idle"] == 1
 
 
 def test_layer_totals_raw_and_per_parameter():
