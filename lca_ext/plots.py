@@ -129,6 +129,47 @@ def synchronization(run, out_dir: str, sync: List[Dict], cls: int = 0) -> str:
     return _save(fig, os.path.join(out_dir, "synchronization.png"))
 
 
+def concentration(run, out_dir: str) -> str:
+    """Lorenz-style curve of learning over parameters, and oscillation histograms."""
+    total = np.concatenate([c.ravel() for c in run.state["cum_lca"]]).astype(np.float64)
+    conc = analysis.concentration(run)
+    learning = np.sort(-total)[::-1]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = np.arange(1, learning.size + 1) / learning.size
+    a.plot(100 * x, np.cumsum(learning) / max(learning.sum(), 1e-300), color=GREEN)
+    a.axhline(0.9, color=GREY, ls=":")
+    a.set(xlabel="% of parameters (largest learning first)", ylabel="share of net learning",
+          title=f"Concentration: 90% by {100 * conc['fraction_doing_share']:.1f}% "
+                f"(Gini {conc['gini_abs_total']:.2f})")
+    t = max(len(run), 1)
+    for key, color, label in (("direction_changes", "k", "weight direction"),
+                              ("grad_sign_changes", GREY, "gradient sign")):
+        if key in run.state:
+            c = np.concatenate([s.ravel() for s in run.state[key]])
+            c = c[c > 0]
+            if c.size:
+                b.hist(t / c, bins=40, histtype="step", color=color, label=label)
+    b.set(xlabel="tracked steps between changes", ylabel="parameters", title="Oscillation")
+    b.legend()
+    return _save(fig, os.path.join(out_dir, "concentration_oscillation.png"))
+
+
+def overfitting(run, out_dir: str, eval_set: str = "val") -> str:
+    """Per-layer total LCA on the LCA set against the eval set."""
+    of = analysis.overfitting(run, eval_set)
+    names = run.layer_names
+    pos = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.bar(pos - 0.2, of["train_layer_totals"], 0.4, color=GREEN, label="train (LCA set)")
+    ax.bar(pos + 0.2, of["val_layer_totals"], 0.4, color="#1f77b4", label=eval_set)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(pos, names, rotation=45)
+    ax.set(ylabel="total LCA", title=f"Train vs {eval_set}: {100 * of['neuron_fraction']:.1f}% "
+           f"of neurons help train but hurt {eval_set}")
+    ax.legend()
+    return _save(fig, os.path.join(out_dir, "overfitting.png"))
+
+
 def first_layer_animation(run, out_dir: str, max_tiles: int = 100) -> str:
     """An animated GIF of the per-element LCA frames of the first tracked layer:
     each hidden unit's 28x28 incoming weights as one tile (green helps)."""

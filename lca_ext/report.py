@@ -55,7 +55,10 @@ def build_report(run_dir: str, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     figures = [plots.grounding(run, out_dir), plots.helped_fraction(run, out_dir),
                plots.heroes_villains(run, out_dir), plots.lca_histogram(run, out_dir),
-               plots.layers(run, out_dir), plots.neuron_heatmap(run, out_dir)]
+               plots.layers(run, out_dir), plots.neuron_heatmap(run, out_dir),
+               plots.concentration(run, out_dir)]
+    if "val" in run.objectives:
+        figures.append(plots.overfitting(run, out_dir))
     h = headline(run)
     if run.meta.get("num_classes"):
         sync = analysis.class_synchronization(run, permutations=500)
