@@ -397,8 +397,8 @@ allocate_classes_kernel(const AllocateClassesArgs args) {
     }
   }
   __syncthreads();
-  if (threadIdx.x < ng) {
-    const int j = threadIdx.x;
+  if (static_cast<int>(threadIdx.x) < ng) {
+    const int j = static_cast<int>(threadIdx.x);
     ClassPartial part;
     part.sum = 0.0;
     int64_t c[3] = {0, 0, 0};
