@@ -77,6 +77,11 @@ def build_report(run_dir: str, out_dir: str) -> str:
         ("Gini of |total LCA| over parameters", f"{h['gini']:.2f}", PAPER["concentration"]),
         ("fraction of parameters doing 90% of the learning", f"{100 * h['fraction_90']:.1f}%", ""),
     ]
+    pc = analysis.pruning_candidates(run)
+    rows.append(("pruning / re-init candidates: parameters whose total LCA is > 0 (hurt) "
+                 "or exactly 0 (idle)",
+                 f"{pc['params_hurt']} hurt, {pc['params_idle']} idle of {pc['params']}; "
+                 f"neurons: {pc['neurons_hurt'].size} hurt of {pc['neurons']}", ""))
     if "steps_between_direction_changes" in h:
         rows.append(("mean steps between a weight's direction changes",
                      f"{h['steps_between_direction_changes']:.1f}", ""))

@@ -114,3 +114,14 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
                         lambda name, *a: None if name == "mlxtend" else real(name, *a))
     assert cli.main(["demo", "--steps", "2", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
     assert "mlxtend" in one_error_line(capsys)
+
+
+def test_lenet_demo(tmp_path):
+    out = str(tmp_path / "lenet")
+    assert cli.main(["demo", "--model", "lenet", "--steps", "2", "--out", out,
+                     "--no-progress"]) == 0
+    run = lca_ext.load_run(os.path.join(out, "run"))
+    assert run.layer_names == ["conv1", "conv2", "fc1", "fc2"]
+    d = run.loss_after - run.loss_before
+    assert (run.error <= 1e-4 + 1e-3 * np.abs(d)).all()
+    assert os.path.exists(os.path.join(out, "report", "index.html"))
