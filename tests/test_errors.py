@@ -138,3 +138,24 @@ def test_import_error_says_how_to_build(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fail)
     with pytest.raises(ImportError, match=r"pip install --no-build-isolation -e \."):
         _loader.load_library()
+
+
+def test_unverified_cuda_ops_refuse_without_opt_in(monkeypatch):
+    """A CUDA tensor reaching an op whose kernel has never run on a GPU raises,
+    unless LCA_EXT_ALLOW_UNVERIFIED_CUDA=1 (checked before any device work)."""
+    from lca_ext import ops
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    t = torch.zeros(3).as_subclass(FakeCuda)
+    monkeypatch.delenv("LCA_EXT_ALLOW_UNVERIFIED_CUDA", raising=False)
+    with pytest.raises(NotImplementedError, match="not yet verified on a GPU"):
+        ops._guard_cuda("allocate", [t])
+    with pytest.raises(NotImplementedError, match="accumulate_"):
+        ops._guard_cuda("accumulate_", [t])
+    ops._guard_cuda("allocate", [torch.zeros(3)])  # CPU tensors pass through
+    monkeypatch.setenv("LCA_EXT_ALLOW_UNVERIFIED_CUDA", "1")
+    ops._guard_cuda("allocate", [t])
