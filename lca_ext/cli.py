@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output directory (default: a new one "
                    "under ./lca_demo_runs)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when "
-                   "available and lca_ext has CUDA kernels)")
+                   "available and lca_ext's CUDA kernels are verified or allowed)")
     d.add_argument("--freeze", action="append", default=[], metavar="LAYER",
                    help="keep LAYER at its initial values (repeatable)")
     d.add_argument("--layer-momentum", action="append", default=[], metavar="LAYER=M",
@@ -68,9 +68,12 @@ def _default_device() -> str:
 
     import lca_ext
 
+    from .ops import UNVERIFIED_CUDA_OPS
+
     ok = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
         "lca_ext::allocate", "CUDA")
-    return "cuda" if ok and lca_ext.build_info()["cuda"] else "cpu"
+    verified = not UNVERIFIED_CUDA_OPS or os.environ.get("LCA_EXT_ALLOW_UNVERIFIED_CUDA") == "1"
+    return "cuda" if ok and verified and lca_ext.build_info()["cuda"] else "cpu"
 
 
 def _summary(run_dir: str, report: str, seconds: Optional[float] = None) -> str:
