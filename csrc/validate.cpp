@@ -166,6 +166,37 @@ void check_allocate_inputs(const char* op, at::TensorList before,
   }
 }
 
+std::vector<double> check_allocate_op(at::TensorList before, at::TensorList after,
+                                      at::TensorList avg_grad,
+                                      const c10::optional<at::Tensor>& bin_edges,
+                                      at::TensorList cum_lca,
+                                      at::TensorList helped_steps,
+                                      at::TensorList lca_out, bool check_finite_values) {
+  const char* op = "allocate";
+  check_allocate_inputs(op, before, after, "avg_grad", avg_grad, {},
+                        check_finite_values);
+  check_state_list(op, "cum_lca", cum_lca, before, at::kFloat, at::kDouble);
+  check_state_list(op, "helped_steps", helped_steps, before, at::kInt, at::kInt);
+  check_state_list(op, "lca_out", lca_out, before, at::kFloat, at::kDouble);
+  return checked_bin_edges(op, bin_edges, before[0].device());
+}
+
+int64_t check_allocate_classes_op(at::TensorList before, at::TensorList after,
+                                  at::TensorList class_grads, bool check_finite_values) {
+  const char* op = "allocate_classes";
+  check_nonempty(op, "class_grads", class_grads);
+  for (size_t k = 0; k < class_grads.size(); ++k) {
+    TORCH_CHECK(class_grads[k].defined() && class_grads[k].dim() >= 1,
+                "lca_ext.allocate_classes: class_grads[", k,
+                "] must have a leading class dimension (shape [C, *before[", k,
+                "].shape])");
+  }
+  const int64_t C = class_grads[0].size(0);
+  check_allocate_inputs(op, before, after, "class_grads", class_grads, {C},
+                        check_finite_values);
+  return C;
+}
+
 void check_accumulate_inputs(at::TensorList acc, at::TensorList grads,
                              double weight) {
   const char* op = "accumulate_";

@@ -67,6 +67,19 @@ void check_accumulate_inputs(at::TensorList acc, at::TensorList grads,
 void check_sign_changes_inputs(at::TensorList last_sign, at::TensorList changes,
                                at::TensorList x, at::TensorList base);
 
+// Every check of allocate (inputs, state lists, bin edges); returns the
+// validated host copy of the bin edges.  Shared by the CPU and CUDA kernels.
+std::vector<double> check_allocate_op(at::TensorList before, at::TensorList after,
+                                      at::TensorList avg_grad,
+                                      const c10::optional<at::Tensor>& bin_edges,
+                                      at::TensorList cum_lca,
+                                      at::TensorList helped_steps,
+                                      at::TensorList lca_out, bool check_finite_values);
+
+// Every check of allocate_classes; returns the number of classes C.
+int64_t check_allocate_classes_op(at::TensorList before, at::TensorList after,
+                                  at::TensorList class_grads, bool check_finite_values);
+
 // The optional per-parameter state lists of allocate: each empty (not requested)
 // or one tensor per parameter, of that parameter's shape, on its device.
 void check_state_list(const char* op, const char* arg, at::TensorList list,

@@ -88,17 +88,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cuda(
     const c10::optional<at::Tensor>& bin_edges, bool row_sums,
     at::TensorList cum_lca, at::TensorList helped_steps, at::TensorList lca_out,
     bool check_finite_values) {
-  const char* op = "allocate";
-  // the same checks, in the same order, as the CPU kernel (check_finite_values
-  // reads every input before anything is written)
-  check_allocate_inputs(op, before, after, "avg_grad", avg_grad, {},
-                        check_finite_values);
-  check_state_list(op, "cum_lca", cum_lca, before, at::kFloat, at::kDouble);
-  check_state_list(op, "helped_steps", helped_steps, before, at::kInt, at::kInt);
-  check_state_list(op, "lca_out", lca_out, before, at::kFloat, at::kDouble);
+  const std::vector<double> edges =
+      check_allocate_op(before, after, avg_grad, bin_edges, cum_lca, helped_steps,
+                        lca_out, check_finite_values);
   const at::Device device = before[0].device();
-  // the one host synchronisation: the (small) edges, validated on the host
-  const std::vector<double> edges = checked_bin_edges(op, bin_edges, device);
   const c10::cuda::CUDAGuard guard(device);
 
   const auto b = contiguous_all(before);
@@ -176,17 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cuda(
 std::tuple<at::Tensor, at::Tensor> allocate_classes_cuda(
     at::TensorList before, at::TensorList after, at::TensorList class_grads,
     bool check_finite_values) {
-  const char* op = "allocate_classes";
-  check_nonempty(op, "class_grads", class_grads);
-  for (size_t k = 0; k < class_grads.size(); ++k) {
-    TORCH_CHECK(class_grads[k].defined() && class_grads[k].dim() >= 1,
-                "lca_ext.allocate_classes: class_grads[", k,
-                "] must have a leading class dimension (shape [C, *before[", k,
-                "].shape])");
-  }
-  const int64_t C = class_grads[0].size(0);
-  check_allocate_inputs(op, before, after, "class_grads", class_grads, {C},
-                        check_finite_values);
+  const int64_t C =
+      check_allocate_classes_op(before, after, class_grads, check_finite_values);
   const at::Device device = before[0].device();
   const c10::cuda::CUDAGuard guard(device);
 
