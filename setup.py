@@ -72,7 +72,8 @@ setup(
     python_requires=">=3.11",
     install_requires=["torch>=2.4", "numpy", "zarr>=3.1"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest"],
-                    "demo": ["mlxtend", "matplotlib", "pillow", "tqdm", "tensorboard"]},
+                    "demo": ["mlxtend", "matplotlib", "pillow", "tqdm", "tensorboard"],
+                    "lightning": ["lightning>=2.0"]},
     entry_points={"console_scripts": ["lca-ext = lca_ext.cli:main"]},
     zip_safe=False,
 )

@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import ops
+from .distributed import Context
 from .params import ParameterSet
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -67,7 +68,8 @@ class Evaluator:
     """Whole-set loss and gradient of ``loss_fn(model(x), y)`` at any point."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch],
-                 params: ParameterSet, batchnorm: str = "batch"):
+                 params: ParameterSet, batchnorm: str = "batch",
+                 ctx: Optional[Context] = None):
         if batchnorm not in ("batch", "eval"):
             raise ValueError(f"lca_ext: batchnorm={batchnorm!r}; expected 'batch' or 'eval'")
         self.model = model
@@ -75,7 +77,18 @@ class Evaluator:
         self.batches = list(batches)
         self.params = params
         self.batchnorm = batchnorm
-        self.count = sum(int(y.shape[0]) for _, y in self.batches)
+        self.ctx = ctx or Context()
+        # under torch.distributed: this rank's share; the mean is over all ranks
+        self.count = int(self.ctx.sum_float(sum(int(y.shape[0]) for _, y in self.batches)))
+        if self.count == 0:
+            raise ValueError("lca_ext: the LCA set has no examples")
+        if self.ctx.sharded:
+            if not self.batches:
+                raise ValueError(f"lca_ext: rank {self.ctx.rank} got no LCA batch; FSDP "
+                                 "needs every rank in every forward pass (use a set with "
+                                 "at least as many batches or examples as ranks)")
+            # FSDP's collectives need the same number of forward passes on every rank
+            self.rounds = self.ctx.max_int(len(self.batches))
         self.passes = 0  # gradient passes run (each = one sweep of the LCA set)
 
     def buffers_that_matter(self) -> List[torch.Tensor]:
@@ -114,9 +127,13 @@ class Evaluator:
                       weight: float = 1.0) -> float:
         """Mean loss over the LCA set at ``point``; if ``grad_out`` is given,
         ``grad_out[k] += weight * d(mean loss)/d(param k)`` (fused op)."""
+        if self.ctx.sharded:
+            return self._loss_and_grad_sharded(point, grad_out, weight)
         names = self.params.names
         frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
         total = 0.0
+        if grad_out is not None:
+            self.ctx.replicated_grads_(grad_out, before=True)
         with self._quiet_model():
             for x, y in self.batches:
                 leaves = [t.detach().requires_grad_(grad_out is not None) for t in point]
@@ -133,8 +150,58 @@ class Evaluator:
                              for g, p in zip(grads, point)]
                     ops.accumulate_(list(grad_out), grads, weight / self.count)
         if grad_out is not None:
+            self.ctx.replicated_grads_(grad_out, before=False)
             self.passes += 1
-        return total / self.count
+        return self.ctx.sum_float(total) / self.count
+
+    def _loss_and_grad_sharded(self, point, grad_out, weight) -> float:
+        """FSDP2: run the sharded model itself at ``point`` (this rank's shards).
+
+        The point's values are swapped into the live shards, tensor by tensor,
+        and swapped back afterwards (exact copies, also on error), so FSDP's own
+        all-gathers see the point and its reduce-scatter gives each rank the
+        whole-set gradient of its shard.  The training's ``.grad`` tensors are
+        set aside (not copied) and put back; module buffers are restored."""
+        live = self.params.params
+        dtensors = self.ctx.dtensors
+        swapped = [k for k, (a, b) in enumerate(zip(point, live))
+                   if a.numel() and a.data_ptr() != b.data_ptr()]
+        saved_grads = [p.grad for p in dtensors]
+        saved_buffers = [b.detach().clone() for b in self.model.buffers()]
+        total = 0.0
+        with torch.no_grad():
+            for k in swapped:
+                _swap(live[k], point[k])
+        try:
+            for p in dtensors:
+                p.grad = None
+            with self._quiet_model():
+                for r in range(self.rounds):
+                    real = r < len(self.batches)
+                    x, y = self.batches[r] if real else (self.batches[0][0][:1],
+                                                         self.batches[0][1][:1])
+                    with torch.set_grad_enabled(grad_out is not None):
+                        batch_sum = self._checked_loss(self.model(x), y) * (
+                            y.shape[0] if real else 0.0)
+                        # FSDP averages gradients over ranks: x world undoes it
+                        scaled = batch_sum * (self.ctx.world / self.count)
+                    total += batch_sum.item()
+                    if grad_out is not None:
+                        scaled.backward()
+            if grad_out is not None:
+                grads = [torch.zeros_like(b) if p.grad is None else p.grad.to_local()
+                         for p, b in zip(dtensors, live)]
+                ops.accumulate_(list(grad_out), grads, weight)
+                self.passes += 1
+        finally:
+            with torch.no_grad():
+                for k in swapped:
+                    _swap(live[k], point[k])
+                for b, v in zip(self.model.buffers(), saved_buffers):
+                    b.copy_(v)
+            for p, g in zip(dtensors, saved_grads):
+                p.grad = g
+        return self.ctx.sum_float(total) / self.count
 
     def _batch_coupled(self) -> bool:
         """Do samples of a batch affect each other's outputs here?"""
@@ -178,6 +245,14 @@ class Evaluator:
         on their own: one pass over the set in all.  Otherwise one forward per
         batch (so batch statistics are the whole batch's) and one backward per
         class present."""
+        if self.ctx.sharded:
+            raise NotImplementedError("lca_ext: per-class LCA is not supported with FSDP2 "
+                                      "yet (use DDP, or num_classes=None)")
+        self.ctx.replicated_grads_(grad_out, before=True)
+        self._class_grads_one_rank(point, classes, grad_out, weight)
+        self.ctx.replicated_grads_(grad_out, before=False)
+
+    def _class_grads_one_rank(self, point, classes, grad_out, weight) -> None:
         if not self._batch_coupled():
             return self._class_grads_split(point, classes, grad_out, weight)
         names = self.params.names
@@ -198,3 +273,11 @@ class Evaluator:
                              for g, p in zip(grads, point)]
                     ops.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
         self.passes += 1
+
+
+def _swap(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange the values of two same-shape tensors (one tensor's worth of
+    temporary memory)."""
+    tmp = a.clone()
+    a.copy_(b)
+    b.copy_(tmp)

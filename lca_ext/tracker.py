@@ -36,6 +36,7 @@ group under ``class_memory_budget``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as dist_support
 from . import ops
 from . import store as run_store
 from .evaluate import Evaluator, as_batches
@@ -204,6 +206,16 @@ class LCATracker:
     store:      a run directory to append every tracked step to (crash-safe;
                 see lca_ext.store); ``resume=True`` continues an existing one
     state_every: write the per-parameter state with every k-th committed step
+    distributed: None (default: automatic), False, True or a ProcessGroup.
+                Under torch.distributed (DDP or FSDP2 ``fully_shard``), the LCA
+                set is sharded across ranks and every gradient pass sums over
+                ranks: see lca_ext.distributed.  Each rank builds its tracker
+                with the same arguments; rank 0 writes the store.  With FSDP2,
+                ``result()`` gathers per-parameter state: call it on every rank.
+    shard_lca_data: True (default): lca_data / eval_sets are the whole sets,
+                given on every rank, and the tracker takes this rank's share
+                (example i -> rank i mod world).  False: each rank passes its
+                own share already.
     reuse_gradients: True (default): keep every gradient for reuse (4 buffers,
                 see above; g(θ_{t+1}) starts the next step, recomputed only when
                 a buffer the loss depends on changed, e.g. eval-mode BatchNorm
@@ -222,7 +234,8 @@ class LCATracker:
                  bin_edges: Optional[torch.Tensor] = None, row_sums: bool = True,
                  oscillation: bool = True, frames: Sequence[str] = (),
                  frame_every: int = 1, store: Optional[str] = None, resume: bool = False,
-                 state_every: int = 1, reuse_gradients: bool = True):
+                 state_every: int = 1, reuse_gradients: bool = True,
+                 distributed=None, shard_lca_data: bool = True):
         if method not in ("simpson", "first_order"):
             raise ValueError(f"lca_ext.LCATracker: method={method!r}; expected "
                              "'simpson' or 'first_order'")
@@ -238,12 +251,23 @@ class LCATracker:
         for name, value in (("frame_every", frame_every), ("state_every", state_every)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"lca_ext.LCATracker: {name}={value!r}; expected an int >= 1")
+        model = dist_support.unwrap(model)   # DDP: track (and evaluate) .module
         self.model = model
-        self.params = ParameterSet.from_model(model)
+        self.ctx = dist_support.context(model, distributed)
+        if self.ctx.sharded and num_classes:
+            raise NotImplementedError("lca_ext.LCATracker: num_classes with FSDP2 is not "
+                                      "supported yet; use DDP or num_classes=None")
+        params = ParameterSet.from_model(model)
+        self._shapes = [list(p.shape) for p in params.params]    # whole tensors
+        # FSDP2: from here on the tracker sees this rank's shards only
+        self.params = dataclasses.replace(params, params=self.ctx.local(params.params))
         sets = {"train": lca_data, **(eval_sets or {})}
         self.objectives = [
-            _Objective(name, Evaluator(model, loss_fn, as_batches(data, batch_size),
-                                       self.params, batchnorm=batchnorm))
+            _Objective(name, Evaluator(
+                model, loss_fn,
+                as_batches(self.ctx.shard_data(data) if shard_lca_data else data,
+                           batch_size),
+                self.params, batchnorm=batchnorm, ctx=self.ctx))
             for name, data in sets.items()]
         self.method, self.rtol, self.atol, self.max_splits = method, rtol, atol, max_splits
         self.schedule = schedule if schedule is None or isinstance(schedule, int) \
@@ -282,6 +306,7 @@ class LCATracker:
         self._tracked = False
         self.last: Optional[dict] = None   # the last tracked step's record
         self._writer: Optional[run_store.RunWriter] = None
+        self._store_path = store
         if store is not None:
             self._open_store(store, resume)
 
@@ -348,18 +373,30 @@ class LCATracker:
             frames = self._pending_frames
             self._tracked_count += 1
         self.last = record
-        if self._writer is not None:
+        if self._store_path is not None:
             commit_state = self._tracked_count % self.state_every == 0
-            self._writer.commit(record, self._state_numpy() if commit_state else {}, frames)
+            # (FSDP2: gathering the state is collective, so every rank takes part)
+            state = self._state_numpy() if commit_state else {}
+            if self._writer is not None:
+                self._writer.commit(record, state, frames)
+            else:   # the other ranks: the records in memory, for result()
+                self._records.append(record)
         else:
             self._records.append(record)
             if frames:
                 self._frames.append(dict(frames, step=np.int64(step)))
 
     def result(self) -> Run:
-        """Everything tracked so far, as plain data (the store's, if any)."""
+        """Everything tracked so far, as plain data (the store's, if any).
+        Under torch.distributed with a store, ranks other than 0 return the
+        per-step records they kept in memory, without state or frames (those are
+        in the store)."""
         if self._writer is not None:
             return load_run(self._writer.path)
+        if self._store_path is not None:
+            arrays = {key: np.stack([np.asarray(r[key]) for r in self._records])
+                      for key in (self._records[0] if self._records else ())}
+            return Run(self._meta(), arrays)
         arrays = {}
         if self._records:
             for key in self._records[0]:
@@ -374,7 +411,7 @@ class LCATracker:
 
     def _meta(self) -> dict:
         return dict(
-            names=list(self.params.names), shapes=[list(p.shape) for p in self.params.params],
+            names=list(self.params.names), shapes=[list(s) for s in self._shapes],
             layer_names=list(self.params.layer_names), layer_of=list(self.params.layer_of),
             objectives=[o.name for o in self.objectives], num_classes=self.num_classes,
             bin_edges=self.bin_edges.cpu().tolist(),
@@ -383,23 +420,32 @@ class LCATracker:
                         max_splits=self.max_splits,
                         batchnorm=self.objectives[0].evaluator.batchnorm,
                         lca_set_size=self.objectives[0].evaluator.count,
+                        world_size=self.ctx.world,
                         eval_set_sizes={o.name: o.evaluator.count for o in self.objectives[1:]}))
 
     def _open_store(self, path: str, resume: bool) -> None:
-        self._writer = run_store.RunWriter(path, self._meta(), resume=resume)
-        state = self._writer.load_state() if resume else None
+        # rank 0 writes; on resume every rank reads the state back (a shared
+        # filesystem under multi-node resume)
+        if self.ctx.is_writer:
+            self._writer = run_store.RunWriter(path, self._meta(), resume=resume)
+        self.ctx.barrier()
+        if not resume:
+            return
+        meta = self._writer.meta if self._writer else run_store.read_meta(path)
+        state = run_store._read_state(path, meta)
         if state:
             for name, arrays in state.items():
                 if name in self.state:
-                    for t, a in zip(self.state[name], arrays):
-                        t.copy_(torch.from_numpy(a))
-        if resume and self._writer.steps_committed:
-            last = run_store.read_arrays(path, self._writer.meta)["step"][-1]
+                    for k, (t, a) in enumerate(zip(self.state[name], arrays)):
+                        t.copy_(torch.from_numpy(np.ascontiguousarray(
+                            self.ctx.local_part(k, a))))
+        if meta["steps_committed"]:
+            last = run_store.read_arrays(path, meta)["step"][-1]
             self._step = int(last) + 1
-            self._tracked_count = self._writer.steps_committed
+            self._tracked_count = int(meta["steps_committed"])
 
     def _state_numpy(self) -> Dict[str, List[np.ndarray]]:
-        return {name: [t.cpu().numpy().copy() for t in tensors]
+        return {name: [self.ctx.full(k, t).cpu().numpy().copy() for k, t in enumerate(tensors)]
                 for name, tensors in self.state.items()}
 
     def _new_buffer(self) -> List[torch.Tensor]:
@@ -429,7 +475,7 @@ class LCATracker:
         return loss
 
     def _lca_total(self, after, grad) -> float:
-        return ops.allocate(self._theta_t, after, grad).sums.sum().item()
+        return self.ctx.over_shards(ops.allocate(self._theta_t, after, grad).sums.sum().item())
 
     def _point(self, after, f: float, out: Optional[List[torch.Tensor]] = None
                ) -> List[torch.Tensor]:
@@ -492,8 +538,9 @@ class LCATracker:
         state = {}
         if is_train:
             state = dict(cum_lca=self.state["cum_lca"], helped_steps=self.state["helped_steps"])
-        res = ops.allocate(self._theta_t, after, avg, row_sums=self.row_sums,
-                           bin_edges=self.bin_edges, **state)
+        res = self.ctx.allocation(ops.allocate(self._theta_t, after, avg, row_sums=self.row_sums,
+                                               bin_edges=self.bin_edges, **state),
+                                  rows=self.row_sums)
         lca_sum = res.sums.sum().item()
         p = obj.name + "/"
         record = {p + "loss_before": np.float64(obj.loss_start),
@@ -591,4 +638,4 @@ class LCATracker:
         out = [torch.empty_like(avg[k]) for k in ks]
         ops.allocate([self._theta_t[k] for k in ks], [after[k] for k in ks],
                      [avg[k] for k in ks], lca_out=out)
-        return {str(k): t.cpu().numpy() for k, t in zip(ks, out)}
+        return {str(k): self.ctx.full(k, t).cpu().numpy() for k, t in zip(ks, out)}

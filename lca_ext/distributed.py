@@ -1,0 +1,266 @@
+"""LCA under torch.distributed: DDP (replicated parameters) and FSDP2 (sharded).
+
+The tracker stays one object per rank; this module is the only place that
+talks to ``torch.distributed``.  What is exchanged, and why it is exact:
+
+* **The LCA set is sharded** (``shard_batches``): example i goes to rank
+  i mod world (no padding, so every example is counted exactly once, uneven
+  counts included).  A whole-set gradient pass all-reduces *sums* (the loss
+  sum and the example count, the gradient of the sum divided by the global
+  count), never a mean of per-rank means.
+* **DDP** (``Replicated``): every rank holds the whole model, Δθ is the same on
+  every rank, so after the gradient all-reduce every buffer the tracker keeps
+  is identical on every rank and every rank computes the same LCA; rank 0
+  writes the store.  The gradient passes run on the wrapped module itself
+  (``functional_call`` on ``ddp.module``), so DDP's reducer hooks never fire.
+* **FSDP2** (``Sharded``, ``fully_shard``): each rank allocates on its local
+  dim-0 shards (``to_local()`` of parameters, gradients and snapshots); the
+  per-tensor sums, sign counts, histograms and grounding totals are
+  all-reduced as small vectors, and per-neuron sums are placed at their global
+  rows and summed (rows of dim 0 are whole on one rank).  No full parameter or
+  gradient is gathered to compute LCA; only the per-parameter *state* that is
+  written to the store (and frames) is gathered, one tensor at a time.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ops import Allocation
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameters are trained: DDP's ``.module`` (so that
+    parameter names carry no "module." prefix and the tracker's own gradient
+    passes never go through DDP's reducer)."""
+    from torch.nn.parallel import DistributedDataParallel
+    while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Does the model hold DTensor parameters (FSDP2 ``fully_shard``)?"""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def context(model: nn.Module, distributed) -> "Context":
+    """The tracker's view of the process group.
+
+    ``distributed``: None (automatic: the default process group when one is
+    initialised with more than one rank, or when the model is sharded), False
+    (each rank on its own: only for unsharded models), True (the default
+    group) or a ProcessGroup."""
+    sharded = is_sharded(model)
+    if distributed is False:
+        if sharded:
+            raise ValueError("lca_ext.LCATracker: distributed=False, but the model's "
+                             "parameters are sharded (FSDP2); LCA of a shard alone is "
+                             "not the LCA of the model")
+        return Context()
+    dist = _dist()
+    if distributed is None or distributed is True:
+        if not (dist.is_available() and dist.is_initialized()):
+            if distributed is True or sharded:
+                raise RuntimeError("lca_ext.LCATracker: distributed tracking needs an "
+                                   "initialised torch.distributed process group "
+                                   "(dist.init_process_group)")
+            return Context()
+        group = None
+    else:
+        group = distributed
+    if dist.get_world_size(group) == 1 and not sharded:
+        return Context()
+    return Sharded(group) if sharded else Replicated(group)
+
+
+class Context:
+    """One process: every reduction is the identity."""
+
+    rank, world, sharded = 0, 1, False
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def local(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        return list(params)
+
+    def shard_data(self, data):
+        return data
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum_float(self, x: float) -> float:
+        return x
+
+    def max_int(self, x: int) -> int:
+        return x
+
+    def over_shards(self, x: float) -> float:
+        """A total over the parameters, from this rank's part of it."""
+        return x
+
+    def replicated_grads_(self, grad_out: Sequence[torch.Tensor], before: bool) -> None:
+        pass
+
+    def allocation(self, res: Allocation, rows: bool) -> Allocation:
+        return res
+
+    def full(self, k: int, local: torch.Tensor) -> torch.Tensor:
+        return local
+
+    def local_part(self, k: int, full: np.ndarray) -> np.ndarray:
+        return full
+
+    def barrier(self) -> None:
+        pass
+
+
+class Replicated(Context):
+    """DDP: the parameters and every tracker buffer are replicated."""
+
+    def __init__(self, group):
+        dist = _dist()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+
+    def shard_data(self, data):
+        """This rank's share of an LCA set given whole on every rank: example i
+        of an (inputs, targets) pair, or batch i of a batch list, goes to rank
+        i mod world (every example once, uneven counts included, no padding)."""
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+                isinstance(t, torch.Tensor) for t in data):
+            return data[0][self.rank::self.world], data[1][self.rank::self.world]
+        return list(data)[self.rank::self.world]
+
+    def _device(self) -> torch.device:
+        # NCCL reduces CUDA tensors only; gloo takes CPU tensors
+        backend = _dist().get_backend(self.group)
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
+            else torch.device("cpu")
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        _dist().all_reduce(t, group=self.group)
+        return t
+
+    def sum_float(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=self._device())
+        return float(self.sum_(t).item())
+
+    def max_int(self, x: int) -> int:
+        dist = _dist()
+        t = torch.tensor([x], dtype=torch.int64, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+    def replicated_grads_(self, grad_out: Sequence[torch.Tensor], before: bool) -> None:
+        """Add every rank's gradient contribution into replicated buffers.
+
+        ``before`` (ahead of a pass): the buffers hold the same values on every
+        rank; keep them on rank 0 only, so that the sum after the pass counts
+        them once.  After the pass: all-reduce (every rank gets the same sum)."""
+        if before:
+            if self.rank != 0:
+                torch._foreach_zero_(list(grad_out))
+            return
+        dist = _dist()
+        works = [dist.all_reduce(t, group=self.group, async_op=True) for t in grad_out]
+        for w in works:
+            w.wait()
+
+    def barrier(self) -> None:
+        _dist().barrier(group=self.group)
+
+
+class Sharded(Replicated):
+    """FSDP2: parameters are DTensors sharded on dim 0; the tracker works on the
+    local shards and reduces its small per-tensor results."""
+
+    sharded = True
+
+    def __init__(self, group):
+        super().__init__(group)
+        self.dtensors: List = []
+        self.row_offsets: List[int] = []   # first global row of each local shard
+        self.local_rows: List[int] = []
+        self.global_rows: List[int] = []   # rows (dim 0) of each full tensor
+
+    def local(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        from torch.distributed.tensor import DTensor, Shard
+        self.dtensors = list(params)
+        out, self.row_offsets, self.local_rows, self.global_rows = [], [], [], []
+        for p in params:
+            if not isinstance(p, DTensor):
+                raise ValueError("lca_ext.LCATracker: with FSDP2 every tracked parameter "
+                                 f"must be sharded; one is a plain {type(p).__name__}")
+            if p.dim() == 0 or len(p.placements) != 1 or p.placements[0] != Shard(0):
+                raise ValueError("lca_ext.LCATracker: FSDP2 parameters must be sharded on "
+                                 f"dim 0 of a 1-D mesh; got placements {p.placements} for a "
+                                 f"{tuple(p.shape)} parameter")
+            local = p.to_local()
+            rows = p.shape[0]
+            chunk = -(-rows // self.world)         # torch.chunk: ceil(rows / world)
+            start = min(rows, self.rank * chunk)
+            if local.shape[0] != min(rows, start + chunk) - start:
+                raise ValueError("lca_ext.LCATracker: an FSDP2 shard of a "
+                                 f"{tuple(p.shape)} parameter has {local.shape[0]} rows on "
+                                 f"rank {self.rank}; expected torch.chunk's even split")
+            out.append(local)
+            self.row_offsets.append(start)
+            self.local_rows.append(local.shape[0])
+            self.global_rows.append(rows)
+        return out
+
+    def over_shards(self, x: float) -> float:
+        return self.sum_float(x)
+
+    def replicated_grads_(self, grad_out, before) -> None:
+        pass   # FSDP's reduce-scatter already gave each rank its shard's gradient
+
+    def allocation(self, res: Allocation, rows: bool) -> Allocation:
+        """Whole-model results from this rank's shard results.  Every rank runs
+        the same reductions (``rows`` is a tracker option, equal on all ranks)."""
+        sums = self.sum_(res.sums.clone())
+        counts = self.sum_(res.counts.clone())
+        hist = self.sum_(res.histogram.clone())
+        row_sums = res.row_sums
+        if rows:
+            # a neuron's row lives whole on one rank: put it at its global row, sum
+            row_sums = torch.zeros(sum(self.global_rows), dtype=res.row_sums.dtype,
+                                   device=res.row_sums.device)
+            base, at = 0, 0
+            for k, n_global in enumerate(self.global_rows):
+                n_local, start = self.local_rows[k], base + self.row_offsets[k]
+                row_sums[start:start + n_local] = res.row_sums[at:at + n_local]
+                base += n_global
+                at += n_local
+            row_sums = self.sum_(row_sums)
+        return res._replace(sums=sums, counts=counts, histogram=hist, row_sums=row_sums)
+
+    def full(self, k: int, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor k from every rank's shard of it (an all-gather; used
+        only for what is stored: per-parameter state and frames)."""
+        from torch.distributed.tensor import DTensor
+        p = self.dtensors[k]
+        d = DTensor.from_local(local.contiguous(), device_mesh=p.device_mesh,
+                               placements=p.placements, shape=p.shape, stride=p.stride())
+        return d.full_tensor()
+
+    def local_part(self, k: int, full: np.ndarray) -> np.ndarray:
+        start = self.row_offsets[k]
+        return full[start:start + self.local_rows[k]]

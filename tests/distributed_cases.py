@@ -1,0 +1,121 @@
+"""Worker processes for tests/test_distributed.py (spawned, gloo on CPU).
+
+Each case trains a small float64 network for a few steps on 2 ranks, with or
+without an LCATracker, and saves what the test compares: the trajectory (whole
+parameters after every step, from rank 0) and each rank's tracker results."""
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lca_ext
+
+STEPS = 4
+LCA_EXAMPLES = 203        # odd: the two ranks' shares differ (102 / 101)
+LCA_BATCH = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model() -> nn.Module:
+    # rows 9 / 5 / 1: uneven FSDP shards, and one rank with an empty shard
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Dropout(0.2), nn.Linear(9, 5),
+                         nn.Tanh(), nn.Linear(5, 1)).double()
+
+
+def lca_set():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(LCA_EXAMPLES, 6, generator=g, dtype=torch.float64)
+    y = (x[:, :1] * 0.7 - x[:, 1:2] ** 2 + 0.1 * torch.randn(LCA_EXAMPLES, 1, generator=g,
+                                                              dtype=torch.float64))
+    return x, y
+
+
+def val_set():
+    x, y = lca_set()
+    return x[:50] * 1.5, y[:50]
+
+
+def train_batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(100 + 10 * step + rank)
+    x = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    return x, x[:, :1] * 0.7 - x[:, 1:2] ** 2
+
+
+def loss_fn(out, y):
+    return nn.functional.mse_loss(out, y)
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _full_params(model) -> dict:
+    out = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = full.detach().clone()
+    return out
+
+
+def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool) -> None:
+    """kind: "ddp" or "fsdp"; trains STEPS steps, saves trajectory + results."""
+    _init(rank, world, port)
+    try:
+        model = make_model()
+        if kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+            wrapped = DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+            for i in (0, 3, 5):
+                fully_shard(model[i])
+            wrapped = fully_shard(model)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.05, momentum=0.9)
+        tracker = None
+        if tracked:
+            tracker = lca_ext.LCATracker(
+                wrapped, loss_fn, lca_set(), eval_sets={"val": val_set()},
+                batch_size=LCA_BATCH, store=os.path.join(out_dir, f"run_{kind}"),
+                frames=["0.weight"], num_classes=None)
+        trajectory = [_full_params(model)]
+        torch.manual_seed(1234 + rank)          # dropout masks differ per rank
+        for step in range(STEPS):
+            x, y = train_batch(step, rank)
+            opt.zero_grad()
+            loss_fn(wrapped(x), y).backward()
+            if tracker is None:
+                opt.step()
+            else:
+                with tracker.step():
+                    opt.step()
+            trajectory.append(_full_params(model))
+        # the next draw of the training RNG: tracking must not have consumed any
+        rng_probe = torch.rand(3)
+        arrays = {}
+        if tracker is not None:
+            result = tracker.result()          # collective under FSDP
+            arrays = {f"a/{k}": v for k, v in result.arrays.items()}
+            arrays.update({f"s/{name}/{k}": a for name, lst in result.state.items()
+                           for k, a in enumerate(lst)})
+            arrays["lca_set_size"] = np.int64(result.meta["config"]["lca_set_size"])
+        if rank == 0:
+            for t, params in enumerate(trajectory):
+                arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
+        arrays["rng_probe"] = rng_probe.numpy()
+        np.savez(os.path.join(out_dir, f"{kind}_{int(tracked)}_rank{rank}.npz"), **arrays)
+    finally:
+        dist.destroy_process_group()

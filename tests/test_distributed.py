@@ -1,0 +1,169 @@
+"""LCA under torch.distributed: DDP and FSDP2 on 2 CPU processes (gloo).
+
+The reference is a single-process LCATracker run over the same trajectory on
+the whole (unsharded) LCA set.  Distributed runs must give the same per-layer
+LCA, counts, histograms, per-neuron sums and per-parameter state, and the same
+training as untracked distributed training."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lca_ext
+from lca_ext import distributed as dsup
+
+sys.path.insert(0, os.path.dirname(__file__))
+import distributed_cases as cases  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+KINDS = ["ddp", "fsdp"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every case once: {(kind, tracked, rank): npz}, and the store dirs."""
+    out = str(tmp_path_factory.mktemp("dist"))
+    for kind in KINDS:
+        for tracked in (True, False):
+            mp.spawn(cases.run, args=(2, cases.free_port(), out, kind, tracked), nprocs=2)
+    loaded = {}
+    for kind in KINDS:
+        for tracked in (True, False):
+            for rank in (0, 1):
+                loaded[kind, tracked, rank] = dict(np.load(
+                    os.path.join(out, f"{kind}_{int(tracked)}_rank{rank}.npz")))
+    return out, loaded
+
+
+def _theta(npz, t, names):
+    return {n: torch.from_numpy(npz[f"theta/{t}/{n}"]) for n in names}
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    """One process, whole LCA set, the DDP run's trajectory (saved by rank 0)."""
+    _, loaded = runs
+    traj = loaded["ddp", True, 0]
+    model = cases.make_model()
+    names = [n for n, _ in model.named_parameters()]
+    tracker = lca_ext.LCATracker(model, cases.loss_fn, cases.lca_set(),
+                                 eval_sets={"val": cases.val_set()},
+                                 batch_size=cases.LCA_BATCH, frames=["0.weight"],
+                                 distributed=False)
+    params = dict(model.named_parameters())
+    for t in range(cases.STEPS):
+        with torch.no_grad():
+            for n, v in _theta(traj, t, names).items():
+                params[n].copy_(v)
+        tracker.begin()
+        with torch.no_grad():
+            for n, v in _theta(traj, t + 1, names).items():
+                params[n].copy_(v)
+        tracker.end()
+    return tracker.result()
+
+
+FLOAT_FIELDS = ("loss_before", "loss_after", "lca_sum", "tensor_sums", "row_sums")
+EXACT_FIELDS = ("counts", "histogram", "splits", "step")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_unchanged_by_tracking(runs, kind):
+    _, loaded = runs
+    tracked, plain = loaded[kind, True, 0], loaded[kind, False, 0]
+    keys = [k for k in plain if k.startswith("theta/")]
+    assert len(keys) == (cases.STEPS + 1) * 6
+    for k in keys:
+        assert np.array_equal(tracked[k], plain[k]), k
+    for rank in (0, 1):   # the training's random stream was not consumed
+        assert np.array_equal(loaded[kind, True, rank]["rng_probe"],
+                              loaded[kind, False, rank]["rng_probe"])
+    # and the training did move
+    assert not np.array_equal(plain["theta/0/0.weight"], plain[f"theta/{cases.STEPS}/0.weight"])
+
+
+def test_ddp_and_fsdp_follow_the_same_trajectory(runs):
+    _, loaded = runs
+    a, b = loaded["ddp", True, 0], loaded["fsdp", True, 0]
+    for k in a:
+        if k.startswith("theta/"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distributed_lca_equals_single_process(runs, reference, kind):
+    out, loaded = runs
+    for rank in (0, 1):
+        got = loaded[kind, True, rank]
+        assert int(got["lca_set_size"]) == cases.LCA_EXAMPLES
+        for obj in ("train", "val"):
+            for field in FLOAT_FIELDS:
+                want = reference.get(field, obj)
+                np.testing.assert_allclose(got[f"a/{obj}/{field}"], want, rtol=1e-6,
+                                           atol=1e-12, err_msg=f"{kind} rank {rank} {obj}/{field}")
+            for field in EXACT_FIELDS:
+                key = f"a/{field}" if field == "step" else f"a/{obj}/{field}"
+                want = reference.arrays["step"] if field == "step" else reference.get(field, obj)
+                np.testing.assert_array_equal(got[key], want, err_msg=f"{kind} {obj}/{field}")
+    # per-layer LCA from the stored run (rank 0 wrote it)
+    run = lca_ext.load_run(os.path.join(out, f"run_{kind}"))
+    np.testing.assert_allclose(run.layer_sums(), reference.layer_sums(), rtol=1e-6, atol=1e-12)
+    assert run.meta["shapes"] == reference.meta["shapes"]
+    assert run.meta["config"]["world_size"] == 2
+    # grounded: the LCA adds up to the loss change
+    np.testing.assert_allclose(run.lca_sum, run.loss_after - run.loss_before, rtol=1e-3,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distributed_state_and_frames_equal_single_process(runs, reference, kind):
+    out, loaded = runs
+    run = lca_ext.load_run(os.path.join(out, f"run_{kind}"))
+    for name in ("cum_lca",):
+        for k, want in enumerate(reference.state[name]):
+            np.testing.assert_allclose(run.state[name][k], want, rtol=1e-6, atol=1e-12)
+            # what rank 0's result() returned is the store's
+            np.testing.assert_array_equal(loaded[kind, True, 0][f"s/{name}/{k}"],
+                                          run.state[name][k])
+    for name in ("helped_steps", "direction_changes", "grad_sign_changes"):
+        for k, want in enumerate(reference.state[name]):
+            assert run.state[name][k].shape == want.shape
+            np.testing.assert_array_equal(run.state[name][k], want, err_msg=f"{name}[{k}]")
+    np.testing.assert_allclose(run.frames["0"], reference.frames["0"], rtol=1e-6, atol=1e-14)
+    np.testing.assert_array_equal(run.frames["step"], reference.frames["step"])
+
+
+def test_shard_data_covers_every_example_once():
+    x = torch.arange(11.0)[:, None]
+    y = torch.arange(11)
+    seen = []
+    for world in (2, 3, 4):
+        seen.clear()
+        for rank in range(world):
+            ctx = dsup.Replicated.__new__(dsup.Replicated)
+            ctx.rank, ctx.world, ctx.group = rank, world, None
+            xs, ys = ctx.shard_data((x, y))
+            assert torch.equal(xs[:, 0].long(), ys)
+            seen.extend(ys.tolist())
+            batches = ctx.shard_data([(x[i:i + 2], y[i:i + 2]) for i in range(0, 11, 2)])
+            assert all(int(b[1][0]) // 2 % world == rank for b in batches)
+        assert sorted(seen) == list(range(11))
+
+
+def test_distributed_true_without_a_process_group_is_a_clear_error():
+    model = cases.make_model()
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        lca_ext.LCATracker(model, cases.loss_fn, cases.lca_set(), distributed=True)
+
+
+def test_unwrap_leaves_plain_models_alone():
+    model = cases.make_model()
+    assert dsup.unwrap(model) is model
+    assert dsup.unwrap(torch.nn.DataParallel(model)) is model
+    assert not dsup.is_sharded(model)
