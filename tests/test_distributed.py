@@ -167,3 +167,22 @@ def test_unwrap_leaves_plain_models_alone():
     assert dsup.unwrap(model) is model
     assert dsup.unwrap(torch.nn.DataParallel(model)) is model
     assert not dsup.is_sharded(model)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_example(tmp_path, fsdp):
+    """The README's torchrun command, on 2 CPU processes."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", os.path.join(root, "examples", "distributed.py"),
+           "--steps", "3", "--out", str(tmp_path / "run")] + (["--fsdp"] if fsdp else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "per-layer LCA over the run" in proc.stdout
+    run = lca_ext.load_run(str(tmp_path / "run"))
+    assert len(run) == 3 and run.meta["config"]["world_size"] == 2
+    assert run.meta["config"]["lca_set_size"] == 2048
+    np.testing.assert_allclose(run.lca_sum, run.loss_after - run.loss_before,
+                               rtol=1e-3, atol=1e-4)
