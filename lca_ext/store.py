@@ -139,16 +139,18 @@ class RunWriter:
                 self._put_row(self.frames, key, frame, n_frames)
             self._put_row(self.frames, "step", np.asarray(rows["step"]), n_frames)
             n_frames += 1
-        old_version = self.meta["state_version"]
-        version = 0 if old_version is None else old_version + 1
-        group = zarr.open_group(os.path.join(self.path, f"state.{version}.zarr"), mode="w")
-        for field_name, tensors in state.items():
-            for k, t in enumerate(tensors):
-                group.create_array(f"{field_name}/{k}", data=np.ascontiguousarray(t))
+        old_version = version = self.meta["state_version"]
+        if state:   # a new state group; without one (state_every > 1) the last stays
+            version = 0 if old_version is None else old_version + 1
+            group = zarr.open_group(os.path.join(self.path, f"state.{version}.zarr"),
+                                    mode="w")
+            for field_name, tensors in state.items():
+                for k, t in enumerate(tensors):
+                    group.create_array(f"{field_name}/{k}", data=np.ascontiguousarray(t))
         self.meta.update(steps_committed=index + 1, state_version=version,
                          frames_committed=n_frames)
         _write_json_atomic(os.path.join(self.path, META), self.meta)  # the commit
-        if old_version is not None:
+        if old_version is not None and version != old_version:
             shutil.rmtree(os.path.join(self.path, f"state.{old_version}.zarr"),
                           ignore_errors=True)
 

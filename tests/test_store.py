@@ -51,6 +51,30 @@ def test_store_round_trip_equals_in_memory(tmp_path):
     assert meta["steps_committed"] == 4
 
 
+def test_state_every_keeps_the_last_written_state(tmp_path):
+    """state_every=2 over 3 steps: the store holds the state as of step 2 (the
+    commit of step 3 writes none and must not drop it), and resume restores it."""
+    model, x, y = setup_run()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), store=str(tmp_path / "run"),
+                                 state_every=2)
+    train(model, opt, x, y, xent, 3, tracker)
+    model2, _, _ = setup_run()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.2, momentum=0.9)
+    two_steps = lca_ext.LCATracker(model2, xent, (x, y))
+    train(model2, opt2, x, y, xent, 2, two_steps)
+    want = two_steps.result().state
+    run = lca_ext.load_run(str(tmp_path / "run"))
+    assert len(run) == 3 and sorted(run.state) == sorted(want)
+    for key in want:
+        for a, b in zip(run.state[key], want[key]):
+            assert np.array_equal(a, b), key
+    resumed = lca_ext.LCATracker(model, xent, (x, y), store=str(tmp_path / "run"),
+                                 resume=True, state_every=2)
+    for a, b in zip(resumed.state["cum_lca"], want["cum_lca"]):
+        assert np.array_equal(a.numpy(), b)
+
+
 def test_store_refuses_to_overwrite_and_checks_resume(tmp_path):
     model, x, y = setup_run()
     path = str(tmp_path / "run")
