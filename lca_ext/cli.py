@@ -1,10 +1,11 @@
-"""``lca-ext`` (also ``python -m lca_ext``): demo | report | compare.
+"""``lca-ext`` (also ``python -m lca_ext``): demo | report | compare | offline | merge.
 
 Errors (a bad path, a corrupt or foreign run directory, a missing dataset
 package, a bad option) print one line starting "lca-ext: error:" and exit 2."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -60,7 +61,114 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="runs side by side: losses and per-layer LCA")
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", default="lca_compare")
+    o = sub.add_parser("offline", help="LCA of a saved trajectory: a directory of per-step "
+                       "state_dict files (step_000000.pt, step_000001.pt, ...)")
+    o.add_argument("traj_dir")
+    o.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                   help="FACTORY() returns the nn.Module the states belong to")
+    o.add_argument("--data", required=True, metavar="MODULE:FUNC",
+                   help="FUNC() returns the LCA set as an (inputs, targets) tensor pair")
+    o.add_argument("--out", required=True, metavar="RUN_DIR", help="the run store to write "
+                   "(with --part I/N, N > 1: RUN_DIR/part-0000I)")
+    o.add_argument("--loss", default="cross_entropy", metavar="cross_entropy|mse|MODULE:FUNC",
+                   help="FUNC(outputs, targets) -> the mean loss of a batch")
+    which = o.add_mutually_exclusive_group()
+    which.add_argument("--range", default=None, metavar="START:STOP",
+                       help="only steps START..STOP-1 (positions in the trajectory)")
+    which.add_argument("--part", default=None, metavar="I/N",
+                       help="only part I (from 0) of N contiguous ranges; merge the parts "
+                       "with lca-ext merge RUN_DIR --out DIR")
+    o.add_argument("--batch-size", type=int, default=1024)
+    o.add_argument("--device", default=None, help="cpu or cuda (default as for demo)")
+    o.add_argument("--key", default=None, help="each file is a checkpoint dict holding the "
+                   "state dict under this key")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted RUN_DIR")
+    m = sub.add_parser("merge", help="join the parts written by 'lca-ext offline' into one run")
+    m.add_argument("part_dirs", nargs="+", metavar="PART_DIR",
+                   help="part run directories, or a directory holding part-* runs")
+    m.add_argument("--out", required=True)
     return p
+
+
+def _import_spec(spec: str, option: str):
+    """MODULE:NAME -> the object (the current directory is importable)."""
+    module_name, sep, attr = spec.partition(":")
+    if not (sep and module_name and attr):
+        raise _CliError(f"{option} {spec!r}: expected MODULE:NAME, e.g. mymodels:make_model")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())    # as 'python -m' would see it
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise _CliError(f"{option}: cannot import {module_name!r}: {err}")
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise _CliError(f"{option}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise _CliError(f"{option}: {spec!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _parse_range(text: str, num_steps: int):
+    start, sep, stop = text.partition(":")
+    try:
+        return (int(start) if start else 0, int(stop) if stop else num_steps) if sep else None
+    except ValueError:
+        return None
+
+
+def _offline(args) -> None:
+    import torch
+    from torch import nn
+
+    from . import offline
+
+    make_model = _import_spec(args.model, "--model")
+    make_data = _import_spec(args.data, "--data")
+    losses = {"cross_entropy": nn.functional.cross_entropy, "mse": nn.functional.mse_loss}
+    loss_fn = losses.get(args.loss) or _import_spec(args.loss, "--loss")
+    if args.batch_size < 1:
+        raise _CliError("--batch-size must be at least 1")
+    device = args.device or _default_device()
+    traj = offline.open_trajectory(args.traj_dir, key=args.key)
+    n = traj.num_steps
+    where = dict(out_dir=args.out)
+    if args.range is not None:
+        steps = _parse_range(args.range, n)
+        if steps is None or not 0 <= steps[0] <= steps[1] <= n:
+            raise _CliError(f"--range {args.range!r}: expected START:STOP with "
+                            f"0 <= START <= STOP <= {n} (the trajectory's steps), e.g. 0:{n}")
+        where["steps"] = steps
+    elif args.part is not None:
+        i, sep, parts = args.part.partition("/")
+        if not (sep and i.isdigit() and parts.isdigit() and int(i) < int(parts)):
+            raise _CliError(f"--part {args.part!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+        where.update(rank=int(i), world_size=int(parts))
+    model = make_model()
+    if not isinstance(model, nn.Module):
+        raise _CliError(f"--model {args.model!r} returned a {type(model).__name__}; "
+                        "expected an nn.Module")
+    data = make_data()
+    if not (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        raise _CliError(f"--data {args.data!r} returned a {type(data).__name__}; expected "
+                        "an (inputs, targets) pair of tensors")
+    model.to(device)
+    try:
+        run = offline.compute(model, loss_fn, tuple(t.to(device) for t in data), traj,
+                              batch_size=args.batch_size, resume=args.resume, **where)
+    except FileExistsError:
+        raise _CliError(f"{args.out!r} already holds a run; pass --resume to continue it "
+                        "or choose another --out")
+    out = (offline.part_path(args.out, where["rank"], where["world_size"])
+           if "rank" in where else args.out)
+    if len(run):
+        d_loss = run.loss_after[-1] - run.loss_before[0]
+        print(f"steps {run.steps[0]}..{run.steps[-1]}: {len(run)} of {n}; "
+              f"ΣLCA {run.lca_sum.sum():+.6f}, ΔL {d_loss:+.6f}; run: {out}")
+    else:
+        print(f"no steps in this part (the trajectory has {n}); run: {out}")
 
 
 def _default_device() -> str:
@@ -99,7 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _CliError("choose a command: demo, report or compare (lca-ext --help)")
+            raise _CliError("choose a command: demo, report, compare, offline or merge "
+                            "(lca-ext --help)")
         from .demo.data import DatasetMissing
         from .report import build_comparison, build_report
         from .store import RunStoreError
@@ -130,6 +239,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                "report")
                 report = build_report(args.run_dir, out)
                 print(_summary(args.run_dir, report))
+            elif args.command == "offline":
+                _offline(args)
+            elif args.command == "merge":
+                from .offline import merge_runs
+                run = merge_runs(args.part_dirs, args.out)
+                print(f"merged: {len(run)} steps ({run.steps[0]}..{run.steps[-1]}); "
+                      f"run: {args.out}")
             else:
                 print(f"comparison: {build_comparison(args.run_dirs, args.out)}")
         except (RunStoreError, DatasetMissing, ValueError, FileExistsError,

@@ -12,7 +12,9 @@ Layout (schema version 1)::
 parameter ``names`` / ``shapes`` / ``layer_names`` / ``layer_of``, ``objectives``
 (e.g. ["train", "val"]), ``bin_edges``, ``num_classes``, the tracker ``config``,
 and the commit: ``steps_committed`` (rows of data.zarr that are complete),
-``state_version`` and ``frames_committed``.
+``state_version``, ``state_steps`` (the per-parameter state is as of that many
+steps; fewer than steps_committed with ``state_every > 1``) and
+``frames_committed``.
 
 Crash safety (kill -9 at any instant loses no completed step): a step's rows are
 written into data.zarr first, then its per-parameter state into a *new* state
@@ -149,8 +151,27 @@ class RunWriter:
                     group.create_array(f"{field_name}/{k}", data=np.ascontiguousarray(t))
         self.meta.update(steps_committed=index + 1, state_version=version,
                          frames_committed=n_frames)
+        if state:
+            self.meta["state_steps"] = index + 1   # the state is as of this many steps
         _write_json_atomic(os.path.join(self.path, META), self.meta)  # the commit
         if old_version is not None and version != old_version:
+            shutil.rmtree(os.path.join(self.path, f"state.{old_version}.zarr"),
+                          ignore_errors=True)
+
+
+    def write_state(self, state: Dict[str, List[np.ndarray]]) -> None:
+        """Store the per-parameter state as of the last committed step (no new
+        row): how a run with ``state_every > 1`` records its final state."""
+        zarr = _zarr()
+        old_version = self.meta["state_version"]
+        version = 0 if old_version is None else old_version + 1
+        group = zarr.open_group(os.path.join(self.path, f"state.{version}.zarr"), mode="w")
+        for field_name, tensors in state.items():
+            for k, t in enumerate(tensors):
+                group.create_array(f"{field_name}/{k}", data=np.ascontiguousarray(t))
+        self.meta.update(state_version=version, state_steps=self.steps_committed)
+        _write_json_atomic(os.path.join(self.path, META), self.meta)
+        if old_version is not None:
             shutil.rmtree(os.path.join(self.path, f"state.{old_version}.zarr"),
                           ignore_errors=True)
 

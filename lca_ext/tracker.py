@@ -206,6 +206,9 @@ class LCATracker:
     store:      a run directory to append every tracked step to (crash-safe;
                 see lca_ext.store); ``resume=True`` continues an existing one
     state_every: write the per-parameter state with every k-th committed step
+                (and in ``result()``); after a crash, a resumed run continues
+                from the last written state, which may be older than the last
+                committed step (the store's meta "state_steps" says which)
     distributed: None (default: automatic), False, True or a ProcessGroup.
                 Under torch.distributed (DDP or FSDP2 ``fully_shard``), the LCA
                 set is sharded across ranks and every gradient pass sums over
@@ -391,6 +394,12 @@ class LCATracker:
         Under torch.distributed with a store, ranks other than 0 return the
         per-step records they kept in memory, without state or frames (those are
         in the store)."""
+        if self._store_path is not None and self._tracked_count % self.state_every:
+            # state_every > 1: the stored state is older than the last step; store
+            # it now (collective under FSDP2, so every rank gathers)
+            state = self._state_numpy()
+            if self._writer is not None:
+                self._writer.write_state(state)
         if self._writer is not None:
             return load_run(self._writer.path)
         if self._store_path is not None:

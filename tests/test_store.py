@@ -69,10 +69,17 @@ def test_state_every_keeps_the_last_written_state(tmp_path):
     for key in want:
         for a, b in zip(run.state[key], want[key]):
             assert np.array_equal(a, b), key
+    assert run.meta["state_steps"] == 2 and run.meta["steps_committed"] == 3
     resumed = lca_ext.LCATracker(model, xent, (x, y), store=str(tmp_path / "run"),
                                  resume=True, state_every=2)
     for a, b in zip(resumed.state["cum_lca"], want["cum_lca"]):
         assert np.array_equal(a.numpy(), b)
+    # result() stores the state as of the last step
+    final = tracker.result()
+    assert final.meta["state_steps"] == 3
+    for key in final.state:
+        for a, t in zip(final.state[key], tracker.state[key]):
+            assert np.array_equal(a, t.numpy()), key
 
 
 def test_store_refuses_to_overwrite_and_checks_resume(tmp_path):
