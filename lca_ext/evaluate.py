@@ -169,6 +169,7 @@ class Evaluator:
         saved_grads = [p.grad for p in dtensors]
         saved_buffers = [b.detach().clone() for b in self.model.buffers()]
         total = 0.0
+        _reshard(self.model)   # the shards are what FSDP all-gathers from
         with torch.no_grad():
             for k in swapped:
                 _swap(live[k], point[k])
@@ -194,6 +195,8 @@ class Evaluator:
                 ops.accumulate_(list(grad_out), grads, weight)
                 self.passes += 1
         finally:
+            # (reshard_after_forward=False would keep the point's unsharded values)
+            _reshard(self.model)
             with torch.no_grad():
                 for k in swapped:
                     _swap(live[k], point[k])
@@ -281,3 +284,12 @@ def _swap(a: torch.Tensor, b: torch.Tensor) -> None:
     tmp = a.clone()
     a.copy_(b)
     b.copy_(tmp)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free every FSDP2 unsharded parameter, so the next forward all-gathers
+    the current shards."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

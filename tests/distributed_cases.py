@@ -82,7 +82,7 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
         else:
             from torch.distributed.fsdp import fully_shard
             for i in (0, 3, 5):
-                fully_shard(model[i])
+                fully_shard(model[i], reshard_after_forward=(i != 3))
             wrapped = fully_shard(model)
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.05, momentum=0.9)
         tracker = None
