@@ -112,6 +112,14 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
             arrays.update({f"s/{name}/{k}": a for name, lst in result.state.items()
                            for k, a in enumerate(lst)})
             arrays["lca_set_size"] = np.int64(result.meta["config"]["lca_set_size"])
+            # a resumed tracker gets back this rank's part of every state tensor
+            again = lca_ext.LCATracker(
+                wrapped, loss_fn, lca_set(), eval_sets={"val": val_set()},
+                batch_size=LCA_BATCH, store=os.path.join(out_dir, f"run_{kind}"),
+                frames=["0.weight"], resume=True)
+            arrays["resume_ok"] = np.int64(again._step == STEPS and all(
+                torch.equal(a, b) for name in tracker.state
+                for a, b in zip(tracker.state[name], again.state[name])))
         if rank == 0:
             for t, params in enumerate(trajectory):
                 arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})

@@ -136,6 +136,8 @@ def test_distributed_state_and_frames_equal_single_process(runs, reference, kind
             assert run.state[name][k].shape == want.shape
             np.testing.assert_array_equal(run.state[name][k], want, err_msg=f"{name}[{k}]")
     np.testing.assert_allclose(run.frames["0"], reference.frames["0"], rtol=1e-6, atol=1e-14)
+    for rank in (0, 1):   # resume=True restores each rank's shard of the state
+        assert int(loaded[kind, True, rank]["resume_ok"]) == 1
     np.testing.assert_array_equal(run.frames["step"], reference.frames["step"])
 
 
