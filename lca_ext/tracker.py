@@ -610,13 +610,16 @@ class LCATracker:
 
     def _classes(self, obj: _Objective, after, n: int):
         """Per-class LCA with the same n Simpson intervals as the total."""
-        numel = sum(p.numel() for p in self.params.params)
-        group = max(1, min(self.num_classes, self.class_memory_budget // max(1, 4 * numel)))
+        # bytes of one class's gradient (float64 buffers for float64 parameters)
+        one_class = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
+                        for p in self.params.params)
+        group = max(1, min(self.num_classes, self.class_memory_budget // max(1, one_class)))
         sums, counts = [], []
         for c0 in range(0, self.num_classes, group):
             classes = list(range(c0, min(self.num_classes, c0 + group)))
-            stacked = [torch.zeros((len(classes), *p.shape), dtype=torch.float32,
-                                   device=p.device) for p in self.params.params]
+            stacked = [torch.zeros((len(classes), *p.shape), device=p.device,
+                                   dtype=torch.float64 if p.dtype == torch.float64
+                                   else torch.float32) for p in self.params.params]
             for j in range(n + 1):             # Simpson weights 1, 4, 2, ..., 4, 1
                 w = (1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n) if n > 1 \
                     else (1.0 if j == 0 else 0.0)

@@ -127,3 +127,33 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
         np.savez(os.path.join(out_dir, f"{kind}_{int(tracked)}_rank{rank}.npz"), **arrays)
     finally:
         dist.destroy_process_group()
+
+
+def run_classes(rank: int, world: int, port: int, out_dir: str) -> None:
+    """DDP with per-class LCA (3 classes): saves the trajectory and the records."""
+    _init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.2)
+        x, _ = lca_set()
+        y = x[:, :3].argmax(1)
+        tracker = lca_ext.LCATracker(wrapped, nn.functional.cross_entropy, (x, y),
+                                     batch_size=LCA_BATCH, num_classes=3)
+        trajectory = [_full_params(model)]
+        for step in range(3):
+            xb, _ = train_batch(step, rank)
+            opt.zero_grad()
+            nn.functional.cross_entropy(wrapped(xb), xb[:, :3].argmax(1)).backward()
+            with tracker.step():
+                opt.step()
+            trajectory.append(_full_params(model))
+        result = tracker.result()
+        arrays = {f"a/{k}": v for k, v in result.arrays.items()}
+        for t, params in enumerate(trajectory):
+            arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
+        np.savez(os.path.join(out_dir, f"classes_rank{rank}.npz"), **arrays)
+    finally:
+        dist.destroy_process_group()

@@ -188,3 +188,36 @@ def test_torchrun_example(tmp_path, fsdp):
     assert run.meta["config"]["lca_set_size"] == 2048
     np.testing.assert_allclose(run.lca_sum, run.loss_after - run.loss_before,
                                rtol=1e-3, atol=1e-4)
+
+
+def test_ddp_per_class_lca_equals_single_process(tmp_path):
+    mp.spawn(cases.run_classes, args=(2, cases.free_port(), str(tmp_path)), nprocs=2)
+    got = [dict(np.load(tmp_path / f"classes_rank{r}.npz")) for r in (0, 1)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(),
+                                torch.nn.Linear(7, 3)).double()
+    x, _ = cases.lca_set()
+    tracker = lca_ext.LCATracker(model, torch.nn.functional.cross_entropy,
+                                 (x, x[:, :3].argmax(1)), batch_size=cases.LCA_BATCH,
+                                 num_classes=3, distributed=False)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    for t in range(3):
+        with torch.no_grad():
+            for n, v in _theta(got[0], t, names).items():
+                params[n].copy_(v)
+        tracker.begin()
+        with torch.no_grad():
+            for n, v in _theta(got[0], t + 1, names).items():
+                params[n].copy_(v)
+        tracker.end()
+    ref = tracker.result()
+    for g in got:
+        np.testing.assert_allclose(g["a/train/class_sums"], ref.get("class_sums"),
+                                   rtol=1e-6, atol=1e-13)
+        np.testing.assert_array_equal(g["a/train/class_counts"], ref.get("class_counts"))
+        np.testing.assert_allclose(g["a/train/tensor_sums"], ref.get("tensor_sums"),
+                                   rtol=1e-6, atol=1e-13)
+    # the class shares add up to the total
+    np.testing.assert_allclose(got[0]["a/train/class_sums"].sum(1),
+                               got[0]["a/train/tensor_sums"], rtol=1e-9, atol=1e-13)
