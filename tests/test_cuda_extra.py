@@ -11,7 +11,8 @@ test_sign_changes) and test_cuda_plan.py do not make:
   roundings: no FMA contraction);
 * bit-identical repeated runs under different GPU load and memory placement;
 * stream semantics: every op runs on the current (non-default) stream, in order
-  with the work queued before it; a second device (skipped with one GPU);
+  with the work queued before it; a second device (skipped with one GPU); CUDA
+  graph capture refused with a clear error;
 * no host synchronisation inside an op (torch.cuda.set_sync_debug_mode);
 * kernel launches per op, independent of the number of tensors (profiler);
 * tensors of more than 2**31 elements (marked slow): exact closed-form results.
@@ -419,6 +420,32 @@ def test_second_device_while_current_is_first():
     torch.cuda.synchronize(1)
     for x, y in zip(last, gc_):
         same(x, torch.where(torch.isnan(y), 0, torch.sign(y)).to(torch.int8))
+
+
+@pytest.mark.parametrize("op", ["allocate", "accumulate_", "allocate_classes", "sign_changes_"])
+def test_cuda_graph_capture_is_refused_cleanly(op):
+    """Each call uploads its tables from recycled pinned memory: a captured graph
+    would replay stale tables, so capture must fail with a clear error."""
+    require_kernel(op, "cuda")
+    x = [torch.randn(40, 7, device="cuda"), torch.randn(5, device="cuda")]
+    y = [t + 0.01 for t in x]
+    call = {
+        "allocate": lambda: lca_ext.allocate(x, y, x),
+        "accumulate_": lambda: lca_ext.accumulate_(y, x, 0.5),
+        "allocate_classes": lambda: lca_ext.allocate_classes(x, y, [t.unsqueeze(0) for t in x]),
+        "sign_changes_": lambda: lca_ext.sign_changes_(
+            [torch.zeros_like(t, dtype=torch.int8) for t in x],
+            [torch.zeros_like(t, dtype=torch.int32) for t in x], x),
+    }[op]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as err:
+        with torch.cuda.graph(graph):
+            call()
+    assert "CUDA graph" in str(err.value) or "captur" in str(err.value), str(err.value)
+    torch.cuda.synchronize()
+    res = lca_ext.allocate(x, y, x)  # the device still works
+    assert res.counts.sum().item() == 40 * 7 + 5
 
 
 # ---------------------------------------------------------------------------

@@ -20,15 +20,22 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
   return __bfloat162float(v);
 }
 
+// acc + w * g with two roundings, as the CPU kernel and the torch reference
+// (g * w, then add) round it: the intrinsics keep nvcc from contracting the
+// pair into one FMA (nvcc contracts by default), which would round once and
+// give results that differ from the CPU's in the last bit.
+__device__ __forceinline__ float axpy_rn(float acc, float w, float g) {
+  return __fadd_rn(acc, __fmul_rn(w, g));
+}
+__device__ __forceinline__ double axpy_rn(double acc, double w, double g) {
+  return __dadd_rn(acc, __dmul_rn(w, g));
+}
+
 template <typename A, typename G>
 __device__ void axpy(A* __restrict__ acc, const G* __restrict__ g, int64_t begin,
                      int64_t end, A w) {
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    if constexpr (sizeof(A) == 8 && sizeof(G) == 8) {
-      acc[i] += w * g[i];
-    } else {
-      acc[i] += w * static_cast<A>(to_float(g[i]));
-    }
+    acc[i] = axpy_rn(acc[i], w, static_cast<A>(to_float(g[i])));
   }
 }
 
@@ -41,7 +48,7 @@ __device__ void axpy_any(A* acc, const void* g, int32_t grad_t, int64_t begin,
       // double grads: exact conversion to A, no float detour
       const double* gd = static_cast<const double*>(g);
       for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
-        acc[i] += w * static_cast<A>(gd[i]);
+        acc[i] = axpy_rn(acc[i], w, static_cast<A>(gd[i]));
       break;
     }
     case kF16: axpy(acc, static_cast<const __half*>(g), begin, end, w); break;

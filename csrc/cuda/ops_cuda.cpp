@@ -29,6 +29,19 @@ int32_t dtype_code(at::ScalarType t) {
   }
 }
 
+// Every op uploads its tensor and chunk tables from pinned host memory that is
+// recycled once the copy has run, so a CUDA graph that captured the copy would
+// replay it from whatever the buffer holds later (wrong pointers, wrong
+// results).  Refuse capture with a clear error instead.  Call after the
+// device guard (the check is on that device's current stream).
+void check_not_capturing(const char* op) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone, "lca_ext.", op,
+              ": cannot be captured in a CUDA graph (each call uploads its tensor "
+              "table from host memory); call it outside the captured region");
+}
+
 // Copies plain structs to the device through pinned memory without blocking
 // the host; the caching host allocator keeps the staging buffer alive until the
 // copy has run.
@@ -44,6 +57,7 @@ void accumulate_cuda(at::TensorList acc, at::TensorList grads, double weight) {
   check_accumulate_inputs(acc, grads, weight);
 
   const c10::cuda::CUDAGuard guard(acc[0].device());
+  check_not_capturing("accumulate_");
   const auto g = contiguous_all(grads);
   auto a = contiguous_all(acc);
   std::vector<AccumulateTensor> tensors(a.size());
@@ -93,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cuda(
                         lca_out, check_finite_values);
   const at::Device device = before[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  check_not_capturing("allocate");
 
   const auto b = contiguous_all(before);
   const auto a = contiguous_all(after);
@@ -173,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor> allocate_classes_cuda(
       check_allocate_classes_op(before, after, class_grads, check_finite_values);
   const at::Device device = before[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  check_not_capturing("allocate_classes");
 
   const int64_t K = static_cast<int64_t>(before.size());
   const auto opts = before[0].options();
@@ -221,6 +237,7 @@ void sign_changes_cuda(at::TensorList last_sign, at::TensorList changes,
   check_sign_changes_inputs(last_sign, changes, x, base);
   const at::Device device = x[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  check_not_capturing("sign_changes_");
   const auto xs = contiguous_all(x);
   const auto bs = contiguous_all(base);
   auto ls = contiguous_all(last_sign);
