@@ -40,11 +40,17 @@ def _dist():
 def unwrap(model: nn.Module) -> nn.Module:
     """The module whose parameters are trained: DDP's ``.module`` (so that
     parameter names carry no "module." prefix and the tracker's own gradient
-    passes never go through DDP's reducer)."""
+    passes never go through DDP's reducer), and a ``torch.compile``d module's
+    original (its passes then run eagerly: compiling them would recompile for
+    every swapped-in parameter set)."""
     from torch.nn.parallel import DistributedDataParallel
-    while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def is_sharded(model: nn.Module) -> bool:

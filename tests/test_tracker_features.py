@@ -172,3 +172,25 @@ def test_per_class_with_batchnorm_uses_whole_batch_statistics():
     train(model, opt, x, y, xent, 2, tracker)
     run = tracker.result()
     np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-5, atol=1e-8)
+
+
+def test_compiled_model_is_tracked_as_its_original():
+    """torch.compile(model): the tracker sees the original module (no "_orig_mod."
+    prefix) and gives what it gives for the uncompiled model."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+        x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+        run_model = torch.compile(model, backend="eager") if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        tracker = lca_ext.LCATracker(run_model, nn.functional.cross_entropy, (x, y))
+        assert tracker.params.names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        for step in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(run_model(x[step::3]), y[step::3]).backward()
+            with tracker.step():
+                opt.step()
+        results.append(tracker.result())
+    np.testing.assert_allclose(results[1].tensor_sums, results[0].tensor_sums, rtol=1e-6)
+    np.testing.assert_array_equal(results[1].counts, results[0].counts)
