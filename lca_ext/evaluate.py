@@ -78,6 +78,7 @@ class Evaluator:
         self.params = params
         self.batchnorm = batchnorm
         self.ctx = ctx or Context()
+        self.kernels = ops.kernels_for(params.params[0].device)
         # under torch.distributed: this rank's share; the mean is over all ranks
         self.count = int(self.ctx.sum_float(sum(int(y.shape[0]) for _, y in self.batches)))
         if self.count == 0:
@@ -148,7 +149,7 @@ class Evaluator:
                     grads = torch.autograd.grad(batch_sum, leaves, allow_unused=True)
                     grads = [torch.zeros_like(p) if g is None else g
                              for g, p in zip(grads, point)]
-                    ops.accumulate_(list(grad_out), grads, weight / self.count)
+                    self.kernels.accumulate_(list(grad_out), grads, weight / self.count)
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=False)
             self.passes += 1
@@ -192,7 +193,7 @@ class Evaluator:
             if grad_out is not None:
                 grads = [torch.zeros_like(b) if p.grad is None else p.grad.to_local()
                          for p, b in zip(dtensors, live)]
-                ops.accumulate_(list(grad_out), grads, weight)
+                self.kernels.accumulate_(list(grad_out), grads, weight)
                 self.passes += 1
         finally:
             # (reshard_after_forward=False would keep the point's unsharded values)
@@ -228,7 +229,7 @@ class Evaluator:
                     grads = torch.autograd.grad(share, leaves, allow_unused=True)
                     grads = [torch.zeros_like(p) if g is None else g
                              for g, p in zip(grads, point)]
-                    ops.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
+                    self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
         self.passes += 1
 
     def _checked_loss(self, out, y) -> torch.Tensor:
@@ -274,7 +275,7 @@ class Evaluator:
                                                 retain_graph=i + 1 < len(present))
                     grads = [torch.zeros_like(p) if g is None else g
                              for g, p in zip(grads, point)]
-                    ops.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
+                    self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
         self.passes += 1
 
 

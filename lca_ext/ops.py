@@ -88,6 +88,46 @@ def _guard_cuda(op: str, tensors: List[Tensor]) -> None:
             "(and run the test suite on your GPU: bash scripts/test.sh)")
 
 
+def fused_available(op: str, device) -> bool:
+    """Can ``op`` run its fused kernel on ``device`` (compiled in this build, and
+    for CUDA verified or allowed; see UNVERIFIED_CUDA_OPS)?"""
+    import os
+
+    device = torch.device(device)
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lca_ext::{op}", key):
+        return False
+    return not (device.type == "cuda" and op in UNVERIFIED_CUDA_OPS
+                and os.environ.get("LCA_EXT_ALLOW_UNVERIFIED_CUDA") != "1")
+
+
+_warned_fallback = set()
+
+
+def kernels_for(device):
+    """The module whose ops LCATracker uses on ``device``: this one (the fused
+    kernels) when every op has a usable kernel there, else
+    :mod:`lca_ext.reference` (the plain-PyTorch ops: the same results, slower),
+    with a warning once per device type.  So the tracker works on a GPU before
+    the CUDA kernels are verified, without trusting them."""
+    import sys
+    import warnings
+
+    ops_here = sys.modules[__name__]
+    if all(fused_available(op, device) for op in
+           ("accumulate_", "allocate", "allocate_classes", "sign_changes_")):
+        return ops_here
+    from . import reference
+    kind = torch.device(device).type
+    if kind not in _warned_fallback:
+        _warned_fallback.add(kind)
+        warnings.warn(f"lca_ext: no verified fused kernels for {kind} tensors in this build; "
+                      "LCA is computed with the plain-PyTorch reference ops (same results, "
+                      "slower). See LCA_EXT_ALLOW_UNVERIFIED_CUDA in the README.",
+                      RuntimeWarning, stacklevel=3)
+    return reference
+
+
 def _optional_list(name: str, tensors) -> List[Tensor]:
     return [] if tensors is None else _as_list(name, tensors)
 

@@ -161,11 +161,6 @@ def load_run(path: str) -> Run:
                run_store.read_frames(path, meta))
 
 
-def _has_kernel(op: str, device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lca_ext::{op}", key)
-
-
 class _Objective:
     """One loss whose change is allocated: the LCA set, or a named eval set."""
 
@@ -288,6 +283,7 @@ class LCATracker:
         self.state_every = state_every
         self.reuse_gradients = reuse_gradients
         dev = self.params.params[0].device
+        self.kernels = ops.kernels_for(dev)   # fused ops, or the reference where none
         self.bin_edges = (ops.signed_log_edges(1e-12, 1.0, 24) if bin_edges is None
                           else bin_edges.detach().double()).to(dev)
 
@@ -484,7 +480,8 @@ class LCATracker:
         return loss
 
     def _lca_total(self, after, grad) -> float:
-        return self.ctx.over_shards(ops.allocate(self._theta_t, after, grad).sums.sum().item())
+        return self.ctx.over_shards(
+            self.kernels.allocate(self._theta_t, after, grad).sums.sum().item())
 
     def _point(self, after, f: float, out: Optional[List[torch.Tensor]] = None
                ) -> List[torch.Tensor]:
@@ -525,14 +522,14 @@ class LCATracker:
             d_loss = loss_after - obj.loss_start
             tol = self.atol + self.rtol * abs(d_loss)
             q = obj.g_start                   # becomes Q = g_0 + g_N + 2·(even points)
-            ops.accumulate_(q, g_end, 1.0)
+            self.kernels.accumulate_(q, g_end, 1.0)
             n = 2
             s_q, s_o = self._lca_total(after, q), self._lca_total(after, o)
             while abs((s_q + 4 * s_o) / (3 * n) - d_loss) > tol and n < self.max_splits:
                 # refining needs a buffer for the new points: g_end's (it is
                 # already in Q); the next step then recomputes its start gradient
                 next_start_valid = False
-                ops.accumulate_(q, o, 2.0)    # old midpoints become even points
+                self.kernels.accumulate_(q, o, 2.0)    # old midpoints become even points
                 s_q += 2 * s_o
                 torch._foreach_zero_(o)
                 for j in range(n):            # the n new midpoints
@@ -541,15 +538,16 @@ class LCATracker:
                 n *= 2
                 s_o = self._lca_total(after, o)
             torch._foreach_mul_(o, 4.0 / (3 * n))
-            ops.accumulate_(o, q, 1.0 / (3 * n))
+            self.kernels.accumulate_(o, q, 1.0 / (3 * n))
             avg = o
 
         state = {}
         if is_train:
             state = dict(cum_lca=self.state["cum_lca"], helped_steps=self.state["helped_steps"])
-        res = self.ctx.allocation(ops.allocate(self._theta_t, after, avg, row_sums=self.row_sums,
-                                               bin_edges=self.bin_edges, **state),
-                                  rows=self.row_sums)
+        res = self.ctx.allocation(
+            self.kernels.allocate(self._theta_t, after, avg, row_sums=self.row_sums,
+                                  bin_edges=self.bin_edges, **state),
+            rows=self.row_sums)
         lca_sum = res.sums.sum().item()
         p = obj.name + "/"
         record = {p + "loss_before": np.float64(obj.loss_start),
@@ -628,26 +626,20 @@ class LCATracker:
                 point = after if j == n else self._theta_t if j == 0 else \
                     self._point(after, j / n)
                 obj.evaluator.class_grads(point, classes, stacked, w)
-            res = ops.allocate_classes(self._theta_t, after, stacked)
+            res = self.kernels.allocate_classes(self._theta_t, after, stacked)
             sums.append(res.sums.cpu().numpy())
             counts.append(res.counts.cpu().numpy())
         return np.concatenate(sums), np.concatenate(counts)
 
     def _count_oscillations(self, after, g_start) -> None:
         s = self.state
-        if _has_kernel("sign_changes_", after[0].device):
-            ops.sign_changes_(s["last_delta_sign"], s["direction_changes"], after,
-                              self._theta_t)
-            ops.sign_changes_(s["last_grad_sign"], s["grad_sign_changes"], g_start)
-            return
-        from . import reference  # a device without the fused kernel (yet)
-        reference.sign_changes_(s["last_delta_sign"], s["direction_changes"], after,
-                                self._theta_t)
-        reference.sign_changes_(s["last_grad_sign"], s["grad_sign_changes"], g_start)
+        self.kernels.sign_changes_(s["last_delta_sign"], s["direction_changes"], after,
+                                   self._theta_t)
+        self.kernels.sign_changes_(s["last_grad_sign"], s["grad_sign_changes"], g_start)
 
     def _frame(self, after, avg) -> Dict[str, np.ndarray]:
         ks = self.frame_tensors
         out = [torch.empty_like(avg[k]) for k in ks]
-        ops.allocate([self._theta_t[k] for k in ks], [after[k] for k in ks],
+        self.kernels.allocate([self._theta_t[k] for k in ks], [after[k] for k in ks],
                      [avg[k] for k in ks], lca_out=out)
         return {str(k): self.ctx.full(k, t).cpu().numpy() for k, t in zip(ks, out)}

@@ -194,3 +194,39 @@ def test_compiled_model_is_tracked_as_its_original():
         results.append(tracker.result())
     np.testing.assert_allclose(results[1].tensor_sums, results[0].tensor_sums, rtol=1e-6)
     np.testing.assert_array_equal(results[1].counts, results[0].counts)
+
+
+def test_tracker_falls_back_to_the_reference_ops(monkeypatch):
+    """Where a device has no usable fused kernel (e.g. CUDA kernels not yet
+    verified), the tracker uses lca_ext.reference, warns once, and gives the
+    same LCA as with the fused kernels."""
+    from lca_ext import ops, reference
+    assert ops.kernels_for("cpu") is ops
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(ops, "fused_available", lambda op, device: False)
+            monkeypatch.setattr(ops, "_warned_fallback", set())
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        if fused:
+            tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y),
+                                         num_classes=3, frames=["0.weight"])
+        else:
+            with pytest.warns(RuntimeWarning, match="reference ops"):
+                tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y),
+                                             num_classes=3, frames=["0.weight"])
+            assert tracker.kernels is reference
+        train(model, opt, x, y, nn.functional.cross_entropy, 4, tracker)
+        runs.append(tracker.result())
+    fused_run, ref_run = runs
+    for key in fused_run.arrays:
+        np.testing.assert_allclose(ref_run.arrays[key], fused_run.arrays[key], rtol=1e-6,
+                                   atol=1e-12, err_msg=key)
+    for key in fused_run.state:
+        for a, b in zip(ref_run.state[key], fused_run.state[key]):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12, err_msg=key)
+    np.testing.assert_allclose(ref_run.frames["0"], fused_run.frames["0"], rtol=1e-6,
+                               atol=1e-12)
