@@ -196,6 +196,17 @@ def test_allocate_all_outputs(benchmark, step, record):
         (3 + 4 + 1) * F32 * NUMEL + 8 * ROWS)
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["sums", "rows"])
+def test_allocate_scalar_loads(benchmark, step, record, rows, monkeypatch):
+    """The same op with the vector loads off (LCA_EXT_CUDA_VECTOR=0): what the
+    128-bit loads bring, measured in the same run as the vector rows above."""
+    monkeypatch.setenv("LCA_EXT_CUDA_VECTOR", "0")
+    what = "+ row sums" if rows else "sums + counts"
+    run(benchmark, record, f"cuda allocate, scalar loads ({what})",
+        lambda: lca_ext.allocate(*step, row_sums=rows), 3 * F32 * NUMEL + (8 * ROWS if rows else 0),
+        baseline="cuda allocate (+ row sums)" if rows else "cuda allocate (sums + counts)")
+
+
 def test_reference_sums_counts(benchmark, step, record):
     run(benchmark, record, "cuda reference loop (sums + counts)",
         lambda: reference.allocate(*step), 3 * F32 * NUMEL, heavy=True)

@@ -127,8 +127,11 @@ std::vector<double> checked_bin_edges(const char* op,
               "; expected a 1-D tensor of at least 2 edges");
   TORCH_CHECK(e.is_floating_point(), "lca_ext.", op, ": bin_edges has dtype ",
               e.scalar_type(), "; expected a floating dtype");
-  TORCH_CHECK(e.device() == device, "lca_ext.", op, ": bin_edges is on ",
-              e.device(), "; expected ", device, " (the device of before)");
+  // Host edges are read directly (they travel to the GPU with the op's tables,
+  // so no synchronisation); edges on the device are copied here (a sync).
+  TORCH_CHECK(e.device() == device || e.device().is_cpu(), "lca_ext.", op,
+              ": bin_edges is on ", e.device(), "; expected the CPU or ", device,
+              " (the device of before)");
   const at::Tensor host = e.to(at::kCPU, at::kDouble).contiguous();
   const double* p = host.data_ptr<double>();
   std::vector<double> out(p, p + host.numel());

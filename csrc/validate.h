@@ -47,7 +47,8 @@ std::vector<int64_t> rows_per_tensor(at::TensorList list);
 std::vector<int64_t> numels(at::TensorList list);
 
 // Validated, host-side copy of histogram bin edges: 1-D, >= 2 values, finite,
-// strictly increasing.  An undefined tensor gives an empty vector (no histogram).
+// strictly increasing, on the CPU (no synchronisation) or on `device` (copied
+// to the host: a sync).  An undefined tensor gives an empty vector (no histogram).
 std::vector<double> checked_bin_edges(const char* op,
                                       const c10::optional<at::Tensor>& edges,
                                       const at::Device& device);

@@ -224,8 +224,10 @@ def allocate(before: Sequence[Tensor], after: Sequence[Tensor],
         list may differ in dtype).
     avg_grad: the path-averaged gradient ḡ, any of those dtypes, before[k]'s shape.
     row_sums: also return per-row ("neuron") sums, see :class:`Allocation`.
-    bin_edges: 1-D, >= 2 finite, strictly increasing edges (any float dtype, same
-        device) for the LCA histogram; see :func:`signed_log_edges`.
+    bin_edges: 1-D, >= 2 finite, strictly increasing edges (any float dtype) for
+        the LCA histogram; see :func:`signed_log_edges`.  On the CPU (best: the
+        op reads them on the host, no GPU synchronisation) or on before's device
+        (validating them copies them to the host, which waits for the GPU).
     cum_lca: float32/float64 tensors shaped like the parameters; ``+= lca``.
     helped_steps: int32 tensors; ``+= 1`` where lca < 0 (finite).
     lca_out: float32/float64 tensors; overwritten with the per-element lca.
@@ -360,6 +362,10 @@ def _allocate_fake(before, after, avg_grad, bin_edges, row_sums, cum_lca,
                         helped_steps=helped_steps, lca_out=lca_out)
     k = len(before)
     rows = _fake_rows(before) if row_sums else 0
+    if bin_edges is not None:
+        torch._check(bin_edges.device == ref.device or bin_edges.device.type == "cpu",
+                     lambda: (f"lca_ext.allocate: bin_edges is on {bin_edges.device}; "
+                              f"expected the CPU or {ref.device} (the device of before)"))
     slots = bin_edges.shape[0] + 1 if bin_edges is not None else 0
     return (ref.new_empty((k,), dtype=torch.float64),
             ref.new_empty((k, 4), dtype=torch.int64),

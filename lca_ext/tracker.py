@@ -284,8 +284,9 @@ class LCATracker:
         self.reuse_gradients = reuse_gradients
         dev = self.params.params[0].device
         self.kernels = ops.kernels_for(dev)   # fused ops, or the reference where none
+        # kept on the CPU: the fused op reads host edges without a GPU sync
         self.bin_edges = (ops.signed_log_edges(1e-12, 1.0, 24) if bin_edges is None
-                          else bin_edges.detach().double()).to(dev)
+                          else bin_edges.detach().double()).cpu()
 
         self._theta_t = [torch.empty_like(p) for p in self.params.params]
         self._spares: List[List[torch.Tensor]] = []   # recycled gradient buffers

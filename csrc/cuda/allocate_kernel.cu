@@ -164,6 +164,32 @@ struct WarpRows {
     carry_end = (carry_row + 1) * row_len;
   }
 
+  // One full vector group starting at g (g + 128 <= hi): lane l holds
+  // elements g + kVec*l + r in x[r].  A group wholly inside the carry row only
+  // adds each lane's values to lane_acc; otherwise the group is regrouped into
+  // kUnroll windows (lane l of window j gets element g + 32j + l, held by lane
+  // (32j + l) / kVec) and walked window by window.  Uniform control flow.
+  template <typename T>
+  __device__ __forceinline__ void group(int64_t g, int lane, const T (&x)[kVec]) {
+    if (g + (kVec * kWarpSize - 1) < carry_end) {
+#pragma unroll
+      for (int r = 0; r < kVec; ++r) lane_acc += static_cast<double>(x[r]);
+      pending = true;
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int src = j * (kWarpSize / kVec) + lane / kVec;
+      double xw = 0.0;
+#pragma unroll
+      for (int r = 0; r < kVec; ++r) {
+        const double v = __shfl_sync(kFullMask, static_cast<double>(x[r]), src);
+        if (lane % kVec == r) xw = v;
+      }
+      window(g + j * kWarpSize, lane, xw);
+    }
+  }
+
   // After the last window: the carry row is done with this slice.
   __device__ __forceinline__ void finish(int lane) {
     fold();
@@ -171,9 +197,25 @@ struct WarpRows {
   }
 };
 
-// One warp's slice of the chunk: loads kUnroll windows, then per element the
-// LCA value, its float64 sum (per lane, in order), sign counts, histogram and
-// state; with kRows the windows then go through WarpRows.
+// kVec consecutive elements from an address aligned to vector_alignment:
+// one 128-bit load for fp32, one 64-bit load for fp16/bf16, two 128-bit loads
+// for fp64.
+template <typename T>
+struct alignas(sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16) VecOf {
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, T (&out)[kVec]) {
+  const VecOf<T> v = *reinterpret_cast<const VecOf<T>*>(p);
+#pragma unroll
+  for (int r = 0; r < kVec; ++r) out[r] = v.v[r];
+}
+
+// One warp's slice of the chunk, in groups of 128 elements: loads a group
+// (vector loads where the tensor allows them, else kUnroll scalar windows),
+// then per element the LCA value, its float64 sum (per lane, in order), sign
+// counts, histogram and state; with kRows the values then go through WarpRows.
 template <typename P, typename G, bool kRows>
 __device__ __forceinline__ void allocate_slice(const AllocateTensor& t, const Chunk& ch,
                                                const BlockHistogram& hist,
@@ -195,6 +237,29 @@ __device__ __forceinline__ void allocate_slice(const AllocateTensor& t, const Ch
   if (kRows && lo < hi) rows.begin(t.row_len, lo, hi, rows_out, s_head + warp, s_tail + warp);
 
   for (int64_t g = lo; g < hi; g += kWarpSize * kUnroll) {
+    // float64 inputs keep the scalar path: their vector path needs more than
+    // the 64 registers that two blocks per SM allow (ptxas spills).
+    constexpr bool kVectorTypes = sizeof(P) <= 4 && sizeof(G) <= 4;
+    if (kVectorTypes && t.vector && g + kWarpSize * kUnroll <= hi) {  // uniform
+      // vector path: kVec consecutive elements per lane, aligned loads
+      const int64_t p0 = g + kVec * lane;
+      P bv[kVec], av[kVec];
+      G gv[kVec];
+      load_vec(before + p0, bv);
+      load_vec(after + p0, av);
+      load_vec(grad + p0, gv);
+      T x[kVec];
+#pragma unroll
+      for (int r = 0; r < kVec; ++r) {
+        x[r] = lca_value<T>(bv[r], av[r], gv[r]);
+        sum += static_cast<double>(x[r]);
+        count_sign(x[r], counts);
+        element_extras(t, hist, p0 + r, x[r]);
+      }
+      if constexpr (kRows) rows.group(g, lane, x);
+      continue;
+    }
+    // scalar path (misaligned inputs, or the slice's last partial group):
     // all loads of the group first (the state stores below might alias them
     // as far as the compiler knows), then the arithmetic
     P bv[kUnroll], av[kUnroll];
@@ -240,7 +305,7 @@ __device__ __forceinline__ void allocate_slice(const AllocateTensor& t, const Ch
 template <bool kRows>
 __global__ void __launch_bounds__(kBlockThreads, kRows ? 1 : 2)
 allocate_kernel(const AllocateArgs args) {
-  extern __shared__ unsigned int s_hist[];  // [num_edges + 1] when in shared memory
+  LCA_DYNAMIC_SHARED(double, s_dyn);  // SharedLayout: [edges] [histogram slots]
   __shared__ RowPartial s_head[kWarps], s_tail[kWarps];
   __shared__ double s_sum[kWarps];
   __shared__ int32_t s_counts[kWarps][3];
@@ -251,9 +316,15 @@ allocate_kernel(const AllocateArgs args) {
   const int warp = threadIdx.x / kWarpSize;
 
   const int64_t nslots = args.num_edges > 0 ? args.num_edges + 1 : 0;
-  const bool shared_hist = nslots > 0 && nslots <= kMaxSharedSlots;
+  const SharedLayout layout = shared_layout(args.num_edges);
+  const bool shared_hist = layout.hist;
+  unsigned int* s_hist =
+      reinterpret_cast<unsigned int*>(reinterpret_cast<unsigned char*>(s_dyn) + layout.hist_offset);
   if (shared_hist) {
     for (int64_t s = threadIdx.x; s < nslots; s += kBlockThreads) s_hist[s] = 0u;
+  }
+  if (layout.edges) {
+    for (int64_t e = threadIdx.x; e < args.num_edges; e += kBlockThreads) s_dyn[e] = args.edges[e];
   }
   if (threadIdx.x < kWarps) {
     s_head[threadIdx.x] = RowPartial{-1, 0.0};
@@ -264,8 +335,8 @@ allocate_kernel(const AllocateArgs args) {
   unsigned long long* hist_out =
       nslots > 0 ? reinterpret_cast<unsigned long long*>(args.histogram) + ch.tensor * nslots
                  : nullptr;
-  const BlockHistogram hist{args.edges, args.num_edges, shared_hist ? s_hist : nullptr,
-                            hist_out};
+  const BlockHistogram hist{layout.edges ? s_dyn : args.edges, args.num_edges,
+                            shared_hist ? s_hist : nullptr, hist_out};
   double* rows_out = args.row_sums ? args.row_sums + t.row_offset : nullptr;
 
   double sum = 0.0;
@@ -432,27 +503,25 @@ unsigned blocks_for(int64_t n, int threads) {
 }  // namespace
 
 void launch_allocate(const AllocateArgs& args, cudaStream_t stream) {
-  const int64_t nslots = args.num_edges > 0 ? args.num_edges + 1 : 0;
-  const size_t shmem =
-      nslots > 0 && nslots <= kMaxSharedSlots ? static_cast<size_t>(nslots) * sizeof(unsigned) : 0;
+  const size_t shmem = shared_layout(args.num_edges).bytes;  // <= 40 KiB
   // gridDim.x allows 2^31 - 1 blocks: 64Ki-element chunks cover 2^47 elements.
   const unsigned grid = static_cast<unsigned>(args.num_chunks);
   if (args.row_sums) {
-    allocate_kernel<true><<<grid, kBlockThreads, shmem, stream>>>(args);
+    LCA_LAUNCH(allocate_kernel<true>, grid, kBlockThreads, shmem, stream, args);
   } else {
-    allocate_kernel<false><<<grid, kBlockThreads, shmem, stream>>>(args);
+    LCA_LAUNCH(allocate_kernel<false>, grid, kBlockThreads, shmem, stream, args);
   }
-  allocate_cleanup_kernel<<<blocks_for(args.num_tensors, kCleanupThreads), kCleanupThreads, 0,
-                            stream>>>(args);
+  LCA_LAUNCH(allocate_cleanup_kernel, blocks_for(args.num_tensors, kCleanupThreads),
+             kCleanupThreads, 0, stream, args);
 }
 
 void launch_allocate_classes(const AllocateClassesArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(args.num_chunks),
                   static_cast<unsigned>((args.num_classes + kClassGroup - 1) / kClassGroup));
-  allocate_classes_kernel<<<grid, kBlockThreads, 0, stream>>>(args);
-  allocate_classes_cleanup_kernel<<<blocks_for(args.num_classes * args.num_tensors,
-                                               kCleanupThreads),
-                                    kCleanupThreads, 0, stream>>>(args);
+  LCA_LAUNCH(allocate_classes_kernel, grid, kBlockThreads, 0, stream, args);
+  LCA_LAUNCH(allocate_classes_cleanup_kernel,
+             blocks_for(args.num_classes * args.num_tensors, kCleanupThreads),
+             kCleanupThreads, 0, stream, args);
 }
 
 }  // namespace cuda

@@ -11,6 +11,19 @@
 
 #include "kernels.h"
 
+// Kernel launches and dynamic shared memory go through these two macros so the
+// same sources also compile as C++ for the CPU emulator the tests run
+// (tests/cuda_emu/emu_runtime.h defines LCA_CUDA_EMULATION).
+#if defined(LCA_CUDA_EMULATION)
+#define LCA_LAUNCH(kernel, grid, block, shmem, stream, ...) \
+  LCA_EMU_LAUNCH(kernel, grid, block, shmem, __VA_ARGS__)
+#define LCA_DYNAMIC_SHARED(type, name) LCA_EMU_DYNAMIC_SHARED(type, name)
+#else
+#define LCA_LAUNCH(kernel, grid, block, shmem, stream, ...) \
+  kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__)
+#define LCA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace lca_ext {
 namespace cuda {
 

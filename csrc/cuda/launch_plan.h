@@ -35,6 +35,13 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = kBlockThreads / kWarpSize;
 // Windows of 32 elements that one warp loads before it reduces them (ILP).
 constexpr int kUnroll = 4;
+// Vector path: a lane loads kVec consecutive elements of each input at once
+// (fp32: one 128-bit load, fp64: two, fp16/bf16: one 64-bit load).  A warp's
+// group of kUnroll windows (128 elements) is then 4 consecutive elements per
+// lane instead of one element per lane per window; the row walk regroups it
+// into windows with shuffles (WarpRows::group).
+constexpr int kVec = 4;
+static_assert(kVec == kUnroll, "a vector group is the same elements as kUnroll windows");
 // allocate_classes: classes one block handles together (their float64 sums and
 // counts live in registers); blockIdx.y walks the groups.
 constexpr int kClassGroup = 8;
@@ -42,6 +49,11 @@ constexpr int kClassGroup = 8;
 // and added to the output once per block; larger ones count straight into the
 // output with global integer atomics.
 constexpr int64_t kMaxSharedSlots = 8192;
+// Bin edges are copied to shared memory (8 KiB at most) when there are at most
+// this many, so the per-element binary search reads shared, not global, memory.
+constexpr int64_t kMaxSharedEdges = 1024;
+static_assert(kMaxSharedEdges * 8 + kMaxSharedSlots * 4 <= 48 * 1024,
+              "dynamic shared memory within the default 48 KiB per block");
 // Threads per block of the small cleanup kernels.
 constexpr int kCleanupThreads = 128;
 
@@ -82,6 +94,37 @@ LCA_HD void warp_slice(const Chunk& ch, int w, int64_t* lo, int64_t* hi) {
   const int64_t b = a + per;
   *lo = a < ch.end ? a : ch.end;
   *hi = b < ch.end ? b : ch.end;
+}
+
+// The alignment the vector path needs of a tensor's base pointer: kVec
+// elements, at most 16 bytes.  Every group starts a multiple of 128 elements
+// past the base (chunks and warp slices are cut at multiples of 32 elements),
+// so an aligned base makes every group's loads aligned.
+LCA_HD size_t vector_alignment(size_t elem_size) {
+  return elem_size * kVec < 16 ? elem_size * kVec : 16;
+}
+LCA_HD bool vector_aligned(const void* p, size_t elem_size) {
+  return reinterpret_cast<uintptr_t>(p) % vector_alignment(elem_size) == 0;
+}
+
+// The dynamic shared memory of one allocate block: [edges (double)] then
+// [histogram slots (unsigned)], each present only when small enough.  The host
+// sizes the launch with it and the kernel finds its arrays with it.
+struct SharedLayout {
+  bool edges;           // bin edges staged in shared memory
+  bool hist;            // histogram counted in shared memory
+  size_t hist_offset;   // bytes from the start to the slots
+  size_t bytes;         // total dynamic shared memory
+};
+
+LCA_HD SharedLayout shared_layout(int64_t num_edges) {
+  SharedLayout l{false, false, 0, 0};
+  if (num_edges <= 0) return l;
+  l.edges = num_edges <= kMaxSharedEdges;
+  l.hist = num_edges + 1 <= kMaxSharedSlots;
+  l.hist_offset = l.edges ? static_cast<size_t>(num_edges) * sizeof(double) : 0;
+  l.bytes = l.hist_offset + (l.hist ? static_cast<size_t>(num_edges + 1) * sizeof(unsigned) : 0);
+  return l;
 }
 
 // Where the sum of `row` goes once the range [lo, hi) that computed it is done

@@ -1,5 +1,5 @@
-// The torch side of the CUDA kernels: argument checks (shared with the CPU),
-// the chunk table copied to the device, the launch on the current stream.
+// The CUDA registration of the ops: csrc/cuda/ops_impl.h over the CUDA backend
+// (device guard, non-blocking upload through pinned memory, the current stream).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,271 +7,54 @@
 #include <torch/library.h>
 
 #include <cstring>
-#include <tuple>
 #include <vector>
 
-#include "../chunk_plan.h"
-#include "../validate.h"
-#include "kernels.h"
-#include "launch_plan.h"
+#include "ops_impl.h"
 
 namespace lca_ext {
 namespace cuda {
 namespace {
 
-int32_t dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kF32;
-    case at::kDouble: return kF64;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    default: TORCH_CHECK(false, "lca_ext: unsupported dtype ", t);
-  }
-}
+struct CudaBackend {
+  using Guard = c10::cuda::CUDAGuard;
 
-// Every op uploads its tensor and chunk tables from pinned host memory that is
-// recycled once the copy has run, so a CUDA graph that captured the copy would
-// replay it from whatever the buffer holds later (wrong pointers, wrong
-// results).  Refuse capture with a clear error instead.  Call after the
-// device guard (the check is on that device's current stream).
-void check_not_capturing(const char* op) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
-  TORCH_CHECK(status == cudaStreamCaptureStatusNone, "lca_ext.", op,
-              ": cannot be captured in a CUDA graph (each call uploads its tensor "
-              "table from host memory); call it outside the captured region");
-}
-
-// Copies plain structs to the device through pinned memory without blocking
-// the host; the caching host allocator keeps the staging buffer alive until the
-// copy has run.
-template <typename T>
-at::Tensor to_device(const std::vector<T>& host, const at::Device& device) {
-  const int64_t bytes = static_cast<int64_t>(host.size() * sizeof(T));
-  at::Tensor staging = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  if (bytes) std::memcpy(staging.data_ptr(), host.data(), bytes);
-  return staging.to(device, /*non_blocking=*/true);
-}
-
-void accumulate_cuda(at::TensorList acc, at::TensorList grads, double weight) {
-  check_accumulate_inputs(acc, grads, weight);
-
-  const c10::cuda::CUDAGuard guard(acc[0].device());
-  check_not_capturing("accumulate_");
-  const auto g = contiguous_all(grads);
-  auto a = contiguous_all(acc);
-  std::vector<AccumulateTensor> tensors(a.size());
-  for (size_t k = 0; k < a.size(); ++k) {
-    tensors[k] = AccumulateTensor{a[k].data_ptr(), g[k].const_data_ptr(),
-                                  dtype_code(a[k].scalar_type()),
-                                  dtype_code(g[k].scalar_type())};
-  }
-  const ChunkPlan plan = make_chunk_plan(numels(acc));
-  const int64_t n = static_cast<int64_t>(plan.chunks.size());
-  if (n > 0) {
-    const at::Tensor d_tensors = to_device(tensors, acc[0].device());
-    const at::Tensor d_chunks = to_device(plan.chunks, acc[0].device());
-    launch_accumulate(static_cast<const AccumulateTensor*>(d_tensors.const_data_ptr()),
-                      static_cast<const Chunk*>(d_chunks.const_data_ptr()), n, weight,
-                      c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  write_back(acc, a);
-}
-
-// The device address of the array that UploadBlob::add placed at `offset`.
-template <typename T>
-T* blob_at(const at::Tensor& blob, size_t offset) {
-  return reinterpret_cast<T*>(static_cast<unsigned char*>(blob.data_ptr()) + offset);
-}
-
-// Device scratch for n plain structs (the per-chunk partials); every kernel
-// that reads an entry runs after the one that wrote it, on the same stream.
-template <typename T>
-at::Tensor scratch(int64_t n, const at::Device& device) {
-  return at::empty({n * static_cast<int64_t>(sizeof(T))},
-                   at::TensorOptions().dtype(at::kByte).device(device));
-}
-
-void* data_or_null(const std::vector<at::Tensor>& list, size_t k) {
-  return list.empty() ? nullptr : list[k].data_ptr();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cuda(
-    at::TensorList before, at::TensorList after, at::TensorList avg_grad,
-    const c10::optional<at::Tensor>& bin_edges, bool row_sums,
-    at::TensorList cum_lca, at::TensorList helped_steps, at::TensorList lca_out,
-    bool check_finite_values) {
-  const std::vector<double> edges =
-      check_allocate_op(before, after, avg_grad, bin_edges, cum_lca, helped_steps,
-                        lca_out, check_finite_values);
-  const at::Device device = before[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  check_not_capturing("allocate");
-
-  const auto b = contiguous_all(before);
-  const auto a = contiguous_all(after);
-  const auto g = contiguous_all(avg_grad);
-  // in-place outputs: dense views (copies only of strided caller tensors)
-  const auto cum = contiguous_all(cum_lca);
-  const auto helped = contiguous_all(helped_steps);
-  const auto out = contiguous_all(lca_out);
-
-  const int64_t K = static_cast<int64_t>(before.size());
-  const std::vector<int64_t> nrows = rows_per_tensor(before);
-  std::vector<AllocateTensor> tensors(K);
-  int64_t total_rows = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    AllocateTensor& t = tensors[k];
-    t.before = b[k].const_data_ptr();
-    t.after = a[k].const_data_ptr();
-    t.grad = g[k].const_data_ptr();
-    t.param_t = dtype_code(b[k].scalar_type());
-    t.grad_t = dtype_code(g[k].scalar_type());
-    t.row_len = nrows[k] > 0 ? b[k].numel() / nrows[k] : 0;
-    t.row_offset = total_rows;
-    total_rows += nrows[k];
-    t.cum_lca = data_or_null(cum, k);
-    t.cum_t = cum.empty() ? kF32 : dtype_code(cum[k].scalar_type());
-    t.helped_steps = helped.empty() ? nullptr : helped[k].data_ptr<int32_t>();
-    t.lca_out = data_or_null(out, k);
-    t.out_t = out.empty() ? kF32 : dtype_code(out[k].scalar_type());
+  // Every op uploads its tensor and chunk tables from pinned host memory that
+  // is recycled once the copy has run, so a CUDA graph that captured the copy
+  // would replay it from whatever the buffer holds later (wrong pointers, wrong
+  // results).  Refuse capture with a clear error instead.  Called after the
+  // device guard (the check is on that device's current stream).
+  static void check_not_capturing(const char* op) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+    TORCH_CHECK(status == cudaStreamCaptureStatusNone, "lca_ext.", op,
+                ": cannot be captured in a CUDA graph (each call uploads its tensor "
+                "table from host memory); call it outside the captured region");
   }
 
-  const auto f64 = before[0].options().dtype(at::kDouble);
-  const auto i64 = before[0].options().dtype(at::kLong);
-  at::Tensor sums = at::zeros({K}, f64);
-  at::Tensor counts = at::zeros({K, 4}, i64);
-  // zeros matter: rows no block owns are added up by the cleanup kernel, and
-  // rows of empty tensors and histogram slots start at 0
-  at::Tensor rows_out = at::zeros({row_sums ? total_rows : 0}, f64);
-  const int64_t num_edges = static_cast<int64_t>(edges.size());
-  at::Tensor hist = at::zeros({K, num_edges ? num_edges + 1 : 0}, i64);
-
-  const ChunkPlan plan = make_chunk_plan(numels(before));
-  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
-  if (nchunks > 0) {
-    UploadBlob blob;
-    const size_t o_tensors = blob.add(tensors);
-    const size_t o_chunks = blob.add(plan.chunks);
-    const size_t o_first = blob.add(plan.first_chunk);
-    const size_t o_edges = blob.add(edges);
-    const at::Tensor d_blob = to_device(blob.bytes(), device);
-    const at::Tensor d_partials = scratch<ChunkPartial>(nchunks, device);
-
-    AllocateArgs args{};
-    args.tensors = blob_at<const AllocateTensor>(d_blob, o_tensors);
-    args.chunks = blob_at<const Chunk>(d_blob, o_chunks);
-    args.first_chunk = blob_at<const int64_t>(d_blob, o_first);
-    args.partials = static_cast<ChunkPartial*>(d_partials.data_ptr());
-    args.num_tensors = K;
-    args.num_chunks = nchunks;
-    args.edges = num_edges ? blob_at<const double>(d_blob, o_edges) : nullptr;
-    args.num_edges = num_edges;
-    args.sums = sums.data_ptr<double>();
-    args.counts = counts.data_ptr<int64_t>();
-    args.row_sums = row_sums ? rows_out.data_ptr<double>() : nullptr;
-    args.histogram = num_edges ? hist.data_ptr<int64_t>() : nullptr;
-    launch_allocate(args, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Copies the packed tables to the device through pinned memory without
+  // blocking the host; the caching host allocator keeps the staging buffer
+  // alive until the copy has run.
+  static at::Tensor upload(const std::vector<unsigned char>& bytes, const at::Device& device) {
+    const int64_t n = static_cast<int64_t>(bytes.size());
+    at::Tensor staging =
+        at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    if (n) std::memcpy(staging.data_ptr(), bytes.data(), bytes.size());
+    return staging.to(device, /*non_blocking=*/true);
   }
-  write_back(cum_lca, cum);
-  write_back(helped_steps, helped);
-  write_back(lca_out, out);
-  return {sums, counts, rows_out, hist};
-}
 
-std::tuple<at::Tensor, at::Tensor> allocate_classes_cuda(
-    at::TensorList before, at::TensorList after, at::TensorList class_grads,
-    bool check_finite_values) {
-  const int64_t C =
-      check_allocate_classes_op(before, after, class_grads, check_finite_values);
-  const at::Device device = before[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  check_not_capturing("allocate_classes");
+  static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-  const int64_t K = static_cast<int64_t>(before.size());
-  const auto opts = before[0].options();
-  at::Tensor sums = at::zeros({C, K}, opts.dtype(at::kDouble));
-  at::Tensor counts = at::zeros({C, K, 4}, opts.dtype(at::kLong));
-  const ChunkPlan plan = make_chunk_plan(numels(before));
-  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
-  if (C == 0 || nchunks == 0) return {sums, counts};  // nothing to add up: zeros
-  const int64_t groups = (C + kClassGroup - 1) / kClassGroup;
-  TORCH_CHECK(groups <= 65535, "lca_ext.allocate_classes: ", C,
-              " classes; the CUDA kernel handles at most ", 65535 * kClassGroup);
-
-  const auto b = contiguous_all(before);
-  const auto a = contiguous_all(after);
-  const auto g = contiguous_all(class_grads);
-  std::vector<ClassTensor> tensors(K);
-  for (int64_t k = 0; k < K; ++k) {
-    tensors[k] = ClassTensor{b[k].const_data_ptr(), a[k].const_data_ptr(),
-                             g[k].const_data_ptr(), dtype_code(b[k].scalar_type()),
-                             dtype_code(g[k].scalar_type()), b[k].numel()};
-  }
-  UploadBlob blob;
-  const size_t o_tensors = blob.add(tensors);
-  const size_t o_chunks = blob.add(plan.chunks);
-  const size_t o_first = blob.add(plan.first_chunk);
-  const at::Tensor d_blob = to_device(blob.bytes(), device);
-  const at::Tensor d_partials = scratch<ClassPartial>(nchunks * C, device);
-
-  AllocateClassesArgs args{};
-  args.tensors = blob_at<const ClassTensor>(d_blob, o_tensors);
-  args.chunks = blob_at<const Chunk>(d_blob, o_chunks);
-  args.first_chunk = blob_at<const int64_t>(d_blob, o_first);
-  args.partials = static_cast<ClassPartial*>(d_partials.data_ptr());
-  args.num_tensors = K;
-  args.num_chunks = nchunks;
-  args.num_classes = C;
-  args.sums = sums.data_ptr<double>();
-  args.counts = counts.data_ptr<int64_t>();
-  launch_allocate_classes(args, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {sums, counts};
-}
-
-void sign_changes_cuda(at::TensorList last_sign, at::TensorList changes,
-                       at::TensorList x, at::TensorList base) {
-  check_sign_changes_inputs(last_sign, changes, x, base);
-  const at::Device device = x[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  check_not_capturing("sign_changes_");
-  const auto xs = contiguous_all(x);
-  const auto bs = contiguous_all(base);
-  auto ls = contiguous_all(last_sign);
-  auto cs = contiguous_all(changes);
-  std::vector<SignChangesTensor> tensors(xs.size());
-  for (size_t k = 0; k < xs.size(); ++k) {
-    tensors[k] = SignChangesTensor{ls[k].data_ptr<int8_t>(), cs[k].data_ptr<int32_t>(),
-                                   xs[k].const_data_ptr(),
-                                   bs.empty() ? nullptr : bs[k].const_data_ptr(),
-                                   dtype_code(xs[k].scalar_type())};
-  }
-  const ChunkPlan plan = make_chunk_plan(numels(x));
-  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
-  if (nchunks > 0) {
-    UploadBlob blob;
-    const size_t o_tensors = blob.add(tensors);
-    const size_t o_chunks = blob.add(plan.chunks);
-    const at::Tensor d_blob = to_device(blob.bytes(), device);
-    launch_sign_changes(blob_at<const SignChangesTensor>(d_blob, o_tensors),
-                        blob_at<const Chunk>(d_blob, o_chunks), nchunks,
-                        c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  write_back(last_sign, ls);
-  write_back(changes, cs);
-}
+  static void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+};
 
 }  // namespace
 }  // namespace cuda
 }  // namespace lca_ext
 
 TORCH_LIBRARY_IMPL(lca_ext, CUDA, m) {
-  m.impl("accumulate_", &lca_ext::cuda::accumulate_cuda);
-  m.impl("allocate", &lca_ext::cuda::allocate_cuda);
-  m.impl("allocate_classes", &lca_ext::cuda::allocate_classes_cuda);
-  m.impl("sign_changes_", &lca_ext::cuda::sign_changes_cuda);
+  using lca_ext::cuda::CudaBackend;
+  m.impl("accumulate_", &lca_ext::cuda::accumulate_impl<CudaBackend>);
+  m.impl("allocate", &lca_ext::cuda::allocate_impl<CudaBackend>);
+  m.impl("allocate_classes", &lca_ext::cuda::allocate_classes_impl<CudaBackend>);
+  m.impl("sign_changes_", &lca_ext::cuda::sign_changes_impl<CudaBackend>);
 }

@@ -44,8 +44,8 @@ sign_changes_kernel(const SignChangesTensor* __restrict__ tensors,
 
 void launch_sign_changes(const SignChangesTensor* tensors, const Chunk* chunks,
                          int64_t num_chunks, cudaStream_t stream) {
-  sign_changes_kernel<<<static_cast<unsigned>(num_chunks), kBlockThreads, 0, stream>>>(tensors,
-                                                                                  chunks);
+  LCA_LAUNCH(sign_changes_kernel, static_cast<unsigned>(num_chunks), kBlockThreads, 0, stream,
+             tensors, chunks);
 }
 
 }  // namespace cuda

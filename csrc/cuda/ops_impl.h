@@ -1,0 +1,270 @@
+// The torch side of the CUDA ops, written once over a Backend: argument checks
+// (shared with the CPU), dense views, the tensor and chunk tables packed and
+// uploaded, the launch, the in-place results written back.  ops_cuda.cpp
+// instantiates it with the CUDA backend (device guard, pinned upload, current
+// stream); the tests instantiate it with the CPU emulator of the kernels
+// (tests/cuda_emu), so this glue runs in every test run, GPU or not.
+//
+// A Backend provides:
+//   Guard                          RAII device guard, constructed from at::Device
+//   check_not_capturing(op)        refuses stream capture (CUDA graphs)
+//   upload(bytes, device)          the bytes as a device tensor (kUInt8)
+//   stream()                       the cudaStream_t to launch on
+//   check_launch()                 raises if the launch failed
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../chunk_plan.h"
+#include "../validate.h"
+#include "kernels.h"
+#include "launch_plan.h"
+
+namespace lca_ext {
+namespace cuda {
+
+inline int32_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    default: TORCH_CHECK(false, "lca_ext: unsupported dtype ", t);
+  }
+}
+
+// The device address of the array that UploadBlob::add placed at `offset`.
+template <typename T>
+inline T* blob_at(const at::Tensor& blob, size_t offset) {
+  return reinterpret_cast<T*>(static_cast<unsigned char*>(blob.data_ptr()) + offset);
+}
+
+// Device scratch for n plain structs (the per-chunk partials); every kernel
+// that reads an entry runs after the one that wrote it, on the same stream.
+template <typename T>
+inline at::Tensor scratch(int64_t n, const at::Device& device) {
+  return at::empty({n * static_cast<int64_t>(sizeof(T))},
+                   at::TensorOptions().dtype(at::kByte).device(device));
+}
+
+// LCA_EXT_CUDA_VECTOR=0 turns the vector loads off (scalar loads only), so a
+// benchmark can measure what they bring side by side; read at every call.
+inline bool vector_loads_enabled() {
+  const char* v = std::getenv("LCA_EXT_CUDA_VECTOR");
+  return v == nullptr || std::string(v) != "0";
+}
+
+inline void* data_or_null(const std::vector<at::Tensor>& list, size_t k) {
+  return list.empty() ? nullptr : list[k].data_ptr();
+}
+
+template <class Backend>
+void accumulate_impl(at::TensorList acc, at::TensorList grads, double weight) {
+  check_accumulate_inputs(acc, grads, weight);
+
+  const typename Backend::Guard guard(acc[0].device());
+  Backend::check_not_capturing("accumulate_");
+  const auto g = contiguous_all(grads);
+  auto a = contiguous_all(acc);
+  std::vector<AccumulateTensor> tensors(a.size());
+  for (size_t k = 0; k < a.size(); ++k) {
+    tensors[k] = AccumulateTensor{a[k].data_ptr(), g[k].const_data_ptr(),
+                                  dtype_code(a[k].scalar_type()),
+                                  dtype_code(g[k].scalar_type())};
+  }
+  const ChunkPlan plan = make_chunk_plan(numels(acc));
+  const int64_t n = static_cast<int64_t>(plan.chunks.size());
+  if (n > 0) {
+    UploadBlob blob;
+    const size_t o_tensors = blob.add(tensors);
+    const size_t o_chunks = blob.add(plan.chunks);
+    const at::Tensor d_blob = Backend::upload(blob.bytes(), acc[0].device());
+    launch_accumulate(blob_at<const AccumulateTensor>(d_blob, o_tensors),
+                      blob_at<const Chunk>(d_blob, o_chunks), n, weight, Backend::stream());
+    Backend::check_launch();
+  }
+  write_back(acc, a);
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_impl(
+    at::TensorList before, at::TensorList after, at::TensorList avg_grad,
+    const c10::optional<at::Tensor>& bin_edges, bool row_sums,
+    at::TensorList cum_lca, at::TensorList helped_steps, at::TensorList lca_out,
+    bool check_finite_values) {
+  const std::vector<double> edges =
+      check_allocate_op(before, after, avg_grad, bin_edges, cum_lca, helped_steps,
+                        lca_out, check_finite_values);
+  const at::Device device = before[0].device();
+  const typename Backend::Guard guard(device);
+  Backend::check_not_capturing("allocate");
+
+  const auto b = contiguous_all(before);
+  const auto a = contiguous_all(after);
+  const auto g = contiguous_all(avg_grad);
+  // in-place outputs: dense views (copies only of strided caller tensors)
+  const auto cum = contiguous_all(cum_lca);
+  const auto helped = contiguous_all(helped_steps);
+  const auto out = contiguous_all(lca_out);
+
+  const int64_t K = static_cast<int64_t>(before.size());
+  const std::vector<int64_t> nrows = rows_per_tensor(before);
+  std::vector<AllocateTensor> tensors(K);
+  int64_t total_rows = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    AllocateTensor& t = tensors[k];
+    t.before = b[k].const_data_ptr();
+    t.after = a[k].const_data_ptr();
+    t.grad = g[k].const_data_ptr();
+    t.param_t = dtype_code(b[k].scalar_type());
+    t.grad_t = dtype_code(g[k].scalar_type());
+    t.row_len = nrows[k] > 0 ? b[k].numel() / nrows[k] : 0;
+    t.row_offset = total_rows;
+    total_rows += nrows[k];
+    t.cum_lca = data_or_null(cum, k);
+    t.cum_t = cum.empty() ? kF32 : dtype_code(cum[k].scalar_type());
+    t.helped_steps = helped.empty() ? nullptr : helped[k].data_ptr<int32_t>();
+    t.lca_out = data_or_null(out, k);
+    t.out_t = out.empty() ? kF32 : dtype_code(out[k].scalar_type());
+    t.vector = vector_loads_enabled() &&
+               vector_aligned(t.before, b[k].element_size()) &&
+               vector_aligned(t.after, a[k].element_size()) &&
+               vector_aligned(t.grad, g[k].element_size());
+  }
+
+  const auto f64 = before[0].options().dtype(at::kDouble);
+  const auto i64 = before[0].options().dtype(at::kLong);
+  at::Tensor sums = at::zeros({K}, f64);
+  at::Tensor counts = at::zeros({K, 4}, i64);
+  // zeros matter: rows no block owns are added up by the cleanup kernel, and
+  // rows of empty tensors and histogram slots start at 0
+  at::Tensor rows_out = at::zeros({row_sums ? total_rows : 0}, f64);
+  const int64_t num_edges = static_cast<int64_t>(edges.size());
+  at::Tensor hist = at::zeros({K, num_edges ? num_edges + 1 : 0}, i64);
+
+  const ChunkPlan plan = make_chunk_plan(numels(before));
+  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
+  if (nchunks > 0) {
+    UploadBlob blob;
+    const size_t o_tensors = blob.add(tensors);
+    const size_t o_chunks = blob.add(plan.chunks);
+    const size_t o_first = blob.add(plan.first_chunk);
+    const size_t o_edges = blob.add(edges);
+    const at::Tensor d_blob = Backend::upload(blob.bytes(), device);
+    const at::Tensor d_partials = scratch<ChunkPartial>(nchunks, device);
+
+    AllocateArgs args{};
+    args.tensors = blob_at<const AllocateTensor>(d_blob, o_tensors);
+    args.chunks = blob_at<const Chunk>(d_blob, o_chunks);
+    args.first_chunk = blob_at<const int64_t>(d_blob, o_first);
+    args.partials = static_cast<ChunkPartial*>(d_partials.data_ptr());
+    args.num_tensors = K;
+    args.num_chunks = nchunks;
+    args.edges = num_edges ? blob_at<const double>(d_blob, o_edges) : nullptr;
+    args.num_edges = num_edges;
+    args.sums = sums.data_ptr<double>();
+    args.counts = counts.data_ptr<int64_t>();
+    args.row_sums = row_sums ? rows_out.data_ptr<double>() : nullptr;
+    args.histogram = num_edges ? hist.data_ptr<int64_t>() : nullptr;
+    launch_allocate(args, Backend::stream());
+    Backend::check_launch();
+  }
+  write_back(cum_lca, cum);
+  write_back(helped_steps, helped);
+  write_back(lca_out, out);
+  return {sums, counts, rows_out, hist};
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> allocate_classes_impl(
+    at::TensorList before, at::TensorList after, at::TensorList class_grads,
+    bool check_finite_values) {
+  const int64_t C =
+      check_allocate_classes_op(before, after, class_grads, check_finite_values);
+  const at::Device device = before[0].device();
+  const typename Backend::Guard guard(device);
+  Backend::check_not_capturing("allocate_classes");
+
+  const int64_t K = static_cast<int64_t>(before.size());
+  const auto opts = before[0].options();
+  at::Tensor sums = at::zeros({C, K}, opts.dtype(at::kDouble));
+  at::Tensor counts = at::zeros({C, K, 4}, opts.dtype(at::kLong));
+  const ChunkPlan plan = make_chunk_plan(numels(before));
+  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
+  if (C == 0 || nchunks == 0) return {sums, counts};  // nothing to add up: zeros
+  const int64_t groups = (C + kClassGroup - 1) / kClassGroup;
+  TORCH_CHECK(groups <= 65535, "lca_ext.allocate_classes: ", C,
+              " classes; the CUDA kernel handles at most ", 65535 * kClassGroup);
+
+  const auto b = contiguous_all(before);
+  const auto a = contiguous_all(after);
+  const auto g = contiguous_all(class_grads);
+  std::vector<ClassTensor> tensors(K);
+  for (int64_t k = 0; k < K; ++k) {
+    tensors[k] = ClassTensor{b[k].const_data_ptr(), a[k].const_data_ptr(),
+                             g[k].const_data_ptr(), dtype_code(b[k].scalar_type()),
+                             dtype_code(g[k].scalar_type()), b[k].numel()};
+  }
+  UploadBlob blob;
+  const size_t o_tensors = blob.add(tensors);
+  const size_t o_chunks = blob.add(plan.chunks);
+  const size_t o_first = blob.add(plan.first_chunk);
+  const at::Tensor d_blob = Backend::upload(blob.bytes(), device);
+  const at::Tensor d_partials = scratch<ClassPartial>(nchunks * C, device);
+
+  AllocateClassesArgs args{};
+  args.tensors = blob_at<const ClassTensor>(d_blob, o_tensors);
+  args.chunks = blob_at<const Chunk>(d_blob, o_chunks);
+  args.first_chunk = blob_at<const int64_t>(d_blob, o_first);
+  args.partials = static_cast<ClassPartial*>(d_partials.data_ptr());
+  args.num_tensors = K;
+  args.num_chunks = nchunks;
+  args.num_classes = C;
+  args.sums = sums.data_ptr<double>();
+  args.counts = counts.data_ptr<int64_t>();
+  launch_allocate_classes(args, Backend::stream());
+  Backend::check_launch();
+  return {sums, counts};
+}
+
+template <class Backend>
+void sign_changes_impl(at::TensorList last_sign, at::TensorList changes,
+                       at::TensorList x, at::TensorList base) {
+  check_sign_changes_inputs(last_sign, changes, x, base);
+  const at::Device device = x[0].device();
+  const typename Backend::Guard guard(device);
+  Backend::check_not_capturing("sign_changes_");
+  const auto xs = contiguous_all(x);
+  const auto bs = contiguous_all(base);
+  auto ls = contiguous_all(last_sign);
+  auto cs = contiguous_all(changes);
+  std::vector<SignChangesTensor> tensors(xs.size());
+  for (size_t k = 0; k < xs.size(); ++k) {
+    tensors[k] = SignChangesTensor{ls[k].data_ptr<int8_t>(), cs[k].data_ptr<int32_t>(),
+                                   xs[k].const_data_ptr(),
+                                   bs.empty() ? nullptr : bs[k].const_data_ptr(),
+                                   dtype_code(xs[k].scalar_type())};
+  }
+  const ChunkPlan plan = make_chunk_plan(numels(x));
+  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
+  if (nchunks > 0) {
+    UploadBlob blob;
+    const size_t o_tensors = blob.add(tensors);
+    const size_t o_chunks = blob.add(plan.chunks);
+    const at::Tensor d_blob = Backend::upload(blob.bytes(), device);
+    launch_sign_changes(blob_at<const SignChangesTensor>(d_blob, o_tensors),
+                        blob_at<const Chunk>(d_blob, o_chunks), nchunks,
+                        Backend::stream());
+    Backend::check_launch();
+  }
+  write_back(last_sign, ls);
+  write_back(changes, cs);
+}
+
+}  // namespace cuda
+}  // namespace lca_ext

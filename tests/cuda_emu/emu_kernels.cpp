@@ -1,0 +1,37 @@
+// The project's CUDA kernel sources, compiled by the host compiler against the
+// CPU emulator (emu_runtime.h).  Nothing here is a copy: the #includes below
+// are the very files nvcc compiles for the GPU.
+#include "emu_runtime.h"
+
+#include "cuda/accumulate_kernel.cu"
+#include "cuda/allocate_kernel.cu"
+#include "cuda/sign_changes_kernel.cu"
+
+namespace lca_emu {
+
+void set_schedule_seed(uint64_t seed) { set_schedule(seed); }
+int64_t launch_count() { return rt().launches; }
+
+// A kernel with a collective that only some lanes reach: the emulator must
+// report it (the tests check that it does, so a silent emulator cannot pass).
+namespace {
+__global__ void divergent_shuffle_kernel(int* out) {
+  int v = static_cast<int>(threadIdx.x);
+  if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+__global__ void missing_syncthreads_kernel(int* out) {
+  if (threadIdx.x == 0) __syncthreads();  // the other threads never arrive... then exit
+  out[threadIdx.x] = 1;
+}
+}  // namespace
+
+void run_selftest(int which, int* out) {
+  if (which == 0) {
+    LCA_EMU_LAUNCH(divergent_shuffle_kernel, 1, 64, 0, out);
+  } else {
+    LCA_EMU_LAUNCH(missing_syncthreads_kernel, 1, 64, 0, out);
+  }
+}
+
+}  // namespace lca_emu

@@ -1,0 +1,56 @@
+"""Builds and loads the CPU emulator of the CUDA kernels (tests/cuda_emu).
+
+torch.ops.lca_ext_emu.* take CPU tensors and run the CUDA path of every op: the
+torch glue of csrc/cuda/ops_impl.h and the kernel sources csrc/cuda/*.cu
+themselves, compiled as C++ against tests/cuda_emu/emu_runtime.h.  It needs the
+CUDA headers (cuda_fp16.h, cuda_bf16.h, vector_types.h; no GPU, no driver) and a
+C++ compiler; the tests skip when they are missing.  The build (~1 min on two
+cores) is cached under build/cuda-emu-<torch version>/.
+"""
+import glob
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+_ops = None
+
+
+def cuda_include_dir():
+    """A directory holding cuda_fp16.h, or None."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    roots += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for r in roots:
+        if r and os.path.isfile(os.path.join(r, "include", "cuda_fp16.h")):
+            return os.path.join(r, "include")
+    return None
+
+
+def load():
+    """torch.ops.lca_ext_emu, built on first use; skips the test if it cannot be."""
+    global _ops
+    if _ops is not None:
+        return _ops
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("the CUDA emulator needs the CUDA headers (set CUDA_HOME)")
+    from torch.utils import cpp_extension
+
+    build = os.path.join(ROOT, "build", "cuda-emu-" + torch.__version__.replace("+", "_"))
+    os.makedirs(build, exist_ok=True)
+    cpp_extension.load(
+        name="lca_ext_cuda_emu",
+        sources=[os.path.join(EMU, "emu_ops.cpp"), os.path.join(EMU, "emu_kernels.cpp"),
+                 os.path.join(CSRC, "validate.cpp")],
+        extra_include_paths=[CSRC, include],
+        # -ffp-contract=off: a*b+c stays two roundings, as nvcc's __fmul_rn/__fadd_rn
+        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"],
+        build_directory=build,
+        is_python_module=False,
+        verbose=False,
+    )
+    _ops = torch.ops.lca_ext_emu
+    return _ops

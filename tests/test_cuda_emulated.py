@@ -1,0 +1,296 @@
+"""The CUDA path of every op, run on the CPU by the kernel emulator.
+
+torch.ops.lca_ext_emu.* run the same code a GPU runs for torch.ops.lca_ext.*:
+the torch glue (csrc/cuda/ops_impl.h: checks, dense views, packed tables,
+launch) and the kernel sources csrc/cuda/*.cu, compiled as C++ against
+tests/cuda_emu/emu_runtime.h (threads as fibers, warp shuffles and
+__syncthreads checked for convergence).  Each result is compared with the CPU
+kernels and the torch reference: counts, histograms and per-parameter state bit
+for bit, float64 sums to rounding (they add the same values in another order).
+So the indexing, chunking, row walk, histogram and cleanup logic of the CUDA
+kernels is tested on every CI run, GPU or not.  What only a GPU can show (the
+memory model, speed) is in test_cuda_extra.py and benchmarks/test_bench_cuda.py.
+"""
+import math
+
+import pytest
+import torch
+
+import cuda_emulator
+import lca_ext
+from lca_ext import reference
+from lca_ext.ops import Allocation
+from helpers import abs_scale, assert_allocation_equal, make_step
+
+CHUNK = lca_ext.build_info()["chunk_size"]
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    ops = cuda_emulator.load()
+    ops.set_schedule(0)
+    yield ops
+    ops.set_schedule(0)
+
+
+def emu_allocate(emu, b, a, g, *, bin_edges=None, row_sums=False, cum_lca=(), helped_steps=(),
+                 lca_out=(), check_finite=True):
+    return Allocation(*emu.allocate(b, a, g, bin_edges, row_sums, list(cum_lca),
+                                    list(helped_steps), list(lca_out), check_finite))
+
+
+def cpu_allocate(b, a, g, **kw):
+    return lca_ext.allocate(b, a, g, **kw)
+
+
+# ---------------------------------------------------------------------------
+# the emulator itself
+
+
+def test_emulator_reports_divergent_collectives(emu):
+    """A shuffle only half a warp reaches and a __syncthreads only one thread
+    reaches are errors, not silent results (else a passing test means little)."""
+    with pytest.raises(RuntimeError, match="exited while its warp waits at a shuffle"):
+        emu.selftest(0)
+    with pytest.raises(RuntimeError, match="exited while others wait at __syncthreads"):
+        emu.selftest(1)
+
+
+# ---------------------------------------------------------------------------
+# allocate
+
+ROW_SHAPES = {
+    "row_len_1": [(3 * CHUNK + 5,)],
+    "row_len_2": [(CHUNK // 2 + 3, 2)],
+    "row_len_31": [(700, 31)],
+    "row_len_32": [(2049, 32)],
+    "row_len_33": [(4000, 33)],
+    "row_len_4097": [(20, 4097)],
+    "row_len_chunk": [(3, CHUNK)],
+    "row_len_2chunks": [(2, 2 * CHUNK + 7)],
+    "mixed": [(5, 3), (), (0,), (7, 1), (101, 131), (2, CHUNK + 5000), (33,)],
+}
+
+
+@pytest.mark.parametrize("shapes", ROW_SHAPES.values(), ids=ROW_SHAPES.keys())
+def test_allocate_row_layouts_match_cpu(emu, shapes):
+    b, a, g = make_step(shapes, seed=31)
+    edges = lca_ext.signed_log_edges(1e-6, 1e-1, 6)
+    got = emu_allocate(emu, b, a, g, row_sums=True, bin_edges=edges)
+    want = cpu_allocate(b, a, g, row_sums=True, bin_edges=edges)
+    assert_allocation_equal(got, want, abs_scale(b, a, g))
+    # and without row sums (the other kernel instantiation)
+    got = emu_allocate(emu, b, a, g, bin_edges=edges)
+    assert_allocation_equal(got, cpu_allocate(b, a, g, bin_edges=edges), abs_scale(b, a, g))
+
+
+DTYPE_PAIRS = [(p, q) for p in FLOATS for q in FLOATS]
+
+
+@pytest.mark.parametrize("pdt,gdt", DTYPE_PAIRS, ids=[f"{p}-{q}".replace("torch.", "")
+                                                       for p, q in DTYPE_PAIRS])
+def test_allocate_dtypes_and_state_match_cpu_bitwise(emu, pdt, gdt):
+    shapes = [(64, 33), (CHUNK + 11,), (), (3, 0)]
+    b, a, g = make_step(shapes, pdt, gdt, seed=33)
+    edges = lca_ext.signed_log_edges(1e-8, 1e-1, 10)
+    results, states = {}, {}
+    for name, run in (("emu", lambda *x, **k: emu_allocate(emu, *x, **k)), ("cpu", cpu_allocate)):
+        cum = [torch.full(s, 0.5, dtype=torch.float32) for s in shapes]
+        cum64 = [torch.full(s, 0.5, dtype=torch.float64) for s in shapes]
+        hs = [torch.full(s, 3, dtype=torch.int32) for s in shapes]
+        out = [torch.empty(s, dtype=torch.float64) for s in shapes]
+        results[name] = run(b, a, g, row_sums=True, bin_edges=edges, cum_lca=cum,
+                            helped_steps=hs, lca_out=out)
+        run(b, a, g, cum_lca=cum64)
+        states[name] = cum + cum64 + hs + out
+    assert_allocation_equal(results["emu"], results["cpu"], abs_scale(b, a, g))
+    for x, y in zip(states["emu"], states["cpu"]):
+        assert torch.equal(x, y), (pdt, gdt)
+    # the per-element values themselves against the torch reference
+    for x, bb, aa, gg in zip(states["emu"][-len(shapes):], b, a, g):
+        assert torch.equal(x, reference.lca_values(bb, aa, gg).to(torch.float64))
+
+
+LAYOUTS = ["offset1", "offset3", "strided", "transposed"]
+
+
+def _laid_out(t, layout):
+    """t's values in another memory layout (misaligned, strided, transposed)."""
+    if layout.startswith("offset"):
+        off = int(layout[len("offset"):])
+        buf = torch.empty(t.numel() + off, dtype=t.dtype)
+        view = buf[off:].view(t.shape)
+    elif layout == "strided" and t.dim() >= 1:
+        view = torch.empty((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)[..., ::2]
+    elif layout == "transposed" and t.dim() >= 2:
+        view = torch.empty((*t.shape[:-2], t.shape[-1], t.shape[-2]), dtype=t.dtype).transpose(-1, -2)
+    else:
+        view = torch.empty_like(t)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_allocate_views_and_inplace_state_match_cpu(emu, layout):
+    shapes = [(37, 65), (CHUNK + 99,), (9, 3)]
+    b, a, g = make_step(shapes, torch.float32, torch.bfloat16, seed=37)
+    b, a, g = ([_laid_out(x, layout) for x in xs] for xs in (b, a, g))
+    got_state = [_laid_out(torch.full(s, 0.25), layout) for s in shapes]
+    want_state = [torch.full(s, 0.25) for s in shapes]
+    got = emu_allocate(emu, b, a, g, row_sums=True, cum_lca=got_state)
+    want = cpu_allocate([x.contiguous() for x in b], [x.contiguous() for x in a],
+                        [x.contiguous() for x in g], row_sums=True, cum_lca=want_state)
+    assert_allocation_equal(got, want, abs_scale(b, a, g))
+    for x, y in zip(got_state, want_state):
+        assert torch.equal(x, y)  # written back into the caller's strided tensor
+
+
+@pytest.mark.parametrize("num_edges", [2001, 10001])
+def test_allocate_histogram_with_many_slots_matches_reference(emu, num_edges):
+    """Edges too many for shared memory (read from global memory); with 10001,
+    slots too many as well (counted with global atomics)."""
+    b, a, g = make_step([(300, 31), (CHUNK + 3,)], seed=32)
+    edges = torch.linspace(-0.05, 0.05, num_edges, dtype=torch.float64)
+    got = emu_allocate(emu, b, a, g, bin_edges=edges).histogram
+    want = reference.allocate(b, a, g, bin_edges=edges).histogram
+    assert torch.equal(got, want)
+
+
+def test_allocate_nonfinite_values_counted_like_cpu(emu):
+    b, a, g = make_step([(70, 33), (CHUNK + 5,)], seed=38)
+    g[0][3, 4] = float("nan")
+    g[0][10] = float("inf")
+    a[1][CHUNK - 1] = float("-inf")
+    b[1][CHUNK + 2] = float("nan")
+    edges = lca_ext.signed_log_edges(1e-6, 1e-1, 6)
+    got = emu_allocate(emu, b, a, g, bin_edges=edges, check_finite=False)
+    want = cpu_allocate(b, a, g, bin_edges=edges, check_finite=False)
+    assert torch.equal(got.counts, want.counts)
+    assert got.counts[:, 3].tolist() == [34, 2]
+    assert torch.equal(got.histogram, want.histogram)
+    assert torch.equal(got.sums.isnan(), want.sums.isnan())
+
+
+def test_allocate_many_tensors_in_two_launches(emu):
+    """313 tensors of mixed sizes and dtypes: one main launch and one cleanup."""
+    shapes = [((i % 13) + 1, (i * 7) % 61 + 1) for i in range(313)]
+    b, a, g = make_step(shapes, seed=39)
+    b[5], a[5], g[5] = b[5].double(), a[5].double(), g[5].half()
+    edges = lca_ext.signed_log_edges(1e-6, 1e-1, 6)
+    before = emu.launches()
+    got = emu_allocate(emu, b, a, g, row_sums=True, bin_edges=edges)
+    assert emu.launches() - before == 2
+    assert_allocation_equal(got, cpu_allocate(b, a, g, row_sums=True, bin_edges=edges),
+                            abs_scale(b, a, g))
+
+
+def test_allocate_empty_tensors_only(emu):
+    shapes = [(0,), (3, 0)]
+    b, a, g = make_step(shapes, seed=40)
+    edges = lca_ext.signed_log_edges(1e-6, 1e-1, 3)
+    got = emu_allocate(emu, b, a, g, row_sums=True, bin_edges=edges)
+    assert_allocation_equal(got, cpu_allocate(b, a, g, row_sums=True, bin_edges=edges), 0.0)
+
+
+def test_results_do_not_depend_on_thread_or_block_order(emu):
+    """The determinism claim: every float64 sum is added in an order fixed by
+    the sizes alone, so shuffling the order in which blocks run and threads are
+    resumed changes no bit."""
+    shapes = [(40, 33), (2 * CHUNK + 17,), (5, 7), ()]
+    b, a, g = make_step(shapes, seed=41)
+    edges = lca_ext.signed_log_edges(1e-8, 1e-1, 10)
+    class_g = [torch.stack([x, -0.5 * x, 2 * x] * 3) for x in g]  # 9 classes: 2 groups
+    runs = []
+    for seed in (0, 1, 2):
+        emu.set_schedule(seed)
+        res = emu_allocate(emu, b, a, g, row_sums=True, bin_edges=edges)
+        runs.append(list(res) + list(emu.allocate_classes(b, a, class_g, True)))
+    emu.set_schedule(0)
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            assert torch.equal(x, y)
+
+
+def test_errors_are_the_cpu_errors(emu):
+    b, a, g = make_step([(3, 4)], seed=42)
+    with pytest.raises(RuntimeError, match=r"avg_grad\[0\]"):
+        emu_allocate(emu, b, a, [torch.zeros(4, 3)])
+    g[0][0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        emu_allocate(emu, b, a, g)
+
+
+# ---------------------------------------------------------------------------
+# allocate_classes, accumulate_, sign_changes_
+
+
+@pytest.mark.parametrize("num_classes", [0, 1, 8, 9, 17])
+def test_allocate_classes_groups_match_cpu(emu, num_classes):
+    shapes = [(17, 9), (CHUNK + 2,), (), (0,)]
+    b, a, _ = make_step(shapes, torch.bfloat16, seed=35)
+    gen = torch.Generator().manual_seed(36)
+    g = [torch.randn((num_classes, *s), generator=gen) for s in shapes]
+    got = emu.allocate_classes(b, a, g, True)
+    want = lca_ext.allocate_classes(b, a, g)
+    scale = sum(abs_scale(b, a, [x[c] for x in g]) for c in range(num_classes))
+    assert torch.equal(got[1], want.counts)
+    assert torch.allclose(got[0], want.sums, rtol=0, atol=1e-10 * (scale + 1e-30))
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("grad_dtype", FLOATS, ids=str)
+def test_accumulate_bitwise(emu, acc_dtype, grad_dtype):
+    shapes = [(CHUNK + 3,), (17, 5), (), (0,)]
+    gen = torch.Generator().manual_seed(43)
+    grads = [torch.randn(s, generator=gen).to(grad_dtype) for s in shapes]
+    acc0 = [torch.randn(s, generator=gen).to(acc_dtype) for s in shapes]
+    got = [_laid_out(x, "offset1") for x in acc0]
+    want = [x.clone() for x in acc0]
+    emu.accumulate_(got, grads, 0.3)
+    reference.accumulate_(want, grads, 0.3)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_sign_changes_match_cpu(emu, dtype, with_base):
+    shapes = [(CHUNK + 7,), (13, 3), ()]
+    gen = torch.Generator().manual_seed(44)
+    states = {}
+    for name in ("emu", "cpu"):
+        gen.manual_seed(44)
+        last = [torch.randint(-1, 2, s, generator=gen, dtype=torch.int8) for s in shapes]
+        changes = [torch.randint(0, 5, s, generator=gen, dtype=torch.int32) for s in shapes]
+        for _ in range(3):
+            x = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+            x[0][::97] = 0
+            x[0][5] = float("nan")
+            base = [torch.randn(s, generator=gen).to(dtype) for s in shapes] if with_base else []
+            op = emu.sign_changes_ if name == "emu" else torch.ops.lca_ext.sign_changes_
+            op(last, changes, x, base)
+        states[name] = last + changes
+    for x, y in zip(states["emu"], states["cpu"]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("pdt,gdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                                     (torch.float16, torch.float32)], ids=str)
+def test_vector_and_scalar_paths_agree(emu, pdt, gdt, monkeypatch):
+    """LCA_EXT_CUDA_VECTOR=0 forces the scalar loads on aligned tensors: counts,
+    histograms and state must not change; float64 sums only in rounding (the
+    two paths add a lane's elements in another order)."""
+    shapes = [(300, 33), (3, CHUNK + 130), (2 * CHUNK + 100,)]
+    b, a, g = make_step(shapes, pdt, gdt, seed=45)
+    edges = lca_ext.signed_log_edges(1e-8, 1e-1, 10)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LCA_EXT_CUDA_VECTOR", flag)
+        state = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+        res = emu_allocate(emu, b, a, g, row_sums=True, bin_edges=edges, cum_lca=state)
+        runs.append((res, state))
+    (vec, vec_state), (sca, sca_state) = runs
+    assert_allocation_equal(vec, sca, abs_scale(b, a, g))
+    for x, y in zip(vec_state, sca_state):
+        assert torch.equal(x, y)
