@@ -103,6 +103,21 @@ void write_back(at::TensorList caller, const std::vector<at::Tensor>& dense) {
     if (!dense[k].is_same(caller[k])) caller[k].copy_(dense[k]);
 }
 
+AllocateViews dense_allocate_views(at::TensorList before, at::TensorList after,
+                                   at::TensorList avg_grad, at::TensorList cum_lca,
+                                   at::TensorList helped_steps, at::TensorList lca_out) {
+  return AllocateViews{contiguous_all(before),  contiguous_all(after),
+                       contiguous_all(avg_grad), contiguous_all(cum_lca),
+                       contiguous_all(helped_steps), contiguous_all(lca_out)};
+}
+
+void AllocateViews::write_back_state(at::TensorList cum_lca, at::TensorList helped_steps,
+                                     at::TensorList lca_out) const {
+  write_back(cum_lca, cum);
+  write_back(helped_steps, helped);
+  write_back(lca_out, out);
+}
+
 std::vector<int64_t> rows_per_tensor(at::TensorList list) {
   std::vector<int64_t> rows;
   rows.reserve(list.size());

@@ -42,6 +42,18 @@ std::vector<at::Tensor> contiguous_all(at::TensorList list);
 // copies each back into the caller's tensor where that was not dense itself.
 void write_back(at::TensorList caller, const std::vector<at::Tensor>& dense);
 
+// Dense views of allocate's lists: the three inputs and the three in-place
+// state lists (a copy only of a strided caller tensor; write_back_state puts
+// those copies back into the caller's tensors after the kernel).
+struct AllocateViews {
+  std::vector<at::Tensor> b, a, g, cum, helped, out;
+  void write_back_state(at::TensorList cum_lca, at::TensorList helped_steps,
+                        at::TensorList lca_out) const;
+};
+AllocateViews dense_allocate_views(at::TensorList before, at::TensorList after,
+                                   at::TensorList avg_grad, at::TensorList cum_lca,
+                                   at::TensorList helped_steps, at::TensorList lca_out);
+
 // Number of "rows" (neurons) of each tensor: size(0), or 1 for a 0-d tensor.
 std::vector<int64_t> rows_per_tensor(at::TensorList list);
 std::vector<int64_t> numels(at::TensorList list);

@@ -245,13 +245,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
       check_allocate_op(before, after, avg_grad, bin_edges, cum_lca, helped_steps,
                         lca_out, check_finite_values);
 
-  const auto b = contiguous_all(before);
-  const auto a = contiguous_all(after);
-  const auto g = contiguous_all(avg_grad);
-  // in-place outputs: dense views (copies only of strided caller tensors)
-  const auto cum = contiguous_all(cum_lca);
-  const auto helped = contiguous_all(helped_steps);
-  const auto out = contiguous_all(lca_out);
+  const AllocateViews v =
+      dense_allocate_views(before, after, avg_grad, cum_lca, helped_steps, lca_out);
+  const auto &b = v.b, &a = v.a, &g = v.g, &cum = v.cum, &helped = v.helped, &out = v.out;
 
   const int64_t K = static_cast<int64_t>(before.size());
   const std::vector<int64_t> nrows = rows_per_tensor(before);
@@ -343,9 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_cpu(
         hp[k * nslots + w % nslots] += hist_partials[c * kHistWays * nslots + w];
     }
   }
-  write_back(cum_lca, cum);
-  write_back(helped_steps, helped);
-  write_back(lca_out, out);
+  v.write_back_state(cum_lca, helped_steps, lca_out);
   return {sums, counts, rows_out, hist};
 }
 

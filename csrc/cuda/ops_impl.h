@@ -44,6 +44,31 @@ inline T* blob_at(const at::Tensor& blob, size_t offset) {
   return reinterpret_cast<T*>(static_cast<unsigned char*>(blob.data_ptr()) + offset);
 }
 
+// An op's small tables (per-tensor descriptors, the chunk table, each tensor's
+// first chunk, the bin edges if any) packed into one buffer and uploaded in one
+// copy; the accessors give their device addresses.
+template <class Backend, typename T>
+struct UploadedTables {
+  at::Tensor blob;
+  size_t o_tensors, o_chunks, o_first, o_edges;
+  bool has_edges;
+
+  UploadedTables(const std::vector<T>& tensors, const ChunkPlan& plan, const at::Device& device,
+                 const std::vector<double>& edges = {}) {
+    UploadBlob packed;
+    o_tensors = packed.add(tensors);
+    o_chunks = packed.add(plan.chunks);
+    o_first = packed.add(plan.first_chunk);
+    o_edges = packed.add(edges);
+    has_edges = !edges.empty();
+    blob = Backend::upload(packed.bytes(), device);
+  }
+  const T* tensors() const { return blob_at<const T>(blob, o_tensors); }
+  const Chunk* chunks() const { return blob_at<const Chunk>(blob, o_chunks); }
+  const int64_t* first_chunk() const { return blob_at<const int64_t>(blob, o_first); }
+  const double* edges() const { return has_edges ? blob_at<const double>(blob, o_edges) : nullptr; }
+};
+
 // Device scratch for n plain structs (the per-chunk partials); every kernel
 // that reads an entry runs after the one that wrote it, on the same stream.
 template <typename T>
@@ -80,12 +105,8 @@ void accumulate_impl(at::TensorList acc, at::TensorList grads, double weight) {
   const ChunkPlan plan = make_chunk_plan(numels(acc));
   const int64_t n = static_cast<int64_t>(plan.chunks.size());
   if (n > 0) {
-    UploadBlob blob;
-    const size_t o_tensors = blob.add(tensors);
-    const size_t o_chunks = blob.add(plan.chunks);
-    const at::Tensor d_blob = Backend::upload(blob.bytes(), acc[0].device());
-    launch_accumulate(blob_at<const AccumulateTensor>(d_blob, o_tensors),
-                      blob_at<const Chunk>(d_blob, o_chunks), n, weight, Backend::stream());
+    const UploadedTables<Backend, AccumulateTensor> tables(tensors, plan, acc[0].device());
+    launch_accumulate(tables.tensors(), tables.chunks(), n, weight, Backend::stream());
     Backend::check_launch();
   }
   write_back(acc, a);
@@ -104,13 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_impl(
   const typename Backend::Guard guard(device);
   Backend::check_not_capturing("allocate");
 
-  const auto b = contiguous_all(before);
-  const auto a = contiguous_all(after);
-  const auto g = contiguous_all(avg_grad);
-  // in-place outputs: dense views (copies only of strided caller tensors)
-  const auto cum = contiguous_all(cum_lca);
-  const auto helped = contiguous_all(helped_steps);
-  const auto out = contiguous_all(lca_out);
+  const AllocateViews v =
+      dense_allocate_views(before, after, avg_grad, cum_lca, helped_steps, lca_out);
+  const auto &b = v.b, &a = v.a, &g = v.g, &cum = v.cum, &helped = v.helped, &out = v.out;
 
   const int64_t K = static_cast<int64_t>(before.size());
   const std::vector<int64_t> nrows = rows_per_tensor(before);
@@ -150,22 +167,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_impl(
   const ChunkPlan plan = make_chunk_plan(numels(before));
   const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
   if (nchunks > 0) {
-    UploadBlob blob;
-    const size_t o_tensors = blob.add(tensors);
-    const size_t o_chunks = blob.add(plan.chunks);
-    const size_t o_first = blob.add(plan.first_chunk);
-    const size_t o_edges = blob.add(edges);
-    const at::Tensor d_blob = Backend::upload(blob.bytes(), device);
+    const UploadedTables<Backend, AllocateTensor> tables(tensors, plan, device, edges);
     const at::Tensor d_partials = scratch<ChunkPartial>(nchunks, device);
 
     AllocateArgs args{};
-    args.tensors = blob_at<const AllocateTensor>(d_blob, o_tensors);
-    args.chunks = blob_at<const Chunk>(d_blob, o_chunks);
-    args.first_chunk = blob_at<const int64_t>(d_blob, o_first);
+    args.tensors = tables.tensors();
+    args.chunks = tables.chunks();
+    args.first_chunk = tables.first_chunk();
     args.partials = static_cast<ChunkPartial*>(d_partials.data_ptr());
     args.num_tensors = K;
     args.num_chunks = nchunks;
-    args.edges = num_edges ? blob_at<const double>(d_blob, o_edges) : nullptr;
+    args.edges = tables.edges();
     args.num_edges = num_edges;
     args.sums = sums.data_ptr<double>();
     args.counts = counts.data_ptr<int64_t>();
@@ -174,9 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_impl(
     launch_allocate(args, Backend::stream());
     Backend::check_launch();
   }
-  write_back(cum_lca, cum);
-  write_back(helped_steps, helped);
-  write_back(lca_out, out);
+  v.write_back_state(cum_lca, helped_steps, lca_out);
   return {sums, counts, rows_out, hist};
 }
 
@@ -210,17 +220,13 @@ std::tuple<at::Tensor, at::Tensor> allocate_classes_impl(
                              g[k].const_data_ptr(), dtype_code(b[k].scalar_type()),
                              dtype_code(g[k].scalar_type()), b[k].numel()};
   }
-  UploadBlob blob;
-  const size_t o_tensors = blob.add(tensors);
-  const size_t o_chunks = blob.add(plan.chunks);
-  const size_t o_first = blob.add(plan.first_chunk);
-  const at::Tensor d_blob = Backend::upload(blob.bytes(), device);
+  const UploadedTables<Backend, ClassTensor> tables(tensors, plan, device);
   const at::Tensor d_partials = scratch<ClassPartial>(nchunks * C, device);
 
   AllocateClassesArgs args{};
-  args.tensors = blob_at<const ClassTensor>(d_blob, o_tensors);
-  args.chunks = blob_at<const Chunk>(d_blob, o_chunks);
-  args.first_chunk = blob_at<const int64_t>(d_blob, o_first);
+  args.tensors = tables.tensors();
+  args.chunks = tables.chunks();
+  args.first_chunk = tables.first_chunk();
   args.partials = static_cast<ClassPartial*>(d_partials.data_ptr());
   args.num_tensors = K;
   args.num_chunks = nchunks;
@@ -253,13 +259,8 @@ void sign_changes_impl(at::TensorList last_sign, at::TensorList changes,
   const ChunkPlan plan = make_chunk_plan(numels(x));
   const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
   if (nchunks > 0) {
-    UploadBlob blob;
-    const size_t o_tensors = blob.add(tensors);
-    const size_t o_chunks = blob.add(plan.chunks);
-    const at::Tensor d_blob = Backend::upload(blob.bytes(), device);
-    launch_sign_changes(blob_at<const SignChangesTensor>(d_blob, o_tensors),
-                        blob_at<const Chunk>(d_blob, o_chunks), nchunks,
-                        Backend::stream());
+    const UploadedTables<Backend, SignChangesTensor> tables(tensors, plan, device);
+    launch_sign_changes(tables.tensors(), tables.chunks(), nchunks, Backend::stream());
     Backend::check_launch();
   }
   write_back(last_sign, ls);
