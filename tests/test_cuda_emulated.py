@@ -20,7 +20,7 @@ import cuda_emulator
 import lca_ext
 from lca_ext import reference
 from lca_ext.ops import Allocation
-from helpers import abs_scale, assert_allocation_equal, make_step
+from helpers import abs_scale, assert_allocation_equal, assert_sums_close, make_step
 
 CHUNK = lca_ext.build_info()["chunk_size"]
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -55,6 +55,16 @@ def test_emulator_reports_divergent_collectives(emu):
         emu.selftest(0)
     with pytest.raises(RuntimeError, match="exited while others wait at __syncthreads"):
         emu.selftest(1)
+
+
+def test_emulator_reports_memory_misuse(emu):
+    """A misaligned vector load and a write past the dynamic shared memory are
+    errors; shared memory a kernel never wrote reads as garbage, not zero."""
+    with pytest.raises(RuntimeError, match="16-byte vector load from a misaligned address"):
+        emu.selftest(2)
+    with pytest.raises(RuntimeError, match="past the end of the 256 bytes of dynamic shared"):
+        emu.selftest(3)
+    assert emu.selftest(4) == 0xA5A5A5A5 - 2**32
 
 
 # ---------------------------------------------------------------------------
@@ -277,10 +287,10 @@ def test_sign_changes_match_cpu(emu, dtype, with_base):
 
 @pytest.mark.parametrize("pdt,gdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
                                      (torch.float16, torch.float32)], ids=str)
-def test_vector_and_scalar_paths_agree(emu, pdt, gdt, monkeypatch):
-    """LCA_EXT_CUDA_VECTOR=0 forces the scalar loads on aligned tensors: counts,
-    histograms and state must not change; float64 sums only in rounding (the
-    two paths add a lane's elements in another order)."""
+def test_vector_and_scalar_loads_agree_bitwise(emu, pdt, gdt, monkeypatch):
+    """LCA_EXT_CUDA_VECTOR=0 forces scalar loads on aligned tensors; every
+    result, float64 sums included, must stay the same to the bit (the order of
+    the sums depends on the sizes alone, not on how the elements are loaded)."""
     shapes = [(300, 33), (3, CHUNK + 130), (2 * CHUNK + 100,)]
     b, a, g = make_step(shapes, pdt, gdt, seed=45)
     edges = lca_ext.signed_log_edges(1e-8, 1e-1, 10)
@@ -291,6 +301,43 @@ def test_vector_and_scalar_paths_agree(emu, pdt, gdt, monkeypatch):
         res = emu_allocate(emu, b, a, g, row_sums=True, bin_edges=edges, cum_lca=state)
         runs.append((res, state))
     (vec, vec_state), (sca, sca_state) = runs
-    assert_allocation_equal(vec, sca, abs_scale(b, a, g))
-    for x, y in zip(vec_state, sca_state):
+    for x, y in zip(list(vec) + vec_state, list(sca) + sca_state):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("which", ["before", "after", "grad", "none"])
+def test_one_misaligned_input_takes_scalar_loads_same_bits(emu, dtype, which):
+    """Only one of the three inputs misaligned (a storage offset of one element):
+    the vector loads must not be used for that tensor (the emulator reports a
+    misaligned vector load), and the results equal the aligned run's bit for bit."""
+    shapes = [(200, 65), (CHUNK + 300,)]
+    b, a, g = make_step(shapes, dtype, dtype, seed=47)
+    edges = lca_ext.signed_log_edges(1e-8, 1e-1, 10)
+    aligned = emu_allocate(emu, b, a, g, row_sums=True, bin_edges=edges)
+    lists = {"before": b, "after": a, "grad": g}
+    if which != "none":
+        lists[which] = [_laid_out(x, "offset1") for x in lists[which]]
+    got = emu_allocate(emu, lists["before"], lists["after"], lists["grad"], row_sums=True,
+                       bin_edges=edges)
+    for x, y in zip(got, aligned):
+        assert torch.equal(x, y)
+    assert_allocation_equal(got, cpu_allocate(b, a, g, row_sums=True, bin_edges=edges),
+                            abs_scale(b, a, g))
+
+
+@pytest.mark.parametrize("offset", [2**31, 2**32 + 3 * 2**16], ids=["2^31", "2^32+"])
+@pytest.mark.parametrize("row_len", [1, 33, 1000, 3 * 2**30])
+def test_allocate_64bit_indexing(emu, offset, row_len):
+    """The last 3 chunks + 1000 elements of a tensor of more than 2^31 (or 2^32)
+    elements: flat indices, chunk bounds and row numbers beyond 32 bits (only
+    that tail is in memory; see allocate_far in tests/cuda_emu/emu_ops.cpp)."""
+    n = 3 * CHUNK + 1000
+    b, a, g = make_step([(n,)], seed=46)
+    sums, counts, rows = emu.allocate_far(b[0], a[0], g[0], offset, row_len)
+    x = reference.lca_values(b[0], a[0], g[0]).double()
+    assert_sums_close(sums[0], x.sum(), x.abs().sum().item())
+    assert counts[0].tolist() == [int((x < 0).sum()), int((x > 0).sum()), int((x == 0).sum()), 0]
+    row_of = (torch.arange(n, dtype=torch.int64) + offset) // row_len - offset // row_len
+    want_rows = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, row_of, x)
+    assert_sums_close(rows, want_rows, x.abs().sum().item())

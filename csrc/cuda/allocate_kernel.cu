@@ -198,18 +198,31 @@ struct WarpRows {
 };
 
 // kVec consecutive elements from an address aligned to vector_alignment:
-// one 128-bit load for fp32, one 64-bit load for fp16/bf16, two 128-bit loads
-// for fp64.
-template <typename T>
-struct alignas(sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16) VecOf {
-  T v[kVec];
-};
-
+// one 128-bit load for fp32, one 64-bit load for fp16/bf16 (fp64 never takes
+// the vector path).
+// The inputs are only read during the kernel, so the loads may take the
+// read-only (non-coherent) global path; __ldg also tells the compiler the
+// address is global (the pointers come from a table in memory, so it cannot
+// infer that and would emit generic loads).
+__device__ __forceinline__ void load_vec(const float* __restrict__ p, float (&out)[kVec]) {
+  LCA_CHECK_ALIGNED(p, 16);
+  const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
+// fp16 / bf16: one 64-bit load of four 16-bit values
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, T (&out)[kVec]) {
-  const VecOf<T> v = *reinterpret_cast<const VecOf<T>*>(p);
+  static_assert(sizeof(T) == 2 && sizeof(uint2) == kVec * sizeof(T), "16-bit types");
+  LCA_CHECK_ALIGNED(p, 8);
+  const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+  const unsigned short h[kVec] = {
+      static_cast<unsigned short>(v.x & 0xffffu), static_cast<unsigned short>(v.x >> 16),
+      static_cast<unsigned short>(v.y & 0xffffu), static_cast<unsigned short>(v.y >> 16)};
 #pragma unroll
-  for (int r = 0; r < kVec; ++r) out[r] = v.v[r];
+  for (int r = 0; r < kVec; ++r) out[r] = bits_to<T>(h[r]);
 }
 
 // One warp's slice of the chunk, in groups of 128 elements: loads a group
@@ -237,21 +250,34 @@ __device__ __forceinline__ void allocate_slice(const AllocateTensor& t, const Ch
   if (kRows && lo < hi) rows.begin(t.row_len, lo, hi, rows_out, s_head + warp, s_tail + warp);
 
   for (int64_t g = lo; g < hi; g += kWarpSize * kUnroll) {
-    // float64 inputs keep the scalar path: their vector path needs more than
-    // the 64 registers that two blocks per SM allow (ptxas spills).
-    constexpr bool kVectorTypes = sizeof(P) <= 4 && sizeof(G) <= 4;
-    if (kVectorTypes && t.vector && g + kWarpSize * kUnroll <= hi) {  // uniform
-      // vector path: kVec consecutive elements per lane, aligned loads
+    // Full groups of 16- and 32-bit inputs: lane l takes elements g + kVec*l + r,
+    // with vector loads when the tensor is aligned and element loads when not,
+    // so the order of every float64 sum is the same either way (it depends on
+    // the sizes and dtypes alone, never on alignment).  float64 inputs keep
+    // the window layout below: their group layout needs more than the 64
+    // registers two blocks per SM allow (ptxas spills).
+    constexpr bool kGroupLayout = sizeof(P) <= 4 && sizeof(G) <= 4;
+    if (kGroupLayout && g + kWarpSize * kUnroll <= hi) {  // uniform across the warp
       const int64_t p0 = g + kVec * lane;
-      P bv[kVec], av[kVec];
-      G gv[kVec];
-      load_vec(before + p0, bv);
-      load_vec(after + p0, av);
-      load_vec(grad + p0, gv);
       T x[kVec];
+      if (t.vector) {
+        P bv[kVec], av[kVec];
+        G gv[kVec];
+        if constexpr (kGroupLayout) {  // (never instantiated for float64)
+          load_vec(before + p0, bv);
+          load_vec(after + p0, av);
+          load_vec(grad + p0, gv);
+        }
+#pragma unroll
+        for (int r = 0; r < kVec; ++r) x[r] = lca_value<T>(bv[r], av[r], gv[r]);
+      } else {
+#pragma unroll
+        for (int r = 0; r < kVec; ++r) {
+          x[r] = lca_value<T>(before[p0 + r], after[p0 + r], grad[p0 + r]);
+        }
+      }
 #pragma unroll
       for (int r = 0; r < kVec; ++r) {
-        x[r] = lca_value<T>(bv[r], av[r], gv[r]);
         sum += static_cast<double>(x[r]);
         count_sign(x[r], counts);
         element_extras(t, hist, p0 + r, x[r]);
@@ -259,9 +285,10 @@ __device__ __forceinline__ void allocate_slice(const AllocateTensor& t, const Ch
       if constexpr (kRows) rows.group(g, lane, x);
       continue;
     }
-    // scalar path (misaligned inputs, or the slice's last partial group):
-    // all loads of the group first (the state stores below might alias them
-    // as far as the compiler knows), then the arithmetic
+    // float64 inputs, and the slice's last partial group: windows of 32 (lane
+    // l takes element g + 32j + l), all loads of the group first (the state
+    // stores below might alias them as far as the compiler knows), then the
+    // arithmetic
     P bv[kUnroll], av[kUnroll];
     G gv[kUnroll];
 #pragma unroll

@@ -14,14 +14,18 @@
 // Kernel launches and dynamic shared memory go through these two macros so the
 // same sources also compile as C++ for the CPU emulator the tests run
 // (tests/cuda_emu/emu_runtime.h defines LCA_CUDA_EMULATION).
+// LCA_CHECK_ALIGNED(p, n): the emulator reports a vector load from an address
+// that is not n-byte aligned (a GPU would fault; the host might not notice).
 #if defined(LCA_CUDA_EMULATION)
 #define LCA_LAUNCH(kernel, grid, block, shmem, stream, ...) \
   LCA_EMU_LAUNCH(kernel, grid, block, shmem, __VA_ARGS__)
 #define LCA_DYNAMIC_SHARED(type, name) LCA_EMU_DYNAMIC_SHARED(type, name)
+#define LCA_CHECK_ALIGNED(p, n) LCA_EMU_CHECK_ALIGNED(p, n)
 #else
 #define LCA_LAUNCH(kernel, grid, block, shmem, stream, ...) \
   kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__)
 #define LCA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define LCA_CHECK_ALIGNED(p, n) ((void)0)
 #endif
 
 namespace lca_ext {
@@ -44,6 +48,18 @@ __device__ __forceinline__ void dispatch_float(int32_t t, F&& f) {
     case kF16: f(Tag<__half>{}); break;
     default: f(Tag<__nv_bfloat16>{}); break;
   }
+}
+
+// A 16-bit float from its bits.
+template <typename T>
+__device__ __forceinline__ T bits_to(unsigned short b);
+template <>
+__device__ __forceinline__ __half bits_to<__half>(unsigned short b) {
+  return __ushort_as_half(b);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 bits_to<__nv_bfloat16>(unsigned short b) {
+  return __ushort_as_bfloat16(b);
 }
 
 // The type a tensor's LCA is computed in: float32 unless an input is float64

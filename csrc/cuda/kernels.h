@@ -42,7 +42,7 @@ struct AllocateTensor {
   int32_t* helped_steps;  // or nullptr
   void* lca_out;       // out_t (float32/float64) or nullptr
   int32_t cum_t, out_t;
-  int32_t vector;      // 1: before, after, grad are vector_aligned (launch_plan.h)
+  int32_t vector;      // 1: 16/32-bit before, after, grad, all vector_aligned (launch_plan.h)
 };
 
 struct AllocateArgs {

@@ -35,13 +35,14 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = kBlockThreads / kWarpSize;
 // Windows of 32 elements that one warp loads before it reduces them (ILP).
 constexpr int kUnroll = 4;
-// Vector path: a lane loads kVec consecutive elements of each input at once
-// (fp32: one 128-bit load, fp64: two, fp16/bf16: one 64-bit load).  A warp's
-// group of kUnroll windows (128 elements) is then 4 consecutive elements per
-// lane instead of one element per lane per window; the row walk regroups it
-// into windows with shuffles (WarpRows::group).
+// Group layout of 16- and 32-bit inputs: a warp's group of kUnroll windows
+// (128 elements) is kVec consecutive elements per lane, loaded at once where
+// the tensor is aligned (fp32: one 128-bit load, fp16/bf16: one 64-bit load)
+// and element by element where not; the row walk regroups it into windows
+// with shuffles (WarpRows::group).  float64 inputs use the window layout.
 constexpr int kVec = 4;
 static_assert(kVec == kUnroll, "a vector group is the same elements as kUnroll windows");
+static_assert(kWarpSize % kVec == 0 && kChunkSize % kVec == 0, "groups start kVec-aligned");
 // allocate_classes: classes one block handles together (their float64 sums and
 // counts live in registers); blockIdx.y walks the groups.
 constexpr int kClassGroup = 8;
@@ -97,9 +98,10 @@ LCA_HD void warp_slice(const Chunk& ch, int w, int64_t* lo, int64_t* hi) {
 }
 
 // The alignment the vector path needs of a tensor's base pointer: kVec
-// elements, at most 16 bytes.  Every group starts a multiple of 128 elements
-// past the base (chunks and warp slices are cut at multiples of 32 elements),
-// so an aligned base makes every group's loads aligned.
+// elements, at most 16 bytes.  Every group starts a multiple of 32 elements
+// past the base (chunks start at multiples of kChunkSize, warp slices at
+// multiples of 32 inside them, groups every 128 elements inside a slice), so
+// an aligned base makes every group's loads aligned.
 LCA_HD size_t vector_alignment(size_t elem_size) {
   return elem_size * kVec < 16 ? elem_size * kVec : 16;
 }

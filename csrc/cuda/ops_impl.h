@@ -148,7 +148,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_impl(
     t.helped_steps = helped.empty() ? nullptr : helped[k].data_ptr<int32_t>();
     t.lca_out = data_or_null(out, k);
     t.out_t = out.empty() ? kF32 : dtype_code(out[k].scalar_type());
-    t.vector = vector_loads_enabled() &&
+    // vector loads: 16- and 32-bit inputs on aligned addresses (see allocate_slice)
+    t.vector = vector_loads_enabled() && b[k].element_size() <= 4 && g[k].element_size() <= 4 &&
                vector_aligned(t.before, b[k].element_size()) &&
                vector_aligned(t.after, a[k].element_size()) &&
                vector_aligned(t.grad, g[k].element_size());

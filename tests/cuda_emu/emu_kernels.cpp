@@ -24,13 +24,30 @@ __global__ void missing_syncthreads_kernel(int* out) {
   if (threadIdx.x == 0) __syncthreads();  // the other threads never arrive... then exit
   out[threadIdx.x] = 1;
 }
+__global__ void misaligned_vector_load_kernel(int* out) {
+  alignas(16) static float buf[8] = {};
+  float v[lca_ext::cuda::kVec];
+  lca_ext::cuda::load_vec(buf + 1, v);  // 4 bytes past a 16-byte boundary
+  out[threadIdx.x] = static_cast<int>(v[0]);
+}
+__global__ void shared_overrun_kernel(int* out) {
+  LCA_DYNAMIC_SHARED(int, s);  // launched with 64 ints
+  s[threadIdx.x] = 1;          // 128 threads
+  out[threadIdx.x] = 0;
+}
+__global__ void uninitialised_shared_kernel(int* out) {
+  __shared__ int never_written[4];
+  out[threadIdx.x] = never_written[threadIdx.x % 4];
+}
 }  // namespace
 
 void run_selftest(int which, int* out) {
-  if (which == 0) {
-    LCA_EMU_LAUNCH(divergent_shuffle_kernel, 1, 64, 0, out);
-  } else {
-    LCA_EMU_LAUNCH(missing_syncthreads_kernel, 1, 64, 0, out);
+  switch (which) {
+    case 0: LCA_EMU_LAUNCH(divergent_shuffle_kernel, 1, 64, 0, out); break;
+    case 1: LCA_EMU_LAUNCH(missing_syncthreads_kernel, 1, 64, 0, out); break;
+    case 2: LCA_EMU_LAUNCH(misaligned_vector_load_kernel, 1, 32, 0, out); break;
+    case 3: LCA_EMU_LAUNCH(shared_overrun_kernel, 1, 128, 64 * sizeof(int), out); break;
+    default: LCA_EMU_LAUNCH(uninitialised_shared_kernel, 1, 64, 0, out); break;
   }
 }
 

@@ -18,7 +18,8 @@
 //     fiber runs at a time).  Dynamic shared memory is filled with garbage
 //     (0xA5 bytes) before each block.  Not modelled: the memory model (races
 //     between fibers that the interleaving does not expose), timing, occupancy,
-//     register limits, partial-warp masks.
+//     register limits, partial-warp masks.  Checked besides: vector loads
+//     from misaligned addresses, writes past the dynamic shared memory.
 #pragma once
 
 #define LCA_CUDA_EMULATION 1
@@ -45,12 +46,24 @@
 // Host mode of the CUDA headers defines __shared__ as nothing; in the emulator
 // a __shared__ array is a static local: one copy for the block that is running.
 #undef __shared__
-#define __shared__ static
+// All __shared__ arrays go to one ELF section, which the runtime fills with
+// garbage (0xA5 bytes) before each block, as shared memory is undefined when a
+// block starts on a GPU: a kernel that reads shared memory before writing it
+// gets garbage here too, not a zero or the previous block's value.
+#define __shared__ static __attribute__((section("lca_emu_shared"), aligned(16)))
 #define __launch_bounds__(...)
+
+// bounds of the section, defined by the linker
+extern "C" char __start_lca_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_lca_emu_shared[] __attribute__((weak, visibility("hidden")));
 
 namespace lca_emu {
 
 constexpr int kWarpSize = 32;
+// Dynamic shared memory lives at the start of a buffer of this size (a GPU
+// block can have at most 48 KiB without opting in); the rest of the buffer is a
+// guard: a write past the launch's shmem bytes is found there and reported.
+constexpr size_t kSharedBuffer = size_t(64) << 10;
 
 enum WaitKind : int { kNone = 0, kWarpWait = 1, kBlockWait = 2 };
 enum ShuffleKind : int { kXor = 1, kUp = 2, kDown = 3, kIdx = 4 };
@@ -186,7 +199,12 @@ inline void run_block(const uint3& bidx, size_t shmem) {
   r.block_live = static_cast<int>(nthreads);
   r.block_arrived = 0;
   r.block_gen = 0;
-  r.dyn_shared.assign(shmem, 0xA5);
+  if (shmem > 48 * 1024) throw std::runtime_error("cuda emulator: more than 48 KiB of dynamic shared memory");
+  r.dyn_shared.assign(kSharedBuffer, 0xA5);
+  if (__start_lca_emu_shared && __stop_lca_emu_shared) {
+    std::memset(__start_lca_emu_shared, 0xA5,
+                static_cast<size_t>(__stop_lca_emu_shared - __start_lca_emu_shared));
+  }
   ensure_stacks(nthreads);
   for (unsigned i = 0; i < nthreads; ++i) {
     Fiber& f = r.fibers[i];
@@ -221,7 +239,16 @@ inline void run_block(const uint3& bidx, size_t shmem) {
       progressed = true;
       if (!f.done) ++remaining;
     }
-    if (remaining == 0) return;
+    if (remaining == 0) {
+      for (size_t i = shmem; i < kSharedBuffer; ++i) {
+        if (r.dyn_shared[i] != 0xA5) {
+          throw std::runtime_error("cuda emulator: a write past the end of the " +
+                                   std::to_string(shmem) + " bytes of dynamic shared memory in " +
+                                   where());
+        }
+      }
+      return;
+    }
     if (!progressed) {
       throw std::runtime_error("cuda emulator: deadlock in " + where() + ":" + describe_waits());
     }
@@ -326,6 +353,15 @@ T shuffle(int kind, unsigned mask, T v, int arg, int width) {
   ::lca_emu::launch(#kernel, dim3(grid), dim3(block), (shmem), [&]() { kernel(__VA_ARGS__); })
 #define LCA_EMU_DYNAMIC_SHARED(type, name) \
   type* name = reinterpret_cast<type*>(::lca_emu::rt().dyn_shared.data())
+#define LCA_EMU_CHECK_ALIGNED(p, n)                                                     \
+  do {                                                                                  \
+    if (reinterpret_cast<uintptr_t>(p) % (n) != 0)                                      \
+      ::lca_emu::fail("a " #n "-byte vector load from a misaligned address");          \
+  } while (0)
+
+// read-only loads: plain loads on the host
+inline float4 __ldg(const float4* p) { return *p; }
+inline uint2 __ldg(const uint2* p) { return *p; }
 
 // device code calls the global ::isfinite (CUDA's math API)
 using std::isfinite;
