@@ -248,14 +248,19 @@ def test_allocate_classes_groups_match_cpu(emu, num_classes):
     assert torch.allclose(got[0], want.sums, rtol=0, atol=1e-10 * (scale + 1e-30))
 
 
+@pytest.mark.parametrize("layout", ["aligned", "acc_offset", "grad_offset"])
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("grad_dtype", FLOATS, ids=str)
-def test_accumulate_bitwise(emu, acc_dtype, grad_dtype):
-    shapes = [(CHUNK + 3,), (17, 5), (), (0,)]
+def test_accumulate_bitwise(emu, acc_dtype, grad_dtype, layout):
+    """Against the torch reference bit for bit: the vector path (aligned float32
+    acc, 16/32-bit grads) and the element path (misaligned acc or grad)."""
+    shapes = [(CHUNK + 3,), (17, 5), (), (0,), (2 * CHUNK + 130,)]
     gen = torch.Generator().manual_seed(43)
     grads = [torch.randn(s, generator=gen).to(grad_dtype) for s in shapes]
+    if layout == "grad_offset":
+        grads = [_laid_out(x, "offset1") for x in grads]
     acc0 = [torch.randn(s, generator=gen).to(acc_dtype) for s in shapes]
-    got = [_laid_out(x, "offset1") for x in acc0]
+    got = [_laid_out(x, "offset1" if layout == "acc_offset" else "dense") for x in acc0]
     want = [x.clone() for x in acc0]
     emu.accumulate_(got, grads, 0.3)
     reference.accumulate_(want, grads, 0.3)

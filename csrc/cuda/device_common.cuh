@@ -62,6 +62,34 @@ __device__ __forceinline__ __nv_bfloat16 bits_to<__nv_bfloat16>(unsigned short b
   return __ushort_as_bfloat16(b);
 }
 
+// kVec consecutive elements from an address aligned to vector_alignment:
+// one 128-bit load for fp32, one 64-bit load for fp16/bf16 (fp64 never takes
+// the vector path).
+// The inputs are only read during the kernel, so the loads may take the
+// read-only (non-coherent) global path; __ldg also tells the compiler the
+// address is global (the pointers come from a table in memory, so it cannot
+// infer that and would emit generic loads).
+__device__ __forceinline__ void load_vec(const float* __restrict__ p, float (&out)[kVec]) {
+  LCA_CHECK_ALIGNED(p, 16);
+  const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
+// fp16 / bf16: one 64-bit load of four 16-bit values
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, T (&out)[kVec]) {
+  static_assert(sizeof(T) == 2 && sizeof(uint2) == kVec * sizeof(T), "16-bit types");
+  LCA_CHECK_ALIGNED(p, 8);
+  const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+  const unsigned short h[kVec] = {
+      static_cast<unsigned short>(v.x & 0xffffu), static_cast<unsigned short>(v.x >> 16),
+      static_cast<unsigned short>(v.y & 0xffffu), static_cast<unsigned short>(v.y >> 16)};
+#pragma unroll
+  for (int r = 0; r < kVec; ++r) out[r] = bits_to<T>(h[r]);
+}
+
 // The type a tensor's LCA is computed in: float32 unless an input is float64
 // (the same rule as the CPU's MathType).
 template <typename P, typename G>

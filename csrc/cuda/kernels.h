@@ -21,6 +21,7 @@ struct AccumulateTensor {
   void* acc;         // float32 or float64
   const void* grad;  // any DType
   int32_t acc_t, grad_t;
+  int32_t vector;    // 1: float32 acc, 16/32-bit grad, both vector_aligned
 };
 
 // acc[k] += weight * grad[k] over every chunk (device arrays), one launch.

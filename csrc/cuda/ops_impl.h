@@ -98,9 +98,11 @@ void accumulate_impl(at::TensorList acc, at::TensorList grads, double weight) {
   auto a = contiguous_all(acc);
   std::vector<AccumulateTensor> tensors(a.size());
   for (size_t k = 0; k < a.size(); ++k) {
-    tensors[k] = AccumulateTensor{a[k].data_ptr(), g[k].const_data_ptr(),
-                                  dtype_code(a[k].scalar_type()),
-                                  dtype_code(g[k].scalar_type())};
+    AccumulateTensor& t = tensors[k];
+    t = AccumulateTensor{a[k].data_ptr(), g[k].const_data_ptr(), dtype_code(a[k].scalar_type()),
+                         dtype_code(g[k].scalar_type()), 0};
+    t.vector = vector_loads_enabled() && t.acc_t == kF32 && g[k].element_size() <= 4 &&
+               vector_aligned(t.acc, 4) && vector_aligned(t.grad, g[k].element_size());
   }
   const ChunkPlan plan = make_chunk_plan(numels(acc));
   const int64_t n = static_cast<int64_t>(plan.chunks.size());
