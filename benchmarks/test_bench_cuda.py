@@ -266,6 +266,23 @@ def test_allocate_classes(benchmark, class_step, record):
         baseline=f"cuda reference loop allocate_classes ({CLASSES} classes)")
 
 
+def test_allocate_classes_scalar_loads(benchmark, class_step, record, monkeypatch):
+    monkeypatch.setenv("LCA_EXT_CUDA_VECTOR", "0")
+    b, a, g, n = class_step
+    run(benchmark, record, f"cuda allocate_classes, scalar loads ({CLASSES} classes)",
+        lambda: lca_ext.allocate_classes(b, a, g), (2 + CLASSES) * F32 * n,
+        baseline=f"cuda allocate_classes ({CLASSES} classes, {n / 1e6:.1f}M params)")
+
+
+def test_accumulate_scalar_loads(benchmark, step, record, monkeypatch):
+    monkeypatch.setenv("LCA_EXT_CUDA_VECTOR", "0")
+    _, _, grads = step
+    acc = [torch.zeros_like(x) for x in grads]
+    run(benchmark, record, "cuda accumulate_, scalar loads",
+        lambda: lca_ext.accumulate_(acc, grads, 1 / 6), 3 * F32 * NUMEL,
+        baseline="cuda accumulate_ (acc += w * g)")
+
+
 def test_reference_classes(benchmark, class_step, record):
     b, a, g, n = class_step
     run(benchmark, record, f"cuda reference loop allocate_classes ({CLASSES} classes)",

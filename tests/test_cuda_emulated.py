@@ -237,7 +237,8 @@ def test_errors_are_the_cpu_errors(emu):
 
 @pytest.mark.parametrize("num_classes", [0, 1, 8, 9, 17])
 def test_allocate_classes_groups_match_cpu(emu, num_classes):
-    shapes = [(17, 9), (CHUNK + 2,), (), (0,)]
+    # numel % 4 == 0 (vector loads) and not (element loads)
+    shapes = [(17, 9), (16, 8), (CHUNK + 2,), (CHUNK + 4,), (), (0,)]
     b, a, _ = make_step(shapes, torch.bfloat16, seed=35)
     gen = torch.Generator().manual_seed(36)
     g = [torch.randn((num_classes, *s), generator=gen) for s in shapes]
@@ -346,3 +347,26 @@ def test_allocate_64bit_indexing(emu, offset, row_len):
     row_of = (torch.arange(n, dtype=torch.int64) + offset) // row_len - offset // row_len
     want_rows = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, row_of, x)
     assert_sums_close(rows, want_rows, x.abs().sum().item())
+
+
+@pytest.mark.parametrize("pdt,gdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)],
+                         ids=str)
+def test_classes_vector_and_element_loads_agree_bitwise(emu, pdt, gdt, monkeypatch):
+    """allocate_classes with vector loads (aligned, numel % 4 == 0), with them
+    turned off, and on misaligned copies: the same bits every time."""
+    shapes = [(64, 36), (CHUNK + 400,)]
+    b, a, _ = make_step(shapes, pdt, pdt, seed=48)
+    gen = torch.Generator().manual_seed(49)
+    g = [torch.randn((9, *s), generator=gen).to(gdt) for s in shapes]
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LCA_EXT_CUDA_VECTOR", flag)
+        runs.append(emu.allocate_classes(b, a, g, True))
+    monkeypatch.setenv("LCA_EXT_CUDA_VECTOR", "1")
+    runs.append(emu.allocate_classes([_laid_out(x, "offset1") for x in b], a,
+                                     [_laid_out(x, "offset1") for x in g], True))
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            assert torch.equal(x, y)
+    want = lca_ext.allocate_classes(b, a, g)
+    assert torch.equal(runs[0][1], want.counts)

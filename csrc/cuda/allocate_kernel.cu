@@ -406,7 +406,11 @@ __global__ void allocate_cleanup_kernel(const AllocateArgs args) {
 // allocate_classes
 
 // Threads stride over the chunk; per element, before/after are read once and
-// the delta reused for the block's (up to kClassGroup) classes.
+// the delta reused for the block's (up to kClassGroup) classes.  16- and
+// 32-bit inputs go kVec consecutive elements per thread (vector loads when
+// ClassTensor::vector, element loads otherwise: the same order of the sums
+// either way), then the chunk's tail element by element; float64 inputs go
+// element by element throughout.
 template <typename P, typename G>
 __device__ __forceinline__ void classes_chunk(const ClassTensor& t, const Chunk& ch,
                                               int64_t c0, int ng, double* sums,
@@ -415,7 +419,47 @@ __device__ __forceinline__ void classes_chunk(const ClassTensor& t, const Chunk&
   const P* __restrict__ before = static_cast<const P*>(t.before);
   const P* __restrict__ after = static_cast<const P*>(t.after);
   const G* __restrict__ grads = static_cast<const G*>(t.grads) + c0 * t.numel;
-  for (int64_t p = ch.begin + threadIdx.x; p < ch.end; p += kBlockThreads) {
+  int64_t tail = ch.begin;
+  if constexpr (sizeof(P) <= 4 && sizeof(G) <= 4) {
+    const int64_t nvec = (ch.end - ch.begin) / kVec;
+    for (int64_t v = threadIdx.x; v < nvec; v += kBlockThreads) {
+      const int64_t p = ch.begin + v * kVec;
+      T d[kVec];
+      P bv[kVec], av[kVec];
+      if (t.vector) {
+        load_vec(before + p, bv);
+        load_vec(after + p, av);
+      } else {
+#pragma unroll
+        for (int r = 0; r < kVec; ++r) {
+          bv[r] = before[p + r];
+          av[r] = after[p + r];
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kVec; ++r) d[r] = Arith<T>::sub(to_math<T>(av[r]), to_math<T>(bv[r]));
+#pragma unroll
+      for (int j = 0; j < kClassGroup; ++j) {
+        if (j < ng) {
+          G gv[kVec];
+          if (t.vector) {
+            load_vec(grads + j * t.numel + p, gv);
+          } else {
+#pragma unroll
+            for (int r = 0; r < kVec; ++r) gv[r] = grads[j * t.numel + p + r];
+          }
+#pragma unroll
+          for (int r = 0; r < kVec; ++r) {
+            const T x = Arith<T>::mul(d[r], to_math<T>(gv[r]));
+            sums[j] += static_cast<double>(x);
+            count_sign(x, counts[j]);
+          }
+        }
+      }
+    }
+    tail = ch.begin + nvec * kVec;
+  }
+  for (int64_t p = tail + threadIdx.x; p < ch.end; p += kBlockThreads) {
     const T d = Arith<T>::sub(to_math<T>(after[p]), to_math<T>(before[p]));
 #pragma unroll
     for (int j = 0; j < kClassGroup; ++j) {

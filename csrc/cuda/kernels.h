@@ -74,6 +74,7 @@ struct ClassTensor {
   const void* grads;   // grad_t, [num_classes, numel]
   int32_t param_t, grad_t;
   int64_t numel;
+  int32_t vector;  // 1: 16/32-bit inputs, all vector_aligned, numel % kVec == 0
 };
 
 struct AllocateClassesArgs {

@@ -219,9 +219,16 @@ std::tuple<at::Tensor, at::Tensor> allocate_classes_impl(
   const auto g = contiguous_all(class_grads);
   std::vector<ClassTensor> tensors(K);
   for (int64_t k = 0; k < K; ++k) {
-    tensors[k] = ClassTensor{b[k].const_data_ptr(), a[k].const_data_ptr(),
-                             g[k].const_data_ptr(), dtype_code(b[k].scalar_type()),
-                             dtype_code(g[k].scalar_type()), b[k].numel()};
+    ClassTensor& t = tensors[k];
+    t = ClassTensor{b[k].const_data_ptr(), a[k].const_data_ptr(), g[k].const_data_ptr(),
+                    dtype_code(b[k].scalar_type()), dtype_code(g[k].scalar_type()),
+                    b[k].numel(), 0};
+    // every class's gradient row must start aligned too: numel % kVec == 0
+    t.vector = vector_loads_enabled() && b[k].element_size() <= 4 &&
+               g[k].element_size() <= 4 && b[k].numel() % kVec == 0 &&
+               vector_aligned(t.before, b[k].element_size()) &&
+               vector_aligned(t.after, a[k].element_size()) &&
+               vector_aligned(t.grads, g[k].element_size());
   }
   const UploadedTables<Backend, ClassTensor> tables(tensors, plan, device);
   const at::Tensor d_partials = scratch<ClassPartial>(nchunks * C, device);
