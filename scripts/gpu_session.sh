@@ -476,11 +476,13 @@ cpu_ignores() {
 
 phase_test() {
   phase_build
-  run_step test-cuda 360 60 "$PY" -m pytest tests -q -p no:cacheprovider -m "not slow" -k cuda \
-    -rfEsx --durations=15 "${PYTEST_ARGS[@]}"
+  # the emulated CUDA tests (test_cuda_emulated.py) need no GPU: CI runs them
+  run_step test-cuda 360 60 "$PY" -m pytest tests -q -p no:cacheprovider -m "not slow" \
+    -k "cuda and not emulated" -rfEsx --durations=15 "${PYTEST_ARGS[@]}"
   cpu_ignores
   run_step test-rest 300 60 "$PY" -m pytest tests -q -p no:cacheprovider -m "not slow" \
-    -k "not cuda" -rfE --durations=5 "${MISSING_IGNORES[@]}" "${PYTEST_ARGS[@]}"
+    -k "not cuda" -rfE --durations=5 --ignore=tests/test_cuda_emulated.py \
+    "${MISSING_IGNORES[@]}" "${PYTEST_ARGS[@]}"
 }
 
 phase_slow() {

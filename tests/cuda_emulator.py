@@ -4,7 +4,8 @@ torch.ops.lca_ext_emu.* take CPU tensors and run the CUDA path of every op: the
 torch glue of csrc/cuda/ops_impl.h and the kernel sources csrc/cuda/*.cu
 themselves, compiled as C++ against tests/cuda_emu/emu_runtime.h.  It needs the
 CUDA headers (cuda_fp16.h, cuda_bf16.h, vector_types.h; no GPU, no driver) and a
-C++ compiler; the tests skip when they are missing.  The build (~1 min on two
+C++ compiler and ninja; the tests skip when they are missing (unless
+LCA_REQUIRE_EMULATOR=1, as in CI).  The build (~1 min on two
 cores) is cached under build/cuda-emu-<torch version>/.
 """
 import glob
@@ -34,10 +35,15 @@ def load():
     global _ops
     if _ops is not None:
         return _ops
-    include = cuda_include_dir()
-    if include is None:
-        pytest.skip("the CUDA emulator needs the CUDA headers (set CUDA_HOME)")
     from torch.utils import cpp_extension
+
+    include = cuda_include_dir()
+    missing = ("the CUDA headers (set CUDA_HOME)" if include is None else
+               "ninja (pip install ninja)" if not cpp_extension.is_ninja_available() else None)
+    if missing:
+        if os.environ.get("LCA_REQUIRE_EMULATOR") == "1":  # CI: never skip silently
+            raise RuntimeError(f"LCA_REQUIRE_EMULATOR=1 but the CUDA emulator needs {missing}")
+        pytest.skip(f"the CUDA emulator needs {missing}")
 
     build = os.path.join(ROOT, "build", "cuda-emu-" + torch.__version__.replace("+", "_"))
     os.makedirs(build, exist_ok=True)
