@@ -45,15 +45,22 @@ def load():
             raise RuntimeError(f"LCA_REQUIRE_EMULATOR=1 but the CUDA emulator needs {missing}")
         pytest.skip(f"the CUDA emulator needs {missing}")
 
-    build = os.path.join(ROOT, "build", "cuda-emu-" + torch.__version__.replace("+", "_"))
+    # LCA_EMULATOR_SANITIZE=address: build with AddressSanitizer, so an
+    # out-of-bounds access by a kernel is reported (run python with libasan
+    # preloaded: scripts/emulator_asan.sh)
+    sanitize = os.environ.get("LCA_EMULATOR_SANITIZE", "")
+    san_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
+    tag = torch.__version__.replace("+", "_") + (f"-{sanitize}" if sanitize else "")
+    build = os.path.join(ROOT, "build", "cuda-emu-" + tag)
     os.makedirs(build, exist_ok=True)
     cpp_extension.load(
-        name="lca_ext_cuda_emu",
+        name="lca_ext_cuda_emu" + (f"_{sanitize}" if sanitize else ""),
         sources=[os.path.join(EMU, "emu_ops.cpp"), os.path.join(EMU, "emu_kernels.cpp"),
                  os.path.join(CSRC, "validate.cpp")],
         extra_include_paths=[CSRC, include],
         # -ffp-contract=off: a*b+c stays two roundings, as nvcc's __fmul_rn/__fadd_rn
-        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"],
+        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"] + san_flags,
+        extra_ldflags=san_flags,
         build_directory=build,
         is_python_module=False,
         verbose=False,

@@ -140,10 +140,47 @@ inline std::string where() {
   return s;
 }
 
+// Stack switches are announced to AddressSanitizer when the emulator is built
+// with it (scripts/emulator_asan.sh), so it knows which stack is live.
+#if defined(__SANITIZE_ADDRESS__)
+}  // namespace lca_emu
+#include <sanitizer/common_interface_defs.h>
+namespace lca_emu {
+struct AsanStacks {
+  const void* sched_bottom = nullptr;  // the scheduler's (the caller's) stack
+  size_t sched_size = 0;
+};
+inline AsanStacks& asan_stacks() {
+  static AsanStacks s;
+  return s;
+}
+#endif
+
+// Switches from the scheduler to fiber f (stack i), and back when it yields.
+inline void switch_to_fiber(Fiber& f, unsigned i) {
+  Runtime& r = rt();
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, r.stacks + i * kStackBytes, kStackBytes);
+  swapcontext(&r.sched, &f.ctx);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  (void)i;
+  swapcontext(&r.sched, &f.ctx);
+#endif
+}
+
 // Back to the scheduler from a fiber.
 inline void yield() {
   Runtime& r = rt();
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, asan_stacks().sched_bottom, asan_stacks().sched_size);
   swapcontext(&r.current->ctx, &r.sched);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  swapcontext(&r.current->ctx, &r.sched);
+#endif
 }
 
 // Records an error and leaves the fiber for good: the scheduler stops the
@@ -156,6 +193,9 @@ inline void yield() {
 
 inline void fiber_entry() {
   Runtime& r = rt();
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &asan_stacks().sched_bottom, &asan_stacks().sched_size);
+#endif
   r.body();
   Fiber& f = *r.current;
   WarpState& w = r.warps[f.warp];
@@ -165,6 +205,10 @@ inline void fiber_entry() {
   if (r.block_arrived > 0) fail("a thread exited while others wait at __syncthreads");
   f.done = true;
   --w.live;  // a later full-mask shuffle in this warp is an error
+#if defined(__SANITIZE_ADDRESS__)
+  // this fiber's stack is done with: switch to the scheduler for good
+  __sanitizer_start_switch_fiber(nullptr, asan_stacks().sched_bottom, asan_stacks().sched_size);
+#endif
   // block_live stays: a later __syncthreads waits for this thread forever,
   // which the scheduler reports as a deadlock
   // returning switches to uc_link (the scheduler)
@@ -233,7 +277,7 @@ inline void run_block(const uint3& bidx, size_t shmem) {
       }
       f.wait = kNone;
       r.current = &f;
-      swapcontext(&r.sched, &f.ctx);
+      switch_to_fiber(f, i);
       r.current = nullptr;
       if (!r.error.empty()) throw std::runtime_error(r.error);
       progressed = true;
