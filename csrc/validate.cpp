@@ -1,5 +1,8 @@
 #include "validate.h"
 
+#include <algorithm>
+#include <cstdint>
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -103,12 +106,53 @@ void write_back(at::TensorList caller, const std::vector<at::Tensor>& dense) {
     if (!dense[k].is_same(caller[k])) caller[k].copy_(dense[k]);
 }
 
+void check_outputs_apart(const char* op, const std::vector<NamedList>& outputs,
+                         const std::vector<NamedList>& inputs) {
+  struct Span {
+    uintptr_t lo, hi;
+    bool output;
+    const char* arg;
+    size_t k;
+  };
+  std::vector<Span> spans;
+  auto collect = [&](const std::vector<NamedList>& lists, bool output) {
+    for (const NamedList& l : lists) {
+      for (size_t k = 0; k < l.tensors->size(); ++k) {
+        const at::Tensor& t = (*l.tensors)[k];
+        if (!t.defined() || t.numel() == 0) continue;
+        const auto lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+        spans.push_back(Span{lo, lo + static_cast<uintptr_t>(t.numel() * t.element_size()),
+                             output, l.arg, k});
+      }
+    }
+  };
+  collect(outputs, true);
+  collect(inputs, false);
+  if (spans.size() < 2) return;
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  for (size_t i = 0; i < spans.size(); ++i) {
+    for (size_t j = i + 1; j < spans.size() && spans[j].lo < spans[i].hi; ++j) {
+      const Span &a = spans[i], &b = spans[j];
+      if (!a.output && !b.output) continue;  // inputs may share memory
+      const bool same = a.lo == b.lo && a.hi == b.hi && a.k == b.k && a.output != b.output;
+      TORCH_CHECK(same, "lca_ext.", op, ": ", a.arg, "[", a.k, "] and ", b.arg, "[", b.k,
+                  "] share memory; an output may only be the very same tensor as the input "
+                  "of its own index (e.g. lca_out[k] = avg_grad[k]), never overlap another");
+    }
+  }
+}
+
 AllocateViews dense_allocate_views(at::TensorList before, at::TensorList after,
                                    at::TensorList avg_grad, at::TensorList cum_lca,
                                    at::TensorList helped_steps, at::TensorList lca_out) {
-  return AllocateViews{contiguous_all(before),  contiguous_all(after),
-                       contiguous_all(avg_grad), contiguous_all(cum_lca),
-                       contiguous_all(helped_steps), contiguous_all(lca_out)};
+  AllocateViews v{contiguous_all(before),  contiguous_all(after),
+                  contiguous_all(avg_grad), contiguous_all(cum_lca),
+                  contiguous_all(helped_steps), contiguous_all(lca_out)};
+  check_outputs_apart("allocate",
+                      {{"cum_lca", &v.cum}, {"helped_steps", &v.helped}, {"lca_out", &v.out}},
+                      {{"before", &v.b}, {"after", &v.a}, {"avg_grad", &v.g}});
+  return v;
 }
 
 void AllocateViews::write_back_state(at::TensorList cum_lca, at::TensorList helped_steps,

@@ -50,9 +50,25 @@ struct AllocateViews {
   void write_back_state(at::TensorList cum_lca, at::TensorList helped_steps,
                         at::TensorList lca_out) const;
 };
+// (also checks that the state lists do not share memory with the inputs or each
+// other: check_outputs_apart)
 AllocateViews dense_allocate_views(at::TensorList before, at::TensorList after,
                                    at::TensorList avg_grad, at::TensorList cum_lca,
                                    at::TensorList helped_steps, at::TensorList lca_out);
+
+// A list of dense tensors and the argument name it came from.
+struct NamedList {
+  const char* arg;
+  const std::vector<at::Tensor>* tensors;
+};
+// Refuses, naming both arguments and indices, an output that shares memory with
+// an input or another output: a kernel would read or write memory that another
+// thread writes.  Allowed: inputs sharing memory with each other, and an
+// output that is exactly the same memory as the input of the same index (every
+// element is read before it is written, by the same thread).  Takes the dense
+// views the kernel gets (contiguous_all).  O(n log n) in the number of tensors.
+void check_outputs_apart(const char* op, const std::vector<NamedList>& outputs,
+                         const std::vector<NamedList>& inputs);
 
 // Number of "rows" (neurons) of each tensor: size(0), or 1 for a 0-d tensor.
 std::vector<int64_t> rows_per_tensor(at::TensorList list);

@@ -49,7 +49,10 @@ def load():
     # out-of-bounds access by a kernel is reported (run python with libasan
     # preloaded: scripts/emulator_asan.sh)
     sanitize = os.environ.get("LCA_EMULATOR_SANITIZE", "")
-    san_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
+    # (-fsanitize-sections: guard zones also around the __shared__ arrays,
+    # which emu_runtime.h places in a section of their own)
+    san_flags = ([f"-fsanitize={sanitize}", "-fno-omit-frame-pointer",
+                  "-fsanitize-sections=lca_emu_shared"] if sanitize else [])
     tag = torch.__version__.replace("+", "_") + (f"-{sanitize}" if sanitize else "")
     build = os.path.join(ROOT, "build", "cuda-emu-" + tag)
     os.makedirs(build, exist_ok=True)

@@ -162,3 +162,47 @@ def test_unverified_cuda_ops_refuse_without_opt_in(monkeypatch):
     ops._guard_cuda("allocate", [torch.zeros(3)])  # CPU tensors pass through
     monkeypatch.setenv("LCA_EXT_ALLOW_UNVERIFIED_CUDA", "1")
     ops._guard_cuda("allocate", [t])
+
+
+def _overlapping_pair(shape=(4, 3)):
+    """Two tensors of `shape` that share all but one element of memory."""
+    n = torch.Size(shape).numel()
+    buf = torch.randn(n + 1)
+    return buf[:n].view(shape), buf[1:].view(shape)
+
+
+def test_outputs_sharing_memory_with_inputs_are_refused():
+    b, a, g = ok_inputs()
+    x, y = _overlapping_pair()
+    with pytest.raises(RuntimeError, match=r"lca_out\[0\] and avg_grad\[0\] share memory|"
+                                           r"avg_grad\[0\] and lca_out\[0\] share memory"):
+        lca_ext.allocate(b, a, [y, g[1]], lca_out=[x, torch.empty(5)])
+    # the very same memory, but as the input of another index
+    b2 = [torch.zeros(5), torch.zeros(5)]
+    g2 = [torch.ones(5), torch.ones(5)]
+    with pytest.raises(RuntimeError, match="share memory"):
+        lca_ext.allocate(b2, [x + 1 for x in b2], g2, cum_lca=[g2[1], torch.zeros(5)])
+    # two outputs on the same memory
+    cum = [torch.zeros(4, 3), torch.zeros(5)]
+    with pytest.raises(RuntimeError, match=r"cum_lca\[\d\] and lca_out\[\d\]|lca_out\[\d\] and cum_lca\[\d\]"):
+        lca_ext.allocate(b, a, g, cum_lca=cum, lca_out=cum)
+    x, y = _overlapping_pair((5,))
+    with pytest.raises(RuntimeError, match=r"accumulate_: .*share memory"):
+        lca_ext.accumulate_([x], [y], 0.5)
+
+
+def test_output_may_be_its_own_input():
+    """lca_out[k] = avg_grad[k] (same memory) is allowed: each element is read
+    before it is written; the result equals a separate output's."""
+    b, a, g = ok_inputs()
+    g = [torch.randn(4, 3), torch.randn(5)]
+    want_out = [torch.empty(4, 3), torch.empty(5)]
+    want = lca_ext.allocate(b, a, g, lca_out=want_out)
+    inplace = [x.clone() for x in g]
+    got = lca_ext.allocate(b, a, inplace, lca_out=inplace)
+    assert torch.equal(got.sums, want.sums)
+    for x, y in zip(inplace, want_out):
+        assert torch.equal(x, y)
+    acc = [torch.ones(5)]
+    lca_ext.accumulate_(acc, acc, 0.5)
+    assert torch.equal(acc[0], torch.full((5,), 1.5))

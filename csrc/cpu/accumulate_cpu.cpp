@@ -21,6 +21,7 @@ void accumulate_cpu(at::TensorList acc, at::TensorList grads, double weight) {
 
   const std::vector<at::Tensor> g = contiguous_all(grads);
   std::vector<at::Tensor> a = contiguous_all(acc);  // a copy only if acc[k] is strided
+  check_outputs_apart("accumulate_", {{"acc", &a}}, {{"grads", &g}});
   const ChunkPlan plan = make_chunk_plan(numels(acc));
   at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1,
                    [&](int64_t begin, int64_t end) {

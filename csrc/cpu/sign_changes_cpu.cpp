@@ -36,6 +36,8 @@ void sign_changes_cpu(at::TensorList last_sign, at::TensorList changes,
   const auto bs = contiguous_all(base);
   auto ls = contiguous_all(last_sign);
   auto cs = contiguous_all(changes);
+  check_outputs_apart("sign_changes_", {{"last_sign", &ls}, {"changes", &cs}},
+                      {{"x", &xs}, {"base", &bs}});
   const bool has_base = !base.empty();
   const ChunkPlan plan = make_chunk_plan(numels(x));
   at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1,

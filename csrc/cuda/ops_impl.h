@@ -96,6 +96,7 @@ void accumulate_impl(at::TensorList acc, at::TensorList grads, double weight) {
   Backend::check_not_capturing("accumulate_");
   const auto g = contiguous_all(grads);
   auto a = contiguous_all(acc);
+  check_outputs_apart("accumulate_", {{"acc", &a}}, {{"grads", &g}});
   std::vector<AccumulateTensor> tensors(a.size());
   for (size_t k = 0; k < a.size(); ++k) {
     AccumulateTensor& t = tensors[k];
@@ -259,6 +260,8 @@ void sign_changes_impl(at::TensorList last_sign, at::TensorList changes,
   const auto bs = contiguous_all(base);
   auto ls = contiguous_all(last_sign);
   auto cs = contiguous_all(changes);
+  check_outputs_apart("sign_changes_", {{"last_sign", &ls}, {"changes", &cs}},
+                      {{"x", &xs}, {"base", &bs}});
   std::vector<SignChangesTensor> tensors(xs.size());
   for (size_t k = 0; k < xs.size(); ++k) {
     tensors[k] = SignChangesTensor{ls[k].data_ptr<int8_t>(), cs[k].data_ptr<int32_t>(),

@@ -144,6 +144,7 @@ inline std::string where() {
 // with it (scripts/emulator_asan.sh), so it knows which stack is live.
 #if defined(__SANITIZE_ADDRESS__)
 }  // namespace lca_emu
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 namespace lca_emu {
 struct AsanStacks {
@@ -246,8 +247,15 @@ inline void run_block(const uint3& bidx, size_t shmem) {
   if (shmem > 48 * 1024) throw std::runtime_error("cuda emulator: more than 48 KiB of dynamic shared memory");
   r.dyn_shared.assign(kSharedBuffer, 0xA5);
   if (__start_lca_emu_shared && __stop_lca_emu_shared) {
+#if defined(__SANITIZE_ADDRESS__)
+    // under ASan the section also holds guard zones: fill only the arrays
+    for (char* p = __start_lca_emu_shared; p < __stop_lca_emu_shared; ++p) {
+      if (!__asan_address_is_poisoned(p)) *p = static_cast<char>(0xA5);
+    }
+#else
     std::memset(__start_lca_emu_shared, 0xA5,
                 static_cast<size_t>(__stop_lca_emu_shared - __start_lca_emu_shared));
+#endif
   }
   ensure_stacks(nthreads);
   for (unsigned i = 0; i < nthreads; ++i) {
@@ -256,6 +264,10 @@ inline void run_block(const uint3& bidx, size_t shmem) {
     f.lane = static_cast<int>(i % kWarpSize);
     f.warp = static_cast<int>(i / kWarpSize);
     ++r.warps[f.warp].live;
+#if defined(__SANITIZE_ADDRESS__)
+    // a fiber abandoned by fail() may have left its frames' guard zones marked
+    __asan_unpoison_memory_region(r.stacks + i * kStackBytes, kStackBytes);
+#endif
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = r.stacks + i * kStackBytes;
     f.ctx.uc_stack.ss_size = kStackBytes;
