@@ -114,6 +114,10 @@ void check_outputs_apart(const char* op, const std::vector<NamedList>& outputs,
     const char* arg;
     size_t k;
   };
+  // no output tensor (e.g. allocate without state lists): nothing can overlap
+  bool any_output = false;
+  for (const NamedList& l : outputs) any_output = any_output || !l.tensors->empty();
+  if (!any_output) return;
   std::vector<Span> spans;
   auto collect = [&](const std::vector<NamedList>& lists, bool output) {
     for (const NamedList& l : lists) {
