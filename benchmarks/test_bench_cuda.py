@@ -283,6 +283,15 @@ def test_accumulate_scalar_loads(benchmark, step, record, monkeypatch):
         baseline="cuda accumulate_ (acc += w * g)")
 
 
+def test_sign_changes_scalar_loads(benchmark, step, record, monkeypatch):
+    monkeypatch.setenv("LCA_EXT_CUDA_VECTOR", "0")
+    last = [torch.zeros(s, dtype=torch.int8, device="cuda") for s in SHAPES]
+    ch = [torch.zeros(s, dtype=torch.int32, device="cuda") for s in SHAPES]
+    run(benchmark, record, "cuda sign_changes_, scalar loads",
+        lambda: lca_ext.sign_changes_(last, ch, step[1], step[0]), (8 + 2 + 8) * NUMEL,
+        baseline="cuda sign_changes_ (x vs base)")
+
+
 def test_reference_classes(benchmark, class_step, record):
     b, a, g, n = class_step
     run(benchmark, record, f"cuda reference loop allocate_classes ({CLASSES} classes)",

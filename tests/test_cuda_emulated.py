@@ -291,6 +291,43 @@ def test_sign_changes_match_cpu(emu, dtype, with_base):
         assert torch.equal(x, y)
 
 
+SIGN_LAYOUTS = ["aligned", "scalar_loads", "x_offset", "base_offset", "last_sign_offset",
+                "changes_offset"]
+
+
+@pytest.mark.parametrize("layout", SIGN_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_sign_changes_vector_path_and_misaligned_inputs(emu, dtype, layout, monkeypatch):
+    """The vector path (all four pointers aligned) and the element path (loads
+    turned off, or any one pointer a storage offset of one element off; the
+    emulator reports a misaligned vector load) against the CPU kernel, bit for
+    bit, written back into the caller's views."""
+    if layout == "scalar_loads":
+        monkeypatch.setenv("LCA_EXT_CUDA_VECTOR", "0")
+    shapes = [(CHUNK + 7,), (2 * CHUNK + 130,), (33, 4), (1,)]
+    gen = torch.Generator().manual_seed(50)
+    last0 = [torch.randint(-1, 2, s, generator=gen, dtype=torch.int8) for s in shapes]
+    changes0 = [torch.randint(0, 5, s, generator=gen, dtype=torch.int32) for s in shapes]
+    steps = []
+    for _ in range(3):
+        x = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        x[1][::7] = 0
+        x[1][9] = float("nan")
+        steps.append((x, [torch.randn(s, generator=gen).to(dtype) for s in shapes]))
+
+    def lay(ts, name):
+        return [_laid_out(t, "offset1") for t in ts] if layout == name + "_offset" else ts
+
+    last = lay([t.clone() for t in last0], "last_sign")
+    changes = lay([t.clone() for t in changes0], "changes")
+    want_last, want_changes = [t.clone() for t in last0], [t.clone() for t in changes0]
+    for x, base in steps:
+        emu.sign_changes_(last, changes, lay(x, "x"), lay(base, "base"))
+        torch.ops.lca_ext.sign_changes_(want_last, want_changes, x, base)
+    for got, want in zip(last + changes, want_last + want_changes):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("pdt,gdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
                                      (torch.float16, torch.float32)], ids=str)
 def test_vector_and_scalar_loads_agree_bitwise(emu, pdt, gdt, monkeypatch):

@@ -100,6 +100,7 @@ struct SignChangesTensor {
   const void* x;     // x_t
   const void* base;  // x_t, or nullptr: compare with 0
   int32_t x_t;
+  int32_t vector;    // 1: 16/32-bit x; x, base, last_sign, changes all vector_aligned
 };
 
 // One block per chunk, elementwise; num_chunks must be > 0.

@@ -264,10 +264,14 @@ void sign_changes_impl(at::TensorList last_sign, at::TensorList changes,
                       {{"x", &xs}, {"base", &bs}});
   std::vector<SignChangesTensor> tensors(xs.size());
   for (size_t k = 0; k < xs.size(); ++k) {
-    tensors[k] = SignChangesTensor{ls[k].data_ptr<int8_t>(), cs[k].data_ptr<int32_t>(),
-                                   xs[k].const_data_ptr(),
-                                   bs.empty() ? nullptr : bs[k].const_data_ptr(),
-                                   dtype_code(xs[k].scalar_type())};
+    SignChangesTensor& t = tensors[k];
+    t = SignChangesTensor{ls[k].data_ptr<int8_t>(), cs[k].data_ptr<int32_t>(),
+                          xs[k].const_data_ptr(), bs.empty() ? nullptr : bs[k].const_data_ptr(),
+                          dtype_code(xs[k].scalar_type()), 0};
+    const size_t xsize = xs[k].element_size();
+    t.vector = vector_loads_enabled() && xsize <= 4 && vector_aligned(t.x, xsize) &&
+               (t.base == nullptr || vector_aligned(t.base, xsize)) &&
+               vector_aligned(t.last_sign, 1) && vector_aligned(t.changes, 4);
   }
   const ChunkPlan plan = make_chunk_plan(numels(x));
   const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
