@@ -1,4 +1,5 @@
-"""``lca-ext`` (also ``python -m lca_ext``): demo | report | compare | offline | merge.
+"""``lca-ext`` (also ``python -m lca_ext``): demo | report | compare | offline | merge |
+verify-cuda.
 
 Errors (a bad path, a corrupt or foreign run directory, a missing dataset
 package, a bad option) print one line starting "lca-ext: error:" and exit 2."""
@@ -87,7 +88,37 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("part_dirs", nargs="+", metavar="PART_DIR",
                    help="part run directories, or a directory holding part-* runs")
     m.add_argument("--out", required=True)
+    v = sub.add_parser("verify-cuda", help="check the CUDA kernels on this GPU against the "
+                       "CPU kernels and, if they pass, enable them for this build and GPU")
+    v.add_argument("--device", default="cuda", help="the CUDA device to check (default: cuda)")
+    v.add_argument("--large", action="store_true", help="also a tensor of 2^31+ elements "
+                   "(12 GiB of GPU memory)")
+    v.add_argument("--no-record", action="store_true",
+                   help="only report; do not record the result")
     return p
+
+
+def _verify_cuda(args) -> int:
+    from .verify import cuda_device, stamp_path, verify_cuda
+
+    try:
+        device = cuda_device(args.device)
+        import torch
+        print(f"checking lca_ext's CUDA kernels on {device} ({torch.cuda.get_device_name(device)})"
+              " against the CPU kernels ...", flush=True)
+        report = verify_cuda(device, large=args.large, record=not args.no_record,
+                             progress=lambda c: print(c.format_line(), flush=True))
+    except RuntimeError as err:
+        raise _CliError(str(err))
+    ok = report.passed_ops()
+    failed = sorted({c.op for c in report if not c.ok})
+    if failed:
+        print(f"FAILED: {', '.join(failed)}: these ops keep refusing CUDA tensors "
+              "(LCATracker uses the plain-PyTorch ops for them); please report the lines "
+              "above with `python -c 'import lca_ext; print(lca_ext.build_info())'`")
+    if ok and not args.no_record:
+        print(f"verified and enabled on this GPU: {', '.join(ok)} (recorded in {stamp_path()})")
+    return 1 if failed else 0
 
 
 def _import_spec(spec: str, option: str):
@@ -207,7 +238,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _CliError("choose a command: demo, report, compare, offline or merge "
+            raise _CliError("choose a command: demo, report, compare, offline, merge or "
+                            "verify-cuda "
                             "(lca-ext --help)")
         from .demo.data import DatasetMissing
         from .report import build_comparison, build_report
@@ -241,6 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(_summary(args.run_dir, report))
             elif args.command == "offline":
                 _offline(args)
+            elif args.command == "verify-cuda":
+                return _verify_cuda(args)
             elif args.command == "merge":
                 from .offline import merge_runs
                 run = merge_runs(args.part_dirs, args.out)

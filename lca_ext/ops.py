@@ -69,36 +69,43 @@ def _nonempty(op: str, name: str, tensors: List[Tensor]) -> List[Tensor]:
     return tensors
 
 
-# CUDA kernels that were compiled in CI but have not yet run on a GPU: the
-# wrappers refuse CUDA tensors for them unless LCA_EXT_ALLOW_UNVERIFIED_CUDA=1,
-# so an unverified kernel can never hand out a silently wrong number.  (A GPU
-# run of the test suite sets the variable; once it passes, drop the op here.)
+# CUDA kernels that are compiled and emulator-tested in CI but that no GPU of
+# this project's CI has run: the wrappers refuse CUDA tensors for them until
+# `lca-ext verify-cuda` (lca_ext.verify) has checked them on the GPU at hand
+# and stamped them for this build, or LCA_EXT_ALLOW_UNVERIFIED_CUDA=1; so an
+# unverified kernel can never hand out a silently wrong number.
 UNVERIFIED_CUDA_OPS = frozenset({"accumulate_", "allocate", "allocate_classes",
                                  "sign_changes_"})
 
 
-def _guard_cuda(op: str, tensors: List[Tensor]) -> None:
+def _cuda_allowed(op: str, device) -> bool:
+    """May `op` run its CUDA kernel on `device`: verified by this project, stamped
+    by `lca-ext verify-cuda` for this build and GPU, or allowed by the user."""
     import os
 
-    if (op in UNVERIFIED_CUDA_OPS and tensors and tensors[0].is_cuda
-            and os.environ.get("LCA_EXT_ALLOW_UNVERIFIED_CUDA") != "1"):
+    if op not in UNVERIFIED_CUDA_OPS or os.environ.get("LCA_EXT_ALLOW_UNVERIFIED_CUDA") == "1":
+        return True
+    from .verify import verified_ops
+    return op in verified_ops(device)
+
+
+def _guard_cuda(op: str, tensors: List[Tensor]) -> None:
+    if tensors and tensors[0].is_cuda and not _cuda_allowed(op, tensors[0].device):
         raise NotImplementedError(
-            f"lca_ext.{op}: the CUDA kernel has been compiled but not yet verified on a "
-            "GPU; move the tensors to the CPU, or set LCA_EXT_ALLOW_UNVERIFIED_CUDA=1 "
-            "(and run the test suite on your GPU: bash scripts/test.sh)")
+            f"lca_ext.{op}: the CUDA kernel has not been verified on this GPU with this "
+            "build; run `lca-ext verify-cuda` once (about a minute: it checks every CUDA op "
+            "against the CPU kernels here and records the result), or move the tensors to "
+            "the CPU, or set LCA_EXT_ALLOW_UNVERIFIED_CUDA=1 to use it unverified")
 
 
 def fused_available(op: str, device) -> bool:
     """Can ``op`` run its fused kernel on ``device`` (compiled in this build, and
     for CUDA verified or allowed; see UNVERIFIED_CUDA_OPS)?"""
-    import os
-
     device = torch.device(device)
     key = "CUDA" if device.type == "cuda" else "CPU"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lca_ext::{op}", key):
         return False
-    return not (device.type == "cuda" and op in UNVERIFIED_CUDA_OPS
-                and os.environ.get("LCA_EXT_ALLOW_UNVERIFIED_CUDA") != "1")
+    return device.type != "cuda" or _cuda_allowed(op, device)
 
 
 _warned_fallback = set()
@@ -123,7 +130,8 @@ def kernels_for(device):
         _warned_fallback.add(kind)
         warnings.warn(f"lca_ext: no verified fused kernels for {kind} tensors in this build; "
                       "LCA is computed with the plain-PyTorch reference ops (same results, "
-                      "slower). See LCA_EXT_ALLOW_UNVERIFIED_CUDA in the README.",
+                      "slower). Run `lca-ext verify-cuda` once to check and enable the CUDA "
+                      "kernels on this GPU.",
                       RuntimeWarning, stacklevel=3)
     return reference
 

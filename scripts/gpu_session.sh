@@ -10,7 +10,8 @@
 #   env       what is there: GPU, driver, nvcc, python, torch, packages
 #   build     FORCE_CUDA=1 setup.py build_ext --inplace for the GPU's arch, then
 #             lca_ext.build_info() and a check that the CUDA kernels registered
-#   smoke     every op once on small CUDA inputs against the CPU ops (~20 s)
+#   smoke     every op once on small CUDA inputs against the CPU ops (~20 s),
+#             then `lca-ext verify-cuda --no-record` (the user's check, ~1 min)
 #   test      pytest tests -m "not slow": the CUDA cases first (-k cuda), then
 #             the rest (files that need a missing package, e.g. zarr, left out)
 #   slow      the slow CUDA tests (tensors of more than 2**31 elements)
@@ -461,6 +462,8 @@ phase_smoke() {
   phase_build
   write_smoke
   run_step smoke 240 30 "$PY" "$STATE/smoke.py"
+  # what a user runs before the CUDA kernels are enabled on their GPU
+  run_step verify-cuda 240 30 "$PY" -m lca_ext verify-cuda --no-record
 }
 
 MISSING_IGNORES=()

@@ -155,7 +155,7 @@ def test_unverified_cuda_ops_refuse_without_opt_in(monkeypatch):
 
     t = torch.zeros(3).as_subclass(FakeCuda)
     monkeypatch.delenv("LCA_EXT_ALLOW_UNVERIFIED_CUDA", raising=False)
-    with pytest.raises(NotImplementedError, match="not yet verified on a GPU"):
+    with pytest.raises(NotImplementedError, match="run `lca-ext verify-cuda` once"):
         ops._guard_cuda("allocate", [t])
     with pytest.raises(NotImplementedError, match="accumulate_"):
         ops._guard_cuda("accumulate_", [t])
