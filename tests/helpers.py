@@ -50,3 +50,15 @@ def assert_allocation_equal(got: Allocation, want: Allocation, scale: float):
     if got.row_sums.numel():
         assert_sums_close(got.row_sums, want.row_sums, scale)
     assert torch.equal(got.histogram.cpu(), want.histogram.cpu())
+
+
+class _FakeCuda(torch.Tensor):
+    @property
+    def is_cuda(self):
+        return True
+
+
+def fake_cuda_tensor(n=3):
+    """A CPU tensor that says it is on CUDA: reaches the Python-side CUDA guard
+    (lca_ext.ops._guard_cuda) on a machine without a GPU."""
+    return torch.zeros(n).as_subclass(_FakeCuda)

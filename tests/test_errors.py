@@ -148,12 +148,8 @@ def test_unverified_cuda_ops_refuse_without_opt_in(monkeypatch):
     unless LCA_EXT_ALLOW_UNVERIFIED_CUDA=1 (checked before any device work)."""
     from lca_ext import ops
 
-    class FakeCuda(torch.Tensor):
-        @property
-        def is_cuda(self):
-            return True
-
-    t = torch.zeros(3).as_subclass(FakeCuda)
+    from helpers import fake_cuda_tensor
+    t = fake_cuda_tensor()
     monkeypatch.delenv("LCA_EXT_ALLOW_UNVERIFIED_CUDA", raising=False)
     with pytest.raises(NotImplementedError, match="run `lca-ext verify-cuda` once"):
         ops._guard_cuda("allocate", [t])

@@ -199,12 +199,8 @@ def test_library_digest_is_the_compiled_library():
 
 
 def test_guard_accepts_exactly_the_stamped_ops(monkeypatch):
-    class FakeCuda(torch.Tensor):
-        @property
-        def is_cuda(self):
-            return True
-
-    t = torch.zeros(3).as_subclass(FakeCuda)
+    from helpers import fake_cuda_tensor
+    t = fake_cuda_tensor()
     monkeypatch.delenv("LCA_EXT_ALLOW_UNVERIFIED_CUDA", raising=False)
     monkeypatch.setattr(verify, "verified_ops", lambda device: frozenset({"allocate"}))
     ops._guard_cuda("allocate", [t])
