@@ -205,14 +205,12 @@ def _offline(args) -> None:
 def _default_device() -> str:
     import torch
 
-    import lca_ext
+    from .ops import FUSED_OPS, fused_available
 
-    from .ops import UNVERIFIED_CUDA_OPS
-
-    ok = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "lca_ext::allocate", "CUDA")
-    verified = not UNVERIFIED_CUDA_OPS or os.environ.get("LCA_EXT_ALLOW_UNVERIFIED_CUDA") == "1"
-    return "cuda" if ok and verified and lca_ext.build_info()["cuda"] else "cpu"
+    # cuda only where every op has a usable kernel there (compiled, and verified
+    # by `lca-ext verify-cuda` or allowed): the same rule LCATracker follows
+    ok = torch.cuda.is_available() and all(fused_available(op, "cuda") for op in FUSED_OPS)
+    return "cuda" if ok else "cpu"
 
 
 def _summary(run_dir: str, report: str, seconds: Optional[float] = None) -> str:

@@ -74,8 +74,8 @@ def _nonempty(op: str, name: str, tensors: List[Tensor]) -> List[Tensor]:
 # `lca-ext verify-cuda` (lca_ext.verify) has checked them on the GPU at hand
 # and stamped them for this build, or LCA_EXT_ALLOW_UNVERIFIED_CUDA=1; so an
 # unverified kernel can never hand out a silently wrong number.
-UNVERIFIED_CUDA_OPS = frozenset({"accumulate_", "allocate", "allocate_classes",
-                                 "sign_changes_"})
+FUSED_OPS = ("accumulate_", "allocate", "allocate_classes", "sign_changes_")
+UNVERIFIED_CUDA_OPS = frozenset(FUSED_OPS)
 
 
 def _cuda_allowed(op: str, device) -> bool:
@@ -121,8 +121,7 @@ def kernels_for(device):
     import warnings
 
     ops_here = sys.modules[__name__]
-    if all(fused_available(op, device) for op in
-           ("accumulate_", "allocate", "allocate_classes", "sign_changes_")):
+    if all(fused_available(op, device) for op in FUSED_OPS):
         return ops_here
     from . import reference
     kind = torch.device(device).type

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-CUDA_OPS = ("accumulate_", "allocate", "allocate_classes", "sign_changes_")
+from .ops import FUSED_OPS as CUDA_OPS
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 STAMP_FILE = "cuda-verified.json"
 
