@@ -72,6 +72,9 @@ def main() -> None:
         per_layer = run.layer_sums().sum(0)
         print("per-layer LCA over the run:",
               {name: round(float(v), 5) for name, v in zip(run.layer_names, per_layer)})
+    # every rank reaches teardown together: a rank that destroys its gloo group
+    # while another is still finishing can abort at exit
+    dist.barrier()
     dist.destroy_process_group()
 
 
