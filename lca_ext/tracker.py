@@ -305,6 +305,9 @@ class LCATracker:
         self._open = False
         self._tracked = False
         self.last: Optional[dict] = None   # the last tracked step's record
+        # parameters' in-place versions at the last end(): a reused start
+        # gradient is valid only if nobody wrote θ in between
+        self._end_versions: Optional[List[int]] = None
         self._writer: Optional[run_store.RunWriter] = None
         self._store_path = store
         if store is not None:
@@ -335,6 +338,11 @@ class LCATracker:
         self._open = True
         self._current = self._step
         self._tracked = self.tracks(self._step)
+        if self._end_versions != [p._version for p in self.params.params]:
+            # θ changed since our last end() without passing through step()
+            # (a step outside the tracker, a weight projection): g(θ_t) is stale
+            for obj in self.objectives:
+                self._drop_start(obj)
         if not self._tracked:
             for obj in self.objectives:
                 self._drop_start(obj)   # θ is about to change without us watching
@@ -363,6 +371,7 @@ class LCATracker:
         step = self._step
         self._step += 1
         if not self._tracked:
+            self._end_versions = None
             return
         with torch.no_grad():
             after = [p.detach() for p in self.params.params]
@@ -373,6 +382,7 @@ class LCATracker:
             frames = self._pending_frames
             self._tracked_count += 1
         self.last = record
+        self._end_versions = [p._version for p in self.params.params]
         if self._store_path is not None:
             commit_state = self._tracked_count % self.state_every == 0
             # (FSDP2: gathering the state is collective, so every rank takes part)

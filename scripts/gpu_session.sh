@@ -1,32 +1,43 @@
 #!/usr/bin/env bash
 # One command for a session on a GPU machine (H100 / H200): build lca_ext with
-# its CUDA kernels, check them, time them.  Run from anywhere; it works in the
-# repository root.
+# its CUDA kernels for this GPU's arch only, check them, time them.  Run from
+# anywhere; it works in the repository root.
 #
-#   bash scripts/gpu_session.sh [PHASE ...]          (default: all)
+#   bash scripts/gpu_session.sh [PHASE ...]          (default: session)
 #
-# Phases, run in the order given; each fits in one 10-minute command, and every
-# phase that needs the extension builds it first (skipped when up to date):
+# A GPU is lent here for 15 minutes in all, its 1-2 minute start included, so
+# the default is ONE call that fits in 9 minutes:
+#   session   env build smoke bench tracker test (~6-8 min on an H200)
+# and what did not fit goes in an optional second call:
+#   extra     slow sanitize compile
+# Phases, run in the order given (every phase that needs the extension builds it
+# first; skipped when up to date), each step under a time cap within the deadline:
 #   env       what is there: GPU, driver, nvcc, python, torch, packages
 #   build     FORCE_CUDA=1 setup.py build_ext --inplace for the GPU's arch, then
 #             lca_ext.build_info() and a check that the CUDA kernels registered
 #   smoke     every op once on small CUDA inputs against the CPU ops (~20 s),
 #             then `lca-ext verify-cuda --no-record` (the user's check, ~1 min)
-#   test      pytest tests -m "not slow": the CUDA cases first (-k cuda), then
-#             the rest (files that need a missing package, e.g. zarr, left out)
+#   test      the CUDA tests: pytest tests -m "not slow" -k "cuda and not emulated"
+#   cpu       the rest of the suite on this machine's torch (CI runs it anyway)
+#   bench     benchmarks/test_bench_cuda.py without torch.compile (the op table)
+#   tracker   benchmarks/test_bench_gpu_tracker.py: a tracked step of GPT-2 small
+#             (124M parameters) vs its passes + the plain step, fused vs
+#             reference kernels, GPU memory per parameter
 #   slow      the slow CUDA tests (tensors of more than 2**31 elements)
 #   sanitize  the smoke script under compute-sanitizer: memcheck, racecheck,
 #             initcheck, synccheck (lca_ext kernels only, no caching allocator)
-#   bench     benchmarks/test_bench_cuda.py without torch.compile
 #   compile   the torch.compile baselines of benchmarks/test_bench_cuda.py
 #   report    merge the benchmark parts into $OUT/<gpu>-<date>.json and print
-#             the issue's targets (run by bench and compile as well)
-#   all       env build smoke test slow bench compile (more than 10 minutes!)
-# Suggested calls on a 30-minute GPU lease (the machine goes cold ~30 s after a
-# call, so make the calls back to back):
-#   1. bash scripts/gpu_session.sh env build smoke test slow
-#   2. bash scripts/gpu_session.sh bench sanitize
-#   3. bash scripts/gpu_session.sh compile
+#             the issue's targets (run by bench, tracker and compile as well)
+#   all       every phase above but cpu (more than 10 minutes!)
+# On the device tool: run `bash scripts/gpu_session.sh` with timeout_s 600, then
+# (if the budget allows) `bash scripts/gpu_session.sh extra` on the warm machine.
+#
+# Rehearsal without a GPU (LCA_REHEARSE=1, with a CUDA build of torch here):
+# the same phases, with the build for sm_90, the CUDA tests collected (and
+# skipped), the GPU benchmarks collected, the tracker benchmark run on the CPU
+# with a tiny GPT-2, and the smoke / verify steps replaced by their emulated
+# counterparts; so the first GPU call does not die on a typo or a missing package.
 #
 # Output: everything is logged to $OUT/gpu-session-<gpu>-<date>.log; benchmark
 # results go to $OUT/<gpu>-<date>.json (copy it to benchmarks/results/).  OUT
@@ -40,9 +51,10 @@
 #                      a CUDA torch, else the python3 on PATH if it has one, else
 #                      a new .venv-gpu with torch==2.14.1 -r requirements-dev.txt)
 #   LCA_GPU_VENV=1     make / use .venv-gpu (pip install torch==2.14.1) first
-#   LCA_DEADLINE_S     seconds this invocation may take (default 570)
+#   LCA_DEADLINE_S     seconds this invocation may take (default 530)
 #   LCA_PYTEST_ARGS    extra pytest arguments (default --maxfail=30; "-x" to stop early)
 #   LCA_FORCE_BUILD=1  rebuild even when the sources did not change
+#   LCA_REHEARSE=1     the rehearsal without a GPU (above)
 #   TORCH_CUDA_ARCH_LIST  default: the GPU's compute capability (nvidia-smi)
 #   .whl/*.whl         wheels carried along (e.g. zarr for the CPU tests) are
 #                      installed into /tmp/lca-site and put on PYTHONPATH
@@ -50,7 +62,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$(pwd)
 START=$(date +%s)
-DEADLINE=${LCA_DEADLINE_S:-570}
+DEADLINE=${LCA_DEADLINE_S:-530}
+REHEARSE=${LCA_REHEARSE:-0}
 OUT=${OUT:-$REPO/benchmarks/results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -62,14 +75,23 @@ JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 16)}
 (( JOBS > 16 )) && JOBS=16
 
 PHASES=("$@")
-[[ ${#PHASES[@]} -eq 0 ]] && PHASES=(all)
-if [[ " ${PHASES[*]} " == *" all "* ]]; then
-  PHASES=(env build smoke test slow bench compile)
-fi
+[[ ${#PHASES[@]} -eq 0 ]] && PHASES=(session)
+expand() {
+  local p
+  for p in "$@"; do
+    case $p in
+      session) echo env build smoke bench tracker test ;;
+      extra) echo slow sanitize compile ;;
+      all) echo env build smoke test bench tracker slow sanitize compile ;;
+      *) echo "$p" ;;
+    esac
+  done
+}
+PHASES=($(expand "${PHASES[@]}"))
 for p in "${PHASES[@]}"; do
   case $p in
-    env|build|smoke|test|slow|sanitize|bench|compile|report) ;;
-    *) echo "gpu_session.sh: unknown phase '$p' (env build smoke test slow sanitize bench compile report all)" >&2
+    env|build|smoke|test|cpu|slow|sanitize|bench|tracker|compile|report) ;;
+    *) echo "gpu_session.sh: unknown phase '$p' (session extra all, or env build smoke test cpu bench tracker slow sanitize compile report)" >&2
        exit 64 ;;
   esac
 done
@@ -79,6 +101,7 @@ done
 
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 GPU_NAME=${GPU_NAME:-no-gpu}
+(( REHEARSE )) && GPU_NAME="rehearsal $GPU_NAME"
 GPU_SLUG=$(echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
 DAY=$(date -u +%F)
 TAG="$GPU_SLUG-$DAY"
@@ -341,7 +364,9 @@ info.pop("parallel_info", None)
 print(json.dumps(info, indent=1))
 missing = [op for op in ("accumulate_", "allocate", "allocate_classes", "sign_changes_")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lca_ext::{op}", "CUDA")]
-ok = info["cuda"] and not missing and torch.cuda.is_available()
+import os
+rehearse = os.environ.get("LCA_REHEARSE") == "1"
+ok = info["cuda"] and not missing and (torch.cuda.is_available() or rehearse)
 print("CUDA kernels registered:", not missing, "| GPU visible:", torch.cuda.is_available(),
       "| device:", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 sys.exit(0 if ok else 1)
@@ -461,9 +486,15 @@ PY
 phase_smoke() {
   phase_build
   write_smoke
-  run_step smoke 240 30 "$PY" "$STATE/smoke.py"
+  if (( REHEARSE )); then   # no GPU: the smoke script compiles; verify runs emulated
+    run_step smoke 60 5 "$PY" -m py_compile "$STATE/smoke.py"
+    run_step verify-cuda 240 30 "$PY" -m pytest tests/test_verify.py -q -p no:cacheprovider \
+      -k emulated "${PYTEST_ARGS[@]}"
+    return
+  fi
+  run_step smoke 120 30 "$PY" "$STATE/smoke.py"
   # what a user runs before the CUDA kernels are enabled on their GPU
-  run_step verify-cuda 240 30 "$PY" -m lca_ext verify-cuda --no-record
+  run_step verify-cuda 150 30 "$PY" -m lca_ext verify-cuda --no-record
 }
 
 MISSING_IGNORES=()
@@ -480,8 +511,14 @@ cpu_ignores() {
 phase_test() {
   phase_build
   # the emulated CUDA tests (test_cuda_emulated.py) need no GPU: CI runs them
-  run_step test-cuda 360 60 "$PY" -m pytest tests -q -p no:cacheprovider -m "not slow" \
-    -k "cuda and not emulated" -rfEsx --durations=15 "${PYTEST_ARGS[@]}"
+  run_step test-cuda 200 60 "$PY" -m pytest tests -q -p no:cacheprovider -m "not slow" \
+    -k "cuda and not emulated" -rfEsx --durations=15 --junitxml="$STATE/test-cuda.xml" \
+    "${PYTEST_ARGS[@]}"
+  cp "$STATE/test-cuda.xml" "$OUT/test-cuda-$TAG.xml" 2>/dev/null || true
+}
+
+phase_cpu() {
+  phase_build
   cpu_ignores
   run_step test-rest 300 60 "$PY" -m pytest tests -q -p no:cacheprovider -m "not slow" \
     -k "not cuda" -rfE --durations=5 --ignore=tests/test_cuda_emulated.py \
@@ -491,7 +528,7 @@ phase_test() {
 phase_slow() {
   phase_build
   "$PY" -c 'import torch; f, t = torch.cuda.mem_get_info(); print(f"== GPU memory free {f / 2**30:.1f} of {t / 2**30:.1f} GiB")'
-  run_step slow 420 60 "$PY" -m pytest tests -q -p no:cacheprovider -m slow -k cuda \
+  run_step slow 200 60 "$PY" -m pytest tests -q -p no:cacheprovider -m slow -k cuda \
     -rfEsx --durations=10 "${PYTEST_ARGS[@]}"
 }
 
@@ -517,7 +554,7 @@ phase_sanitize() {
   "$SAN" --help 2>&1 | grep -q -- "--kernel-name" && filter=(--kernel-name kns=lca_ext)
   local tool
   for tool in memcheck racecheck initcheck synccheck; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 LCA_SMOKE_QUICK=1 run_step "san-$tool" 240 60 "$SAN" --tool "$tool" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 LCA_SMOKE_QUICK=1 run_step "san-$tool" 90 45 "$SAN" --tool "$tool" \
       "${filter[@]}" --error-exitcode 1 --print-limit 20 "$PY" "$STATE/smoke.py"
   done
 }
@@ -529,10 +566,14 @@ import json, os, sys
 state, out = sys.argv[1:3]
 parts = [os.path.join(state, f) for f in ("bench-ops.json", "bench-compile.json")]
 parts = [p for p in parts if os.path.exists(p)]
-if not parts:
+tracker_part = os.path.join(state, "bench-tracker.json")
+tracker = json.load(open(tracker_part)) if os.path.exists(tracker_part) else None
+if not parts and tracker:
+    parts, merged0 = [], dict(rows=[])
+if not parts and not tracker:
     print("report: no benchmark results yet (run the bench phase)")
     sys.exit(0)
-merged = None
+merged = None if parts else merged0
 for p in parts:
     d = json.load(open(p))
     if merged is None:
@@ -540,6 +581,9 @@ for p in parts:
     else:
         merged["rows"] += d["rows"]
 merged["parts"] = [os.path.basename(p) for p in parts]
+if tracker:
+    merged["tracker"] = tracker
+    merged["parts"].append("bench-tracker.json")
 merged["gpu_env"] = json.load(open(os.path.join(state, "env.json"))) \
     if os.path.exists(os.path.join(state, "env.json")) else None
 rows = {r["name"]: r for r in merged["rows"]}
@@ -585,6 +629,16 @@ if acc:
         if ref in rows:
             checks.append((f"accumulate_ vs {ref} >= {target}x (events)",
                            ratio(ev(ref), acc.get("events_median_s")), target))
+if tracker:
+    for kind, r in tracker["speed"].items():
+        checks.append((f"tracked GPT-2 step ({kind} kernels) <= 1.05 x (passes x pass + plain)",
+                       1 / r["ratio_median"], 1 / 1.05))
+    m = tracker.get("memory") or {}
+    if m:
+        print(f"tracker GPU memory, fp32 values per parameter: held {m['held_fp32_per_param']:.2f}, "
+              f"extra peak {m['extra_peak_fp32_per_param']:.2f}, documented "
+              f"{m['documented_fp32_per_param']}")
+    print("fused vs reference on the same steps:", tracker.get("agreement"))
 print()
 merged["targets"] = []
 for name, value, target in checks:
@@ -605,8 +659,19 @@ phase_bench() {
   phase_build
   "$PY" -c 'import pytest_benchmark' >/dev/null 2>&1 || { record bench "FAILED: pytest-benchmark missing"; FAILED=1; return; }
   rm -f "$STATE/bench-ops.json"
-  LCA_BENCH_OUT="$STATE/bench-ops.json" LCA_BENCH_COMPILE=0 run_step bench 420 90 \
+  LCA_BENCH_OUT="$STATE/bench-ops.json" LCA_BENCH_COMPILE=0 run_step bench 220 90 \
     "$PY" -m pytest benchmarks/test_bench_cuda.py -q -p no:cacheprovider -k "not compiled" -rfEs
+  phase_report
+}
+
+phase_tracker() {
+  phase_build
+  "$PY" -c 'import pytest_benchmark, transformers' >/dev/null 2>&1 || {
+    record tracker "FAILED: pytest-benchmark or transformers missing"; FAILED=1; return; }
+  rm -f "$STATE/bench-tracker.json"
+  LCA_BENCH_TRACKER_OUT="$STATE/bench-tracker.json" LCA_BENCH_REHEARSE=$REHEARSE \
+    run_step tracker 180 45 "$PY" -m pytest benchmarks/test_bench_gpu_tracker.py -q -s \
+    -p no:cacheprovider -rfEs
   phase_report
 }
 
@@ -615,7 +680,7 @@ phase_compile() {
   "$PY" -c 'import pytest_benchmark' >/dev/null 2>&1 || { record compile "FAILED: pytest-benchmark missing"; FAILED=1; return; }
   rm -f "$STATE/bench-compile.json"
   LCA_BENCH_OUT="$STATE/bench-compile.json" LCA_BENCH_COMPILE=1 \
-    TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$JOBS} run_step compile 540 120 \
+    TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$JOBS} run_step compile 400 120 \
     "$PY" -m pytest benchmarks/test_bench_cuda.py -q -p no:cacheprovider -k compiled -rfEs
   phase_report
 }

@@ -726,3 +726,62 @@ def test_huge_tensor_sign_changes_exact():
         v = _pattern(s, e)
         assert torch.equal(last[s:e], (-torch.sign(v)).to(torch.int8)), (s, e)
         assert torch.equal(ch[s:e], (v != 0).int()), (s, e)
+
+
+# ---------------------------------------------------------------------------
+# LCATracker on the GPU: fused kernels vs the reference ops vs the CPU
+
+@pytest.mark.parametrize("num_classes", [None, 5], ids=["plain", "classes"])
+def test_tracker_on_gpu_fused_matches_reference_and_cpu(num_classes):
+    """Two trackers watch the same training on the GPU, one with the fused
+    kernels, one with the reference ops: the same allocation up to rounding,
+    every step grounded; training (dropout included) bit-identical with and
+    without either tracker."""
+    from torch import nn
+
+    def make(device, dtype):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 5))
+        return m.to(device, dtype)
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(300, 12, generator=gen), torch.randint(0, 5, (300,), generator=gen)
+    loss_fn = nn.functional.cross_entropy
+    runs, weights = {}, {}
+    for name, device, dtype, kernels in (("fused", "cuda", torch.float32, None),
+                                         ("reference", "cuda", torch.float32, reference),
+                                         ("untracked", "cuda", torch.float32, False)):
+        model = make(device, dtype)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        tracker = None
+        if kernels is not False:
+            tracker = lca_ext.LCATracker(model, loss_fn, (x.to(device, dtype), y.to(device)),
+                                         batch_size=128, num_classes=num_classes)
+            if kernels is not None:
+                tracker.kernels = kernels
+                for o in tracker.objectives:
+                    o.evaluator.kernels = kernels
+            else:
+                assert tracker.kernels is lca_ext.ops
+        torch.manual_seed(2)
+        for i in range(4):
+            xb, yb = x[i * 64:(i + 1) * 64].to(device, dtype), y[i * 64:(i + 1) * 64].to(device)
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            with tracker.step() if tracker else torch.no_grad():
+                opt.step()
+        weights[name] = [p.detach().cpu() for p in model.parameters()]
+        if tracker:
+            runs[name] = tracker.result()
+    for name in ("fused", "reference"):     # tracking never changes the training
+        assert all(torch.equal(a, b) for a, b in zip(weights[name], weights["untracked"]))
+    f, r = runs["fused"], runs["reference"]
+    scale = float(abs(f.tensor_sums).sum())
+    assert abs(f.tensor_sums - r.tensor_sums).max() <= 1e-6 * scale
+    assert abs(f.row_sums - r.row_sums).max() <= 1e-6 * scale
+    assert (f.splits == r.splits).all()
+    delta = f.loss_after - f.loss_before
+    assert (f.error <= 1e-4 + 1e-3 * abs(delta)).all()
+    if num_classes:
+        assert abs(f.class_sums - r.class_sums).max() <= 1e-6 * scale
+        assert abs(f.class_sums.sum(1) - f.tensor_sums).max() <= 1e-5 * scale

@@ -209,6 +209,34 @@ def test_schedule_and_first_order():
     assert (run.error > 0).all()
 
 
+@pytest.mark.parametrize("outside", ["optimizer_step", "projection"])
+def test_theta_changed_outside_the_tracker_is_noticed(outside):
+    """A step taken without tracker.step() (or any in-place write to θ) between
+    two tracked steps: the next tracked step starts from the loss and gradient
+    at the θ it sees, not from the stale end point of the previous one."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), method="first_order")
+    train(model, opt, x, y, xent, 1, tracker)
+    if outside == "optimizer_step":
+        train(model, opt, x, y, xent, 1, seed=1)
+    else:
+        with torch.no_grad():
+            model[0].weight.clamp_(-0.1, 0.1)
+    theta_t = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, x, y, xent, 1, tracker, seed=2)
+    loss_t, grad_t = whole_set(model, theta_t, x, y, xent)
+    run = tracker.result()
+    assert run.loss_before[1] == pytest.approx(loss_t, rel=1e-6)
+    # first order: LCA = Δθ · g(θ_t) exactly, per tensor
+    direct = [float(((p.detach() - t) * g).sum())
+              for p, t, g in zip(model.parameters(), theta_t, grad_t)]
+    np.testing.assert_allclose(run.tensor_sums[1], direct, rtol=1e-5, atol=1e-9)
+    assert run.grad_passes.tolist() == [2, 2]
+
+
 def test_layer_sums_and_state_add_up():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
