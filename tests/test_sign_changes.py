@@ -23,7 +23,7 @@ def test_matches_reference_over_steps(dtype, with_base, device):
     want_ch = [t.clone() for t in got_ch]
     xs = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
     for step in range(5):
-        new = [(x.double() + torch.randn(s, generator=gen, dtype=torch.float64)
+        new = [(x.double().cpu() + torch.randn(s, generator=gen, dtype=torch.float64)
                 * (torch.rand(s, generator=gen) > 0.2)).to(dtype).to(device)
                for x, s in zip(xs, shapes)]
         if step == 3:
