@@ -3,6 +3,7 @@ gradient passes + the plain DDP step, and the share of the gradient all-reduce.
 
 Each rank runs one thread; timings are interleaved round by round (as in the
 other benchmarks) and rank 0's medians are reported."""
+import copy
 import json
 import os
 import sys
@@ -47,10 +48,15 @@ def _worker(rank, world, port, out):
         def all_reduce():
             tracker.ctx.replicated_grads_(bufs, before=False)
 
+        # the plain step runs on a twin, so the tracked model's θ moves only
+        # inside tracker.step() and each tracked step reuses its start gradient
+        twin = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+        twin_opt = torch.optim.SGD(twin.parameters(), lr=1e-2, momentum=0.9)
+
         def plain_step():
-            opt.zero_grad()
-            loss_fn(ddp(xb), yb).backward()
-            opt.step()
+            twin_opt.zero_grad()
+            loss_fn(twin(xb), yb).backward()
+            twin_opt.step()
 
         def tracked_step():
             opt.zero_grad()

@@ -6,10 +6,25 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdio>
 #include <tuple>
-#include <sstream>
 
 namespace lca_ext {
+
+std::string text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+std::string text(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
@@ -24,16 +39,16 @@ void check_nonempty(const char* op, const char* arg, at::TensorList list) {
 void check_same_length(const char* op, const char* arg, at::TensorList list,
                        const char* ref_arg, at::TensorList ref) {
   TORCH_CHECK(list.size() == ref.size(), "lca_ext.", op, ": ", arg, " has ",
-              list.size(), " tensors but ", ref_arg, " has ", ref.size(),
+              text(list.size()), " tensors but ", ref_arg, " has ", text(ref.size()),
               "; expected one per parameter");
 }
 
 void check_float_dtypes(const char* op, const char* arg, at::TensorList list) {
   for (size_t k = 0; k < list.size(); ++k) {
-    TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", arg, "[", k,
+    TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", arg, "[", text(k),
                 "] is undefined (None); expected a tensor");
     TORCH_CHECK(is_supported_float(list[k].scalar_type()), "lca_ext.", op, ": ",
-                arg, "[", k, "] has dtype ", list[k].scalar_type(),
+                arg, "[", text(k), "] has dtype ", text(list[k].scalar_type()),
                 "; expected float16, bfloat16, float32 or float64");
   }
 }
@@ -43,11 +58,11 @@ void check_dtypes(const char* op, const char* arg, at::TensorList list,
   for (size_t k = 0; k < list.size(); ++k) {
     const auto t = list[k].scalar_type();
     if (dtype == alt) {
-      TORCH_CHECK(t == dtype, "lca_ext.", op, ": ", arg, "[", k, "] has dtype ",
-                  t, "; expected ", dtype);
+      TORCH_CHECK(t == dtype, "lca_ext.", op, ": ", arg, "[", text(k), "] has dtype ",
+                  text(t), "; expected ", text(dtype));
     } else {
-      TORCH_CHECK(t == dtype || t == alt, "lca_ext.", op, ": ", arg, "[", k,
-                  "] has dtype ", t, "; expected ", dtype, " or ", alt);
+      TORCH_CHECK(t == dtype || t == alt, "lca_ext.", op, ": ", arg, "[", text(k),
+                  "] has dtype ", text(t), "; expected ", text(dtype), " or ", text(alt));
     }
   }
 }
@@ -56,8 +71,8 @@ void check_same_dtypes(const char* op, const char* arg, at::TensorList list,
                        const char* ref_arg, at::TensorList ref) {
   for (size_t k = 0; k < list.size(); ++k) {
     TORCH_CHECK(list[k].scalar_type() == ref[k].scalar_type(), "lca_ext.", op,
-                ": ", arg, "[", k, "] has dtype ", list[k].scalar_type(),
-                " but ", ref_arg, "[", k, "] has dtype ", ref[k].scalar_type(),
+                ": ", arg, "[", text(k), "] has dtype ", text(list[k].scalar_type()),
+                " but ", ref_arg, "[", text(k), "] has dtype ", text(ref[k].scalar_type()),
                 "; expected the same dtype");
   }
 }
@@ -69,9 +84,9 @@ void check_same_shapes(const char* op, const char* arg, at::TensorList list,
     std::vector<int64_t> want(leading.begin(), leading.end());
     want.insert(want.end(), ref[k].sizes().begin(), ref[k].sizes().end());
     TORCH_CHECK(list[k].sizes().vec() == want, "lca_ext.", op, ": ", arg, "[",
-                k, "] has shape ", list[k].sizes(), "; expected ",
-                at::IntArrayRef(want), leading.empty() ? " (the shape of " : " (",
-                leading.empty() ? "" : "classes x the shape of ", ref_arg, "[", k,
+                text(k), "] has shape ", text(list[k].sizes()), "; expected ",
+                text(at::IntArrayRef(want)), leading.empty() ? " (the shape of " : " (",
+                leading.empty() ? "" : "classes x the shape of ", ref_arg, "[", text(k),
                 "])");
   }
 }
@@ -79,9 +94,9 @@ void check_same_shapes(const char* op, const char* arg, at::TensorList list,
 void check_device(const char* op, const char* arg, at::TensorList list,
                   const at::Device& device) {
   for (size_t k = 0; k < list.size(); ++k) {
-    TORCH_CHECK(list[k].device() == device, "lca_ext.", op, ": ", arg, "[", k,
-                "] is on ", list[k].device(), "; expected every tensor on ",
-                device);
+    TORCH_CHECK(list[k].device() == device, "lca_ext.", op, ": ", arg, "[", text(k),
+                "] is on ", text(list[k].device()), "; expected every tensor on ",
+                text(device));
   }
 }
 
@@ -89,7 +104,7 @@ void check_finite(const char* op, const char* arg, at::TensorList list) {
   for (size_t k = 0; k < list.size(); ++k) {
     if (list[k].numel() == 0) continue;
     const bool ok = at::isfinite(list[k]).all().item<bool>();
-    TORCH_CHECK(ok, "lca_ext.", op, ": ", arg, "[", k,
+    TORCH_CHECK(ok, "lca_ext.", op, ": ", arg, "[", text(k),
                 "] contains NaN or Inf (check_finite=True)");
   }
 }
@@ -140,7 +155,8 @@ void check_outputs_apart(const char* op, const std::vector<NamedList>& outputs,
       const Span &a = spans[i], &b = spans[j];
       if (!a.output && !b.output) continue;  // inputs may share memory
       const bool same = a.lo == b.lo && a.hi == b.hi && a.k == b.k && a.output != b.output;
-      TORCH_CHECK(same, "lca_ext.", op, ": ", a.arg, "[", a.k, "] and ", b.arg, "[", b.k,
+      TORCH_CHECK(same, "lca_ext.", op, ": ", a.arg, "[", text(a.k), "] and ", b.arg, "[",
+                  text(b.k),
                   "] share memory; an output may only be the very same tensor as the input "
                   "of its own index (e.g. lca_out[k] = avg_grad[k]), never overlap another");
     }
@@ -186,24 +202,24 @@ std::vector<double> checked_bin_edges(const char* op,
   if (!edges.has_value() || !edges->defined()) return {};
   const at::Tensor& e = *edges;
   TORCH_CHECK(e.dim() == 1 && e.numel() >= 2, "lca_ext.", op,
-              ": bin_edges has shape ", e.sizes(),
+              ": bin_edges has shape ", text(e.sizes()),
               "; expected a 1-D tensor of at least 2 edges");
   TORCH_CHECK(e.is_floating_point(), "lca_ext.", op, ": bin_edges has dtype ",
-              e.scalar_type(), "; expected a floating dtype");
+              text(e.scalar_type()), "; expected a floating dtype");
   // Host edges are read directly (they travel to the GPU with the op's tables,
   // so no synchronisation); edges on the device are copied here (a sync).
   TORCH_CHECK(e.device() == device || e.device().is_cpu(), "lca_ext.", op,
-              ": bin_edges is on ", e.device(), "; expected the CPU or ", device,
+              ": bin_edges is on ", text(e.device()), "; expected the CPU or ", text(device),
               " (the device of before)");
   const at::Tensor host = e.to(at::kCPU, at::kDouble).contiguous();
   const double* p = host.data_ptr<double>();
   std::vector<double> out(p, p + host.numel());
   for (size_t i = 0; i < out.size(); ++i) {
-    TORCH_CHECK(std::isfinite(out[i]), "lca_ext.", op, ": bin_edges[", i,
-                "] is ", out[i], "; expected finite edges");
+    TORCH_CHECK(std::isfinite(out[i]), "lca_ext.", op, ": bin_edges[", text(i),
+                "] is ", text(out[i]), "; expected finite edges");
     TORCH_CHECK(i == 0 || out[i] > out[i - 1], "lca_ext.", op, ": bin_edges[",
-                i, "] = ", out[i], " is not greater than bin_edges[", i - 1,
-                "] = ", out[i - 1], "; expected strictly increasing edges");
+                text(i), "] = ", text(out[i]), " is not greater than bin_edges[",
+                text(i - 1), "] = ", text(out[i - 1]), "; expected strictly increasing edges");
   }
   return out;
 }
@@ -253,8 +269,8 @@ int64_t check_allocate_classes_op(at::TensorList before, at::TensorList after,
   check_nonempty(op, "class_grads", class_grads);
   for (size_t k = 0; k < class_grads.size(); ++k) {
     TORCH_CHECK(class_grads[k].defined() && class_grads[k].dim() >= 1,
-                "lca_ext.allocate_classes: class_grads[", k,
-                "] must have a leading class dimension (shape [C, *before[", k,
+                "lca_ext.allocate_classes: class_grads[", text(k),
+                "] must have a leading class dimension (shape [C, *before[", text(k),
                 "].shape])");
   }
   const int64_t C = class_grads[0].size(0);
@@ -269,7 +285,7 @@ void check_accumulate_inputs(at::TensorList acc, at::TensorList grads,
   check_nonempty(op, "acc", acc);
   check_same_length(op, "grads", grads, "acc", acc);
   for (size_t k = 0; k < acc.size(); ++k) {
-    TORCH_CHECK(acc[k].defined(), "lca_ext.accumulate_: acc[", k,
+    TORCH_CHECK(acc[k].defined(), "lca_ext.accumulate_: acc[", text(k),
                 "] is undefined (None); expected a tensor");
   }
   check_dtypes(op, "acc", acc, at::kFloat, at::kDouble);
@@ -277,7 +293,7 @@ void check_accumulate_inputs(at::TensorList acc, at::TensorList grads,
   check_same_shapes(op, "grads", grads, "acc", acc);
   check_device(op, "acc", acc, acc[0].device());
   check_device(op, "grads", grads, acc[0].device());
-  TORCH_CHECK(std::isfinite(weight), "lca_ext.accumulate_: weight is ", weight,
+  TORCH_CHECK(std::isfinite(weight), "lca_ext.accumulate_: weight is ", text(weight),
               "; expected a finite number");
 }
 
@@ -300,7 +316,7 @@ void check_sign_changes_inputs(at::TensorList last_sign, at::TensorList changes,
         std::make_tuple("changes", changes, at::kInt)}) {
     check_same_length(op, name, list, "x", x);
     for (size_t k = 0; k < list.size(); ++k) {
-      TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", name, "[", k,
+      TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", name, "[", text(k),
                   "] is undefined (None); expected a tensor");
     }
     check_dtypes(op, name, list, dtype, dtype);
@@ -315,7 +331,7 @@ void check_state_list(const char* op, const char* arg, at::TensorList list,
   if (list.empty()) return;
   check_same_length(op, arg, list, "before", before);
   for (size_t k = 0; k < list.size(); ++k) {
-    TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", arg, "[", k,
+    TORCH_CHECK(list[k].defined(), "lca_ext.", op, ": ", arg, "[", text(k),
                 "] is undefined (None); expected a tensor");
   }
   check_dtypes(op, arg, list, dtype, alt);

@@ -4,10 +4,29 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace lca_ext {
+
+// Message pieces as text, so that no number reaches std::ostream's formatting in
+// this library.  Where a toolchain links libstdc++ statically into an extension
+// (the GPU machine's did), the extension's copy of the number formatting meets
+// torch's shared copy of the locale: on the CPU the message was cut at the
+// first number, on the GPU the process crashed.  Strings are copied verbatim,
+// so every TORCH_CHECK here passes numbers, dtypes, devices and shapes through
+// text() (tests: the -static-libstdc++ build in .ci/run).
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string text(T v) {
+  return std::to_string(v);
+}
+std::string text(double v);                 // like ostream's default (%g)
+std::string text(at::IntArrayRef shape);    // [2, 3]
+inline const char* text(at::ScalarType t) { return c10::toString(t); }
+inline std::string text(const at::Device& d) { return d.str(); }
 
 // The input dtypes every op reads: float16, bfloat16, float32, float64.
 bool is_supported_float(at::ScalarType t);

@@ -29,6 +29,10 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 
 from . import _loader  # noqa: F401  (loads the compiled library)
+# which CUDA kernels may run (and the stamps of `lca-ext verify-cuda`): cuda_gate,
+# so that verify (which runs these ops) and ops do not import each other
+from .cuda_gate import FUSED_OPS, UNVERIFIED_CUDA_OPS  # noqa: F401
+from .cuda_gate import cuda_allowed as _cuda_allowed
 
 Tensor = torch.Tensor
 
@@ -69,26 +73,6 @@ def _nonempty(op: str, name: str, tensors: List[Tensor]) -> List[Tensor]:
     return tensors
 
 
-# CUDA kernels that are compiled and emulator-tested in CI but that no GPU of
-# this project's CI has run: the wrappers refuse CUDA tensors for them until
-# `lca-ext verify-cuda` (lca_ext.verify) has checked them on the GPU at hand
-# and stamped them for this build, or LCA_EXT_ALLOW_UNVERIFIED_CUDA=1; so an
-# unverified kernel can never hand out a silently wrong number.
-FUSED_OPS = ("accumulate_", "allocate", "allocate_classes", "sign_changes_")
-UNVERIFIED_CUDA_OPS = frozenset(FUSED_OPS)
-
-
-def _cuda_allowed(op: str, device) -> bool:
-    """May `op` run its CUDA kernel on `device`: verified by this project, stamped
-    by `lca-ext verify-cuda` for this build and GPU, or allowed by the user."""
-    import os
-
-    if op not in UNVERIFIED_CUDA_OPS or os.environ.get("LCA_EXT_ALLOW_UNVERIFIED_CUDA") == "1":
-        return True
-    from .verify import verified_ops
-    return op in verified_ops(device)
-
-
 def _guard_cuda(op: str, tensors: List[Tensor]) -> None:
     if tensors and tensors[0].is_cuda and not _cuda_allowed(op, tensors[0].device):
         raise NotImplementedError(
@@ -100,7 +84,7 @@ def _guard_cuda(op: str, tensors: List[Tensor]) -> None:
 
 def fused_available(op: str, device) -> bool:
     """Can ``op`` run its fused kernel on ``device`` (compiled in this build, and
-    for CUDA verified or allowed; see UNVERIFIED_CUDA_OPS)?"""
+    for CUDA verified or allowed; see lca_ext.cuda_gate)?"""
     device = torch.device(device)
     key = "CUDA" if device.type == "cuda" else "CPU"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lca_ext::{op}", key):

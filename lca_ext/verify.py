@@ -1,10 +1,11 @@
 """Verify the CUDA kernels on the GPU they will run on, once: ``lca-ext verify-cuda``.
 
-The CUDA kernels are compiled for sm_80/sm_90 and their sources are tested on a
-CPU emulator in every CI run, but this project's CI has no GPU, so no GPU has
-run them there.  Until one has, the ops refuse CUDA tensors (and LCATracker
-falls back to the plain-PyTorch ops on a GPU): a kernel that has never run must
-not hand out a silently wrong number.
+The CUDA kernels are compiled for sm_80/sm_90 in CI and their sources run on a
+CPU emulator in every CI run; this project ran them on an H200 (sm_90), where
+every check passed, so they are enabled by default (lca_ext.cuda_gate).  On
+another GPU, toolkit or build, this check says whether they hold there too; a
+kernel added later starts in cuda_gate.UNVERIFIED_CUDA_OPS and is enabled by
+it (or by the next project GPU run).
 
 :func:`verify_cuda` runs every CUDA op on your GPU against the CPU kernels (and
 the torch reference) on inputs chosen to reach every code path: each dtype pair,
@@ -25,19 +26,19 @@ suite sets it, to test the kernels themselves).
 from __future__ import annotations
 
 import contextlib
-import datetime
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
-from .ops import FUSED_OPS as CUDA_OPS
+from .cuda_gate import FUSED_OPS as CUDA_OPS
+# the stamps live in cuda_gate (which the ops read); these names are verify's API too
+from .cuda_gate import (_verified_cache, device_identity, library_sha256,  # noqa: F401
+                        record_stamp, stamp_path, stamped_ops, verified_ops)
+
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-STAMP_FILE = "cuda-verified.json"
 
 
 @dataclass
@@ -431,92 +432,3 @@ def cuda_device(device) -> torch.device:
         raise RuntimeError(f"verify_cuda: device {str(device)!r}: this machine has "
                            f"{torch.cuda.device_count()} CUDA device(s)")
     return device
-
-
-# ---------------------------------------------------------------------------
-# the stamp
-
-
-def stamp_path() -> str:
-    root = os.environ.get("LCA_EXT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "lca_ext")
-    return os.path.join(root, STAMP_FILE)
-
-
-_library_digest: Optional[str] = None
-
-
-def library_sha256() -> str:
-    """SHA-256 of the compiled library (lca_ext._C): a rebuild changes it."""
-    global _library_digest
-    if _library_digest is None:
-        from ._loader import _C
-        h = hashlib.sha256()
-        with open(_C.__file__, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _library_digest = h.hexdigest()
-    return _library_digest
-
-
-def device_identity(device) -> Dict[str, str]:
-    """What a verification holds for: this library, torch, CUDA and GPU model."""
-    from . import __version__
-
-    device = torch.device(device)
-    major, minor = torch.cuda.get_device_capability(device)
-    return {"lca_ext": __version__, "library_sha256": library_sha256(),
-            "torch": torch.__version__, "torch_cuda": str(torch.version.cuda),
-            "gpu": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
-
-
-def _read_stamps(path: str) -> list:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        entries = data.get("verified", [])
-        return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-    except (OSError, ValueError, AttributeError):
-        return []  # no file, or not ours: nothing verified
-
-
-def record_stamp(identity: Dict[str, str], ops: List[str]) -> str:
-    """Adds (or replaces) the entry for `identity` with `ops`; atomic write."""
-    path = stamp_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    entries = [e for e in _read_stamps(path) if e.get("identity") != identity]
-    entries.append({"identity": identity, "ops": sorted(ops),
-                    "date": datetime.datetime.now().isoformat(timespec="seconds")})
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"verified": entries}, f, indent=1)
-    os.replace(tmp, path)
-    _verified_cache.clear()
-    return path
-
-
-def stamped_ops(identity: Dict[str, str]) -> frozenset:
-    """The ops recorded as verified for exactly this identity."""
-    for e in _read_stamps(stamp_path()):
-        if e.get("identity") == identity and isinstance(e.get("ops"), list):
-            return frozenset(op for op in e["ops"] if op in CUDA_OPS)
-    return frozenset()
-
-
-_verified_cache: Dict[int, frozenset] = {}
-
-
-def verified_ops(device) -> frozenset:
-    """The ops verified on this CUDA device (read once per device and process,
-    and again after record_stamp); empty for any other device."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return frozenset()
-    try:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _verified_cache:
-            _verified_cache[index] = stamped_ops(device_identity(torch.device("cuda", index)))
-        return _verified_cache[index]
-    except (RuntimeError, OSError, AssertionError):  # no usable GPU: nothing verified
-        return frozenset()

@@ -372,6 +372,15 @@ print("CUDA kernels registered:", not missing, "| GPU visible:", torch.cuda.is_a
 sys.exit(0 if ok else 1)
 PY
   then
+    # how it was linked: a libstdc++ linked into _C (the image's compiler did)
+    # once made every error message with a number crash; csrc/validate.h
+    echo "== linked with: ${CXX:-c++} $("${CXX:-c++}" -dumpfullversion 2>/dev/null) LDFLAGS='${LDFLAGS:-}'"
+    local lib
+    lib=$(ls lca_ext/_C*.so | head -1)
+    readelf -d "$lib" 2>/dev/null | grep NEEDED | sed 's/^/   /'
+    if nm -C --defined-only "$lib" 2>/dev/null | grep -q "_M_insert<unsigned long>"; then
+      echo "== note: $lib holds its own copy of libstdc++'s stream code (static libstdc++)"
+    fi
     source_hash >"$STATE/build.hash"
     BUILT=1
     record build_info "ok"
@@ -554,7 +563,7 @@ phase_sanitize() {
   "$SAN" --help 2>&1 | grep -q -- "--kernel-name" && filter=(--kernel-name kns=lca_ext)
   local tool
   for tool in memcheck racecheck initcheck synccheck; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 LCA_SMOKE_QUICK=1 run_step "san-$tool" 90 45 "$SAN" --tool "$tool" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 LCA_SMOKE_QUICK=1 run_step "san-$tool" 90 20 "$SAN" --tool "$tool" \
       "${filter[@]}" --error-exitcode 1 --print-limit 20 "$PY" "$STATE/smoke.py"
   done
 }

@@ -145,12 +145,17 @@ def test_import_error_says_how_to_build(monkeypatch):
 
 def test_unverified_cuda_ops_refuse_without_opt_in(monkeypatch):
     """A CUDA tensor reaching an op whose kernel has never run on a GPU raises,
-    unless LCA_EXT_ALLOW_UNVERIFIED_CUDA=1 (checked before any device work)."""
-    from lca_ext import ops
+    unless LCA_EXT_ALLOW_UNVERIFIED_CUDA=1 (checked before any device work).
+    Today every kernel has run on a GPU (the set is empty: CUDA tensors pass);
+    the gate stays for kernels added later, so it is tested with every op in it."""
+    from lca_ext import cuda_gate, ops
 
     from helpers import fake_cuda_tensor
     t = fake_cuda_tensor()
     monkeypatch.delenv("LCA_EXT_ALLOW_UNVERIFIED_CUDA", raising=False)
+    ops._guard_cuda("allocate", [t])   # verified by the project: accepted
+    monkeypatch.setattr(cuda_gate, "UNVERIFIED_CUDA_OPS", frozenset(cuda_gate.FUSED_OPS))
+    monkeypatch.setattr(cuda_gate, "verified_ops", lambda device: frozenset())
     with pytest.raises(NotImplementedError, match="run `lca-ext verify-cuda` once"):
         ops._guard_cuda("allocate", [t])
     with pytest.raises(NotImplementedError, match="accumulate_"):

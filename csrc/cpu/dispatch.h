@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include "../validate.h"
+
 namespace lca_ext {
 namespace cpu {
 
@@ -17,7 +19,7 @@ inline void dispatch_float(c10::ScalarType t, F&& f) {
     case c10::kDouble: f(double{}); return;
     case c10::kHalf: f(c10::Half{}); return;
     case c10::kBFloat16: f(c10::BFloat16{}); return;
-    default: TORCH_CHECK(false, "lca_ext: unsupported dtype ", t);
+    default: TORCH_CHECK(false, "lca_ext: unsupported dtype ", text(t));
   }
 }
 

@@ -34,7 +34,7 @@ inline int32_t dtype_code(at::ScalarType t) {
     case at::kDouble: return kF64;
     case at::kHalf: return kF16;
     case at::kBFloat16: return kBF16;
-    default: TORCH_CHECK(false, "lca_ext: unsupported dtype ", t);
+    default: TORCH_CHECK(false, "lca_ext: unsupported dtype ", text(t));
   }
 }
 
@@ -212,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor> allocate_classes_impl(
   const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
   if (C == 0 || nchunks == 0) return {sums, counts};  // nothing to add up: zeros
   const int64_t groups = (C + kClassGroup - 1) / kClassGroup;
-  TORCH_CHECK(groups <= 65535, "lca_ext.allocate_classes: ", C,
-              " classes; the CUDA kernel handles at most ", 65535 * kClassGroup);
+  TORCH_CHECK(groups <= 65535, "lca_ext.allocate_classes: ", text(C),
+              " classes; the CUDA kernel handles at most ", text(int64_t{65535} * kClassGroup));
 
   const auto b = contiguous_all(before);
   const auto a = contiguous_all(after);
