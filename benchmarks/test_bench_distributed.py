@@ -78,6 +78,7 @@ def _worker(rank, world, port, out):
             med["numel"] = sum(p.numel() for p in params)
             with open(out, "w") as f:
                 json.dump(med, f)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -1,95 +1,129 @@
 """The whole-set loss and gradient at a point of parameter space, free of side
 effects on the training it watches.
 
-At a point θ (a list of tensors, one per tracked parameter) the evaluator runs the
-model over every batch of the LCA set with ``torch.func.functional_call`` and
-returns the exact mean loss over the set (per-batch mean x batch size, summed,
-divided by the total count, so a last partial batch weighs right), adding the
-gradient of that mean into caller-owned buffers.  What it guarantees:
+At a point θ (a list of tensors, one per tracked parameter) the evaluator runs
+the model over every batch of the LCA set (lca_ext.lca_set) with
+``torch.func.functional_call`` and returns the exact weighted mean loss over the
+set, adding its gradient into caller-owned buffers.  A batch's loss comes from
+``batch_loss(model, batch)``: the batch's mean loss, or ``(mean_loss, weight)``
+when batches weigh differently (e.g. the number of label tokens); the weight
+defaults to the batch's number of examples (dim 0 of its first tensor, or of the
+targets of an ``(inputs, targets)`` pair).  The set's loss is
+Σ weight·mean / Σ weight, so a last partial batch or a batch with more tokens
+weighs right.  The classic ``loss_fn(model(x), y)`` is the special case
+``classic_batch_loss(loss_fn)``.  What it guarantees:
 
 * the live parameters and their ``.grad`` are never written (gradients come
   from ``torch.autograd.grad`` on the tensors passed in);
-* BatchNorm running statistics are never touched: buffers are passed as copies.
-  By default BatchNorm normalises with the statistics of each fixed, unshuffled
-  batch of the LCA set (``batchnorm="batch"``, as the LCA paper's code did: the
-  loss is then the training-mode loss the optimiser sees); ``batchnorm="eval"``
-  uses the running statistics instead (``model.eval()`` semantics);
-* no dropout: every dropout module runs in eval mode during evaluation, and each
-  module's ``training`` flag is restored afterwards;
-* the CPU and CUDA random number streams are forked and restored, so the
-  training's dropout masks and data order are unchanged.
+* module buffers are passed as copies (BatchNorm running statistics untouched);
+* a pass is a deterministic function of θ: every module runs in eval mode
+  (dropout, attention dropout, stochastic depth and any ``if self.training:``
+  branch off) except BatchNorm under ``batchnorm="batch"`` (the statistics of
+  each fixed LCA batch, as the LCA paper's code did); ``batchnorm="eval"`` uses
+  the running statistics.  Each module's ``training`` flag is restored;
+* passes run outside any surrounding autocast, in the parameters' precision,
+  unless ``autocast=`` (a dtype) asks for one;
+* the CPU and CUDA random streams (and Python's and NumPy's) are forked and
+  restored, so the training's dropout masks and data order are unchanged, also
+  when the LCA set is a DataLoader (which draws a seed on every ``iter()``);
+* one host synchronisation per pass (losses and weights add up on the device).
+
+The first pass runs the set twice, once without gradients: that gives the total
+weight (before any gradient is scaled by it) and checks that the loss is a
+deterministic function of θ (a clear error otherwise).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+import random
+from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from . import ops
 from .distributed import Context
+from .lca_set import LCASet, first_tensor
 from .params import ParameterSet
 
-Batch = Tuple[torch.Tensor, torch.Tensor]
-
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-            nn.FeatureAlphaDropout)
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
+# same loss at the same θ up to this relative difference, else the loss is random
+DETERMINISM_RTOL = 1e-5
 
 
-def as_batches(data, batch_size: int = 1024) -> List[Batch]:
-    """The LCA set as a fixed list of (inputs, targets) batches.
+def as_batches(data, batch_size: int = 1024) -> LCASet:
+    """The LCA set as fixed batches (see lca_ext.lca_set)."""
+    return data if isinstance(data, LCASet) else LCASet(data, batch_size=batch_size)
 
-    ``data`` is a (inputs, targets) pair of tensors (cut into ``batch_size``
-    chunks in order) or an iterable of such pairs (e.g. a DataLoader without
-    shuffling), read once and kept.
-    """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
-            isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"lca_ext: lca_data inputs have {x.shape[0]} rows but "
-                             f"targets have {y.shape[0]}; expected the same count")
-        return [(x[i:i + batch_size], y[i:i + batch_size])
-                for i in range(0, x.shape[0], batch_size)]
-    batches = []
-    for k, b in enumerate(data):
-        if not (isinstance(b, (tuple, list)) and len(b) == 2):
-            raise ValueError(f"lca_ext: lca_data batch {k} is not an (inputs, targets) pair")
-        batches.append((b[0], b[1]))
-    if not batches:
-        raise ValueError("lca_ext: lca_data is empty; expected at least one batch")
-    return batches
+
+def classic_batch_loss(loss_fn: Callable) -> Callable:
+    """``batch_loss`` for ``loss_fn(model(x), y)`` on ``(x, y)`` batches, weighted
+    by the number of examples ``y.shape[0]``."""
+    def batch_loss(model, batch):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError("lca_ext: with loss_fn, every LCA batch must be an (inputs, "
+                             f"targets) pair; got a {type(batch).__name__}. For other "
+                             "batches pass batch_loss=f, f(model, batch) -> mean loss "
+                             "or (mean loss, weight)")
+        x, y = batch
+        return loss_fn(model(x), y), y.shape[0]
+    batch_loss.classic = True
+    batch_loss.loss_fn = loss_fn
+    return batch_loss
+
+
+class _Bound(nn.Module):
+    """model + batch_loss as one module, so functional_call can run the user's
+    batch_loss (which calls the model however it likes) at any point θ."""
+
+    def __init__(self, model: nn.Module, batch_loss: Callable):
+        super().__init__()
+        self.model = model
+        self.batch_loss = batch_loss
+
+    def forward(self, batch):
+        return self.batch_loss(self.model, batch)
 
 
 class Evaluator:
-    """Whole-set loss and gradient of ``loss_fn(model(x), y)`` at any point."""
+    """Whole-set loss and gradient of the weighted mean of ``batch_loss`` at any point."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch],
+    def __init__(self, model: nn.Module, batch_loss: Callable, data: LCASet,
                  params: ParameterSet, batchnorm: str = "batch",
-                 ctx: Optional[Context] = None):
+                 ctx: Optional[Context] = None, autocast: Optional[torch.dtype] = None):
         if batchnorm not in ("batch", "eval"):
             raise ValueError(f"lca_ext: batchnorm={batchnorm!r}; expected 'batch' or 'eval'")
+        if autocast is not None and not (isinstance(autocast, torch.dtype)
+                                         and autocast.is_floating_point):
+            raise ValueError(f"lca_ext: autocast={autocast!r}; expected None (passes in the "
+                             "parameters' precision) or a floating dtype, e.g. torch.bfloat16")
         self.model = model
-        self.loss_fn = loss_fn
-        self.batches = list(batches)
+        self.batch_loss = batch_loss
+        self.data = data if isinstance(data, LCASet) else LCASet(data)
         self.params = params
         self.batchnorm = batchnorm
         self.ctx = ctx or Context()
+        self.autocast = autocast
         self.kernels = ops.kernels_for(params.params[0].device)
-        # under torch.distributed: this rank's share; the mean is over all ranks
-        self.count = int(self.ctx.sum_float(sum(int(y.shape[0]) for _, y in self.batches)))
-        if self.count == 0:
-            raise ValueError("lca_ext: the LCA set has no examples")
+        self.device = params.params[0].device
+        self._bound = _Bound(model, batch_loss)
+        self.count: Optional[float] = None    # Σ weight over the set (all ranks)
+        if getattr(batch_loss, "classic", False) and self.data.pair is not None:
+            # (x, y) pairs: the weight is the example count, known without a pass
+            self.count = self.ctx.sum_float(float(sum(int(y.shape[0])
+                                                      for _, y in self.data.pair)))
+            if self.count == 0:
+                raise ValueError("lca_ext: the LCA set has no examples")
         if self.ctx.sharded:
-            if not self.batches:
+            # FSDP's collectives need the same number of forward passes on every rank
+            n = len(self.data)
+            if n == 0:
                 raise ValueError(f"lca_ext: rank {self.ctx.rank} got no LCA batch; FSDP "
                                  "needs every rank in every forward pass (use a set with "
                                  "at least as many batches or examples as ranks)")
-            # FSDP's collectives need the same number of forward passes on every rank
-            self.rounds = self.ctx.max_int(len(self.batches))
+            self.rounds = self.ctx.max_int(n)
         self.passes = 0  # gradient passes run (each = one sweep of the LCA set)
 
     def buffers_that_matter(self) -> List[torch.Tensor]:
@@ -107,44 +141,122 @@ class Evaluator:
 
     @contextlib.contextmanager
     def _quiet_model(self):
-        """Dropout off, BatchNorm as chosen, RNG streams forked; all restored."""
+        """Eval mode (BatchNorm as chosen), no surrounding autocast, RNG streams
+        forked; all restored."""
         flags = [(m, m.training) for m in self.model.modules()]
         devices = sorted({p.device.index for p in self.params.params
                           if p.device.type == "cuda"})
+        py_state, np_state = random.getstate(), np.random.get_state()
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
                 for m in self.model.modules():
-                    if isinstance(m, _DROPOUT):
-                        m.train(False)
-                    elif isinstance(m, _BATCHNORM):
-                        m.train(self.batchnorm == "batch")
+                    m.training = isinstance(m, _BATCHNORM) and self.batchnorm == "batch"
+                for kind in {"cpu", self.device.type}:
+                    if kind in ("cpu", "cuda"):
+                        stack.enter_context(torch.autocast(kind, enabled=False))
+                if self.autocast is not None:
+                    stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
                 yield
         finally:
             for m, t in flags:
                 m.training = t
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def _batch_loss(self, tensors, batch):
+        """(mean loss, weight) of one batch at the point in ``tensors``."""
+        out = functional_call(self._bound, tensors, (batch,), tie_weights=True)
+        loss, weight = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            who = "loss_fn" if getattr(self.batch_loss, "classic", False) else "batch_loss"
+            raise ValueError(f"lca_ext: {who} returned {shape}; expected a scalar tensor "
+                             "(the mean loss of the batch)")
+        if weight is None:
+            t = first_tensor(batch)
+            if t is None or t.dim() == 0:
+                raise ValueError("lca_ext: cannot tell this batch's size (no tensor with a "
+                                 "batch dimension in it); return (mean loss, weight) from "
+                                 "batch_loss")
+            weight = t.shape[0]
+        return loss, weight
+
+    def _tensors(self, point, requires_grad: bool):
+        names = self.params.names
+        leaves = [t.detach().requires_grad_(requires_grad) for t in point]
+        tracked = set(names)
+        tensors = {"model." + n: p for n, p in self.model.named_parameters()
+                   if n not in tracked}
+        tensors.update({"model." + n: b.clone() for n, b in self.model.named_buffers()})
+        tensors.update({"model." + n: t for n, t in zip(names, leaves)})
+        return tensors, leaves
+
+    def _sweep(self, point) -> tuple:
+        """(Σ weight·loss, Σ weight) over this rank's batches, without gradients."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        wsum = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            tensors, _ = self._tensors(point, False)
+            for batch in self.data.batches(self.device):
+                loss, weight = self._batch_loss(tensors, batch)
+                total += loss.double() * weight
+                wsum += weight
+        return total, wsum
+
+    def _first_pass(self, point) -> None:
+        """The total weight, and the check that the loss is deterministic."""
+        with self._quiet_model():
+            # other random streams than the pass will see (all restored after):
+            # randomness that ignores module.training then shows as a difference
+            torch.default_generator.manual_seed(0x1CA)
+            for p in self.params.params:      # (only the CUDA streams fork_rng forked)
+                if p.device.type == "cuda":
+                    torch.cuda.default_generators[p.device.index].manual_seed(0x1CA)
+            random.seed(0x1CA)
+            np.random.seed(0x1CA)
+            total, wsum = self._sweep(point)
+        total, wsum = (self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
+        if wsum <= 0:
+            raise ValueError(f"lca_ext: the {self.data.name} set has total weight {wsum}; "
+                             "expected a positive number of examples (or tokens)")
+        self.count = wsum
+        self._check_loss = total / wsum
 
     def loss_and_grad(self, point: Sequence[torch.Tensor],
                       grad_out: Optional[Sequence[torch.Tensor]] = None,
                       weight: float = 1.0) -> float:
-        """Mean loss over the LCA set at ``point``; if ``grad_out`` is given,
-        ``grad_out[k] += weight * d(mean loss)/d(param k)`` (fused op)."""
+        """Weighted mean loss over the LCA set at ``point``; if ``grad_out`` is
+        given, ``grad_out[k] += weight * d(mean loss)/d(param k)`` (fused op)."""
+        check = None
+        if self.count is None or not hasattr(self, "_check_loss"):
+            self._first_pass(point)
+            check = self._check_loss
         if self.ctx.sharded:
-            return self._loss_and_grad_sharded(point, grad_out, weight)
-        names = self.params.names
-        frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
-        total = 0.0
+            loss = self._loss_and_grad_sharded(point, grad_out, weight)
+        else:
+            loss = self._loss_and_grad_local(point, grad_out, weight)
+        if check is not None and abs(loss - check) > DETERMINISM_RTOL * max(abs(loss), 1e-3):
+            raise RuntimeError(
+                f"lca_ext: the {self.data.name} loss is random at a fixed θ: two passes over "
+                f"the same set gave {check!r} and {loss!r}. LCA needs a deterministic loss: "
+                "passes run every module in eval mode, so look for randomness that ignores "
+                "module.training (e.g. F.dropout(x, training=True), random augmentation in "
+                "the data pipeline, a sampler that shuffles)")
+        return loss
+
+    def _loss_and_grad_local(self, point, grad_out, weight) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        wsum = torch.zeros((), dtype=torch.float64, device=self.device)
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=True)
         with self._quiet_model():
-            for x, y in self.batches:
-                leaves = [t.detach().requires_grad_(grad_out is not None) for t in point]
-                buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-                tensors = {**frozen, **buffers, **dict(zip(names, leaves))}
+            for batch in self.data.batches(self.device):
+                tensors, leaves = self._tensors(point, grad_out is not None)
                 with torch.set_grad_enabled(grad_out is not None):
-                    out = functional_call(self.model, tensors, (x,), tie_weights=True)
-                    # loss_fn gives the batch mean; x batch size = the batch's sum
-                    batch_sum = self._checked_loss(out, y) * y.shape[0]
-                total += batch_sum.item()
+                    loss, w = self._batch_loss(tensors, batch)
+                    batch_sum = loss * w       # the batch's share x the set's weight
+                total += batch_sum.detach().double()
+                wsum += w
                 if grad_out is not None:
                     grads = torch.autograd.grad(batch_sum, leaves, allow_unused=True)
                     grads = [torch.zeros_like(p) if g is None else g
@@ -153,7 +265,15 @@ class Evaluator:
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=False)
             self.passes += 1
-        return self.ctx.sum_float(total) / self.count
+        total, wsum = (self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
+        self._check_weight(wsum)
+        return total / self.count
+
+    def _check_weight(self, wsum: float) -> None:
+        if abs(wsum - self.count) > 1e-9 * self.count:
+            raise RuntimeError(f"lca_ext: the {self.data.name} set changed between passes "
+                               f"(total weight {wsum} now, {self.count} before); the LCA set "
+                               "must be the same at every point of a step")
 
     def _loss_and_grad_sharded(self, point, grad_out, weight) -> float:
         """FSDP2: run the sharded model itself at ``point`` (this rank's shards).
@@ -169,7 +289,8 @@ class Evaluator:
                    if a.numel() and a.data_ptr() != b.data_ptr()]
         saved_grads = [p.grad for p in dtensors]
         saved_buffers = [b.detach().clone() for b in self.model.buffers()]
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        wsum = torch.zeros((), dtype=torch.float64, device=self.device)
         _reshard(self.model)   # the shards are what FSDP all-gathers from
         with torch.no_grad():
             for k in swapped:
@@ -178,16 +299,25 @@ class Evaluator:
             for p in dtensors:
                 p.grad = None
             with self._quiet_model():
+                batches = self.data.batches(self.device)
+                first = None
                 for r in range(self.rounds):
-                    real = r < len(self.batches)
-                    x, y = self.batches[r] if real else (self.batches[0][0][:1],
-                                                         self.batches[0][1][:1])
+                    batch = next(batches, None)
+                    real = batch is not None
+                    if first is None:
+                        first = batch
+                    if not real:      # fewer batches here: a zero-weight forward
+                        batch = first
                     with torch.set_grad_enabled(grad_out is not None):
-                        batch_sum = self._checked_loss(self.model(x), y) * (
-                            y.shape[0] if real else 0.0)
+                        out = self.batch_loss(self.model, batch)
+                        loss, w = out if isinstance(out, tuple) and len(out) == 2 else \
+                            (out, first_tensor(batch).shape[0])
+                        w = w if real else 0.0
+                        batch_sum = loss * w
                         # FSDP averages gradients over ranks: x world undoes it
                         scaled = batch_sum * (self.ctx.world / self.count)
-                    total += batch_sum.item()
+                    total += batch_sum.detach().double()
+                    wsum += w
                     if grad_out is not None:
                         scaled.backward()
             if grad_out is not None:
@@ -205,7 +335,31 @@ class Evaluator:
                     b.copy_(v)
             for p, g in zip(dtensors, saved_grads):
                 p.grad = g
-        return self.ctx.sum_float(total) / self.count
+        total, wsum = (self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
+        self._check_weight(wsum)
+        return total / self.count
+
+    # -- per-class LCA: (inputs, targets) batches, class-index targets ----------
+
+    def _class_pairs(self):
+        if not getattr(self.batch_loss, "classic", False):
+            raise NotImplementedError(
+                "lca_ext: per-class LCA (num_classes) needs LCATracker(model, loss_fn, "
+                "lca_data) with (inputs, targets) batches for now; batch_loss is not "
+                "supported with num_classes yet")
+        for batch in self.data.batches(self.device):
+            x, y = batch
+            if y.dim() != 1:
+                raise ValueError(f"lca_ext: num_classes needs one class index per example "
+                                 f"(targets of shape [N]); got targets of shape "
+                                 f"{tuple(y.shape)}. Token-level targets are not supported "
+                                 "with num_classes yet")
+            yield x, y
+
+    def _class_share(self, tensors, x, y):
+        """(x, y) batch's loss x its example count, the classic loss_fn."""
+        return self.batch_loss.loss_fn(functional_call(self.model, _strip(tensors), (x,),
+                                                       tie_weights=True), y)
 
     def _batch_coupled(self) -> bool:
         """Do samples of a batch affect each other's outputs here?"""
@@ -213,32 +367,19 @@ class Evaluator:
             isinstance(m, _BATCHNORM) for m in self.model.modules())
 
     def _class_grads_split(self, point, classes, grad_out, weight) -> None:
-        names = self.params.names
-        frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
         with self._quiet_model(), torch.enable_grad():
-            for x, y in self.batches:
+            for x, y in self._class_pairs():
                 for j, c in enumerate(classes):
                     mask = y == c
                     if not bool(mask.any()):
                         continue
-                    leaves = [t.detach().requires_grad_(True) for t in point]
-                    buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-                    tensors = {**frozen, **buffers, **dict(zip(names, leaves))}
-                    out = functional_call(self.model, tensors, (x[mask],), tie_weights=True)
-                    share = self._checked_loss(out, y[mask]) * mask.sum()
+                    tensors, leaves = self._tensors(point, True)
+                    share = self._class_share(tensors, x[mask], y[mask]) * mask.sum()
                     grads = torch.autograd.grad(share, leaves, allow_unused=True)
                     grads = [torch.zeros_like(p) if g is None else g
                              for g, p in zip(grads, point)]
                     self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
         self.passes += 1
-
-    def _checked_loss(self, out, y) -> torch.Tensor:
-        loss = self.loss_fn(out, y)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"lca_ext: loss_fn returned {shape}; expected a scalar "
-                             "tensor (the mean loss of the batch)")
-        return loss
 
     def class_grads(self, point: Sequence[torch.Tensor], classes: Sequence[int],
                     grad_out: Sequence[torch.Tensor], weight: float) -> None:
@@ -252,6 +393,8 @@ class Evaluator:
         if self.ctx.sharded:
             raise NotImplementedError("lca_ext: per-class LCA is not supported with FSDP2 "
                                       "yet (use DDP, or num_classes=None)")
+        if self.count is None:
+            self._first_pass(point)
         self.ctx.replicated_grads_(grad_out, before=True)
         self._class_grads_one_rank(point, classes, grad_out, weight)
         self.ctx.replicated_grads_(grad_out, before=False)
@@ -259,24 +402,25 @@ class Evaluator:
     def _class_grads_one_rank(self, point, classes, grad_out, weight) -> None:
         if not self._batch_coupled():
             return self._class_grads_split(point, classes, grad_out, weight)
-        names = self.params.names
-        frozen = {n: p for n, p in self.model.named_parameters() if n not in names}
         with self._quiet_model(), torch.enable_grad():
-            for x, y in self.batches:
-                leaves = [t.detach().requires_grad_(True) for t in point]
-                buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-                tensors = {**frozen, **buffers, **dict(zip(names, leaves))}
-                out = functional_call(self.model, tensors, (x,), tie_weights=True)
+            for x, y in self._class_pairs():
+                tensors, leaves = self._tensors(point, True)
+                out = functional_call(self.model, _strip(tensors), (x,), tie_weights=True)
                 present = [(j, y == c) for j, c in enumerate(classes)]
                 present = [(j, m) for j, m in present if bool(m.any())]
                 for i, (j, mask) in enumerate(present):
-                    share = self._checked_loss(out[mask], y[mask]) * mask.sum()
+                    share = self.batch_loss.loss_fn(out[mask], y[mask]) * mask.sum()
                     grads = torch.autograd.grad(share, leaves, allow_unused=True,
                                                 retain_graph=i + 1 < len(present))
                     grads = [torch.zeros_like(p) if g is None else g
                              for g, p in zip(grads, point)]
                     self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
         self.passes += 1
+
+
+def _strip(tensors):
+    """The bound module's names ("model.<name>") as the model's own."""
+    return {k[len("model."):]: v for k, v in tensors.items()}
 
 
 def _swap(a: torch.Tensor, b: torch.Tensor) -> None:

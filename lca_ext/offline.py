@@ -437,7 +437,8 @@ def compute(model: nn.Module, loss_fn, lca_data, trajectory, out_dir: Optional[s
         following = traj.load(i + 1, map_location)
         loader.check(following, traj.label(i + 1))
         loader.load(following, params=False)   # the step's buffers: its end state's
-        loader.load(current, params=True)      # θ_t
+        if i == start + done:                  # θ_t (later: already there, as the last θ_{t+1};
+            loader.load(current, params=True)  # not rewritten, so the tracker reuses g(θ_t))
         # the tracker numbers steps itself; offline they are the trajectory's, and
         # frame_every counts from the trajectory's start so that parts agree
         tracker._step = traj.steps[i]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -48,7 +49,8 @@ from torch import nn
 from . import distributed as dist_support
 from . import ops
 from . import store as run_store
-from .evaluate import Evaluator, as_batches
+from .evaluate import Evaluator, classic_batch_loss
+from .lca_set import LCASet
 from .params import ParameterSet
 
 # per-step fields of every objective, and the per-parameter state fields
@@ -177,11 +179,22 @@ class LCATracker:
     """Tracks LCA of the steps taken inside ``with tracker.step():``.
 
     model:      the nn.Module being trained (its trainable parameters are tracked)
-    loss_fn:    loss_fn(model(x), y) -> the *mean* loss of a batch (a scalar)
-    lca_data:   the fixed LCA set: an (inputs, targets) tensor pair, cut into
-                ``batch_size`` chunks in order, or an iterable of (x, y) batches
+    loss_fn:    loss_fn(model(x), y) -> the *mean* loss of an (x, y) batch; or
+    batch_loss: batch_loss(model, batch) -> the batch's mean loss, or a
+                (mean loss, weight) pair when batches weigh differently (e.g. the
+                number of label tokens that are not -100); the LCA loss is the
+                exact weighted mean over the whole set (weight default: the
+                batch's number of examples).  Give exactly one of the two.
+    lca_data:   the fixed LCA set: an (inputs, targets) tensor pair (cut into
+                ``batch_size`` chunks), a Dataset, a DataLoader without shuffling,
+                or any re-iterable of batches of any form (tensor, tuple, dict,
+                BatchEncoding, nested), re-read on every pass and moved to the
+                model's device (see lca_ext.lca_set); ``cache=True`` keeps the
+                moved batches
     eval_sets:  {"val": data, ...}: more sets whose loss change is allocated with
                 the same Δθ (same data forms as lca_data)
+    autocast:   None (passes in the parameters' precision, outside any autocast
+                around the step) or a dtype such as torch.bfloat16
     method:     "simpson" (adaptive composite Simpson, default) or "first_order"
                 (ḡ = g(θ_t), the left point)
     rtol, atol: refine a step while |ΣLCA − ΔL| > atol + rtol·|ΔL|
@@ -223,8 +236,10 @@ class LCATracker:
                 from scratch with twice the intervals.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, lca_data, *,
+    def __init__(self, model: nn.Module, loss_fn: Optional[Callable] = None, lca_data=None,
+                 *, batch_loss: Optional[Callable] = None,
                  eval_sets: Optional[Dict[str, object]] = None,
+                 autocast: Optional[torch.dtype] = None, cache: bool = False,
                  method: str = "simpson", rtol: float = 1e-3, atol: float = 1e-4,
                  max_splits: int = 32, schedule: Union[None, int, Iterable[int]] = None,
                  num_classes: Optional[int] = None, class_memory_budget: int = 2 << 30,
@@ -234,6 +249,13 @@ class LCATracker:
                  frame_every: int = 1, store: Optional[str] = None, resume: bool = False,
                  state_every: int = 1, reuse_gradients: bool = True,
                  distributed=None, shard_lca_data: bool = True):
+        if (loss_fn is None) == (batch_loss is None):
+            raise ValueError("lca_ext.LCATracker: give exactly one of loss_fn "
+                             "(loss_fn(model(x), y)) and batch_loss (batch_loss(model, "
+                             "batch)); got " + ("both" if loss_fn is not None else "neither"))
+        if lca_data is None:
+            raise ValueError("lca_ext.LCATracker: lca_data is required (the fixed set whose "
+                             "loss change is allocated)")
         if method not in ("simpson", "first_order"):
             raise ValueError(f"lca_ext.LCATracker: method={method!r}; expected "
                              "'simpson' or 'first_order'")
@@ -260,12 +282,15 @@ class LCATracker:
         # FSDP2: from here on the tracker sees this rank's shards only
         self.params = dataclasses.replace(params, params=self.ctx.local(params.params))
         sets = {"train": lca_data, **(eval_sets or {})}
+        bl = batch_loss if batch_loss is not None else classic_batch_loss(loss_fn)
+        share = dict(rank=self.ctx.rank, world=self.ctx.world) if shard_lca_data else {}
         self.objectives = [
             _Objective(name, Evaluator(
-                model, loss_fn,
-                as_batches(self.ctx.shard_data(data) if shard_lca_data else data,
-                           batch_size),
-                self.params, batchnorm=batchnorm, ctx=self.ctx))
+                model, bl,
+                LCASet(data, batch_size=batch_size, cache=cache,
+                       name="lca_data" if name == "train" else f"eval_sets[{name!r}]",
+                       **share),
+                self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast))
             for name, data in sets.items()]
         self.method, self.rtol, self.atol, self.max_splits = method, rtol, atol, max_splits
         self.schedule = schedule if schedule is None or isinstance(schedule, int) \
@@ -308,6 +333,7 @@ class LCATracker:
         # parameters' in-place versions at the last end(): a reused start
         # gradient is valid only if nobody wrote θ in between
         self._end_versions: Optional[List[int]] = None
+        self.ungrounded_steps: List[tuple] = []   # (objective, step) past max_splits
         self._writer: Optional[run_store.RunWriter] = None
         self._store_path = store
         if store is not None:
@@ -560,6 +586,8 @@ class LCATracker:
                                   bin_edges=self.bin_edges, **state),
             rows=self.row_sums)
         lca_sum = res.sums.sum().item()
+        if self.method == "simpson" and abs(lca_sum - d_loss) > self.atol + self.rtol * abs(d_loss):
+            self._ungrounded(obj.name, step, n, abs(lca_sum - d_loss), d_loss)
         p = obj.name + "/"
         record = {p + "loss_before": np.float64(obj.loss_start),
                   p + "loss_after": np.float64(loss_after),
@@ -641,6 +669,26 @@ class LCATracker:
             sums.append(res.sums.cpu().numpy())
             counts.append(res.counts.cpu().numpy())
         return np.concatenate(sums), np.concatenate(counts)
+
+    def _ungrounded(self, name: str, step: int, n: int, error: float, d_loss: float) -> None:
+        """A step that reached max_splits without meeting the tolerance: warned
+        once, then counted in ``ungrounded_steps`` ((objective, step) pairs)."""
+        if not self.ungrounded_steps:
+            warnings.warn(
+                f"lca_ext: step {step} ({name!r}) is not grounded after {n} Simpson intervals "
+                f"(max_splits): |ΣLCA − ΔL| = {error:.3g} > atol + rtol·|ΔL| = "
+                f"{self.atol + self.rtol * abs(d_loss):.3g}. The loss is too curved along "
+                "this step (large early steps) or not a smooth function of θ; raise "
+                "max_splits or lower the learning rate. Later such steps are counted in "
+                "tracker.ungrounded_steps without a warning.", RuntimeWarning, stacklevel=4)
+        self.ungrounded_steps.append((name, step))
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Tracks every ``optimizer.step()`` (torch's step pre/post hooks), with no
+        change to the loop; returns a handle whose ``.remove()`` detaches.  See
+        lca_ext.integrations.optimizer."""
+        from .integrations.optimizer import attach
+        return attach(self, optimizer)
 
     def _count_oscillations(self, after, g_start) -> None:
         s = self.state

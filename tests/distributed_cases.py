@@ -125,6 +125,7 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
                 arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
         arrays["rng_probe"] = rng_probe.numpy()
         np.savez(os.path.join(out_dir, f"{kind}_{int(tracked)}_rank{rank}.npz"), **arrays)
+        dist.barrier()   # no rank tears gloo down while another still uses it
     finally:
         dist.destroy_process_group()
 
@@ -155,5 +156,6 @@ def run_classes(rank: int, world: int, port: int, out_dir: str) -> None:
         for t, params in enumerate(trajectory):
             arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
         np.savez(os.path.join(out_dir, f"classes_rank{rank}.npz"), **arrays)
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lca_ext
-from lca_ext.evaluate import Evaluator, as_batches
+from lca_ext.evaluate import Evaluator, as_batches, classic_batch_loss
 from lca_ext.params import ParameterSet
 
 
@@ -184,7 +184,7 @@ def test_partial_last_batch_weighs_right():
     model = nn.Linear(3, 2)
     x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
     ps = ParameterSet.from_model(model)
-    ev = Evaluator(model, xent, as_batches((x, y), batch_size=4), ps)   # 4 + 4 + 2
+    ev = Evaluator(model, classic_batch_loss(xent), as_batches((x, y), batch_size=4), ps)
     grads = [torch.zeros_like(p) for p in ps.params]
     loss = ev.loss_and_grad([p.detach() for p in ps.params], grads)
     want_loss, want_grads = whole_set(model, ps.params, x, y, xent)

@@ -1,0 +1,46 @@
+"""``tracker.attach(optimizer)``: LCA of every optimizer step, through torch's
+optimizer step hooks, with no change to the training loop.
+
+The pre-hook is ``tracker.begin()`` (θ_t is snapshotted right before the update),
+the post-hook ``tracker.end()``.  So whatever happens around the step needs
+nothing special: gradient clipping and accumulation happen before it, LR
+schedulers after it, and a step that never runs records nothing (a
+``GradScaler`` that found inf/NaN gradients skips ``optimizer.step()``, so
+neither hook fires).  A step that raised half-way leaves nothing recorded.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class AttachedHandle:
+    """What ``attach`` returns: ``.remove()`` detaches the tracker."""
+
+    def __init__(self, handles):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def attach(tracker, optimizer: torch.optim.Optimizer) -> AttachedHandle:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optimizer", None)   # e.g. accelerate's wrapper
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"lca_ext: attach(optimizer) got a {type(optimizer).__name__}; "
+                            "expected a torch.optim.Optimizer (or a wrapper holding one "
+                            "in .optimizer)")
+        optimizer = inner
+
+    def before(opt, args, kwargs):
+        if tracker._open:          # the last step raised inside optimizer.step()
+            tracker._open = False
+        tracker.begin()
+
+    def after(opt, args, kwargs):
+        tracker.end()
+
+    return AttachedHandle([optimizer.register_step_pre_hook(before),
+                           optimizer.register_step_post_hook(after)])
