@@ -214,8 +214,12 @@ class Evaluator:
                     torch.cuda.default_generators[p.device.index].manual_seed(0x1CA)
             random.seed(0x1CA)
             np.random.seed(0x1CA)
-            total, wsum = self._sweep(point)
-        total, wsum = (self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
+            if self.ctx.sharded:    # FSDP: the model itself (its collectives) runs
+                total, wsum = self._pass_sharded(point, None, 1.0)
+            else:
+                total, wsum = self._sweep(point)
+                total, wsum = (self.ctx.sum_float(v)
+                               for v in torch.stack([total, wsum]).tolist())
         if wsum <= 0:
             raise ValueError(f"lca_ext: the {self.data.name} set has total weight {wsum}; "
                              "expected a positive number of examples (or tokens)")
@@ -232,9 +236,11 @@ class Evaluator:
             self._first_pass(point)
             check = self._check_loss
         if self.ctx.sharded:
-            loss = self._loss_and_grad_sharded(point, grad_out, weight)
+            total, wsum = self._pass_sharded(point, grad_out, weight)
         else:
-            loss = self._loss_and_grad_local(point, grad_out, weight)
+            total, wsum = self._pass_local(point, grad_out, weight)
+        self._check_weight(wsum)
+        loss = total / self.count
         if check is not None and abs(loss - check) > DETERMINISM_RTOL * max(abs(loss), 1e-3):
             raise RuntimeError(
                 f"lca_ext: the {self.data.name} loss is random at a fixed θ: two passes over "
@@ -244,7 +250,8 @@ class Evaluator:
                 "the data pipeline, a sampler that shuffles)")
         return loss
 
-    def _loss_and_grad_local(self, point, grad_out, weight) -> float:
+    def _pass_local(self, point, grad_out, weight) -> tuple:
+        """(Σ weight·loss, Σ weight) over the set (all ranks); gradients added."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         wsum = torch.zeros((), dtype=torch.float64, device=self.device)
         if grad_out is not None:
@@ -265,9 +272,7 @@ class Evaluator:
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=False)
             self.passes += 1
-        total, wsum = (self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
-        self._check_weight(wsum)
-        return total / self.count
+        return tuple(self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
 
     def _check_weight(self, wsum: float) -> None:
         if abs(wsum - self.count) > 1e-9 * self.count:
@@ -275,7 +280,7 @@ class Evaluator:
                                f"(total weight {wsum} now, {self.count} before); the LCA set "
                                "must be the same at every point of a step")
 
-    def _loss_and_grad_sharded(self, point, grad_out, weight) -> float:
+    def _pass_sharded(self, point, grad_out, weight) -> tuple:
         """FSDP2: run the sharded model itself at ``point`` (this rank's shards).
 
         The point's values are swapped into the live shards, tensor by tensor,
@@ -314,8 +319,9 @@ class Evaluator:
                             (out, first_tensor(batch).shape[0])
                         w = w if real else 0.0
                         batch_sum = loss * w
-                        # FSDP averages gradients over ranks: x world undoes it
-                        scaled = batch_sum * (self.ctx.world / self.count)
+                        if grad_out is not None:
+                            # FSDP averages gradients over ranks: x world undoes it
+                            scaled = batch_sum * (self.ctx.world / self.count)
                     total += batch_sum.detach().double()
                     wsum += w
                     if grad_out is not None:
@@ -335,9 +341,7 @@ class Evaluator:
                     b.copy_(v)
             for p, g in zip(dtensors, saved_grads):
                 p.grad = g
-        total, wsum = (self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
-        self._check_weight(wsum)
-        return total / self.count
+        return tuple(self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
 
     # -- per-class LCA: (inputs, targets) batches, class-index targets ----------
 

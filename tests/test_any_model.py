@@ -335,3 +335,71 @@ def test_attach_survives_a_step_that_raised():
     run = tracker.result()
     assert len(run) == 1
     assert run.error[0] <= 1e-4 + 1e-3 * abs(run.loss_after[0] - run.loss_before[0])
+
+
+# -- the Hugging Face Trainer with LCACallback ----------------------------------------
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n_batches, seed):
+        self.rows = [dict(zip(b, vals)) for b in token_batches(n_batches, seed)
+                     for vals in zip(*b.values())]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def trainer_run(tmp_path, with_lca: bool):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from lca_ext.integrations.transformers import LCACallback
+
+    class Snapshots(transformers.TrainerCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            self.before = [p.detach().clone() for p in model.parameters()]
+
+        def on_optimizer_step(self, args, state, control, model=None, **kw):
+            self.steps.append((self.before, [p.detach().clone() for p in model.parameters()]))
+
+    model = gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / ("lca" if with_lca else "plain")), max_steps=3,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0)
+    snaps = Snapshots()
+    callbacks = [snaps]
+    lca = None
+    if with_lca:
+        lca = LCACallback(lca_data=TokenDataset(3, seed=1))
+        callbacks.append(lca)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(6, 2),
+                                   data_collator=transformers.default_data_collator,
+                                   callbacks=callbacks)
+    trainer.train()
+    return model, lca, snaps, trainer
+
+
+def test_trainer_callback_tracks_every_step_exactly(tmp_path):
+    model, lca, snaps, trainer = trainer_run(tmp_path, True)
+    plain, _, _, _ = trainer_run(tmp_path, False)
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)                   # bit-identical training
+    run = lca.result()
+    assert len(run) == 3 == len(snaps.steps)
+    delta = run.loss_after - run.loss_before
+    assert (run.error <= 1e-4 + 1e-3 * np.abs(delta)).all()
+    lca_batches = [dict(zip(b, [v for v in b.values()])) for b in token_batches(3, seed=1)]
+    for t, (before, after) in enumerate(snaps.steps):
+        want = direct_simpson_lca(model, before, after, lca_batches, int(run.splits[t]))
+        np.testing.assert_allclose(run.tensor_sums[t], want, rtol=1e-6,
+                                   atol=1e-6 * np.abs(want).sum())
+    logged = [h for h in trainer.state.log_history if "lca/lca_sum" in h]
+    assert [h["lca/step"] for h in logged] == [0, 1, 2]
+    assert logged[-1]["lca/lca_sum"] == pytest.approx(float(run.lca_sum[-1]))

@@ -26,13 +26,14 @@ class AttachedHandle:
 
 
 def attach(tracker, optimizer: torch.optim.Optimizer) -> AttachedHandle:
+    # wrappers (accelerate's AcceleratedOptimizer, Lightning's) hold the optimizer
+    # that really steps in .optimizer; its hooks fire only for steps that run
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
-        inner = getattr(optimizer, "optimizer", None)   # e.g. accelerate's wrapper
-        if not isinstance(inner, torch.optim.Optimizer):
-            raise TypeError(f"lca_ext: attach(optimizer) got a {type(optimizer).__name__}; "
-                            "expected a torch.optim.Optimizer (or a wrapper holding one "
-                            "in .optimizer)")
-        optimizer = inner
+        raise TypeError(f"lca_ext: attach(optimizer) got a {type(optimizer).__name__}; "
+                        "expected a torch.optim.Optimizer (or a wrapper holding one "
+                        "in .optimizer)")
 
     def before(opt, args, kwargs):
         if tracker._open:          # the last step raised inside optimizer.step()
