@@ -92,7 +92,8 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, batch_loss: Callable, data: LCASet,
                  params: ParameterSet, batchnorm: str = "batch",
-                 ctx: Optional[Context] = None, autocast: Optional[torch.dtype] = None):
+                 ctx: Optional[Context] = None, autocast: Optional[torch.dtype] = None,
+                 targets: Optional[Callable] = None, num_classes: Optional[int] = None):
         if batchnorm not in ("batch", "eval"):
             raise ValueError(f"lca_ext: batchnorm={batchnorm!r}; expected 'batch' or 'eval'")
         if autocast is not None and not (isinstance(autocast, torch.dtype)
@@ -106,6 +107,8 @@ class Evaluator:
         self.batchnorm = batchnorm
         self.ctx = ctx or Context()
         self.autocast = autocast
+        self.targets = targets            # per-class LCA: batch -> class indices
+        self.num_classes = num_classes
         self.kernels = ops.kernels_for(params.params[0].device)
         self.device = params.params[0].device
         self._bound = _Bound(model, batch_loss)
@@ -343,22 +346,68 @@ class Evaluator:
                 p.grad = g
         return tuple(self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
 
-    # -- per-class LCA: (inputs, targets) batches, class-index targets ----------
+    # -- per-class LCA ------------------------------------------------------------
+    # Two ways to split the loss by class.  (x, y) batches with loss_fn and one
+    # class per example: each class's examples are run on their own (or, with
+    # batch-statistics BatchNorm, one forward and a backward per class).  Any
+    # other batch (token targets, dicts): the batch is run once per class with
+    # the targets of the other classes set to -100 (ignored), and batch_loss must
+    # return (mean, weight) with the weight counting the targets the mean is
+    # over, so that the class shares add up to the batch's loss (checked).
+
+    def _targets(self, batch) -> torch.Tensor:
+        if self.targets is not None:
+            return self.targets(batch)
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[1]
+        if hasattr(batch, "get") and batch.get("labels") is not None:
+            return batch["labels"]
+        raise ValueError("lca_ext: num_classes needs the class targets of each batch: the "
+                         "second element of an (inputs, targets) pair, batch['labels'], or "
+                         "targets=f with f(batch) -> class indices")
+
+    def _per_example(self) -> bool:
+        """(x, y) batches with loss_fn: split by example (one class each)."""
+        return getattr(self.batch_loss, "classic", False)
 
     def _class_pairs(self):
-        if not getattr(self.batch_loss, "classic", False):
-            raise NotImplementedError(
-                "lca_ext: per-class LCA (num_classes) needs LCATracker(model, loss_fn, "
-                "lca_data) with (inputs, targets) batches for now; batch_loss is not "
-                "supported with num_classes yet")
+        """(x, y, class of each example) of every batch."""
         for batch in self.data.batches(self.device):
             x, y = batch
-            if y.dim() != 1:
-                raise ValueError(f"lca_ext: num_classes needs one class index per example "
-                                 f"(targets of shape [N]); got targets of shape "
-                                 f"{tuple(y.shape)}. Token-level targets are not supported "
-                                 "with num_classes yet")
-            yield x, y
+            t = self._targets(batch)
+            if t.dim() != 1 or t.shape[0] != x.shape[0]:
+                raise ValueError(f"lca_ext: num_classes with loss_fn needs one class index per "
+                                 f"example (targets of shape [N]); got targets of shape "
+                                 f"{tuple(t.shape)}. For token targets pass batch_loss=f "
+                                 "returning (mean loss, number of targets it is over)")
+            yield x, y, t
+
+    def _class_grads_masked(self, point, classes, grad_out, weight) -> None:
+        with self._quiet_model(), torch.enable_grad():
+            for batch in self.data.batches(self.device):
+                t = self._targets(batch)
+                tensors, leaves = self._tensors(point, True)
+                shares_w = 0
+                for j, c in enumerate(classes):
+                    keep = t == c
+                    if not bool(keep.any()):
+                        continue
+                    loss, w = self._batch_loss(tensors, _keep_targets(batch, keep, self.targets))
+                    shares_w += w
+                    grads = torch.autograd.grad(loss * w, leaves, allow_unused=True)
+                    grads = [torch.zeros_like(p) if g is None else g
+                             for g, p in zip(grads, point)]
+                    self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
+                if len(classes) == self.num_classes:   # every class: the shares add up?
+                    with torch.no_grad():
+                        _, w_all = self._batch_loss(tensors, batch)
+                    if float(shares_w) != float(w_all):
+                        raise ValueError(
+                            f"lca_ext: per-class LCA: the class weights of a batch add up to "
+                            f"{float(shares_w)}, its weight is {float(w_all)}; batch_loss must "
+                            "return (mean, weight) with the weight counting the targets the "
+                            "mean is over (and targets outside 0..num_classes-1 must be -100)")
+        self.passes += 1
 
     def _class_share(self, tensors, x, y):
         """(x, y) batch's loss x its example count, the classic loss_fn."""
@@ -372,9 +421,9 @@ class Evaluator:
 
     def _class_grads_split(self, point, classes, grad_out, weight) -> None:
         with self._quiet_model(), torch.enable_grad():
-            for x, y in self._class_pairs():
+            for x, y, t in self._class_pairs():
                 for j, c in enumerate(classes):
-                    mask = y == c
+                    mask = t == c
                     if not bool(mask.any()):
                         continue
                     tensors, leaves = self._tensors(point, True)
@@ -400,17 +449,20 @@ class Evaluator:
         if self.count is None:
             self._first_pass(point)
         self.ctx.replicated_grads_(grad_out, before=True)
-        self._class_grads_one_rank(point, classes, grad_out, weight)
+        if self._per_example():
+            self._class_grads_one_rank(point, classes, grad_out, weight)
+        else:
+            self._class_grads_masked(point, classes, grad_out, weight)
         self.ctx.replicated_grads_(grad_out, before=False)
 
     def _class_grads_one_rank(self, point, classes, grad_out, weight) -> None:
         if not self._batch_coupled():
             return self._class_grads_split(point, classes, grad_out, weight)
         with self._quiet_model(), torch.enable_grad():
-            for x, y in self._class_pairs():
+            for x, y, t in self._class_pairs():
                 tensors, leaves = self._tensors(point, True)
                 out = functional_call(self.model, _strip(tensors), (x,), tie_weights=True)
-                present = [(j, y == c) for j, c in enumerate(classes)]
+                present = [(j, t == c) for j, c in enumerate(classes)]
                 present = [(j, m) for j, m in present if bool(m.any())]
                 for i, (j, mask) in enumerate(present):
                     share = self.batch_loss.loss_fn(out[mask], y[mask]) * mask.sum()
@@ -420,6 +472,19 @@ class Evaluator:
                              for g, p in zip(grads, point)]
                     self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
         self.passes += 1
+
+
+def _keep_targets(batch, keep: torch.Tensor, custom_targets):
+    """The batch with every target outside ``keep`` set to -100 (ignored)."""
+    if custom_targets is not None:
+        raise NotImplementedError("lca_ext: per-class LCA with a custom targets= and "
+                                  "masked targets is not supported; use (inputs, targets) "
+                                  "pairs or batch['labels']")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return type(batch)((batch[0], torch.where(keep, batch[1], -100)))
+    masked = dict(batch)
+    masked["labels"] = torch.where(keep, batch["labels"], -100)
+    return masked
 
 
 def _strip(tensors):

@@ -201,8 +201,14 @@ class LCATracker:
     max_splits: at most this many Simpson intervals per step (a power of two)
     schedule:   None (every step), an int k (every k-th step, starting at 0) or
                 a collection of step indices; untracked steps cost nothing
-    num_classes: per-class LCA of the LCA set (targets are class indices);
-                class_memory_budget (bytes) bounds the stacked class gradients
+    num_classes: per-class LCA of the LCA set; class_memory_budget (bytes)
+                bounds the stacked class gradients.  The classes: ``targets(batch)``
+                (default: the second element of an (inputs, targets) pair, or
+                batch["labels"]).  With loss_fn: one class per example.  With
+                batch_loss: any targets (tokens too), each class's share computed
+                with the other targets set to -100, so batch_loss must return
+                (mean, weight) with the weight counting the targets it averages
+                (the shares must add up: checked)
     batchnorm:  "batch" (statistics of each fixed LCA batch) or "eval"; see
                 lca_ext.evaluate
     bin_edges:  histogram edges (default signed_log_edges(1e-12, 1, 24))
@@ -240,6 +246,7 @@ class LCATracker:
                  *, batch_loss: Optional[Callable] = None,
                  eval_sets: Optional[Dict[str, object]] = None,
                  autocast: Optional[torch.dtype] = None, cache: bool = False,
+                 targets: Optional[Callable] = None,
                  method: str = "simpson", rtol: float = 1e-3, atol: float = 1e-4,
                  max_splits: int = 32, schedule: Union[None, int, Iterable[int]] = None,
                  num_classes: Optional[int] = None, class_memory_budget: int = 2 << 30,
@@ -290,7 +297,8 @@ class LCATracker:
                 LCASet(data, batch_size=batch_size, cache=cache,
                        name="lca_data" if name == "train" else f"eval_sets[{name!r}]",
                        **share),
-                self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast))
+                self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast,
+                targets=targets, num_classes=num_classes))
             for name, data in sets.items()]
         self.method, self.rtol, self.atol, self.max_splits = method, rtol, atol, max_splits
         self.schedule = schedule if schedule is None or isinstance(schedule, int) \

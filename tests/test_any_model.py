@@ -403,3 +403,73 @@ def test_trainer_callback_tracks_every_step_exactly(tmp_path):
     logged = [h for h in trainer.state.log_history if "lca/lca_sum" in h]
     assert [h["lca/step"] for h in logged] == [0, 1, 2]
     assert logged[-1]["lca/lca_sum"] == pytest.approx(float(run.lca_sum[-1]))
+
+
+# -- per-class LCA beyond one class per example ------------------------------------
+
+def test_token_level_classes_add_up_and_match_a_direct_share():
+    """Token targets with batch_loss: class c's share is the loss over the tokens
+    whose label is c (the others -100), weighted by their count; the shares add
+    up to the whole LCA and class 3's equals a direct computation."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    vocab = 12
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=vocab,
+                                  n_positions=SEQ, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    gen = torch.Generator().manual_seed(3)
+    lca = []
+    for _ in range(2):
+        ids = torch.randint(0, vocab, (3, SEQ), generator=gen)
+        lca.append({"input_ids": ids, "labels": torch.where(ids % 5 == 0, -100, ids)})
+    tracker = lca_ext.LCATracker(model, lca_data=lca, batch_loss=lm_loss, num_classes=vocab)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    b = lca[0]
+    opt.zero_grad()
+    model(**b).loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with tracker.step():
+        opt.step()
+    after = [p.detach().clone() for p in model.parameters()]
+    run = tracker.result()
+    scale = np.abs(run.tensor_sums).sum()
+    np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=0, atol=1e-9 * scale)
+    # class 3 directly: Simpson with the run's splits on the class-3 share of the loss
+    n = int(run.splits[0])
+    total_tokens = sum(int((x["labels"][:, 1:] != -100).sum()) for x in lca)
+    only3 = [dict(x, labels=torch.where(x["labels"] == 3, x["labels"], -100)) for x in lca]
+    want = np.zeros(len(before))
+    for j in range(n + 1):
+        w = (1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n)
+        point = [p0 + (p1 - p0) * (j / n) for p0, p1 in zip(before, after)]
+        m = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for p, v in zip(m.parameters(), point):
+                p.copy_(v)
+        share = sum(lm_loss(m, x)[0] * lm_loss(m, x)[1] for x in only3
+                    if (x["labels"][:, 1:] != -100).any()) / total_tokens
+        grads = torch.autograd.grad(share, list(m.parameters()))
+        want += w * np.array([float(((p1 - p0) * g).sum())
+                              for p0, p1, g in zip(before, after, grads)])
+    np.testing.assert_allclose(run.class_sums[0, 3], want, rtol=1e-6, atol=1e-9 * scale)
+
+
+def test_custom_targets_group_examples_for_per_class_lca():
+    """targets=f: per-class LCA of a regression, examples grouped by f(batch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, _ = xy()
+    y = x[:, :1] * 0.5 - x[:, 1:2]
+    groups = lambda batch: (batch[0][:, 0] > 0).long()          # noqa: E731
+    mse = nn.functional.mse_loss
+    tracker = lca_ext.LCATracker(model, mse, (x, y), batch_size=8, num_classes=2,
+                                 targets=groups)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    mse(model(x[:8]), y[:8]).backward()
+    with tracker.step():
+        opt.step()
+    run = tracker.result()
+    scale = np.abs(run.tensor_sums).sum()
+    np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=0, atol=1e-6 * scale)
+    assert (np.abs(run.class_sums).sum(2) > 0).all()          # both groups present
