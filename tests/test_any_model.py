@@ -400,9 +400,9 @@ def test_trainer_callback_tracks_every_step_exactly(tmp_path):
         want = direct_simpson_lca(model, before, after, lca_batches, int(run.splits[t]))
         np.testing.assert_allclose(run.tensor_sums[t], want, rtol=1e-6,
                                    atol=1e-6 * np.abs(want).sum())
-    logged = [h for h in trainer.state.log_history if "lca/lca_sum" in h]
+    logged = [h for h in trainer.state.log_history if "lca/train/lca_sum" in h]
     assert [h["lca/step"] for h in logged] == [0, 1, 2]
-    assert logged[-1]["lca/lca_sum"] == pytest.approx(float(run.lca_sum[-1]))
+    assert logged[-1]["lca/train/lca_sum"] == pytest.approx(float(run.lca_sum[-1]))
 
 
 # -- per-class LCA beyond one class per example ------------------------------------

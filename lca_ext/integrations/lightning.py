@@ -33,6 +33,7 @@ if int(pl.__version__.split(".")[0]) < 2:
                       f"{pl.__name__} {pl.__version__} (pip install -U lightning)")
 
 from ..tracker import LCATracker, Run
+from .metrics import step_metrics
 
 __all__ = ["LCACallback"]
 
@@ -215,21 +216,8 @@ class LCACallback(pl.Callback):
             cm.__exit__(_StepSkipped, _StepSkipped(), None)
 
     def _log(self, trainer, record: dict, step: int) -> None:
-        """A few scalars of one tracked step: everything here is already on the host."""
-        metrics = {}
-        for name in self._objectives:
-            p = name + "/"
-            counts = record[p + "counts"]             # [K, 4]: helped/hurt/zero/nonfinite
-            metrics.update({
-                f"lca/{p}lca_sum": float(record[p + "lca_sum"]),
-                f"lca/{p}loss_after": float(record[p + "loss_after"]),
-                f"lca/{p}error": float(record[p + "error"]),
-                f"lca/{p}helped_fraction":
-                    float(counts[:, 0].sum() / max(counts[:, :3].sum(), 1))})
-        if self.log_layers:
-            sums = np.bincount(self._layer_of, weights=record["train/tensor_sums"],
-                               minlength=len(self._layer_names))
-            for layer, value in zip(self._layer_names, sums):
-                metrics[f"lca/train/layer/{layer}"] = float(value)
+        """The step's scalars (lca_ext.integrations.metrics) to every logger."""
+        layers = (self._layer_of, self._layer_names) if self.log_layers else (None, None)
+        metrics = step_metrics(record, self._objectives, *layers)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

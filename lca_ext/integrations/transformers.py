@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from ..tracker import LCATracker
+from .metrics import step_metrics
 
 try:
     from transformers import TrainerCallback
@@ -61,8 +62,10 @@ def hf_batch_loss(model, batch):
 class LCACallback(TrainerCallback):
     """Tracks LCA of every optimizer step of a ``transformers.Trainer`` run."""
 
-    def __init__(self, lca_data, batch_loss: Optional[Callable] = None, **tracker_kwargs):
+    def __init__(self, lca_data, batch_loss: Optional[Callable] = None, *,
+                 log_layers: bool = False, **tracker_kwargs):
         self.lca_data = lca_data
+        self.log_layers = log_layers
         self.batch_loss = batch_loss or hf_batch_loss
         self.tracker_kwargs = tracker_kwargs
         self.tracker: Optional[LCATracker] = None
@@ -103,13 +106,10 @@ class LCACallback(TrainerCallback):
         if last is None or logs is None or self.tracker._tracked_count == self._logged:
             return
         self._logged = self.tracker._tracked_count
-        counts = last["train/counts"].sum(0)              # helped, hurt, zero, nonfinite
-        values = {"lca/lca_sum": float(last["train/lca_sum"]),
-                  "lca/loss_change": float(last["train/loss_after"] - last["train/loss_before"]),
-                  "lca/grounding_error": float(last["train/error"]),
-                  "lca/grad_passes": int(last["train/grad_passes"]),
-                  "lca/helped_fraction": float(counts[0] / max(1, counts[:3].sum())),
-                  "lca/step": int(last["step"])}
+        t = self.tracker
+        layers = (t.params.layer_of, t.params.layer_names) if self.log_layers else (None, None)
+        values = step_metrics(last, [o.name for o in t.objectives], *layers)
+        values["lca/step"] = int(last["step"])           # the tracked optimizer step
         logs.update(values)
         if state.log_history:
             state.log_history[-1].update(values)

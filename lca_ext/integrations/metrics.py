@@ -1,0 +1,34 @@
+"""The scalars a framework callback logs for one tracked step (shared by the
+Lightning and the transformers callbacks): per objective ``lca/<objective>/``
+lca_sum, loss_before, loss_after, error (|ΣLCA − ΔL|), grad_passes and
+helped_fraction (helped / (helped + hurt + zero) elements), and with layers
+``lca/train/layer/<module path>``.  Everything is read from the tracker's
+record of the step, already on the host."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+
+def step_metrics(record: dict, objectives: Sequence[str],
+                 layer_of: Optional[Sequence[int]] = None,
+                 layer_names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    metrics: Dict[str, float] = {}
+    for name in objectives:
+        p = name + "/"
+        counts = np.asarray(record[p + "counts"])          # [K, 4]
+        metrics.update({
+            f"lca/{p}lca_sum": float(record[p + "lca_sum"]),
+            f"lca/{p}loss_before": float(record[p + "loss_before"]),
+            f"lca/{p}loss_after": float(record[p + "loss_after"]),
+            f"lca/{p}error": float(record[p + "error"]),
+            f"lca/{p}grad_passes": float(record[p + "grad_passes"]),
+            f"lca/{p}helped_fraction":
+                float(counts[:, 0].sum() / max(counts[:, :3].sum(), 1))})
+    if layer_of is not None:
+        sums = np.bincount(np.asarray(layer_of), weights=record["train/tensor_sums"],
+                           minlength=len(layer_names))
+        for layer, value in zip(layer_names, sums):
+            metrics[f"lca/train/layer/{layer}"] = float(value)
+    return metrics
