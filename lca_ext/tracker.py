@@ -7,6 +7,11 @@
             opt.step()
     run = tracker.result()
 
+Any model and loop: ``LCATracker(model, lca_data=loader, batch_loss=f)`` with
+``f(model, batch) -> mean loss or (mean loss, weight)`` (lca_ext.evaluate,
+lca_ext.lca_set), and ``tracker.attach(optimizer)`` instead of the ``with`` block
+(lca_ext.integrations.optimizer).
+
 One tracked step (Simpson, the default):
   begin   θ_t is copied into a snapshot buffer; g(θ_t) is reused from the previous
           step's end point (computed afresh only after an untracked step).
