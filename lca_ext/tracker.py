@@ -12,19 +12,18 @@ Any model and loop: ``LCATracker(model, lca_data=loader, batch_loss=f)`` with
 lca_ext.lca_set), and ``tracker.attach(optimizer)`` instead of the ``with`` block
 (lca_ext.integrations.optimizer).
 
-One tracked step (Simpson, the default):
+One tracked step:
   begin   θ_t is copied into a snapshot buffer; g(θ_t) is reused from the previous
-          step's end point (computed afresh only after an untracked step).
-  end     g(θ_{t+1}) and g(θ_mid) are evaluated on the whole LCA set
-          (lca_ext.evaluate: no side effects on the training).  Composite Simpson
-          keeps two running buffers, Q = g_0 + g_N + 2·(even interior points) and
-          O = Σ odd points, so that ḡ = (Q + 4·O) / (3n) for n intervals; the
-          grounding check uses ΣΔθ·Q and ΣΔθ·O from the fused op (LCA is linear in
-          ḡ).  If |ΣLCA − ΔL| > atol + rtol·|ΔL|, the step is refined: Q += 2·O,
-          O is rebuilt from the n new midpoints, n doubles (every gradient already
-          computed is reused), up to max_splits intervals.  Finally ḡ is formed in
-          O and one fused pass (lca_ext.allocate) gives the per-tensor sums, sign
-          counts, per-neuron sums, histogram and per-parameter state.
+          step's end point (computed afresh only after an untracked step, or
+          when θ was written outside a tracked step).
+  end     ḡ, the average gradient along θ_t → θ_{t+1} over the whole LCA set, by
+          the cheapest rule that grounds the step (lca_ext.quadrature: the
+          trapezoid on the end points, then Simpson, then composite Simpson; the
+          check |ΣLCA − ΔL| <= atol + rtol·|ΔL| uses per-buffer totals of the
+          fused op, LCA being linear in ḡ); passes through lca_ext.evaluate (no
+          side effects on the training).  Then one fused pass (lca_ext.allocate)
+          gives the per-tensor sums, sign counts, per-neuron sums, histogram and
+          per-parameter state.
 
 Memory beyond the model, optimiser and .grad, in fp32 values per tracked
 parameter: the path integral needs θ_t snapshot 1, Q 1, O 1 and one buffer that
@@ -53,6 +52,7 @@ from torch import nn
 
 from . import distributed as dist_support
 from . import ops
+from . import quadrature
 from . import store as run_store
 from .evaluate import Evaluator, classic_batch_loss
 from .lca_set import LCASet
@@ -200,8 +200,11 @@ class LCATracker:
                 the same Δθ (same data forms as lca_data)
     autocast:   None (passes in the parameters' precision, outside any autocast
                 around the step) or a dtype such as torch.bfloat16
-    method:     "simpson" (adaptive composite Simpson, default) or "first_order"
-                (ḡ = g(θ_t), the left point)
+    method:     "adaptive" (default: the trapezoid on the end points, then
+                Simpson, then composite Simpson, the first that grounds the step;
+                splits 1, 2, n), "simpson" (Simpson, then composite Simpson) or
+                "first_order" (ḡ = g(θ_t), the left point); see lca_ext.quadrature.
+                With reuse_gradients=False, "adaptive" is "simpson"
     rtol, atol: refine a step while |ΣLCA − ΔL| > atol + rtol·|ΔL|
     max_splits: at most this many Simpson intervals per step (a power of two)
     schedule:   None (every step), an int k (every k-th step, starting at 0) or
@@ -252,7 +255,7 @@ class LCATracker:
                  eval_sets: Optional[Dict[str, object]] = None,
                  autocast: Optional[torch.dtype] = None, cache: bool = False,
                  targets: Optional[Callable] = None,
-                 method: str = "simpson", rtol: float = 1e-3, atol: float = 1e-4,
+                 method: str = "adaptive", rtol: float = 1e-3, atol: float = 1e-4,
                  max_splits: int = 32, schedule: Union[None, int, Iterable[int]] = None,
                  num_classes: Optional[int] = None, class_memory_budget: int = 2 << 30,
                  batch_size: int = 1024, batchnorm: str = "batch",
@@ -268,9 +271,9 @@ class LCATracker:
         if lca_data is None:
             raise ValueError("lca_ext.LCATracker: lca_data is required (the fixed set whose "
                              "loss change is allocated)")
-        if method not in ("simpson", "first_order"):
+        if method not in ("adaptive", "simpson", "first_order"):
             raise ValueError(f"lca_ext.LCATracker: method={method!r}; expected "
-                             "'simpson' or 'first_order'")
+                             "'adaptive', 'simpson' or 'first_order'")
         if not (isinstance(max_splits, int) and max_splits >= 2
                 and max_splits & (max_splits - 1) == 0):
             raise ValueError(f"lca_ext.LCATracker: max_splits={max_splits!r}; "
@@ -520,9 +523,10 @@ class LCATracker:
             self._spares.append(obj.g_start)
             obj.g_start = None
 
-    def _loss_and_grad(self, obj: _Objective, point, out, f: float) -> float:
-        """Whole-set loss (and gradient into ``out`` unless None); NaN/Inf raise."""
-        loss = obj.evaluator.loss_and_grad(point, out)
+    def _loss_and_grad(self, obj: _Objective, point, out, f: float, weight: float = 1.0) -> float:
+        """Whole-set loss (and ``weight`` x its gradient into ``out`` unless None);
+        NaN/Inf raise."""
+        loss = obj.evaluator.loss_and_grad(point, out, weight)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"lca_ext: the {obj.name!r} loss is {loss} at step {self._current} "
@@ -562,34 +566,9 @@ class LCATracker:
             d_loss = loss_after - obj.loss_start
             avg, n = obj.g_start, 1
         else:
-            # Four gradient-sized buffers at most: θ_t, Q (the start gradient's
-            # buffer), O, and one that first holds the midpoint and then g_end.
-            o = self._buffer()
-            g_end = self._buffer()
-            self._loss_and_grad(obj, self._point(after, 0.5, g_end), o, 0.5)
-            torch._foreach_zero_(g_end)
-            loss_after = self._loss_and_grad(obj, after, g_end, 1.0)
+            rule = quadrature.adaptive if self.method == "adaptive" else quadrature.simpson
+            avg, n, loss_after, g_end, next_start_valid = rule(self, obj, after)
             d_loss = loss_after - obj.loss_start
-            tol = self.atol + self.rtol * abs(d_loss)
-            q = obj.g_start                   # becomes Q = g_0 + g_N + 2·(even points)
-            self.kernels.accumulate_(q, g_end, 1.0)
-            n = 2
-            s_q, s_o = self._lca_total(after, q), self._lca_total(after, o)
-            while abs((s_q + 4 * s_o) / (3 * n) - d_loss) > tol and n < self.max_splits:
-                # refining needs a buffer for the new points: g_end's (it is
-                # already in Q); the next step then recomputes its start gradient
-                next_start_valid = False
-                self.kernels.accumulate_(q, o, 2.0)    # old midpoints become even points
-                s_q += 2 * s_o
-                torch._foreach_zero_(o)
-                for j in range(n):            # the n new midpoints
-                    f = (2 * j + 1) / (2 * n)
-                    self._loss_and_grad(obj, self._point(after, f, g_end), o, f)
-                n *= 2
-                s_o = self._lca_total(after, o)
-            torch._foreach_mul_(o, 4.0 / (3 * n))
-            self.kernels.accumulate_(o, q, 1.0 / (3 * n))
-            avg = o
 
         state = {}
         if is_train:
@@ -599,7 +578,8 @@ class LCATracker:
                                   bin_edges=self.bin_edges, **state),
             rows=self.row_sums)
         lca_sum = res.sums.sum().item()
-        if self.method == "simpson" and abs(lca_sum - d_loss) > self.atol + self.rtol * abs(d_loss):
+        if self.method != "first_order" and \
+                abs(lca_sum - d_loss) > self.atol + self.rtol * abs(d_loss):
             self._ungrounded(obj.name, step, n, abs(lca_sum - d_loss), d_loss)
         p = obj.name + "/"
         record = {p + "loss_before": np.float64(obj.loss_start),
@@ -659,7 +639,7 @@ class LCATracker:
         return avg, n, loss
 
     def _classes(self, obj: _Objective, after, n: int):
-        """Per-class LCA with the same n Simpson intervals as the total."""
+        """Per-class LCA with the same rule and points as the total."""
         # bytes of one class's gradient (float64 buffers for float64 parameters)
         one_class = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
                         for p in self.params.params)
@@ -670,13 +650,9 @@ class LCATracker:
             stacked = [torch.zeros((len(classes), *p.shape), device=p.device,
                                    dtype=torch.float64 if p.dtype == torch.float64
                                    else torch.float32) for p in self.params.params]
-            for j in range(n + 1):             # Simpson weights 1, 4, 2, ..., 4, 1
-                w = (1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n) if n > 1 \
-                    else (1.0 if j == 0 else 0.0)
-                if w == 0.0:
-                    continue
-                point = after if j == n else self._theta_t if j == 0 else \
-                    self._point(after, j / n)
+            for f, w in quadrature.class_weights(self.method, n):   # the total's rule
+                point = after if f == 1.0 else self._theta_t if f == 0.0 else \
+                    self._point(after, f)
                 obj.evaluator.class_grads(point, classes, stacked, w)
             res = self.kernels.allocate_classes(self._theta_t, after, stacked)
             sums.append(res.sums.cpu().numpy())

@@ -63,8 +63,10 @@ def whole_set_grad(model, point, batches):
 
 
 def direct_simpson_lca(model, before, after, batches, n):
-    """Per-tensor LCA with composite Simpson over n intervals, directly."""
-    weights = [(1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n) for j in range(n + 1)]
+    """Per-tensor LCA by the rule the tracker recorded, directly: n = 1 the
+    trapezoid, n >= 2 composite Simpson over n intervals."""
+    weights = [0.5, 0.5] if n == 1 else \
+        [(1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n) for j in range(n + 1)]
     avg = [torch.zeros_like(b) for b in before]
     for j, w in enumerate(weights):
         point = [b + (a - b) * (j / n) for b, a in zip(before, after)]
@@ -440,7 +442,7 @@ def test_token_level_classes_add_up_and_match_a_direct_share():
     only3 = [dict(x, labels=torch.where(x["labels"] == 3, x["labels"], -100)) for x in lca]
     want = np.zeros(len(before))
     for j in range(n + 1):
-        w = (1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n)
+        w = 0.5 if n == 1 else (1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n)
         point = [p0 + (p1 - p0) * (j / n) for p0, p1 in zip(before, after)]
         m = copy.deepcopy(model).eval()
         with torch.no_grad():

@@ -51,7 +51,8 @@ def test_quadratic_loss_is_exact_with_plain_simpson():
     x, y = torch.randn(64, 5, dtype=torch.float64), torch.randn(64, 3, dtype=torch.float64)
     model = nn.Linear(5, 3).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
-    tracker = lca_ext.LCATracker(model, mse, (x, y), batch_size=20, atol=0, rtol=1e-9)
+    tracker = lca_ext.LCATracker(model, mse, (x, y), batch_size=20, atol=0, rtol=1e-9,
+                                 method="simpson")
     train(model, opt, x, y, mse, 5, tracker)
     run = tracker.result()
     d_loss = run.loss_after - run.loss_before
@@ -81,7 +82,8 @@ def test_per_tensor_lca_matches_direct_simpson(kind):
     y = torch.randint(0, 3, (50,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     # huge tolerance: plain Simpson, no refinement, to compare with the reference
-    tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=16, atol=1e9)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=16, atol=1e9,
+                                 method="simpson")
     for _ in range(3):
         before = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
@@ -102,7 +104,8 @@ def test_large_steps_are_refined_until_grounded():
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
     x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
     opt = torch.optim.SGD(model.parameters(), lr=3.0)
-    tracker = lca_ext.LCATracker(model, xent, (x, y), rtol=1e-4, atol=1e-6, max_splits=64)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), rtol=1e-4, atol=1e-6, max_splits=64,
+                                 method="simpson")
     train(model, opt, x, y, xent, 4, tracker)
     run = tracker.result()
     d_loss = run.loss_after - run.loss_before
@@ -275,7 +278,7 @@ def test_grounded_with_batchnorm_and_dropout(batchnorm):
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=32, batchnorm=batchnorm,
-                                 rtol=1e-3, atol=1e-5)
+                                 rtol=1e-3, atol=1e-5, method="simpson")
     train(model, opt, x, y, xent, 4, tracker)
     run = tracker.result()
     d_loss = run.loss_after - run.loss_before
