@@ -215,7 +215,7 @@ def _default_device() -> str:
 
 def _summary(run_dir: str, report: str, seconds: Optional[float] = None) -> str:
     from .report import headline
-    from .tracker import load_run
+    from .run import load_run
 
     h = headline(load_run(run_dir))
     lines = [f"steps tracked: {h['steps']}" + (f" in {seconds:.0f} s" if seconds else ""),
