@@ -107,6 +107,7 @@ class RunWriter:
                     raise RunStoreError(f"lca_ext: cannot resume {path!r}: its {key} "
                                         f"{old.get(key)!r} differ from this tracker's "
                                         f"{meta.get(key)!r}")
+            check_run(path, old)   # never append to a run that lost committed data
             self.meta = old
         else:
             os.makedirs(path, exist_ok=True)
@@ -210,10 +211,11 @@ def _missing_chunks(root: str, name: str, arr, rows: Optional[int]) -> List[str]
 
 
 def _read_checked(path: str, meta: dict, sub: str, expected: List[str],
-                  rows: Optional[int]) -> Dict[str, np.ndarray]:
+                  rows: Optional[int], decode: bool = True) -> Dict[str, np.ndarray]:
     """Every array of the zarr group ``sub`` of a run directory, rows [0, rows)
     (whole arrays if None), after checking that each ``expected`` array is there,
-    long enough, has all its chunk files and decodes."""
+    long enough, has all its chunk files and decodes (``decode=False``: the
+    checks without reading the values; returns {})."""
     zarr = _zarr()
     root = os.path.join(path, sub)
     if not os.path.isdir(root):
@@ -242,6 +244,8 @@ def _read_checked(path: str, meta: dict, sub: str, expected: List[str],
                 raise _incomplete(path, "missing chunk files "
                                   + ", ".join(f"{sub}/{m}" for m in missing[:3]) + more
                                   + f" (its {META} records {_what(meta, sub)})")
+        if not decode:
+            continue
         try:
             out[name] = arr[:rows] if rows is not None else arr[...]
         except Exception as err:
@@ -281,7 +285,16 @@ _CONTENT_KEYS = ("arrays", "state_fields", "frame_arrays", "chunks_complete")
 _BASE_FIELDS = ("loss_before", "loss_after", "lca_sum")
 
 
-def _read_state(path: str, meta: dict) -> Optional[Dict[str, List[np.ndarray]]]:
+def check_run(path: str, meta: dict) -> None:
+    """Raise RunStoreError if a committed row, state array or frame of the run
+    directory is missing (structure and chunk files; values are not decoded)."""
+    read_arrays(path, meta, decode=False)
+    _read_state(path, meta, decode=False)
+    read_frames(path, meta, decode=False)
+
+
+def _read_state(path: str, meta: dict,
+                decode: bool = True) -> Optional[Dict[str, List[np.ndarray]]]:
     """The per-parameter state of the last state commit (None if none yet)."""
     if meta.get("state_version") is None:
         return None
@@ -294,11 +307,11 @@ def _read_state(path: str, meta: dict) -> Optional[Dict[str, List[np.ndarray]]]:
         except Exception as err:
             raise _incomplete(path, f"{sub} is missing or unreadable: {err}") from err
     flat = _read_checked(path, meta, sub,
-                         [f"{f}/{k}" for f in fields for k in range(k_count)], None)
-    return {f: [flat[f"{f}/{k}"] for k in range(k_count)] for f in fields}
+                         [f"{f}/{k}" for f in fields for k in range(k_count)], None, decode)
+    return {f: [flat[f"{f}/{k}"] for k in range(k_count)] for f in fields} if decode else {}
 
 
-def read_arrays(path: str, meta: dict) -> Dict[str, np.ndarray]:
+def read_arrays(path: str, meta: dict, decode: bool = True) -> Dict[str, np.ndarray]:
     """Every committed per-step array, keyed "<objective>/<field>"."""
     n = int(meta["steps_committed"])
     if n == 0:
@@ -307,12 +320,12 @@ def read_arrays(path: str, meta: dict) -> Dict[str, np.ndarray]:
     if expected is None:   # metadata written before "arrays"
         expected = ["step"] + [f"{o}/{f}" for o in meta.get("objectives", ["train"])
                                for f in _BASE_FIELDS]
-    return _read_checked(path, meta, "data.zarr", list(expected), n)
+    return _read_checked(path, meta, "data.zarr", list(expected), n, decode)
 
 
-def read_frames(path: str, meta: dict) -> Dict[str, np.ndarray]:
+def read_frames(path: str, meta: dict, decode: bool = True) -> Dict[str, np.ndarray]:
     n = int(meta.get("frames_committed", 0))
     if n == 0:
         return {}
     return _read_checked(path, meta, "frames.zarr", list(meta.get("frame_arrays", ["step"])),
-                         n)
+                         n, decode)
