@@ -275,7 +275,7 @@ def _write_state_group(group, state: Dict[str, List[np.ndarray]]) -> None:
         for k, t in enumerate(tensors):
             t = np.ascontiguousarray(t)
             arr = create_array(group, f"{field_name}/{k}", shape=t.shape, dtype=t.dtype,
-                               chunks=t.shape if 0 not in t.shape and t.ndim else None)
+                               chunks=t.shape if 0 not in t.shape and t.ndim else "auto")
             arr[...] = t
 
 
