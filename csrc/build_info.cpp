@@ -4,6 +4,7 @@
 // (importing it runs the TORCH_LIBRARY registrations of the other files).
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+#include <torch/version.h>
 
 #include "chunk_plan.h"
 #include "cpu/tile.h"
@@ -15,6 +16,14 @@
 #define LCA_EXT_CUDA_ARCHS_STRING LCA_EXT_STR(LCA_EXT_CUDA_ARCHS)
 #else
 #define LCA_EXT_CUDA_ARCHS_STRING ""
+#endif
+
+// setup.py passes torch.__version__ as bare tokens too (-DLCA_EXT_TORCH_BUILD=2.13.0+cpu):
+// the header's numbers lack the local suffix (+cpu, +cu130) that names the variant.
+#ifdef LCA_EXT_TORCH_BUILD
+#define LCA_EXT_TORCH_BUILD_STRING LCA_EXT_STR(LCA_EXT_TORCH_BUILD)
+#else
+#define LCA_EXT_TORCH_BUILD_STRING ""
 #endif
 
 namespace py = pybind11;
@@ -47,6 +56,11 @@ static py::dict build_info() {
   d["simd"] = std::string("none");
 #endif
   d["compiler"] = std::string(__VERSION__);
+  // the torch this binary was compiled against (its C++ ABI is that release's)
+  d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                       std::to_string(TORCH_VERSION_MINOR) + "." +
+                       std::to_string(TORCH_VERSION_PATCH);
+  d["torch_build"] = std::string(LCA_EXT_TORCH_BUILD_STRING);
   d["cpu_float32_kernel"] = std::string(lca_ext::cpu::float_kernel_path());
   return d;
 }

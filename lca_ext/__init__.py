@@ -3,7 +3,8 @@
 The fused ops live in :mod:`lca_ext.ops` (``torch.ops.lca_ext.*`` underneath);
 plain-PyTorch and NumPy versions of each are in :mod:`lca_ext.reference`.
 """
-from ._loader import build_info
+from ._version import __version__
+from ._loader import build_info  # loads the compiled library, checks its torch
 from .ops import (
     Allocation,
     ClassAllocation,
@@ -14,11 +15,11 @@ from .ops import (
     signed_log_edges,
     split_rows,
 )
-from .tracker import LCATracker, Run, load_run
-
-__version__ = "0.1.0"
+from .run import Run, load_run
+from .tracker import LCATracker
 
 __all__ = [
+    "__version__",
     "Allocation",
     "LCATracker",
     "Run",

@@ -1,6 +1,6 @@
 """The paper's analyses, as pure numpy functions of a loaded ``Run``.
 
-Each function reads plain arrays of a run (see ``lca_ext.tracker.Run``) and
+Each function reads plain arrays of a run (see ``lca_ext.run.Run``) and
 returns numbers or arrays; nothing here touches a model.  Sign convention as in
 the paper: negative LCA = the parameter helped (lowered the loss).
 """

@@ -1,8 +1,11 @@
 """``lca-ext`` (also ``python -m lca_ext``): demo | report | compare | offline | merge |
 verify-cuda.
 
-Errors (a bad path, a corrupt or foreign run directory, a missing dataset
-package, a bad option) print one line starting "lca-ext: error:" and exit 2."""
+Errors (a bad path, a corrupt, incomplete or foreign run directory, a missing
+dataset or optional package, a bad option) print one line starting
+"lca-ext: error:" and exit 2.  offline, merge and verify-cuda need no extra;
+demo, report and compare draw and need the "demo" extra (pip install
+"lca_ext[demo]"): they say so, in one line, when it is missing."""
 from __future__ import annotations
 
 import argparse
@@ -215,7 +218,7 @@ def _default_device() -> str:
 
 def _summary(run_dir: str, report: str, seconds: Optional[float] = None) -> str:
     from .report import headline
-    from .tracker import load_run
+    from .run import load_run
 
     h = headline(load_run(run_dir))
     lines = [f"steps tracked: {h['steps']}" + (f" in {seconds:.0f} s" if seconds else ""),
@@ -239,12 +242,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise _CliError("choose a command: demo, report, compare, offline, merge or "
                             "verify-cuda "
                             "(lca-ext --help)")
+        from ._extras import MissingExtra, require
         from .demo.data import DatasetMissing
-        from .report import build_comparison, build_report
         from .store import RunStoreError
         try:
+            # what a command draws or shows needs an extra; say so before any work
+            if args.command == "demo":
+                require("lca-ext demo", ["mlxtend", "matplotlib", "PIL"]
+                        + ([] if args.no_progress else ["tqdm"])
+                        + (["tensorboard"] if args.tensorboard else []))
+            elif args.command in ("report", "compare"):
+                require(f"lca-ext {args.command}", ["matplotlib", "PIL"])
             if args.command == "demo":
                 from .demo.run import run_demo
+                from .report import build_report
                 if args.steps < 2:
                     raise _CliError("--steps must be at least 2")
                 out = args.out or os.path.join(
@@ -267,6 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             elif args.command == "report":
                 out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.run_dir)),
                                                "report")
+                from .report import build_report
                 report = build_report(args.run_dir, out)
                 print(_summary(args.run_dir, report))
             elif args.command == "offline":
@@ -279,8 +291,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"merged: {len(run)} steps ({run.steps[0]}..{run.steps[-1]}); "
                       f"run: {args.out}")
             else:
+                from .report import build_comparison
                 print(f"comparison: {build_comparison(args.run_dirs, args.out)}")
-        except (RunStoreError, DatasetMissing, ValueError, FileExistsError,
+        except (RunStoreError, DatasetMissing, MissingExtra, ValueError, FileExistsError,
                 FileNotFoundError, KeyError) as err:
             raise _CliError(str(err).removeprefix("lca_ext: "))
     except _CliError as err:

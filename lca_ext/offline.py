@@ -82,7 +82,8 @@ import torch
 from torch import nn
 
 from . import store as run_store
-from .tracker import LCATracker, Run, load_run
+from .run import Run, load_run
+from .tracker import LCATracker
 
 STATE_SUFFIXES = (".pt", ".pth")
 FIRST_SIGN = {"first_delta_sign": "last_delta_sign", "first_grad_sign": "last_grad_sign"}
@@ -660,8 +661,8 @@ def _write_run(path: str, meta: dict, arrays: Dict[str, np.ndarray],
         if rows == 0:
             return
         for name, values in data.items():
-            arr = group.create_array(name, shape=(rows, *values.shape[1:]), dtype=values.dtype,
-                                     chunks=(chunk, *values.shape[1:]))
+            arr = run_store.create_array(group, name, shape=(rows, *values.shape[1:]),
+                                         dtype=values.dtype, chunks=(chunk, *values.shape[1:]))
             arr[...] = values[:rows]
 
     bulk(writer.data, arrays, n - 1, run_store.TIME_CHUNK)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-import matplotlib
+from ._extras import require
+
+require("lca_ext.plots (the report's figures)", ["matplotlib", "PIL"])
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

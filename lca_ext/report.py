@@ -9,7 +9,7 @@ from typing import Dict, List
 import numpy as np
 
 from . import analysis, plots
-from .tracker import Run, load_run
+from .run import Run, load_run
 
 PAPER = {
     "helped": "barely over 50% of parameters help at any step",

@@ -14,7 +14,13 @@ parameter ``names`` / ``shapes`` / ``layer_names`` / ``layer_of``, ``objectives`
 and the commit: ``steps_committed`` (rows of data.zarr that are complete),
 ``state_version``, ``state_steps`` (the per-parameter state is as of that many
 steps; fewer than steps_committed with ``state_every > 1``) and
-``frames_committed``.
+``frames_committed``; and what a reader must find: ``arrays`` (the keys of
+data.zarr), ``state_fields``, ``frame_arrays`` and ``chunks_complete`` (every
+chunk file is written, even one that equals the fill value).
+
+Reading checks the directory against that record: a committed row, state
+array or frame that is missing, too short, or unreadable is a RunStoreError
+naming it (zarr itself would read a missing chunk file as zeros).
 
 Crash safety (kill -9 at any instant loses no completed step): a step's rows are
 written into data.zarr first, then its per-parameter state into a *new* state
@@ -26,10 +32,11 @@ pickled: arrays are zarr, metadata is JSON.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
-from dataclasses import dataclass
+
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -100,11 +107,13 @@ class RunWriter:
                     raise RunStoreError(f"lca_ext: cannot resume {path!r}: its {key} "
                                         f"{old.get(key)!r} differ from this tracker's "
                                         f"{meta.get(key)!r}")
+            check_run(path, old)   # never append to a run that lost committed data
             self.meta = old
         else:
             os.makedirs(path, exist_ok=True)
+            meta = {k: v for k, v in meta.items() if k not in _CONTENT_KEYS}
             self.meta = dict(meta, format=FORMAT, version=VERSION, steps_committed=0,
-                             state_version=None, frames_committed=0)
+                             state_version=None, frames_committed=0, chunks_complete=True)
             _write_json_atomic(meta_path, self.meta)
         self.data = zarr.open_group(os.path.join(path, "data.zarr"), mode="a")
         self.frames = zarr.open_group(os.path.join(path, "frames.zarr"), mode="a")
@@ -123,9 +132,9 @@ class RunWriter:
             if arr.shape[0] < index + 1:
                 arr.resize((index + 1, *arr.shape[1:]))
         else:
-            arr = group.create_array(key, shape=(index + 1, *row.shape), dtype=row.dtype,
-                                     chunks=(TIME_CHUNK, *row.shape) if group is self.data
-                                     else (1, *row.shape))
+            arr = create_array(group, key, shape=(index + 1, *row.shape), dtype=row.dtype,
+                               chunks=(TIME_CHUNK, *row.shape) if group is self.data
+                               else (1, *row.shape))
         arr[index] = row
 
     def commit(self, rows: Dict[str, np.ndarray], state: Dict[str, List[np.ndarray]],
@@ -146,13 +155,16 @@ class RunWriter:
             version = 0 if old_version is None else old_version + 1
             group = zarr.open_group(os.path.join(self.path, f"state.{version}.zarr"),
                                     mode="w")
-            for field_name, tensors in state.items():
-                for k, t in enumerate(tensors):
-                    group.create_array(f"{field_name}/{k}", data=np.ascontiguousarray(t))
+            _write_state_group(group, state)
         self.meta.update(steps_committed=index + 1, state_version=version,
                          frames_committed=n_frames)
+        self.meta["arrays"] = sorted(set(self.meta.get("arrays", ())) | set(rows))
+        if frames:
+            self.meta["frame_arrays"] = sorted(set(self.meta.get("frame_arrays", ()))
+                                               | set(frames) | {"step"})
         if state:
             self.meta["state_steps"] = index + 1   # the state is as of this many steps
+            self.meta["state_fields"] = sorted(state)
         _write_json_atomic(os.path.join(self.path, META), self.meta)  # the commit
         if old_version is not None and version != old_version:
             shutil.rmtree(os.path.join(self.path, f"state.{old_version}.zarr"),
@@ -166,54 +178,154 @@ class RunWriter:
         old_version = self.meta["state_version"]
         version = 0 if old_version is None else old_version + 1
         group = zarr.open_group(os.path.join(self.path, f"state.{version}.zarr"), mode="w")
-        for field_name, tensors in state.items():
-            for k, t in enumerate(tensors):
-                group.create_array(f"{field_name}/{k}", data=np.ascontiguousarray(t))
-        self.meta.update(state_version=version, state_steps=self.steps_committed)
+        _write_state_group(group, state)
+        self.meta.update(state_version=version, state_steps=self.steps_committed,
+                         state_fields=sorted(state))
         _write_json_atomic(os.path.join(self.path, META), self.meta)
         if old_version is not None:
             shutil.rmtree(os.path.join(self.path, f"state.{old_version}.zarr"),
                           ignore_errors=True)
 
 
-def _read_state(path: str, meta: dict) -> Optional[Dict[str, List[np.ndarray]]]:
+def _incomplete(path: str, what: str) -> RunStoreError:
+    return RunStoreError(f"lca_ext: run directory {path!r} is incomplete or damaged: {what}")
+
+
+def _missing_chunks(root: str, name: str, arr, rows: Optional[int]) -> List[str]:
+    """Chunk files of array ``name`` (under zarr group directory ``root``) that
+    rows [0, rows) of it (all rows if None) need and that do not exist."""
+    shape = list(arr.shape)
+    if rows is not None:
+        shape[0] = rows
+    if not shape or 0 in shape:
+        return [] if shape else ([] if os.path.exists(os.path.join(
+            root, name, arr.metadata.chunk_key_encoding.encode_chunk_key(()))) else [name])
+    counts = [-(-n // c) for n, c in zip(shape, arr.chunks)]
+    encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+    missing = []
+    for coords in itertools.product(*(range(c) for c in counts)):
+        key = os.path.join(name, encode(coords))
+        if not os.path.exists(os.path.join(root, key)):
+            missing.append(key)
+    return missing
+
+
+def _read_checked(path: str, meta: dict, sub: str, expected: List[str],
+                  rows: Optional[int], decode: bool = True) -> Dict[str, np.ndarray]:
+    """Every array of the zarr group ``sub`` of a run directory, rows [0, rows)
+    (whole arrays if None), after checking that each ``expected`` array is there,
+    long enough, has all its chunk files and decodes (``decode=False``: the
+    checks without reading the values; returns {})."""
+    zarr = _zarr()
+    root = os.path.join(path, sub)
+    if not os.path.isdir(root):
+        raise _incomplete(path, f"{sub} is missing (its {META} records "
+                          f"{_what(meta, sub)})")
+    try:
+        group = zarr.open_group(root, mode="r")
+        present = dict(group.arrays())
+        for sub_name, g in group.groups():
+            present.update({f"{sub_name}/{name}": arr for name, arr in g.arrays()})
+    except Exception as err:
+        raise _incomplete(path, f"{sub} is unreadable: {err}") from err
+    absent = [k for k in expected if k not in present]
+    if absent:
+        raise _incomplete(path, f"{sub} lacks the arrays {absent} (its {META} records "
+                          f"{_what(meta, sub)})")
+    out: Dict[str, np.ndarray] = {}
+    for name, arr in sorted(present.items()):
+        if rows is not None and arr.shape[0] < rows:
+            raise _incomplete(path, f"{sub}/{name} holds {arr.shape[0]} rows; its {META} "
+                              f"records {_what(meta, sub)}")
+        if meta.get("chunks_complete"):
+            missing = _missing_chunks(root, name, arr, rows)
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise _incomplete(path, "missing chunk files "
+                                  + ", ".join(f"{sub}/{m}" for m in missing[:3]) + more
+                                  + f" (its {META} records {_what(meta, sub)})")
+        if not decode:
+            continue
+        try:
+            out[name] = arr[:rows] if rows is not None else arr[...]
+        except Exception as err:
+            raise _incomplete(path, f"{sub}/{name} is unreadable: "
+                              f"{type(err).__name__}: {err}") from err
+    return out
+
+
+def _what(meta: dict, sub: str) -> str:
+    if sub == "data.zarr":
+        return f"{meta.get('steps_committed')} committed steps"
+    if sub == "frames.zarr":
+        return f"{meta.get('frames_committed')} committed frames"
+    return (f"per-parameter state {meta.get('state_fields') or ''} as of step count "
+            f"{meta.get('state_steps')}").replace("  ", " ")
+
+
+def create_array(group, name: str, shape, dtype, chunks):
+    """A new array whose every chunk is written, even one equal to the fill value
+    (zarr skips those by default): a missing chunk file then means lost data."""
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
+                              config={"write_empty_chunks": True})
+
+
+def _write_state_group(group, state: Dict[str, List[np.ndarray]]) -> None:
+    for field_name, tensors in state.items():
+        for k, t in enumerate(tensors):
+            t = np.ascontiguousarray(t)
+            arr = create_array(group, f"{field_name}/{k}", shape=t.shape, dtype=t.dtype,
+                               chunks=t.shape if 0 not in t.shape and t.ndim else "auto")
+            arr[...] = t
+
+
+# what a writer records about the directory's content (recomputed for a new run)
+_CONTENT_KEYS = ("arrays", "state_fields", "frame_arrays", "chunks_complete")
+# what a run of schema 1 must hold when its metadata predates "arrays"
+_BASE_FIELDS = ("loss_before", "loss_after", "lca_sum")
+
+
+def check_run(path: str, meta: dict) -> None:
+    """Raise RunStoreError if a committed row, state array or frame of the run
+    directory is missing (structure and chunk files; values are not decoded)."""
+    read_arrays(path, meta, decode=False)
+    _read_state(path, meta, decode=False)
+    read_frames(path, meta, decode=False)
+
+
+def _read_state(path: str, meta: dict,
+                decode: bool = True) -> Optional[Dict[str, List[np.ndarray]]]:
+    """The per-parameter state of the last state commit (None if none yet)."""
     if meta.get("state_version") is None:
         return None
-    zarr = _zarr()
-    group = zarr.open_group(os.path.join(path, f"state.{meta['state_version']}.zarr"),
-                            mode="r")
-    out: Dict[str, List[np.ndarray]] = {}
     k_count = len(meta["names"])
-    for field_name in group.group_keys():
-        out[field_name] = [group[f"{field_name}/{k}"][...] for k in range(k_count)]
-    return out
+    sub = f"state.{meta['state_version']}.zarr"
+    fields = meta.get("state_fields")
+    if fields is None:   # metadata written before state_fields: what is there
+        try:
+            fields = sorted(_zarr().open_group(os.path.join(path, sub), mode="r").group_keys())
+        except Exception as err:
+            raise _incomplete(path, f"{sub} is missing or unreadable: {err}") from err
+    flat = _read_checked(path, meta, sub,
+                         [f"{f}/{k}" for f in fields for k in range(k_count)], None, decode)
+    return {f: [flat[f"{f}/{k}"] for k in range(k_count)] for f in fields} if decode else {}
 
 
-def read_arrays(path: str, meta: dict) -> Dict[str, np.ndarray]:
+def read_arrays(path: str, meta: dict, decode: bool = True) -> Dict[str, np.ndarray]:
     """Every committed per-step array, keyed "<objective>/<field>"."""
-    zarr = _zarr()
     n = int(meta["steps_committed"])
-    out: Dict[str, np.ndarray] = {}
-    data_path = os.path.join(path, "data.zarr")
-    if n == 0 or not os.path.exists(data_path):
-        return out
-    try:
-        group = zarr.open_group(data_path, mode="r")
-        for name, arr in group.arrays():
-            out[name] = arr[:n]
-        for sub_name, sub in group.groups():
-            for name, arr in sub.arrays():
-                out[f"{sub_name}/{name}"] = arr[:n]
-    except Exception as err:
-        raise RunStoreError(f"lca_ext: the arrays of {path!r} are unreadable: {err}") from err
-    return out
-
-
-def read_frames(path: str, meta: dict) -> Dict[str, np.ndarray]:
-    zarr = _zarr()
-    n = int(meta.get("frames_committed", 0))
-    frames_path = os.path.join(path, "frames.zarr")
-    if n == 0 or not os.path.exists(frames_path):
+    if n == 0:
         return {}
-    group = zarr.open_group(frames_path, mode="r")
-    return {name: arr[:n] for name, arr in group.arrays()}
+    expected = meta.get("arrays")
+    if expected is None:   # metadata written before "arrays"
+        expected = ["step"] + [f"{o}/{f}" for o in meta.get("objectives", ["train"])
+                               for f in _BASE_FIELDS]
+    return _read_checked(path, meta, "data.zarr", list(expected), n, decode)
+
+
+def read_frames(path: str, meta: dict, decode: bool = True) -> Dict[str, np.ndarray]:
+    n = int(meta.get("frames_committed", 0))
+    if n == 0:
+        return {}
+    return _read_checked(path, meta, "frames.zarr", list(meta.get("frame_arrays", ["step"])),
+                         n, decode)

@@ -13,11 +13,11 @@ class TensorBoardLogger:
     ``logger.log_step(tracker.last)``; ``logger.close()`` at the end."""
 
     def __init__(self, logdir: str, tracker):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise ImportError("TensorBoard logging needs the 'tensorboard' package "
-                              "(pip install tensorboard)") from err
+        from ._extras import require
+
+        require("TensorBoard logging", ["tensorboard"])
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(logdir)
         self.tracker = tracker
         self.layer_names = tracker.params.layer_names
@@ -67,6 +67,9 @@ def add_figures(logdir: str, report_html: str, step: int = 0) -> None:
     import glob
     import os
 
+    from ._extras import require
+
+    require("TensorBoard figures", ["tensorboard", "PIL"])
     from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 

@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -57,115 +56,13 @@ from . import store as run_store
 from .evaluate import Evaluator, classic_batch_loss
 from .lca_set import LCASet
 from .params import ParameterSet
+from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
 
 # per-step fields of every objective, and the per-parameter state fields
 STEP_FIELDS = ("loss_before", "loss_after", "lca_sum", "error", "splits", "grad_passes",
                "tensor_sums", "counts", "row_sums", "histogram")
 STATE_FIELDS = ("cum_lca", "helped_steps", "direction_changes", "grad_sign_changes",
                 "last_delta_sign", "last_grad_sign")
-
-
-@dataclass
-class Run:
-    """A tracked run as plain data: what ``LCATracker.result()`` and
-    ``lca_ext.load_run(path)`` return.
-
-    ``arrays`` maps "<objective>/<field>" to numpy arrays indexed by tracked
-    step (and "step" to the step indices).  Objectives: "train" (the LCA set)
-    and each named eval set.  Fields per tracked step:
-      loss_before, loss_after  whole-set loss at θ_t and θ_{t+1}
-      lca_sum                  Σ LCA over parameters (≈ loss_after − loss_before)
-      error                    |lca_sum − (loss_after − loss_before)|
-      splits                   Simpson intervals used (1 = first order)
-      grad_passes              whole-set gradient passes spent on the step
-      tensor_sums [T, K]       LCA per parameter tensor
-      counts [T, K, 4]         helped / hurt / zero / nonfinite per tensor
-      row_sums [T, R]          LCA per neuron (rows of dim 0), tensors concatenated
-      histogram [T, K, B + 2]  LCA value counts over ``bin_edges`` (+ under/overflow)
-      class_sums [T, C, K], class_counts [T, C, K, 4]   with num_classes ("train")
-    ``state``: per-parameter arrays (lists over tensors): cum_lca, helped_steps,
-    direction_changes, grad_sign_changes (oscillation counters).  ``frames``:
-    raw per-element LCA of chosen tensors, "<k>" [F, *shape], with "step" [F].
-    Attribute access ``run.lca_sum`` reads the "train" objective.
-    """
-
-    meta: dict
-    arrays: Dict[str, np.ndarray]
-    state: Dict[str, List[np.ndarray]] = field(default_factory=dict, repr=False)
-    frames: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    @property
-    def names(self) -> List[str]:
-        return list(self.meta["names"])
-
-    @property
-    def layer_names(self) -> List[str]:
-        return list(self.meta["layer_names"])
-
-    @property
-    def layer_of(self) -> List[int]:
-        return list(self.meta["layer_of"])
-
-    @property
-    def objectives(self) -> List[str]:
-        return list(self.meta["objectives"])
-
-    @property
-    def bin_edges(self) -> np.ndarray:
-        return np.asarray(self.meta["bin_edges"], dtype=np.float64)
-
-    @property
-    def steps(self) -> np.ndarray:
-        return self.arrays.get("step", np.zeros(0, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def get(self, name: str, objective: str = "train") -> np.ndarray:
-        key = f"{objective}/{name}"
-        if key not in self.arrays:
-            raise KeyError(f"lca_ext: this run has no {key!r}; it has "
-                           f"{sorted(self.arrays)}")
-        return self.arrays[key]
-
-    def __getattr__(self, name: str):
-        arrays = self.__dict__.get("arrays", {})
-        if f"train/{name}" in arrays:
-            return arrays[f"train/{name}"]
-        if name in self.__dict__.get("state", {}):
-            return self.__dict__["state"][name]
-        raise AttributeError(name)
-
-    def layer_sums(self, objective: str = "train") -> np.ndarray:
-        """[T, num_layers]: LCA per layer (a module's parameters together)."""
-        return _layer_reduce(self.get("tensor_sums", objective), self.layer_of,
-                             len(self.layer_names))
-
-    def layer_counts(self, objective: str = "train") -> np.ndarray:
-        """[T, num_layers, 4]: helped / hurt / zero / nonfinite counts per layer."""
-        counts = np.moveaxis(self.get("counts", objective), -1, -2)   # [T, 4, K]
-        return np.moveaxis(_layer_reduce(counts, self.layer_of, len(self.layer_names)),
-                           -1, -2).astype(np.int64)
-
-    def class_layer_sums(self) -> np.ndarray:
-        """[T, num_classes, num_layers]: the per-class LCA per layer."""
-        return _layer_reduce(self.get("class_sums"), self.layer_of, len(self.layer_names))
-
-
-def _layer_reduce(tensor_axis_last: np.ndarray, layer_of: List[int], num_layers: int):
-    out = np.zeros((*tensor_axis_last.shape[:-1], num_layers))
-    for k, layer in enumerate(layer_of):
-        out[..., layer] += tensor_axis_last[..., k]
-    return out
-
-
-def load_run(path: str) -> Run:
-    """Open a run directory written by ``LCATracker(store=path)`` (complete,
-    still being written, or cut off by a crash): every committed step."""
-    meta = run_store.read_meta(path)
-    return Run(meta, run_store.read_arrays(path, meta),
-               run_store._read_state(path, meta) or {},
-               run_store.read_frames(path, meta))
 
 
 class _Objective:

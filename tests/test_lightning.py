@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-pytest.importorskip("lightning")
+pytest.importorskip("lightning", reason="needs lightning (the lightning extra)")
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.plugins.precision import Precision  # noqa: E402
