@@ -475,3 +475,34 @@ def test_custom_targets_group_examples_for_per_class_lca():
     scale = np.abs(run.tensor_sums).sum()
     np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=0, atol=1e-6 * scale)
     assert (np.abs(run.class_sums).sum(2) > 0).all()          # both groups present
+
+
+def test_cache_reads_the_set_once_and_gives_the_same_lca():
+    class Counting:
+        """A re-iterable that counts how often it is read."""
+
+        def __init__(self, batches):
+            self.batches, self.reads = batches, 0
+
+        def __iter__(self):
+            def read():
+                self.reads += 1             # counted when reading starts
+                yield from self.batches
+            return read()
+
+    x, y = xy()
+    runs = {}
+    for cache in (False, True):
+        data = Counting([(x[i:i + 8], y[i:i + 8]) for i in range(0, 30, 8)])
+        model = mlp()
+        tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, data, cache=cache)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for i in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i::3]), y[i::3]).backward()
+            with tracker.step():
+                opt.step()
+        runs[cache] = (tracker.result(), data.reads)
+    (plain, reads_plain), (cached, reads_cached) = runs[False], runs[True]
+    assert reads_cached == 1 and reads_plain > 3
+    np.testing.assert_array_equal(cached.tensor_sums, plain.tensor_sums)
