@@ -81,6 +81,7 @@ def _worker(rank, world, port, out):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    cases._exit_now()   # skip interpreter finalisation (a gloo abort there fails mp.spawn)
 
 
 def test_ddp_tracked_step_overhead(benchmark, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -61,6 +62,15 @@ def _init(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _exit_now() -> None:
+    """End a finished worker without interpreter finalisation: gloo's threads can
+    abort the process there ('terminate called without an active exception',
+    SIGABRT) after every result is saved, which mp.spawn reports as a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _full_params(model) -> dict:
@@ -128,6 +138,7 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
         dist.barrier()   # no rank tears gloo down while another still uses it
     finally:
         dist.destroy_process_group()
+    _exit_now()
 
 
 def run_classes(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -159,3 +170,4 @@ def run_classes(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    _exit_now()
