@@ -37,7 +37,8 @@ def lm_loss(model, batch):
     return model(**batch).loss, (batch["labels"][:, 1:] != -100).sum()
 
 
-def test_tiny_gpt2_tracked_step(benchmark):
+@pytest.mark.parametrize("method", ["adaptive", "simpson"])
+def test_tiny_gpt2_tracked_step(benchmark, method):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB,
                                   n_positions=SEQ, bos_token_id=0, eos_token_id=0)
@@ -45,7 +46,8 @@ def test_tiny_gpt2_tracked_step(benchmark):
     twin = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3)
-    tracker = lca_ext.LCATracker(model, lca_data=batches(4, 4, seed=1), batch_loss=lm_loss)
+    tracker = lca_ext.LCATracker(model, lca_data=batches(4, 4, seed=1), batch_loss=lm_loss,
+                                 method=method)
     tracker.attach(opt)
     train = iter(batches(200, 8, seed=2))
     ev = tracker.objectives[0].evaluator
@@ -76,7 +78,8 @@ def test_tiny_gpt2_tracked_step(benchmark):
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     ratios = sorted(t / (p * med(t_pass) + med(t_plain)) for t, p in zip(t_step, passes))
     ratio = ratios[len(ratios) // 2]
-    print(f"\ntiny GPT-2 ({sum(p.numel() for p in point) / 1e6:.2f}M parameters): tracked step "
+    print(f"\ntiny GPT-2 ({sum(p.numel() for p in point) / 1e6:.2f}M parameters, {method}): "
+          f"tracked step "
           f"{med(t_step) * 1e3:.1f} ms = {ratio:.3f} x (passes {passes} x one pass "
           f"{med(t_pass) * 1e3:.1f} ms + plain step {med(t_plain) * 1e3:.1f} ms)")
     benchmark.extra_info.update(ratio=ratio, passes=passes)

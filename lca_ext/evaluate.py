@@ -260,8 +260,10 @@ class Evaluator:
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=True)
         with self._quiet_model():
+            # one set of leaves (and buffer copies) for the whole pass: each
+            # batch's graph is freed by its autograd.grad
+            tensors, leaves = self._tensors(point, grad_out is not None)
             for batch in self.data.batches(self.device):
-                tensors, leaves = self._tensors(point, grad_out is not None)
                 with torch.set_grad_enabled(grad_out is not None):
                     loss, w = self._batch_loss(tensors, batch)
                     batch_sum = loss * w       # the batch's share x the set's weight

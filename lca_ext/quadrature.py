@@ -35,7 +35,7 @@ def adaptive(tr, obj, after):
     loss_after = tr._loss_and_grad(obj, after, b, 1.0)          # g_1
     d_loss = loss_after - obj.loss_start
     tol = tr.atol + tr.rtol * abs(d_loss)
-    s_a, s_b = tr._lca_total(after, a), tr._lca_total(after, b)
+    s_a, s_b = _totals(tr, after, a, b)
     c = tr._buffer()
     if abs((s_a + s_b) / 2 - d_loss) <= tol:                  # trapezoid
         k.accumulate_(c, a, 0.5)
@@ -59,6 +59,15 @@ def adaptive(tr, obj, after):
     avg = _form(tr, c, a, n)
     tr._spares.append(c)
     return avg, n, loss_after, b, False
+
+
+def _totals(tr, after, *grads):
+    """Σ_i Δθ_i·g_i for each gradient list, from one fused call."""
+    k = len(tr._theta_t)
+    sums = tr.kernels.allocate(tr._theta_t * len(grads), list(after) * len(grads),
+                               [t for g in grads for t in g]).sums
+    per = sums.reshape(len(grads), k).sum(1).tolist()
+    return [tr.ctx.over_shards(v) for v in per]
 
 
 def simpson(tr, obj, after):
