@@ -2,8 +2,8 @@
 tracker.attach) against its gradient passes + the plain step (pytest-benchmark).
 
 GPT-2 from ``GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128)`` (no
-download), AdamW, training batches of 8 × 32 tokens; LCA set: 16 sequences of
-32 tokens with padding (labels -100), in 4 dict batches.  The plain step runs on
+download), AdamW, training batches of 8 × 32 tokens; LCA set: 16 or 64
+sequences of 32 tokens with padding (labels -100), in dict batches of 4.  The plain step runs on
 a twin model, so the tracked model's θ moves only in tracked steps.  Rounds of
 (one pass, plain step, tracked step) are interleaved; the ratio is the median
 tracked step over (passes × median pass + median plain step).
@@ -37,8 +37,9 @@ def lm_loss(model, batch):
     return model(**batch).loss, (batch["labels"][:, 1:] != -100).sum()
 
 
+@pytest.mark.parametrize("lca_batches", [4, 16], ids=["512-tokens", "2048-tokens"])
 @pytest.mark.parametrize("method", ["adaptive", "simpson"])
-def test_tiny_gpt2_tracked_step(benchmark, method):
+def test_tiny_gpt2_tracked_step(benchmark, method, lca_batches):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB,
                                   n_positions=SEQ, bos_token_id=0, eos_token_id=0)
@@ -46,8 +47,8 @@ def test_tiny_gpt2_tracked_step(benchmark, method):
     twin = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3)
-    tracker = lca_ext.LCATracker(model, lca_data=batches(4, 4, seed=1), batch_loss=lm_loss,
-                                 method=method)
+    tracker = lca_ext.LCATracker(model, lca_data=batches(lca_batches, 4, seed=1),
+                                 batch_loss=lm_loss, method=method)
     tracker.attach(opt)
     train = iter(batches(200, 8, seed=2))
     ev = tracker.objectives[0].evaluator
@@ -78,7 +79,8 @@ def test_tiny_gpt2_tracked_step(benchmark, method):
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     ratios = sorted(t / (p * med(t_pass) + med(t_plain)) for t, p in zip(t_step, passes))
     ratio = ratios[len(ratios) // 2]
-    print(f"\ntiny GPT-2 ({sum(p.numel() for p in point) / 1e6:.2f}M parameters, {method}): "
+    print(f"\ntiny GPT-2 ({sum(p.numel() for p in point) / 1e6:.2f}M parameters, {method}, "
+          f"LCA set {lca_batches * 4 * SEQ} tokens): "
           f"tracked step "
           f"{med(t_step) * 1e3:.1f} ms = {ratio:.3f} x (passes {passes} x one pass "
           f"{med(t_pass) * 1e3:.1f} ms + plain step {med(t_plain) * 1e3:.1f} ms)")

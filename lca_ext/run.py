@@ -87,6 +87,14 @@ class Run:
             return self.__dict__["state"][name]
         raise AttributeError(name)
 
+    def grounded(self, objective: str = "train") -> np.ndarray:
+        """[T] bool: the step's |ΣLCA − ΔL| is within the run's tolerance,
+        atol + rtol·|ΔL| (meta "config"); False flags a step that reached
+        max_splits without meeting it (or any first-order step that misses)."""
+        cfg = self.meta["config"]
+        d = self.get("loss_after", objective) - self.get("loss_before", objective)
+        return self.get("error", objective) <= cfg["atol"] + cfg["rtol"] * np.abs(d)
+
     def layer_sums(self, objective: str = "train") -> np.ndarray:
         """[T, num_layers]: LCA per layer (a module's parameters together)."""
         return _layer_reduce(self.get("tensor_sums", objective), self.layer_of,

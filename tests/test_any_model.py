@@ -319,6 +319,7 @@ def test_gradscaler_skipped_steps_record_nothing():
         scaler.update()
     run = tracker.result()
     assert run.steps.tolist() == [0, 1, 2]           # 3 optimizer steps ran
+    assert run.grounded().all()
     delta = run.loss_after - run.loss_before
     assert (run.error <= 1e-4 + 1e-3 * np.abs(delta)).all()
 
@@ -506,3 +507,24 @@ def test_cache_reads_the_set_once_and_gives_the_same_lca():
     (plain, reads_plain), (cached, reads_cached) = runs[False], runs[True]
     assert reads_cached == 1 and reads_plain > 3
     np.testing.assert_array_equal(cached.tensor_sums, plain.tensor_sums)
+
+
+def test_a_step_past_max_splits_warns_once_and_is_flagged_in_the_run():
+    """A step too curved for max_splits: one warning, listed by the tracker and
+    flagged by run.grounded() (the stored run says so too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = xy()
+    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y), max_splits=2,
+                                 atol=0, rtol=1e-9)
+    opt = torch.optim.SGD(model.parameters(), lr=3.0)
+    with pytest.warns(RuntimeWarning, match="not grounded") as record:
+        for i in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i::3]), y[i::3]).backward()
+            with tracker.step():
+                opt.step()
+    assert len([w for w in record if "not grounded" in str(w.message)]) == 1
+    run = tracker.result()
+    flagged = [s for s, ok in zip(run.steps.tolist(), run.grounded()) if not ok]
+    assert flagged == [s for _, s in tracker.ungrounded_steps] and flagged
