@@ -113,6 +113,7 @@ class Evaluator:
         self.device = params.params[0].device
         self._bound = _Bound(model, batch_loss)
         self.count: Optional[float] = None    # Σ weight over the set (all ranks)
+        self._check_loss: Optional[float] = None   # the first pass's loss, without gradients
         if getattr(batch_loss, "classic", False) and self.data.pair is not None:
             # (x, y) pairs: the weight is the example count, known without a pass
             self.count = self.ctx.sum_float(float(sum(int(y.shape[0])
@@ -194,18 +195,6 @@ class Evaluator:
         tensors.update({"model." + n: t for n, t in zip(names, leaves)})
         return tensors, leaves
 
-    def _sweep(self, point) -> tuple:
-        """(Σ weight·loss, Σ weight) over this rank's batches, without gradients."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        wsum = torch.zeros((), dtype=torch.float64, device=self.device)
-        with torch.no_grad():
-            tensors, _ = self._tensors(point, False)
-            for batch in self.data.batches(self.device):
-                loss, weight = self._batch_loss(tensors, batch)
-                total += loss.double() * weight
-                wsum += weight
-        return total, wsum
-
     def _first_pass(self, point) -> None:
         """The total weight, and the check that the loss is deterministic."""
         with self._quiet_model():
@@ -217,12 +206,8 @@ class Evaluator:
                     torch.cuda.default_generators[p.device.index].manual_seed(0x1CA)
             random.seed(0x1CA)
             np.random.seed(0x1CA)
-            if self.ctx.sharded:    # FSDP: the model itself (its collectives) runs
-                total, wsum = self._pass_sharded(point, None, 1.0)
-            else:
-                total, wsum = self._sweep(point)
-                total, wsum = (self.ctx.sum_float(v)
-                               for v in torch.stack([total, wsum]).tolist())
+            run = self._pass_sharded if self.ctx.sharded else self._pass_local
+            total, wsum = run(point, None, 1.0)      # forward only
         if wsum <= 0:
             raise ValueError(f"lca_ext: the {self.data.name} set has total weight {wsum}; "
                              "expected a positive number of examples (or tokens)")
@@ -235,7 +220,7 @@ class Evaluator:
         """Weighted mean loss over the LCA set at ``point``; if ``grad_out`` is
         given, ``grad_out[k] += weight * d(mean loss)/d(param k)`` (fused op)."""
         check = None
-        if self.count is None or not hasattr(self, "_check_loss"):
+        if self._check_loss is None:
             self._first_pass(point)
             check = self._check_loss
         if self.ctx.sharded:

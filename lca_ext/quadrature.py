@@ -35,7 +35,7 @@ def adaptive(tr, obj, after):
     loss_after = tr._loss_and_grad(obj, after, b, 1.0)          # g_1
     d_loss = loss_after - obj.loss_start
     tol = tr.atol + tr.rtol * abs(d_loss)
-    s_a, s_b = _totals(tr, after, a, b)
+    s_a, s_b = totals(tr, after, a, b)
     c = tr._buffer()
     if abs((s_a + s_b) / 2 - d_loss) <= tol:                  # trapezoid
         k.accumulate_(c, a, 0.5)
@@ -43,7 +43,7 @@ def adaptive(tr, obj, after):
         return c, 1, loss_after, b, True
     # Simpson: c holds the midpoint, whose gradient goes into a with weight 4
     tr._loss_and_grad(obj, tr._point(after, 0.5, c), a, 0.5, weight=4.0)
-    s_a = tr._lca_total(after, a)                             # Σ Δθ·(g_0 + 4·g_½)
+    (s_a,) = totals(tr, after, a)                            # Σ Δθ·(g_0 + 4·g_½)
     if abs((s_a + s_b) / 6 - d_loss) <= tol or tr.max_splits < 4:
         torch._foreach_zero_(c)
         k.accumulate_(c, a, 1.0 / 6)
@@ -61,8 +61,8 @@ def adaptive(tr, obj, after):
     return avg, n, loss_after, b, False
 
 
-def _totals(tr, after, *grads):
-    """Σ_i Δθ_i·g_i for each gradient list, from one fused call."""
+def totals(tr, after, *grads):
+    """Σ_i Δθ_i·g_i (all ranks) for each gradient list, from one fused call."""
     k = len(tr._theta_t)
     sums = tr.kernels.allocate(tr._theta_t * len(grads), list(after) * len(grads),
                                [t for g in grads for t in g]).sums
@@ -90,7 +90,7 @@ def _refine(tr, obj, after, q, o, points, d_loss, tol) -> int:
     """Composite Simpson from n = 2 (Q in q, O in o) until grounded or
     max_splits; ``points`` is the buffer new path points are written to."""
     n = 2
-    s_q, s_o = tr._lca_total(after, q), tr._lca_total(after, o)
+    s_q, s_o = totals(tr, after, q, o)
     while abs((s_q + 4 * s_o) / (3 * n) - d_loss) > tol and n < tr.max_splits:
         tr.kernels.accumulate_(q, o, 2.0)    # old midpoints become even points
         s_q += 2 * s_o
@@ -99,7 +99,7 @@ def _refine(tr, obj, after, q, o, points, d_loss, tol) -> int:
             f = (2 * j + 1) / (2 * n)
             tr._loss_and_grad(obj, tr._point(after, f, points), o, f)
         n *= 2
-        s_o = tr._lca_total(after, o)
+        (s_o,) = totals(tr, after, o)
     return n
 
 

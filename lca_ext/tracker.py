@@ -430,10 +430,6 @@ class LCATracker:
                 f"(path point {f:g} of θ_t → θ_(t+1)); steps before it are kept")
         return loss
 
-    def _lca_total(self, after, grad) -> float:
-        return self.ctx.over_shards(
-            self.kernels.allocate(self._theta_t, after, grad).sums.sum().item())
-
     def _point(self, after, f: float, out: Optional[List[torch.Tensor]] = None
                ) -> List[torch.Tensor]:
         """θ_t + f·(θ_{t+1} − θ_t), written into ``out`` (or a fresh buffer)."""
@@ -526,7 +522,7 @@ class LCATracker:
                 if not math.isfinite(loss):
                     self._loss_and_grad(obj, pt, None, j / n)   # raises, naming the step
             d_loss = loss - obj.loss_start
-            s = self._lca_total(after, avg)
+            (s,) = quadrature.totals(self, after, avg)
             if abs(s - d_loss) <= self.atol + self.rtol * abs(d_loss) or n >= self.max_splits:
                 break
             n *= 2                              # start again with twice the intervals

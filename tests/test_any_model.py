@@ -449,8 +449,8 @@ def test_token_level_classes_add_up_and_match_a_direct_share():
         with torch.no_grad():
             for p, v in zip(m.parameters(), point):
                 p.copy_(v)
-        share = sum(lm_loss(m, x)[0] * lm_loss(m, x)[1] for x in only3
-                    if (x["labels"][:, 1:] != -100).any()) / total_tokens
+        share = sum(loss * n for loss, n in (lm_loss(m, x) for x in only3
+                                             if (x["labels"][:, 1:] != -100).any())) / total_tokens
         grads = torch.autograd.grad(share, list(m.parameters()))
         want += w * np.array([float(((p1 - p0) * g).sum())
                               for p0, p1, g in zip(before, after, grads)])
