@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import classes as per_class
 from . import ops
 from .distributed import Context
 from .lca_set import LCASet, first_tensor
@@ -129,6 +130,7 @@ class Evaluator:
                                  "at least as many batches or examples as ranks)")
             self.rounds = self.ctx.max_int(n)
         self.passes = 0  # gradient passes run (each = one sweep of the LCA set)
+        self._class_batches = None   # the set regrouped by class (lca_ext.classes)
 
     def buffers_that_matter(self) -> List[torch.Tensor]:
         """Copies of the module buffers the loss depends on (all of them, except
@@ -229,14 +231,22 @@ class Evaluator:
             total, wsum = self._pass_local(point, grad_out, weight)
         self._check_weight(wsum)
         loss = total / self.count
-        if check is not None and abs(loss - check) > DETERMINISM_RTOL * max(abs(loss), 1e-3):
-            raise RuntimeError(
-                f"lca_ext: the {self.data.name} loss is random at a fixed θ: two passes over "
-                f"the same set gave {check!r} and {loss!r}. LCA needs a deterministic loss: "
-                "passes run every module in eval mode, so look for randomness that ignores "
-                "module.training (e.g. F.dropout(x, training=True), random augmentation in "
-                "the data pipeline, a sampler that shuffles)")
+        if check is not None:
+            self._check_same(check, loss)
         return loss
+
+    def _check_same(self, check: float, loss: float, split: bool = False) -> None:
+        """The first pass's loss (forward only) against the first gradient pass's."""
+        if abs(loss - check) > DETERMINISM_RTOL * max(abs(loss), 1e-3):
+            split = (" (or, as a class pass splits it by class, the loss is not a sum of "
+                     "per-target terms)") if split else ""
+            raise RuntimeError(
+                f"lca_ext: the {self.data.name} loss is random at a fixed θ{split}: two "
+                f"passes over the same set gave {check!r} and {loss!r}. LCA needs a "
+                "deterministic loss: passes run every module in eval mode, so look for "
+                "randomness that ignores module.training (e.g. F.dropout(x, "
+                "training=True), random augmentation in the data pipeline, a sampler "
+                "that shuffles)")
 
     def _pass_local(self, point, grad_out, weight) -> tuple:
         """(Σ weight·loss, Σ weight) over the set (all ranks); gradients added."""
@@ -333,150 +343,39 @@ class Evaluator:
                 p.grad = g
         return tuple(self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
 
-    # -- per-class LCA ------------------------------------------------------------
-    # Two ways to split the loss by class.  (x, y) batches with loss_fn and one
-    # class per example: each class's examples are run on their own (or, with
-    # batch-statistics BatchNorm, one forward and a backward per class).  Any
-    # other batch (token targets, dicts): the batch is run once per class with
-    # the targets of the other classes set to -100 (ignored), and batch_loss must
-    # return (mean, weight) with the weight counting the targets the mean is
-    # over, so that the class shares add up to the batch's loss (checked).
-
-    def _targets(self, batch) -> torch.Tensor:
-        if self.targets is not None:
-            return self.targets(batch)
-        if isinstance(batch, (tuple, list)) and len(batch) == 2:
-            return batch[1]
-        if hasattr(batch, "get") and batch.get("labels") is not None:
-            return batch["labels"]
-        raise ValueError("lca_ext: num_classes needs the class targets of each batch: the "
-                         "second element of an (inputs, targets) pair, batch['labels'], or "
-                         "targets=f with f(batch) -> class indices")
-
-    def _per_example(self) -> bool:
-        """(x, y) batches with loss_fn: split by example (one class each)."""
-        return getattr(self.batch_loss, "classic", False)
-
-    def _class_pairs(self):
-        """(x, y, class of each example) of every batch."""
-        for batch in self.data.batches(self.device):
-            x, y = batch
-            t = self._targets(batch)
-            if t.dim() != 1 or t.shape[0] != x.shape[0]:
-                raise ValueError(f"lca_ext: num_classes with loss_fn needs one class index per "
-                                 f"example (targets of shape [N]); got targets of shape "
-                                 f"{tuple(t.shape)}. For token targets pass batch_loss=f "
-                                 "returning (mean loss, number of targets it is over)")
-            yield x, y, t
-
-    def _class_grads_masked(self, point, classes, grad_out, weight) -> None:
-        with self._quiet_model(), torch.enable_grad():
-            for batch in self.data.batches(self.device):
-                t = self._targets(batch)
-                tensors, leaves = self._tensors(point, True)
-                shares_w = 0
-                for j, c in enumerate(classes):
-                    keep = t == c
-                    if not bool(keep.any()):
-                        continue
-                    loss, w = self._batch_loss(tensors, _keep_targets(batch, keep, self.targets))
-                    shares_w += w
-                    grads = torch.autograd.grad(loss * w, leaves, allow_unused=True)
-                    grads = [torch.zeros_like(p) if g is None else g
-                             for g, p in zip(grads, point)]
-                    self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
-                if len(classes) == self.num_classes:   # every class: the shares add up?
-                    with torch.no_grad():
-                        _, w_all = self._batch_loss(tensors, batch)
-                    if float(shares_w) != float(w_all):
-                        raise ValueError(
-                            f"lca_ext: per-class LCA: the class weights of a batch add up to "
-                            f"{float(shares_w)}, its weight is {float(w_all)}; batch_loss must "
-                            "return (mean, weight) with the weight counting the targets the "
-                            "mean is over (and targets outside 0..num_classes-1 must be -100)")
-        self.passes += 1
-
-    def _class_share(self, tensors, x, y):
-        """(x, y) batch's loss x its example count, the classic loss_fn."""
-        return self.batch_loss.loss_fn(functional_call(self.model, _strip(tensors), (x,),
-                                                       tie_weights=True), y)
+    # -- per-class passes (lca_ext.classes) ---------------------------------------
 
     def _batch_coupled(self) -> bool:
         """Do samples of a batch affect each other's outputs here?"""
         return self.batchnorm == "batch" and any(
             isinstance(m, _BATCHNORM) for m in self.model.modules())
 
-    def _class_grads_split(self, point, classes, grad_out, weight) -> None:
-        with self._quiet_model(), torch.enable_grad():
-            for x, y, t in self._class_pairs():
-                for j, c in enumerate(classes):
-                    mask = t == c
-                    if not bool(mask.any()):
-                        continue
-                    tensors, leaves = self._tensors(point, True)
-                    share = self._class_share(tensors, x[mask], y[mask]) * mask.sum()
-                    grads = torch.autograd.grad(share, leaves, allow_unused=True)
-                    grads = [torch.zeros_like(p) if g is None else g
-                             for g, p in zip(grads, point)]
-                    self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
-        self.passes += 1
-
     def class_grads(self, point: Sequence[torch.Tensor], classes: Sequence[int],
-                    grad_out: Sequence[torch.Tensor], weight: float) -> None:
+                    grad_out: Sequence[torch.Tensor], weight: float = 1.0) -> float:
         """For each class c = classes[j]: ``grad_out[k][j] += weight * d/dθ_k`` of
-        class c's share of the mean loss, (1/N) Σ_{i: y_i = c} loss_i; the shares
-        add up to the whole-set loss.  When samples are independent in the forward
-        pass (no BatchNorm using batch statistics), each class's samples are run
-        on their own: one pass over the set in all.  Otherwise one forward per
-        batch (so batch statistics are the whole batch's) and one backward per
-        class present."""
+        class c's share of the mean loss, (1/W) Σ w·loss over class c's targets
+        (lca_ext.classes says how the set is split).  Returns the classes' part
+        of the mean loss: over every class, the whole-set loss, and the class
+        gradients add up to its gradient."""
         if self.ctx.sharded:
             raise NotImplementedError("lca_ext: per-class LCA is not supported with FSDP2 "
                                       "yet (use DDP, or num_classes=None)")
-        if self.count is None:
+        check = None
+        if self._check_loss is None:
             self._first_pass(point)
+            check = self._check_loss
         self.ctx.replicated_grads_(grad_out, before=True)
-        if self._per_example():
-            self._class_grads_one_rank(point, classes, grad_out, weight)
-        else:
-            self._class_grads_masked(point, classes, grad_out, weight)
+        total, wsum = per_class.class_pass(self, point, classes, grad_out, weight)
         self.ctx.replicated_grads_(grad_out, before=False)
-
-    def _class_grads_one_rank(self, point, classes, grad_out, weight) -> None:
-        if not self._batch_coupled():
-            return self._class_grads_split(point, classes, grad_out, weight)
-        with self._quiet_model(), torch.enable_grad():
-            for x, y, t in self._class_pairs():
-                tensors, leaves = self._tensors(point, True)
-                out = functional_call(self.model, _strip(tensors), (x,), tie_weights=True)
-                present = [(j, t == c) for j, c in enumerate(classes)]
-                present = [(j, m) for j, m in present if bool(m.any())]
-                for i, (j, mask) in enumerate(present):
-                    share = self.batch_loss.loss_fn(out[mask], y[mask]) * mask.sum()
-                    grads = torch.autograd.grad(share, leaves, allow_unused=True,
-                                                retain_graph=i + 1 < len(present))
-                    grads = [torch.zeros_like(p) if g is None else g
-                             for g, p in zip(grads, point)]
-                    self.kernels.accumulate_([g[j] for g in grad_out], grads, weight / self.count)
         self.passes += 1
-
-
-def _keep_targets(batch, keep: torch.Tensor, custom_targets):
-    """The batch with every target outside ``keep`` set to -100 (ignored)."""
-    if custom_targets is not None:
-        raise NotImplementedError("lca_ext: per-class LCA with a custom targets= and "
-                                  "masked targets is not supported; use (inputs, targets) "
-                                  "pairs or batch['labels']")
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return type(batch)((batch[0], torch.where(keep, batch[1], -100)))
-    masked = dict(batch)
-    masked["labels"] = torch.where(keep, batch["labels"], -100)
-    return masked
-
-
-def _strip(tensors):
-    """The bound module's names ("model.<name>") as the model's own."""
-    return {k[len("model."):]: v for k, v in tensors.items()}
+        total, wsum = (self.ctx.sum_float(v) for v in torch.stack(
+            [total.double(), torch.as_tensor(wsum, dtype=torch.float64)]).tolist())
+        loss = total / self.count
+        if len(classes) == self.num_classes:
+            per_class.check_shares(self, wsum)
+            if check is not None:
+                self._check_same(check, loss)
+        return loss
 
 
 def _swap(a: torch.Tensor, b: torch.Tensor) -> None:

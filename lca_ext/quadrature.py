@@ -31,12 +31,12 @@ import torch
 
 def adaptive(tr, obj, after):
     a, k = obj.g_start, tr.kernels                   # a: g_0
-    b = tr._buffer()
+    b = tr._buffer(obj)
     loss_after = tr._loss_and_grad(obj, after, b, 1.0)          # g_1
     d_loss = loss_after - obj.loss_start
     tol = tr.atol + tr.rtol * abs(d_loss)
     s_a, s_b = totals(tr, after, a, b)
-    c = tr._buffer()
+    c = tr._buffer(obj)
     if abs((s_a + s_b) / 2 - d_loss) <= tol:                  # trapezoid
         k.accumulate_(c, a, 0.5)
         k.accumulate_(c, b, 0.5)
@@ -57,24 +57,27 @@ def adaptive(tr, obj, after):
     k.accumulate_(c, b, 1.0)                                  # c = Q = g_0 + g_1
     n = _refine(tr, obj, after, c, a, b, d_loss, tol)
     avg = _form(tr, c, a, n)
-    tr._spares.append(c)
+    tr._release(c)
     return avg, n, loss_after, b, False
 
 
 def totals(tr, after, *grads):
     """Σ_i Δθ_i·g_i (all ranks) for each gradient list, from one fused call."""
-    k = len(tr._theta_t)
-    sums = tr.kernels.allocate(tr._theta_t * len(grads), list(after) * len(grads),
-                               [t for g in grads for t in g]).sums
-    per = sums.reshape(len(grads), k).sum(1).tolist()
+    k, n = len(tr._theta_t), len(grads)
+    flat = [t for g in grads for t in g]
+    if flat[0].dim() > tr._theta_t[0].dim():      # per-class buffers: Σ over classes
+        sums = tr.kernels.allocate_classes(tr._theta_t * n, list(after) * n, flat).sums.sum(0)
+    else:
+        sums = tr.kernels.allocate(tr._theta_t * n, list(after) * n, flat).sums
+    per = sums.reshape(n, k).sum(1).tolist()
     return [tr.ctx.over_shards(v) for v in per]
 
 
 def simpson(tr, obj, after):
     # Four gradient-sized buffers at most: θ_t, Q (the start gradient's buffer),
     # O, and one that first holds the midpoint and then g_1.
-    o = tr._buffer()
-    g_end = tr._buffer()
+    o = tr._buffer(obj)
+    g_end = tr._buffer(obj)
     tr._loss_and_grad(obj, tr._point(after, 0.5, g_end), o, 0.5)
     torch._foreach_zero_(g_end)
     loss_after = tr._loss_and_grad(obj, after, g_end, 1.0)

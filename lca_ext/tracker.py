@@ -75,6 +75,7 @@ class _Objective:
         self.loss_start = float("nan")
         self.start_buffers: List[torch.Tensor] = []
         self.start_passes = 0
+        self.classes = False    # per-class mode: buffers [C, *shape], class passes
 
 
 class LCATracker:
@@ -222,12 +223,22 @@ class LCATracker:
         self.reuse_gradients = reuse_gradients
         dev = self.params.params[0].device
         self.kernels = ops.kernels_for(dev)   # fused ops, or the reference where none
+        # per-class mode: the LCA set's gradient buffers carry a class dimension and
+        # its passes are class passes, whose class gradients add up to the total
+        # (no plain pass, the class start gradients reused), when three such
+        # buffers fit class_memory_budget; otherwise _classes recomputes the class
+        # gradients at the step's points, in groups that fit
+        one_class = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
+                        for p in self.params.params)
+        self.objectives[0].classes = bool(num_classes) and reuse_gradients and \
+            3 * num_classes * one_class <= class_memory_budget
         # kept on the CPU: the fused op reads host edges without a GPU sync
         self.bin_edges = (ops.signed_log_edges(1e-12, 1.0, 24) if bin_edges is None
                           else bin_edges.detach().double()).cpu()
 
         self._theta_t = [torch.empty_like(p) for p in self.params.params]
-        self._spares: List[List[torch.Tensor]] = []   # recycled gradient buffers
+        # recycled gradient buffers, by class count (0: parameter-shaped)
+        self._spares: Dict[int, List[List[torch.Tensor]]] = {}
         like = lambda dt: [torch.zeros_like(p, dtype=dt) for p in self.params.params]  # noqa: E731
         self.state: Dict[str, List[torch.Tensor]] = {
             "cum_lca": self._new_buffer(), "helped_steps": like(torch.int32)}
@@ -298,7 +309,7 @@ class LCATracker:
                 obj.start_buffers = buffers
                 obj.start_passes = 0
                 if obj.g_start is None:
-                    obj.g_start = self._buffer()
+                    obj.g_start = self._buffer(obj)
                     obj.loss_start = self._loss_and_grad(obj, self._theta_t, obj.g_start, 0.0)
                     obj.start_passes = 1
 
@@ -403,27 +414,47 @@ class LCATracker:
         return {name: [self.ctx.full(k, t).cpu().numpy().copy() for k, t in enumerate(tensors)]
                 for name, tensors in self.state.items()}
 
-    def _new_buffer(self) -> List[torch.Tensor]:
-        # gradient-sized float32 buffers (float64 for float64 parameters)
-        return [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64
-                                 else torch.float32) for p in self.params.params]
+    def _new_buffer(self, classes: int = 0) -> List[torch.Tensor]:
+        # gradient-sized float32 buffers (float64 for float64 parameters), with a
+        # leading class dimension in per-class mode
+        lead = (classes,) if classes else ()
+        return [torch.zeros((*lead, *p.shape), device=p.device,
+                            dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                for p in self.params.params]
 
-    def _buffer(self) -> List[torch.Tensor]:
-        if not self._spares:
-            return self._new_buffer()
-        buf = self._spares.pop()
+    def _buffer(self, obj: Optional[_Objective] = None) -> List[torch.Tensor]:
+        """A zeroed gradient buffer for ``obj`` (recycled when one is spare)."""
+        classes = self.num_classes if obj is not None and obj.classes else 0
+        pool = self._spares.setdefault(classes, [])
+        if not pool:
+            return self._new_buffer(classes)
+        buf = pool.pop()
         torch._foreach_zero_(buf)
         return buf
 
+    def _release(self, buf: List[torch.Tensor]) -> None:
+        stacked = buf[0].dim() > self.params.params[0].dim()
+        self._spares.setdefault(buf[0].shape[0] if stacked else 0, []).append(buf)
+
+    def _class_total(self, stacked: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Σ over classes of a per-class buffer: the whole-set quantity."""
+        total = self._buffer()
+        for t, s in zip(total, stacked):
+            torch.sum(s, 0, out=t)
+        return total
+
     def _drop_start(self, obj: _Objective) -> None:
         if obj.g_start is not None:
-            self._spares.append(obj.g_start)
+            self._release(obj.g_start)
             obj.g_start = None
 
     def _loss_and_grad(self, obj: _Objective, point, out, f: float, weight: float = 1.0) -> float:
         """Whole-set loss (and ``weight`` x its gradient into ``out`` unless None);
         NaN/Inf raise."""
-        loss = obj.evaluator.loss_and_grad(point, out, weight)
+        if obj.classes and out is not None:    # the class gradients, adding up to it
+            loss = obj.evaluator.class_grads(point, range(self.num_classes), out, weight)
+        else:
+            loss = obj.evaluator.loss_and_grad(point, out, weight)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"lca_ext: the {obj.name!r} loss is {loss} at step {self._current} "
@@ -437,9 +468,9 @@ class LCATracker:
             out = [None] * len(after)
         point = []
         for dst, a0, a1 in zip(out, self._theta_t, after):
-            if dst is not None and dst.dtype == a0.dtype:
+            if dst is not None and dst.dtype == a0.dtype and dst.shape == a0.shape:
                 point.append(torch.lerp(a0, a1, f, out=dst))
-            else:  # e.g. bf16 parameters with float32 buffers: a transient point
+            else:  # bf16 parameters with float32 buffers, per-class buffers: transient
                 point.append(torch.lerp(a0, a1, f))
         return point
 
@@ -448,13 +479,16 @@ class LCATracker:
         passes0 = ev.passes
         is_train = obj is self.objectives[0]
         if is_train and self.oscillation:
-            self._count_oscillations(after, obj.g_start)
+            g0 = self._class_total(obj.g_start) if obj.classes else obj.g_start
+            self._count_oscillations(after, g0)
+            if obj.classes:
+                self._release(g0)
         next_start_valid = self.reuse_gradients
         if not self.reuse_gradients:
             avg, n, loss_after = self._low_memory_average(obj, after)
             d_loss = loss_after - obj.loss_start
         elif self.method == "first_order":
-            g_end = self._buffer()
+            g_end = self._buffer(obj)
             loss_after = self._loss_and_grad(obj, after, g_end, 1.0)
             d_loss = loss_after - obj.loss_start
             avg, n = obj.g_start, 1
@@ -462,6 +496,9 @@ class LCATracker:
             rule = quadrature.adaptive if self.method == "adaptive" else quadrature.simpson
             avg, n, loss_after, g_end, next_start_valid = rule(self, obj, after)
             d_loss = loss_after - obj.loss_start
+        stacked = avg if obj.classes else None     # per-class ḡ, [C, *shape]
+        if stacked is not None:
+            avg = self._class_total(stacked)
 
         state = {}
         if is_train:
@@ -484,21 +521,25 @@ class LCATracker:
                   p + "counts": res.counts.cpu().numpy(),
                   p + "row_sums": res.row_sums.cpu().numpy(),
                   p + "histogram": res.histogram.cpu().numpy()}
-        if is_train and self.num_classes:
+        if stacked is not None:
+            res_c = self.kernels.allocate_classes(self._theta_t, after, stacked)
+            sums, counts = res_c.sums.cpu().numpy(), res_c.counts.cpu().numpy()
+        elif is_train and self.num_classes:
             sums, counts = self._classes(obj, after, n)
+        if is_train and self.num_classes:
             record.update({p + "class_sums": sums, p + "class_counts": counts})
         record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
         if is_train and self.frame_tensors and self._tracked_count % self.frame_every == 0:
             self._pending_frames = self._frame(after, avg)
         # θ_{t+1} is the next step's θ_t: keep its gradient (or drop it)
-        if avg is not obj.g_start:
-            self._spares.append(avg)
-        self._spares.append(obj.g_start)
+        for buf in [obj.g_start] + [b for b in (avg, stacked)
+                                    if b is not None and b is not obj.g_start]:
+            self._release(buf)
         obj.g_start = None
         if next_start_valid:
             obj.g_start, obj.loss_start = g_end, loss_after
         elif self.reuse_gradients:
-            self._spares.append(g_end)
+            self._release(g_end)
         if not self.reuse_gradients:
             self._spares.clear()  # hold no gradient buffer between steps
         return record
@@ -528,7 +569,7 @@ class LCATracker:
             n *= 2                              # start again with twice the intervals
             torch._foreach_zero_(avg)
             obj.evaluator.loss_and_grad(self._theta_t, avg, 1.0 / (3 * n))
-        self._spares.append(point)
+        self._release(point)
         return avg, n, loss
 
     def _classes(self, obj: _Objective, after, n: int):

@@ -1,0 +1,223 @@
+"""Per-class passes: the gradient of each class's share of the LCA loss.
+
+Class c's share of the whole-set loss is (1/W) Σ w·loss over the targets of
+class c (W the set's total weight).  The shares add up to the loss, so their
+gradients add up to the whole-set gradient: one class pass gives the per-class
+gradients *and* the total, which is why the tracker's per-class mode runs no
+plain pass at all (lca_ext.tracker).
+
+How a pass splits the set by class, chosen per set:
+
+* ``regrouped``: an (inputs, targets) tensor-pair set with ``loss_fn`` whose
+  samples are independent (no BatchNorm on batch statistics).  Batch
+  composition then does not change any example's loss, so the set is re-cut
+  once into class-pure batches (each class's examples in set order, in chunks
+  of the set's batch size) and kept: one more copy of this rank's set in
+  memory.  A class pass is a plain pass over those batches, each batch's
+  gradient going to its class: about C more (partial) batches than a plain
+  pass, and no other cost.
+* ``per batch``: other (x, y) sets with ``loss_fn`` (a DataLoader, or
+  BatchNorm on batch statistics).  Independent samples: each class's examples
+  of a batch run on their own.  BatchNorm on batch statistics: one forward of
+  the whole batch (the statistics stay the batch's) and one backward per class
+  present.
+* ``masked``: any other batch (``batch_loss``: token targets, dicts): the batch
+  runs once per class with the other classes' targets set to -100 (ignored);
+  batch_loss must return (mean, weight) with the weight counting the targets
+  the mean is over, so that the class shares add up (checked over the set).
+
+Cost, in plain passes: regrouped about 1 (plus per-call overhead for the C
+extra batches); per batch and masked about C small forward/backward calls per
+batch (masked: C full forwards).  Each function adds ``weight / W`` x the
+class gradients into ``grad_out[k][j]`` for ``classes[j]`` and returns
+(Σ w·loss, Σ w) over the classes' targets (device tensors).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch.func import functional_call
+
+
+def targets_of(ev, batch) -> torch.Tensor:
+    """The class index of every target in ``batch``."""
+    if ev.targets is not None:
+        return ev.targets(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[1]
+    if hasattr(batch, "get") and batch.get("labels") is not None:
+        return batch["labels"]
+    raise ValueError("lca_ext: num_classes needs the class targets of each batch: the "
+                     "second element of an (inputs, targets) pair, batch['labels'], or "
+                     "targets=f with f(batch) -> class indices")
+
+
+def class_pass(ev, point, classes: Sequence[int], grad_out, weight: float):
+    """One pass over the set: ``grad_out[k][j] += weight/W · d(share of
+    classes[j])/dθ_k``; returns (Σ w·loss, Σ w) over these classes (tensors)."""
+    if not getattr(ev.batch_loss, "classic", False):
+        return _masked(ev, point, classes, grad_out, weight)
+    if ev._batch_coupled():
+        return _per_batch_coupled(ev, point, classes, grad_out, weight)
+    if ev.data.pair is not None:
+        return _regrouped(ev, point, classes, grad_out, weight)
+    return _per_batch(ev, point, classes, grad_out, weight)
+
+
+def _zeros():
+    return torch.zeros((), dtype=torch.float64)
+
+
+def _add_grads(ev, leaves, point, value, out_j, scale, retain=False) -> None:
+    grads = torch.autograd.grad(value, leaves, allow_unused=True, retain_graph=retain)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, point)]
+    ev.kernels.accumulate_(out_j, grads, scale)
+
+
+def _class_targets(ev, x, t) -> torch.Tensor:
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"lca_ext: num_classes with loss_fn needs one class index per "
+                         f"example (targets of shape [N]); got targets of shape "
+                         f"{tuple(t.shape)}. For token targets pass batch_loss=f "
+                         "returning (mean loss, number of targets it is over)")
+    return t
+
+
+def _share(ev, tensors, x, y):
+    """loss_fn's mean over (x, y) x the example count."""
+    out = functional_call(ev.model, _strip(tensors), (x,), tie_weights=True)
+    return ev.batch_loss.loss_fn(out, y) * y.shape[0]
+
+
+def class_batches(ev) -> List[tuple]:
+    """The regrouped set: [(class, x, y)], class-pure batches of at most the
+    set's batch size, each class's examples in set order (built once)."""
+    if ev._class_batches is None:
+        pair = [(x.to(ev.device), y.to(ev.device)) for x, y in ev.data.pair]
+        x = torch.cat([p[0] for p in pair])
+        y = torch.cat([p[1] for p in pair])
+        t = _class_targets(ev, x, targets_of(ev, (x, y)))
+        size = max(p[0].shape[0] for p in pair)
+        order = torch.argsort(t, stable=True)
+        counts = torch.bincount(t[(t >= 0) & (t < ev.num_classes)],
+                                minlength=ev.num_classes).tolist()
+        if sum(counts) != t.numel():
+            raise ValueError(f"lca_ext: per-class LCA: class targets must lie in "
+                             f"0..{ev.num_classes - 1} (num_classes={ev.num_classes}); "
+                             f"got values from {int(t.min())} to {int(t.max())}")
+        batches, start = [], 0
+        for c, n in enumerate(counts):
+            idx = order[start:start + n]
+            for i in range(0, n, size):
+                batches.append((c, x[idx[i:i + size]], y[idx[i:i + size]]))
+            start += n
+        ev._class_batches = batches
+    return ev._class_batches
+
+
+def _regrouped(ev, point, classes, grad_out, weight):
+    slot = {c: j for j, c in enumerate(classes)}
+    total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
+    with ev._quiet_model(), torch.enable_grad():
+        tensors, leaves = ev._tensors(point, True)
+        for c, x, y in class_batches(ev):
+            if c not in slot:
+                continue
+            share = _share(ev, tensors, x, y)
+            total += share.detach().double()
+            wsum += y.shape[0]
+            _add_grads(ev, leaves, point, share, [g[slot[c]] for g in grad_out],
+                       weight / ev.count)
+    return total, wsum
+
+
+def _sorted_pairs(ev, classes):
+    """(x, y, [(slot, slice)]) per batch: the batch sorted by class, one
+    contiguous slice per class present (one host sync per batch)."""
+    for batch in ev.data.batches(ev.device):
+        x, y = batch
+        t = _class_targets(ev, x, targets_of(ev, batch))
+        order = torch.argsort(t, stable=True)
+        x, y, t = x[order], y[order], t[order]
+        want = torch.tensor(list(classes), device=t.device)
+        lo = torch.searchsorted(t, want).tolist()
+        hi = torch.searchsorted(t, want, right=True).tolist()
+        yield x, y, [(j, slice(a, b)) for j, (a, b) in enumerate(zip(lo, hi)) if b > a]
+
+
+def _per_batch(ev, point, classes, grad_out, weight):
+    total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
+    with ev._quiet_model(), torch.enable_grad():
+        tensors, leaves = ev._tensors(point, True)
+        for x, y, parts in _sorted_pairs(ev, classes):
+            for j, s in parts:
+                share = _share(ev, tensors, x[s], y[s])
+                total += share.detach().double()
+                wsum += y[s].shape[0]
+                _add_grads(ev, leaves, point, share, [g[j] for g in grad_out],
+                           weight / ev.count)
+    return total, wsum
+
+
+def _per_batch_coupled(ev, point, classes, grad_out, weight):
+    total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
+    with ev._quiet_model(), torch.enable_grad():
+        for x, y, parts in _sorted_pairs(ev, classes):
+            tensors, leaves = ev._tensors(point, True)   # fresh buffers: BN runs once
+            out = functional_call(ev.model, _strip(tensors), (x,), tie_weights=True)
+            for i, (j, s) in enumerate(parts):
+                share = ev.batch_loss.loss_fn(out[s], y[s]) * y[s].shape[0]
+                total += share.detach().double()
+                wsum += y[s].shape[0]
+                _add_grads(ev, leaves, point, share, [g[j] for g in grad_out],
+                           weight / ev.count, retain=i + 1 < len(parts))
+    return total, wsum
+
+
+def _masked(ev, point, classes, grad_out, weight):
+    total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
+    with ev._quiet_model(), torch.enable_grad():
+        for batch in ev.data.batches(ev.device):
+            t = targets_of(ev, batch)
+            tensors, leaves = ev._tensors(point, True)
+            present = torch.unique(t).tolist()          # one host sync per batch
+            for j, c in enumerate(classes):
+                if c not in present:
+                    continue
+                loss, w = ev._batch_loss(tensors, _keep_targets(batch, t == c, ev.targets))
+                share = loss * w
+                total += share.detach().double()
+                wsum += w
+                _add_grads(ev, leaves, point, share, [g[j] for g in grad_out],
+                           weight / ev.count)
+    return total, wsum
+
+
+def _keep_targets(batch, keep: torch.Tensor, custom_targets):
+    """The batch with every target outside ``keep`` set to -100 (ignored)."""
+    if custom_targets is not None:
+        raise NotImplementedError("lca_ext: per-class LCA with a custom targets= and "
+                                  "masked targets is not supported; use (inputs, targets) "
+                                  "pairs or batch['labels']")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return type(batch)((batch[0], torch.where(keep, batch[1], -100)))
+    masked = dict(batch)
+    masked["labels"] = torch.where(keep, batch["labels"], -100)
+    return masked
+
+
+def _strip(tensors):
+    """The bound module's names ("model.<name>") as the model's own."""
+    return {k[len("model."):]: v for k, v in tensors.items()}
+
+
+def check_shares(ev, wsum: float) -> None:
+    """Every class pass over all classes must weigh the whole set."""
+    if abs(wsum - ev.count) > 1e-9 * ev.count:
+        raise ValueError(
+            f"lca_ext: per-class LCA: the class shares of the {ev.data.name} set weigh "
+            f"{wsum}, the set weighs {ev.count}; every target must lie in "
+            f"0..{ev.num_classes - 1} (num_classes={ev.num_classes}) or be -100, and "
+            "batch_loss must return (mean, weight) with the weight counting the targets "
+            "the mean is over")
