@@ -1,0 +1,191 @@
+"""Per-class passes (lca_ext.classes) and the tracker's per-class mode: every
+way of splitting the set by class against a direct autograd reference, the
+class gradients reused across steps, and bad targets."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lca_ext
+from lca_ext.evaluate import Evaluator, classic_batch_loss
+from lca_ext.lca_set import LCASet
+from lca_ext.params import ParameterSet
+
+xent = nn.functional.cross_entropy
+C = 3
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, C)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
+
+
+def data(n=37, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, C, (n,), generator=gen)
+    return x, y
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, C)).double()
+
+
+def reference_class_grads(model, x, y, batch, bn_batches=False):
+    """∇ of class c's share (1/N) Σ_{i: y_i = c} loss_i by autograd on a copy;
+    with BatchNorm on batch statistics, each batch's forward uses its own."""
+    m = copy.deepcopy(model)
+    m.train(bn_batches)
+    params = [p for p in m.parameters()]
+    out = []
+    for c in range(C):
+        total = 0
+        for i in range(0, x.shape[0], batch):
+            xb, yb = x[i:i + batch], y[i:i + batch]
+            keep = yb == c
+            if keep.any():
+                total = total + xent(m(xb)[keep], yb[keep], reduction="sum")
+        out.append(torch.autograd.grad(total / x.shape[0], params))
+    return [torch.stack([g[k] for g in out]) for k in range(len(params))]
+
+
+def evaluator(model, data, batch_loss, batchnorm="batch"):
+    params = ParameterSet.from_model(model)
+    return Evaluator(model, batch_loss, LCASet(data, batch_size=10), params,
+                     batchnorm=batchnorm, num_classes=C), params
+
+
+def masked_loss(model, batch):
+    x, y = batch
+    return xent(model(x), y, ignore_index=-100), (y != -100).sum()
+
+
+@pytest.mark.parametrize("form", ["pair (regrouped)", "batches (per batch)",
+                                  "batchnorm (per batch, coupled)", "batch_loss (masked)"])
+def test_every_split_matches_autograd(form):
+    torch.manual_seed(0)
+    x, y = data()
+    model = BNNet().double() if form.startswith("batchnorm") else mlp()
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, x.shape[0], 10)]
+    if form.startswith("pair"):
+        ev, params = evaluator(model, (x, y), classic_batch_loss(xent))
+    elif form.startswith("batch_loss"):
+        ev, params = evaluator(model, batches, masked_loss)
+    else:
+        ev, params = evaluator(model, batches, classic_batch_loss(xent))
+    point = [p.detach().clone() for p in params.params]
+    grads = [torch.zeros((C, *p.shape), dtype=p.dtype) for p in point]
+    loss = ev.class_grads(point, list(range(C)), grads, 1.0)
+    want = reference_class_grads(model, x, y, 10, bn_batches=form.startswith("batchnorm"))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # the class shares add up to the plain pass's loss and gradient
+    g_plain = [torch.zeros_like(p) for p in point]
+    assert loss == pytest.approx(ev.loss_and_grad(point, g_plain), rel=1e-12)
+    for g, gp in zip(grads, g_plain):
+        torch.testing.assert_close(g.sum(0), gp, rtol=1e-10, atol=1e-12)
+
+
+def test_a_subset_of_classes_fills_its_slots_only():
+    torch.manual_seed(1)
+    x, y = data()
+    model = mlp()
+    ev, params = evaluator(model, (x, y), classic_batch_loss(xent))
+    point = [p.detach().clone() for p in params.params]
+    grads = [torch.zeros((2, *p.shape), dtype=p.dtype) for p in point]
+    ev.class_grads(point, [2, 0], grads, 0.5)
+    want = reference_class_grads(model, x, y, 10)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, 0.5 * w[[2, 0]], rtol=1e-10, atol=1e-12)
+
+
+def track(budget, method="adaptive", steps=4, lr=0.1):
+    torch.manual_seed(2)
+    model = mlp()
+    x, y = data(60, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=16, num_classes=C,
+                                 class_memory_budget=budget, method=method)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        idx = torch.randint(0, 60, (12,), generator=gen)
+        opt.zero_grad()
+        xent(model(x[idx]), y[idx]).backward()
+        with tracker.step():
+            opt.step()
+    return tracker
+
+
+@pytest.mark.parametrize("lr", [0.5, 1.0], ids=["trapezoid+simpson", "composite"])
+def test_per_class_mode_spends_only_the_rule_s_passes_and_matches_recomputing(lr):
+    one_class = sum(p.numel() * 8 for p in mlp().parameters())
+    mode = track(2 << 30, lr=lr, steps=6)                     # per-class mode
+    # just too small for per-class mode: class gradients recomputed at the points
+    recompute = track(3 * C * one_class - 1, lr=lr, steps=6)
+    assert mode.objectives[0].classes and not recompute.objectives[0].classes
+    a, b = mode.result(), recompute.result()
+    # the same steps, the same rule
+    np.testing.assert_array_equal(a.splits, b.splits)
+    np.testing.assert_array_equal(a.grad_passes, b.grad_passes - (b.splits + 1))
+    if lr == 0.5:
+        assert (a.splits == 1).any() and (a.splits == 2).any()
+        # per-class mode: class passes only, the start reused: one per point
+        # of the rule past θ_t (trapezoid 1, Simpson 2), the first start once more
+        want = np.where(a.splits == 1, 1, 2) + (np.arange(len(a)) == 0)
+        np.testing.assert_array_equal(a.grad_passes, want)
+    else:
+        assert (a.splits >= 4).any()
+    scale = np.abs(b.class_sums).max()
+    np.testing.assert_allclose(a.class_sums, b.class_sums, rtol=0, atol=1e-11 * scale)
+    np.testing.assert_allclose(a.tensor_sums, b.tensor_sums, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(a.class_sums.sum(1), a.tensor_sums, rtol=1e-10, atol=1e-14)
+
+
+def test_per_class_mode_trapezoid_step_matches_the_end_point_reference():
+    """A trapezoid step's class LCA is Δθ·(g_c(θ_t) + g_c(θ_t+1))/2, g_c by autograd."""
+    torch.manual_seed(5)
+    model = mlp()
+    x, y = data(40, seed=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=40, num_classes=C)
+    before = copy.deepcopy(model)
+    opt.zero_grad()
+    xent(model(x[:10]), y[:10]).backward()
+    with tracker.step():
+        opt.step()
+    run = tracker.result()
+    assert run.splits[0] == 1
+    g0 = reference_class_grads(before, x, y, 40)
+    g1 = reference_class_grads(model, x, y, 40)
+    for c in range(C):
+        want = [float(((p1 - p0) * (a[c] + b[c]) / 2).sum().detach()) for p0, p1, a, b in
+                zip(before.parameters(), model.parameters(), g0, g1)]
+        np.testing.assert_allclose(run.class_sums[0, c], want, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["simpson", "first_order"])
+def test_per_class_mode_other_rules_add_up(method):
+    run = track(2 << 30, method=method, steps=3).result()
+    np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-10,
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize("form", ["pair", "batches"])
+def test_targets_outside_the_classes_are_refused(form):
+    x, y = data()
+    y = y.clone()
+    y[5] = C                                   # one target past num_classes
+    model = mlp()
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, x.shape[0], 10)]
+    ev, params = evaluator(model, (x, y) if form == "pair" else batches,
+                           classic_batch_loss(lambda out, t: xent(out, t.clamp(max=C - 1))))
+    point = [p.detach().clone() for p in params.params]
+    grads = [torch.zeros((C, *p.shape), dtype=p.dtype) for p in point]
+    with pytest.raises(ValueError, match=r"0\.\.2 \(num_classes=3\)"):
+        ev.class_grads(point, list(range(C)), grads, 1.0)
