@@ -34,8 +34,13 @@ holding a fifth buffer.  ``reuse_gradients=False`` is the low-memory mode:
 3 buffers (θ_t, ḡ, the current point), recomputing instead of reusing.
 Each named eval set adds Q, g_end and O (3).  Per-parameter statistics: cum_lca
 (1), helped_steps (1, int32), and with ``oscillation=True`` two int32 counters
-and two int8 signs (2.5).  Per-class LCA stacks C gradients (C, or fewer per
-group under ``class_memory_budget``).
+and two int8 signs (2.5).  Per-class LCA, when 3·C gradient-sized buffers fit
+``class_memory_budget`` (per-class mode): the LCA set's three gradient buffers
+carry a class dimension (3·C instead of 3, plus 1 for the whole-set ḡ), and
+every pass is a class pass whose class gradients add up to the total
+(lca_ext.classes), so per-class LCA costs no extra pass.  Otherwise the class
+gradients are recomputed at each point of the step's rule, in groups of
+classes that fit the budget (one class pass per point and group).
 """
 from __future__ import annotations
 
@@ -108,7 +113,8 @@ class LCATracker:
     schedule:   None (every step), an int k (every k-th step, starting at 0) or
                 a collection of step indices; untracked steps cost nothing
     num_classes: per-class LCA of the LCA set; class_memory_budget (bytes)
-                bounds the stacked class gradients.  The classes: ``targets(batch)``
+                bounds the stacked class gradients (per-class mode when three
+                stacks fit, see above).  The classes: ``targets(batch)``
                 (default: the second element of an (inputs, targets) pair, or
                 batch["labels"]).  With loss_fn: one class per example.  With
                 batch_loss: any targets (tokens too), each class's share computed
