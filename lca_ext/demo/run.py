@@ -52,7 +52,10 @@ def run_demo(out: str, *, model: str = "fc", steps: int = 300, lr: float = 0.05,
     run_dir = os.path.join(out, "run")
     tracker = LCATracker(net, loss_fn, (xtr, ytr), eval_sets={"val": (xv, yv)},
                          num_classes=10, batch_size=1000, store=run_dir,
-                         frames=[first], frame_every=frame_every)
+                         frames=[first], frame_every=frame_every,
+                         # the per-parameter state every 10 steps and at the end (a
+                         # state write costs about as much as a step's passes here)
+                         state_every=10)
     logger = None
     if tensorboard:
         from ..tensorboard import TensorBoardLogger
@@ -82,6 +85,7 @@ def run_demo(out: str, *, model: str = "fc", steps: int = 300, lr: float = 0.05,
                             err=f"{rec['train/error']:.1e}",
                             helped=f"{counts[:, 0].sum() / counts.sum():.0%}")
             bar.update(1)
+    tracker.result()   # stores the final per-parameter state
     if bar is not None:
         bar.close()
     if logger is not None:
