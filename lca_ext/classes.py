@@ -85,8 +85,9 @@ def _class_targets(ev, x, t) -> torch.Tensor:
 
 
 def _share(ev, tensors, x, y):
-    """loss_fn's mean over (x, y) x the example count."""
-    out = functional_call(ev.model, _strip(tensors), (x,), tie_weights=True)
+    """loss_fn's mean over (x, y) x the example count (``tensors``: the model's
+    own names)."""
+    out = functional_call(ev.model, tensors, (x,), tie_weights=True)
     return ev.batch_loss.loss_fn(out, y) * y.shape[0]
 
 
@@ -121,6 +122,7 @@ def _regrouped(ev, point, classes, grad_out, weight):
     total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
     with ev._quiet_model(), torch.enable_grad():
         tensors, leaves = ev._tensors(point, True)
+        tensors = _strip(tensors)
         for c, x, y in class_batches(ev):
             if c not in slot:
                 continue
@@ -150,6 +152,7 @@ def _per_batch(ev, point, classes, grad_out, weight):
     total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
     with ev._quiet_model(), torch.enable_grad():
         tensors, leaves = ev._tensors(point, True)
+        tensors = _strip(tensors)
         for x, y, parts in _sorted_pairs(ev, classes):
             for j, s in parts:
                 share = _share(ev, tensors, x[s], y[s])
