@@ -1,0 +1,426 @@
+"""The interactive report: one self-contained HTML page with a step slider and a
+play button over a run (``write_interactive(run, path)``).
+
+It shows, per slider step: the per-parameter LCA of the tracked frame tensors
+(the paper's video), the LCA per layer, the [class x layer] LCA (with
+num_classes), and a marker on the loss and |ΣLCA − ΔL| curves.  The page is
+drawn by plotly (the "demo" extra); plotly.js is embedded once, so the file
+opens offline.  Its data is bounded: big frames are pooled by summing blocks of
+parameters (LCA is additive, so a pooled cell is the LCA of its block), and the
+numbers of slider steps, frames, layers and classes are capped (:class:`Bounds`);
+arrays are embedded as base64 typed arrays (float32)."""
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._extras import missing, require
+from .run import Run, load_run
+
+__all__ = ["Bounds", "write_interactive", "report_link", "pool_frame", "group_layers"]
+
+FILE_NAME = "interactive.html"
+# green = negative LCA (helped), white = 0, red = positive LCA (hurt)
+COLORSCALE = [[0.0, "#1a9641"], [0.5, "#ffffff"], [1.0, "#d7191c"]]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Caps on what the page embeds (its size beyond plotly.js grows with these).
+
+    max_steps    slider steps (evenly spaced over the tracked steps)
+    max_frames   distinct per-parameter frames (evenly spaced over run.frames)
+    max_cells    heatmap cells per frame, over all frame tensors together;
+                 bigger tensors are pooled by summing square blocks
+    max_tensors  frame tensors shown (the first ones)
+    max_layers   per-layer columns; more layers are grouped by name prefix
+    max_classes  class rows; more classes keep the biggest |LCA| and sum the rest
+    """
+    max_steps: int = 200
+    max_frames: int = 40
+    max_cells: int = 8192
+    max_tensors: int = 3
+    max_layers: int = 24
+    max_classes: int = 20
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"lca_ext.interactive.Bounds: {name} must be a positive "
+                                 f"integer, got {value!r}")
+
+    def data_bytes(self) -> int:
+        """An upper bound on the bytes of embedded frame data (float32, base64)."""
+        return self.max_frames * self.max_cells * 4 * 4 // 3 + 64 * self.max_frames
+
+
+# ---------------------------------------------------------------------------
+# data: pooling, grouping, sampling (plain numpy, tested without plotly)
+
+def as_matrix(values: np.ndarray) -> np.ndarray:
+    """A tensor's values as rows (dim 0) x the rest flattened; 0-d and 1-d
+    tensors are one row."""
+    values = np.asarray(values)
+    if values.ndim <= 1:
+        return values.reshape(1, -1)
+    return values.reshape(values.shape[0], -1)
+
+
+def block_side(rows: int, cols: int, max_cells: int) -> int:
+    """The smallest square block side b with ceil(rows/b)·ceil(cols/b) ≤ max_cells."""
+    b = max(1, int(np.ceil(np.sqrt(rows * cols / max_cells))))
+    while -(-rows // b) * -(-cols // b) > max_cells:
+        b += 1
+    return b
+
+
+def pool_frame(values: np.ndarray, side: int) -> np.ndarray:
+    """Sums of ``side`` x ``side`` blocks of ``as_matrix(values)`` (the last
+    blocks of a row or column may be smaller): each cell is its block's LCA."""
+    m = as_matrix(values).astype(np.float64)
+    m = np.add.reduceat(m, np.arange(0, m.shape[0], side), axis=0)
+    return np.add.reduceat(m, np.arange(0, m.shape[1], side), axis=1)
+
+
+def group_layers(names: Sequence[str], max_groups: int) -> Tuple[List[str], np.ndarray]:
+    """(group names, group index of each layer): the layers as they are if
+    there are at most ``max_groups``; otherwise grouped by the longest dotted
+    name prefix that gives at most ``max_groups`` groups (a GPT-2's modules
+    become its blocks, "transformer.h.3"), else by runs of consecutive layers."""
+    names = list(names)
+    if len(names) <= max_groups:
+        return names, np.arange(len(names))
+    depth = max(n.count(".") + 1 for n in names)
+    for d in range(depth - 1, 0, -1):
+        prefixes = [".".join(n.split(".")[:d]) for n in names]
+        groups = list(dict.fromkeys(prefixes))           # first-appearance order
+        if len(groups) <= max_groups:
+            return groups, np.array([groups.index(p) for p in prefixes])
+    per = -(-len(names) // max_groups)
+    index = np.arange(len(names)) // per
+    groups = [f"{names[i]} … {names[min(i + per, len(names)) - 1]}"
+              for i in range(0, len(names), per)]
+    return groups, index
+
+
+def sum_groups(values: np.ndarray, group_of: np.ndarray, num_groups: int) -> np.ndarray:
+    """Sums the last axis of ``values`` by group."""
+    out = np.zeros((*values.shape[:-1], num_groups))
+    for j, g in enumerate(group_of):
+        out[..., g] += values[..., j]
+    return out
+
+
+def evenly(n: int, cap: int) -> np.ndarray:
+    """At most ``cap`` indices into range(n), evenly spaced, first and last kept."""
+    if n <= cap:
+        return np.arange(n)
+    return np.unique(np.round(np.linspace(0, n - 1, cap)).astype(np.int64))
+
+
+def top_classes(class_layer: np.ndarray, cap: int) -> Tuple[List[str], np.ndarray]:
+    """(row labels, [T, rows, L]): every class if there are at most ``cap``;
+    else the cap − 1 classes with the largest total |LCA| and one row summing
+    the others."""
+    num = class_layer.shape[1]
+    if num <= cap:
+        return [f"class {c}" for c in range(num)], class_layer
+    keep = np.sort(np.argsort(-np.abs(class_layer).sum(axis=(0, 2)), kind="stable")[:cap - 1])
+    rest = np.setdiff1d(np.arange(num), keep)
+    rows = np.concatenate([class_layer[:, keep], class_layer[:, rest].sum(1, keepdims=True)], 1)
+    return [f"class {c}" for c in keep] + [f"other {rest.size} classes"], rows
+
+
+def frame_index(frame_steps: np.ndarray, step: int) -> int:
+    """The frame shown at ``step``: the latest taken at or before it (else the first)."""
+    return max(int(np.searchsorted(frame_steps, step, side="right")) - 1, 0)
+
+
+def symmetric_limit(values: Sequence[np.ndarray], quantile: float = 0.995) -> float:
+    """A colour limit ±lim shared by all frames: a high quantile of |values|, so a
+    few outliers do not wash the rest out (hover shows the true values)."""
+    flat = np.concatenate([np.abs(np.ravel(v)) for v in values]) if values else np.zeros(1)
+    lim = float(np.quantile(flat, quantile)) if flat.size else 0.0
+    return lim if lim > 0 else float(flat.max(initial=0.0)) or 1.0
+
+
+@dataclass
+class PageData:
+    """What the page shows, bounded, independent of plotly."""
+    steps: np.ndarray                # [S] slider steps (run step numbers)
+    step_rows: np.ndarray            # [S] their rows in the run's arrays
+    tensors: List[str]               # frame tensor names shown
+    sides: List[int]                 # pooling block side per tensor
+    frame_steps: np.ndarray          # [F] steps of the frames kept
+    frames: List[List[np.ndarray]]   # [tensor][frame] pooled float32 matrices
+    shown_frame: np.ndarray          # [S] frame index shown at each slider step
+    groups: List[str]                # layer (group) names
+    layer_lca: np.ndarray            # [S, G]
+    class_rows: List[str]            # class row labels (empty without num_classes)
+    class_lca: np.ndarray            # [S, rows, G]
+
+
+def page_data(run: Run, bounds: Bounds) -> PageData:
+    rows = evenly(len(run), bounds.max_steps)
+    keys = [k for k in run.frames if k != "step"][:bounds.max_tensors]
+    kept = evenly(len(run.frames["step"]), bounds.max_frames) if keys else np.zeros(0, int)
+    frame_steps = np.asarray(run.frames["step"])[kept] if keys else np.zeros(0, np.int64)
+    per_tensor = bounds.max_cells // max(len(keys), 1)
+    tensors, sides, frames = [], [], []
+    for k in keys:
+        raw = run.frames[k]
+        shape = as_matrix(raw[0]).shape
+        side = block_side(shape[0], shape[1], per_tensor)
+        tensors.append(run.names[int(k)])
+        sides.append(side)
+        frames.append([pool_frame(raw[f], side).astype(np.float32) for f in kept])
+    steps = run.steps[rows]
+    shown = np.array([frame_index(frame_steps, s) for s in steps], dtype=np.int64)
+    groups, group_of = group_layers(run.layer_names, bounds.max_layers)
+    layer_lca = sum_groups(run.layer_sums()[rows], group_of, len(groups)).astype(np.float32)
+    class_rows, class_lca = [], np.zeros((len(rows), 0, len(groups)))
+    if run.meta.get("num_classes"):
+        class_rows, by_class = top_classes(run.class_layer_sums()[rows], bounds.max_classes)
+        class_lca = sum_groups(by_class, group_of, len(groups)).astype(np.float32)
+    return PageData(steps, rows, tensors, sides, frame_steps, frames, shown, groups,
+                    layer_lca, class_rows, class_lca)
+
+
+# ---------------------------------------------------------------------------
+# the figure (plotly)
+
+def _layout_rows(data: PageData) -> Tuple[list, list, list]:
+    """make_subplots specs, row heights and titles: one full-width row per frame
+    tensor, then loss | grounding, then layers | class x layer."""
+    specs, heights, titles = [], [], []
+    for name, side in zip(data.tensors, data.sides):
+        specs.append([{"colspan": 2}, None])
+        heights.append(2.0)
+        pooled = f" (cells: sums of {side}x{side} parameters)" if side > 1 else ""
+        titles += [f"LCA per parameter of {name}{pooled}"]
+    specs.append([{}, {}])
+    heights.append(1.0)
+    titles += ["loss (LCA set)", "|ΣLCA − ΔL| per step"]
+    if data.class_rows:
+        specs.append([{}, {}])
+        titles += ["LCA per layer", "LCA per class and layer"]
+    else:
+        specs.append([{"colspan": 2}, None])
+        titles += ["LCA per layer"]
+    heights.append(1.3)
+    return specs, heights, titles
+
+
+def _frame_traces(go, data: PageData) -> List:
+    traces = []
+    for t, per_frame in enumerate(data.frames):
+        for f, z in enumerate(per_frame):
+            side = data.sides[t]
+            traces.append(go.Heatmap(
+                z=z, x0=0, dx=side, y0=0, dy=side, coloraxis="coloraxis",
+                visible=bool(f == data.shown_frame[0]), name=f"{data.tensors[t]} @ {data.frame_steps[f]}",
+                hovertemplate=(f"{html.escape(data.tensors[t])}, frame of step "
+                               f"{int(data.frame_steps[f])}<br>row %{{y}}, col %{{x}}"
+                               + (f" (block of {side}x{side})" if side > 1 else "")
+                               + "<br>LCA %{z:.3g}<extra></extra>")))
+    return traces
+
+
+def _bar_colors(values: np.ndarray) -> List[str]:
+    return [COLORSCALE[0][1] if v < 0 else COLORSCALE[2][1] for v in values]
+
+
+def build_figure(run: Run, bounds: Bounds = Bounds()):
+    """The plotly Figure of the interactive page."""
+    require("the interactive report", ["plotly"])
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    data = page_data(run, bounds)
+    specs, heights, titles = _layout_rows(data)
+    fig = make_subplots(rows=len(specs), cols=2, specs=specs, row_heights=heights,
+                        subplot_titles=titles, vertical_spacing=0.35 / len(specs),
+                        horizontal_spacing=0.08)
+    nt = len(data.tensors)
+    lim = symmetric_limit([z for per in data.frames for z in per])
+    for i, trace in enumerate(_frame_traces(go, data)):
+        fig.add_trace(trace, row=1 + i // len(data.frame_steps), col=1)
+    for t in range(nt):
+        fig.update_yaxes(autorange="reversed", title_text="row (dim 0)", row=t + 1, col=1)
+        fig.update_xaxes(title_text="column (other dims flattened)", row=t + 1, col=1)
+    heat_ids = list(range(len(fig.data)))
+
+    # curves with a marker that follows the slider
+    r = nt + 1
+    loss, err = run.loss_after, run.error
+    s0, row0 = data.steps[0], data.step_rows[0]
+    fig.add_trace(go.Scatter(x=run.steps, y=loss.astype(np.float32), mode="lines",
+                             name="loss after step", line=dict(color="#444")), row=r, col=1)
+    loss_marker = len(fig.data)
+    fig.add_trace(go.Scatter(x=[s0], y=[float(loss[row0])], mode="markers", name="this step",
+                             marker=dict(size=11, color="#ff7f0e")), row=r, col=1)
+    fig.add_trace(go.Scatter(x=run.steps, y=err.astype(np.float32), mode="lines",
+                             name="|ΣLCA − ΔL|", line=dict(color="#1f77b4")), row=r, col=2)
+    bad = ~run.grounded()
+    if bad.any():
+        fig.add_trace(go.Scatter(x=run.steps[bad], y=err[bad], mode="markers",
+                                 name="outside tolerance", marker=dict(symbol="x", color="red")),
+                      row=r, col=2)
+    err_marker = len(fig.data)
+    fig.add_trace(go.Scatter(x=[s0], y=[float(err[row0])], mode="markers", name="this step",
+                             showlegend=False, marker=dict(size=11, color="#ff7f0e")), row=r, col=2)
+    fig.update_xaxes(title_text="step", row=r)
+    if np.all(err > 0):
+        fig.update_yaxes(type="log", row=r, col=2)
+
+    # per layer, per class and layer
+    r += 1
+    bar_id = len(fig.data)
+    fig.add_trace(go.Bar(x=data.groups, y=data.layer_lca[0], marker_color=_bar_colors(data.layer_lca[0]),
+                         name="LCA per layer", showlegend=False,
+                         hovertemplate="%{x}<br>LCA %{y:.4g}<extra></extra>"), row=r, col=1)
+    span = np.abs(data.layer_lca).max(initial=0.0) * 1.05 or 1.0
+    fig.update_yaxes(range=[-span, span], title_text="LCA (−: helped)", row=r, col=1)
+    class_id = None
+    if data.class_rows:
+        class_id = len(fig.data)
+        fig.add_trace(go.Heatmap(z=data.class_lca[0], x=data.groups, y=data.class_rows,
+                                 coloraxis="coloraxis2",
+                                 hovertemplate="%{y}, %{x}<br>LCA %{z:.4g}<extra></extra>"),
+                      row=r, col=2)
+        fig.update_yaxes(autorange="reversed", row=r, col=2)
+    fig.frames = [_step_frame(go, data, j, heat_ids, loss_marker, err_marker, bar_id, class_id,
+                              loss, err) for j in range(len(data.steps))]
+    _layout(fig, data, lim, nt)
+    return fig
+
+
+def _step_frame(go, data: PageData, j: int, heat_ids, loss_marker, err_marker, bar_id,
+                class_id, loss, err):
+    """The plotly frame of slider step j: which pooled frame is visible, the
+    markers, the per-layer bars and the class x layer heatmap."""
+    shown = data.shown_frame[j]
+    per = len(data.frame_steps)
+    traces = [go.Heatmap(visible=bool(i % per == shown)) for i in range(len(heat_ids))]
+    row, step = data.step_rows[j], int(data.steps[j])
+    traces += [go.Scatter(x=[step], y=[float(loss[row])]),
+               go.Scatter(x=[step], y=[float(err[row])]),
+               go.Bar(y=data.layer_lca[j], marker_color=_bar_colors(data.layer_lca[j]))]
+    ids = heat_ids + [loss_marker, err_marker, bar_id]
+    if class_id is not None:
+        traces.append(go.Heatmap(z=data.class_lca[j]))
+        ids.append(class_id)
+    return go.Frame(name=str(step), data=traces, traces=ids)
+
+
+def _layout(fig, data: PageData, lim: float, nt: int) -> None:
+    n_rows = nt + 2
+    frame_domain = fig.layout.yaxis.domain if nt else (0, 1)
+    class_lim = float(np.abs(data.class_lca).max(initial=0.0)) or 1.0
+    fig.update_layout(
+        height=420 * nt + 330 * 2 + 160, template="plotly_white",
+        margin=dict(t=130, b=60, l=70, r=40),
+        showlegend=False,   # every panel is titled; a legend would sit on the slider
+        coloraxis=dict(colorscale=COLORSCALE, cmin=-lim, cmax=lim,
+                       colorbar=dict(title="LCA", len=frame_domain[1] - frame_domain[0],
+                                     y=frame_domain[0], yanchor="bottom")),
+        coloraxis2=dict(colorscale=COLORSCALE, cmin=-class_lim, cmax=class_lim,
+                        colorbar=dict(title="LCA", len=1.0 / n_rows, y=0, yanchor="bottom")),
+        sliders=[dict(active=0, y=1.0, yanchor="bottom", x=0.08, len=0.92, pad=dict(t=0, b=45),
+                      currentvalue=dict(prefix="step ", font=dict(size=15)),
+                      ticklen=2, font=dict(size=9),
+                      steps=[dict(method="animate", label=str(int(s)),
+                                  args=[[str(int(s))], dict(mode="immediate", transition=dict(duration=0),
+                                                            frame=dict(duration=0, redraw=True))])
+                             for s in data.steps])],
+        updatemenus=[dict(type="buttons", direction="left", x=0, y=1.0, yanchor="bottom",
+                          xanchor="left", pad=dict(t=0, b=50, r=10),
+                          buttons=[dict(label="▶ play", method="animate",
+                                        args=[None, dict(fromcurrent=True, transition=dict(duration=0),
+                                                         frame=dict(duration=250, redraw=True))]),
+                                   dict(label="❚❚", method="animate",
+                                        args=[[None], dict(mode="immediate", transition=dict(duration=0),
+                                                           frame=dict(duration=0, redraw=False))])])])
+
+
+# ---------------------------------------------------------------------------
+# the page
+
+def _notes(run: Run, data: PageData, bounds: Bounds) -> str:
+    pooled = [f"{n}: {s}x{s} blocks" for n, s in zip(data.tensors, data.sides) if s > 1]
+    parts = [
+        "Drag the slider or press play: every panel shows the selected step. Negative LCA "
+        "(green) = the parameter helped lower the loss; positive (red) = it hurt; the "
+        "colour scales are symmetric around 0 and saturate at a high quantile of |LCA| "
+        "(hover shows the exact value).",
+        f"Slider: {len(data.steps)} of the run's {len(run)} tracked steps"
+        + (" (evenly spaced)" if len(data.steps) < len(run) else "") + ". "
+        + (f"Parameter frames: {len(data.frame_steps)} of {len(run.frames['step'])} stored "
+           "frames; each step shows the latest frame taken at or before it."
+           if data.tensors else "This run stored no per-parameter frames "
+           "(LCATracker(frames=[...]) stores them)."),
+    ]
+    if pooled:
+        parts.append("Pooled frames (LCA is additive, so a pooled cell is the summed LCA of "
+                     "its block of parameters): " + "; ".join(pooled) + ".")
+    if len(data.groups) < len(run.layer_names):
+        parts.append(f"Layers: the run's {len(run.layer_names)} layers are shown as "
+                     f"{len(data.groups)} groups (sums of their layers' LCA).")
+    if data.class_rows and len(data.class_rows) < run.meta["num_classes"]:
+        parts.append(f"Classes: the {len(data.class_rows) - 1} with the largest total |LCA|, "
+                     "the others summed in one row.")
+    return "\n".join(f"<p>{html.escape(p)}</p>" for p in parts)
+
+
+# plotly.js rejects a running animation's promise, with no reason, when a newer
+# one interrupts it (pause, or the slider moved during play), and its buttons and
+# slider do not catch that: mark exactly those rejections handled
+_QUIET_INTERRUPTED = ("window.addEventListener('unhandledrejection', function (e) "
+                      "{ if (e.reason === undefined) e.preventDefault(); });")
+
+
+def write_interactive(run: Union[Run, str], path: str, bounds: Bounds = Bounds()) -> str:
+    """Writes the self-contained interactive page of ``run`` (a Run or a run
+    directory) to ``path``; returns ``path``.  Needs plotly (the "demo" extra):
+    raises :class:`lca_ext._extras.MissingExtra` without it."""
+    require("the interactive report", ["plotly"])
+    if isinstance(run, str):
+        run = load_run(run)
+    if len(run) < 1:
+        raise ValueError("lca_ext.write_interactive: run has no tracked steps")
+    if not isinstance(bounds, Bounds):
+        raise TypeError(f"lca_ext.write_interactive: bounds must be a Bounds, got "
+                        f"{type(bounds).__name__}")
+    fig = build_figure(run, bounds)
+    div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="lca-interactive",
+                      auto_play=False, config=dict(displaylogo=False, responsive=True))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>LCA by step</title>
+<style>body{{font-family:sans-serif;max-width:1300px;margin:auto;padding:0 1em}}
+p{{margin:.4em 0;font-size:14px}}</style>
+<script>{_QUIET_INTERRUPTED}</script></head><body>
+<h1>Loss Change Allocation, step by step</h1>
+{_notes(run, page_data(run, bounds), bounds)}
+{div}
+</body></html>
+"""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
+
+
+def report_link(run: Run, out_dir: str) -> str:
+    """For the static report: writes ``out_dir/interactive.html`` and returns an
+    HTML link to it; without plotly, returns a note saying how to get it (the
+    static report never fails for the interactive page's optional dependency)."""
+    if missing(["plotly"]):
+        return ('<p class="interactive"><b>Interactive view (slider over steps):</b> not built: '
+                'it needs plotly, <code>pip install "lca_ext[demo]"</code>.</p>')
+    write_interactive(run, os.path.join(out_dir, FILE_NAME))
+    return (f'<p class="interactive" style="font-size:1.2em"><b><a href="{FILE_NAME}">'
+            "Interactive view: every panel by step, with a slider and play button</a></b> "
+            "(self-contained, works offline).</p>")
