@@ -208,3 +208,69 @@ def test_the_checker_catches_overlaps():
     with pytest.raises(AssertionError, match="covers the data"):
         check_legible(fig, "legend inside")
     plt.close(fig)
+
+
+# -- TensorBoard frame images -------------------------------------------------------------
+
+def test_lca_image_colours_and_scale():
+    from lca_ext.tensorboard import lca_image
+
+    img = lca_image(np.array([[-2.0, 0.0, 1.0, 4.0]]), limit=2.0)
+    assert img.shape == (1, 4, 3) and img.dtype == np.uint8
+    assert img[0].tolist() == [[0, 255, 0], [0, 0, 0], [128, 0, 0], [255, 0, 0]]
+    assert lca_image(np.zeros(5)).shape == (1, 5, 3)              # 1-D: one row
+    assert lca_image(np.ones((3, 2, 2))).shape == (3, 4, 3)       # [dim 0, the rest]
+    assert lca_image(np.ones((10, 3000))).shape == (10, 1000, 3)  # shrunk by summing
+    with pytest.raises(ValueError, match="limit"):
+        lca_image(np.ones(3), limit=0.0)
+
+
+def test_tensorboard_logs_frame_images_per_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    import io
+
+    import torch
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch import nn
+
+    import lca_ext
+    from lca_ext.tensorboard import TensorBoardLogger
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    loss_fn = nn.functional.cross_entropy
+    tracker = lca_ext.LCATracker(model, loss_fn, (x, y), frames=["0.weight"], frame_every=2)
+    logger = TensorBoardLogger(str(tmp_path), tracker)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        with tracker.step():
+            opt.step()
+        assert (tracker.last_frames is not None) == (int(tracker.last["step"]) % 2 == 0)
+        logger.log_step(tracker.last)
+    logger.close()
+    run = tracker.result()
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert "frames/0.weight" in acc.Tags()["images"]
+    events = acc.Images("frames/0.weight")
+    assert [e.step for e in events] == run.frames["step"].tolist() == [0, 2, 4]
+    assert "train/loss" in acc.Tags()["scalars"]                  # the scalars still there
+    limits = [e.value for e in acc.Scalars("frames/0.weight/limit")]
+    for event, lca, limit in zip(events, run.frames["0"], limits):
+        img = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+        assert img.shape == (7, 5, 3)
+        nonzero = np.abs(lca[lca != 0])
+        assert limit == pytest.approx(np.percentile(nonzero, 99), rel=1e-6)
+        for idx in zip(*np.nonzero(lca)):     # helping: green, hurting: red, to scale
+            level = round(255 * min(abs(lca[idx]) / limit, 1.0))
+            want = [0, level, 0] if lca[idx] < 0 else [level, 0, 0]
+            assert img[idx].tolist() == pytest.approx(want, abs=1)
+        assert img[np.unravel_index(np.argmin(lca), lca.shape)][1] > 100
+    frames = run.frames["0"]
+    assert (frames < 0).any() and (frames > 0).any()           # both colours were checked
