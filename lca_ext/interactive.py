@@ -18,6 +18,7 @@ from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import analysis
 from ._extras import missing, require
 from .run import Run, load_run
 
@@ -53,9 +54,14 @@ class Bounds:
                 raise ValueError(f"lca_ext.interactive.Bounds: {name} must be a positive "
                                  f"integer, got {value!r}")
 
-    def data_bytes(self) -> int:
-        """An upper bound on the bytes of embedded frame data (float32, base64)."""
-        return self.max_frames * self.max_cells * 4 * 4 // 3 + 64 * self.max_frames
+    def max_data_bytes(self) -> int:
+        """An upper bound on the page's data beyond plotly.js: the pooled frames
+        (float32, base64: 16/3 bytes a cell) and, per slider step, the frames'
+        visibility flags, the bars, the class x layer cells and the markers."""
+        frames = self.max_frames * (self.max_cells * 16 // 3 + 200)
+        per_step = (self.max_frames * self.max_tensors * 40 + self.max_layers * 40
+                    + self.max_classes * self.max_layers * 6 + 500)
+        return frames + self.max_steps * per_step
 
 
 # ---------------------------------------------------------------------------
@@ -87,24 +93,11 @@ def pool_frame(values: np.ndarray, side: int) -> np.ndarray:
 
 
 def group_layers(names: Sequence[str], max_groups: int) -> Tuple[List[str], np.ndarray]:
-    """(group names, group index of each layer): the layers as they are if
-    there are at most ``max_groups``; otherwise grouped by the longest dotted
-    name prefix that gives at most ``max_groups`` groups (a GPT-2's modules
-    become its blocks, "transformer.h.3"), else by runs of consecutive layers."""
-    names = list(names)
-    if len(names) <= max_groups:
-        return names, np.arange(len(names))
-    depth = max(n.count(".") + 1 for n in names)
-    for d in range(depth - 1, 0, -1):
-        prefixes = [".".join(n.split(".")[:d]) for n in names]
-        groups = list(dict.fromkeys(prefixes))           # first-appearance order
-        if len(groups) <= max_groups:
-            return groups, np.array([groups.index(p) for p in prefixes])
-    per = -(-len(names) // max_groups)
-    index = np.arange(len(names)) // per
-    groups = [f"{names[i]} … {names[min(i + per, len(names)) - 1]}"
-              for i in range(0, len(names), per)]
-    return groups, index
+    """(group names, group index of each layer): the static report's grouping
+    (:func:`lca_ext.analysis.layer_groups`: by block, e.g. a GPT-2's modules
+    become "transformer.h.3"), so both pages show the same groups."""
+    groups = analysis.layer_groups(list(names), max_groups)
+    return list(groups["names"]), np.asarray(groups["of"])
 
 
 def sum_groups(values: np.ndarray, group_of: np.ndarray, num_groups: int) -> np.ndarray:
