@@ -77,6 +77,8 @@ def build_report(run_dir, out_dir: str) -> str:
         raise ValueError(f"lca_ext: {where!r} has {len(run)} tracked steps; a report "
                          "needs at least 2")
     os.makedirs(out_dir, exist_ok=True)
+    from .interactive import report_link   # the slider page, or a note without plotly
+    interactive_link = report_link(run, out_dir)
     figures = [plots.grounding(run, out_dir), plots.helped_fraction(run, out_dir),
                plots.heroes_villains(run, out_dir), plots.lca_histogram(run, out_dir),
                plots.layers(run, out_dir), plots.neuron_heatmap(run, out_dir),
@@ -146,6 +148,7 @@ def build_report(run_dir, out_dir: str) -> str:
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 img{{max-width:100%}}figure{{margin:1em 0}}</style></head><body>
 <h1>Loss Change Allocation report</h1>
+{interactive_link}
 <p>Run <code>{html.escape(where)}</code>: {html.escape(_tensors(run))}.
 Negative LCA (green) = the parameter helped lower the loss; positive (red) = it hurt.
 Method: Lan, Liu, Zhou &amp; Yosinski, <i>LCA: Loss Change Allocation for Neural Network

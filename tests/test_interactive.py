@@ -309,3 +309,26 @@ def test_page_in_headless_chromium(tmp_path):
     row = int(np.flatnonzero(run.steps == step)[0])
     np.testing.assert_allclose(moved["bar_y"], run.layer_sums()[row], rtol=1e-5, atol=1e-8)
     assert states["first"]["visible"] != moved["visible"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None
+                    or importlib.util.find_spec("PIL") is None,
+                    reason="the static report draws with matplotlib and pillow (the demo extra)")
+@pytest.mark.parametrize("with_plotly", [True, False])
+def test_static_report_links_the_page_or_says_why(tmp_path, monkeypatch, with_plotly):
+    from lca_ext.report import build_report
+
+    if with_plotly and not HAVE_PLOTLY:
+        pytest.skip("needs plotly (the demo extra)")
+    if not with_plotly:        # as where plotly is not installed
+        monkeypatch.setattr(interactive, "missing", lambda modules: list(modules))
+    index = build_report(tracked_run(steps=4), str(tmp_path / "report"))
+    with open(index, encoding="utf-8") as f:
+        text = f.read()
+    page = tmp_path / "report" / interactive.FILE_NAME
+    assert page.exists() == with_plotly
+    if with_plotly:
+        assert f'<a href="{interactive.FILE_NAME}">' in text
+    else:
+        assert "needs plotly" in text and 'lca_ext[demo]' in text
+        assert f'href="{interactive.FILE_NAME}"' not in text
