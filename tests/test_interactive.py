@@ -290,7 +290,7 @@ def test_page_in_headless_chromium(tmp_path):
     if why:
         if os.environ.get("LCA_REQUIRE_BROWSER") == "1":     # CI: never skip silently
             pytest.fail(f"LCA_REQUIRE_BROWSER=1 but {why}")
-        pytest.skip(f"the browser check needs {why}")
+        pytest.skip(f"browser check: {why}")
     run = tracked_run(steps=12, frame_every=3)
     page = tmp_path / "page.html"
     interactive.write_interactive(run, str(page), Bounds(max_cells=100))
