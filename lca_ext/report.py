@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -17,13 +17,12 @@ PAPER = {
     "layers": "some layers hurt overall (first and last layer of ResNet)",
     "sync": "layers' peak moments of learning coincide (synchronized, p < 0.001)",
     "concentration": "learning is concentrated in few parameters",
-    "helped_gini": "helping is unequal: a few parameters do most of it (high helped Gini)",
-    "oscillation": "parameters' gradients and LCA change sign often (they oscillate)",
 }
 
 
-def headline(run: Run) -> Dict[str, object]:
-    """The numbers the report's table shows (plain data, also used by the CLI)."""
+def headline(run: Run, sync: Optional[List[Dict]] = None) -> Dict[str, object]:
+    """The numbers the report's table shows (plain data, also used by the CLI).
+    ``sync``: ``analysis.class_synchronization(run)`` if already computed."""
     g = analysis.grounding(run)
     hf = analysis.helped_fraction(run)
     lt = analysis.layer_totals(run)
@@ -45,7 +44,7 @@ def headline(run: Run) -> Dict[str, object]:
                helped_90_of_helping=hc["of_helping"], helped_90_of_all=hc["of_all"],
                **osc, **{k: v for k, v in turns.items() if k.endswith(("_mean", "stride", "frames"))})
     if run.meta.get("num_classes"):
-        sync = analysis.class_synchronization(run, permutations=500)
+        sync = sync or analysis.class_synchronization(run, permutations=500)
         out["sync_p_values"] = [s["p_value"] for s in sync]
         out["sync_observed"] = [s["observed"] for s in sync]
     if "val" in run.objectives:
@@ -85,9 +84,10 @@ def build_report(run_dir, out_dir: str) -> str:
                plots.concentration(run, out_dir), plots.gini_per_layer(run, out_dir)]
     if "val" in run.objectives:
         figures.append(plots.overfitting(run, out_dir))
-    h = headline(run)
-    if run.meta.get("num_classes"):
-        sync = analysis.class_synchronization(run, permutations=500)
+    sync = (analysis.class_synchronization(run, permutations=500)
+            if run.meta.get("num_classes") else None)
+    h = headline(run, sync)
+    if sync:
         figures += [plots.class_layers(run, out_dir), plots.synchronization(run, out_dir, sync)]
     gif = plots.first_layer_animation(run, out_dir)
     if gif:
@@ -105,7 +105,7 @@ def build_report(run_dir, out_dir: str) -> str:
          "first; hurting parameters count against)", f"{100 * h['fraction_90']:.1f}%", ""),
         ("helped Gini (over helping parameters' |total LCA|) / hurt Gini (over hurting "
          "parameters' total LCA)", f"{h['helped_gini']:.2f} / {h['hurt_gini']:.2f}",
-         PAPER["helped_gini"]),
+         PAPER["concentration"]),
         ("share of the helped total (Σ negative total LCA) from the top 1% of helping "
          "parameters", _percent(h["top1pct_helped_share"]), PAPER["concentration"]),
         ("parameters needed for 90% of the helped total: of the helping ones / of all",
@@ -123,13 +123,12 @@ def build_report(run_dir, out_dir: str) -> str:
     if "gradient_sign_changes_mean" in h:
         rows.append(("gradient turns: sign changes of a parameter's gradient between tracked "
                      "steps, mean per parameter", f"{h['gradient_sign_changes_mean']:.2f} "
-                     f"in {h['steps']} steps", PAPER["oscillation"]))
+                     f"in {h['steps']} steps", ""))
     if "lca_sign_changes_mean" in h:
         rows.append(("LCA turns (frame tensors only): sign changes of a parameter's per-step "
                      "LCA / local extrema of it, mean per element",
                      f"{h['lca_sign_changes_mean']:.2f} / {h['lca_turns_mean']:.2f} over "
-                     f"{h['frames']} frames, {h['frame_stride']} step(s) apart",
-                     PAPER["oscillation"]))
+                     f"{h['frames']} frames, {h['frame_stride']} step(s) apart", ""))
     if "sync_p_values" in h:
         p = np.array(h["sync_p_values"])
         rows.append(("classes whose layers peak together (p < 0.01)",

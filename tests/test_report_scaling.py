@@ -21,7 +21,7 @@ GPT_LIKE = (["transformer.wte", "transformer.wpe"]
 SEQUENTIAL = [str(i) for i in range(60)]
 
 
-def synthetic_run(layer_names, steps=12, classes=10, rows=8, cols=6, frames=4, seed=0):
+def synthetic_run(layer_names, steps=12, classes=4, rows=8, cols=6, frames=4, seed=0):
     """A Run of len(layer_names) layers (weight [rows, cols] + bias [rows] each),
     train and val objectives, per-class sums, state and 784-wide frames."""
     rng = np.random.default_rng(seed)
