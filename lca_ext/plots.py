@@ -388,6 +388,34 @@ def overfitting(run, out_dir: str, eval_set: str = "val") -> str:
     return _save(fig, os.path.join(out_dir, "overfitting.png"))
 
 
+def comparison(runs, labels: List[str], out_dir: str) -> str:
+    """Runs side by side: loss curves and per-layer (group) totals, grouped by
+    the first run's layer names."""
+    if len(runs) != len(labels) or not runs:
+        raise ValueError(f"lca_ext: comparison needs one label per run, got {len(runs)} "
+                         f"runs and {len(labels)} labels")
+    groups = _groups(runs[0])
+    names = groups["names"]
+    colours, mappable = _series_colours(len(runs))
+    fig, (a, b) = _figure(12, 4.2, ncols=2)
+    width = 0.8 / len(runs)
+    for i, (r, label, c) in enumerate(zip(runs, labels, colours)):
+        a.plot(r.steps, r.loss_after, color=c, label=_short(label))
+        total = analysis.group_sum(analysis.layer_totals(r)["total"], groups)
+        b.bar(np.arange(len(names)) + (i - (len(runs) - 1) / 2) * width, total, width, color=c,
+              label=_short(label))
+    a.set(xlabel="iteration", ylabel="loss (LCA set)", title="Loss")
+    b.axhline(0, color="k", lw=0.5)
+    b.set(ylabel="total LCA", title="LCA per layer" + (" group" if len(names) <
+                                                      len(runs[0].layer_names) else ""))
+    _category_ticks(fig, b, names)
+    if mappable is None:
+        _legend_outside(b)
+    else:
+        _order_colourbar(fig, b, mappable, labels, "run")
+    return _save(fig, os.path.join(out_dir, "compare.png"))
+
+
 def first_layer_animation(run, out_dir: str, max_tiles: int = 49, max_frames: int = 12,
                           percentile: float = 99.0) -> str:
     """A small animated GIF of the per-element LCA frames of the first frame

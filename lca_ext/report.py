@@ -166,27 +166,11 @@ Training</i>, NeurIPS 2019.</p>
 
 def build_comparison(run_dirs: List[str], out_dir: str) -> str:
     """Runs side by side: losses and per-layer totals in one page."""
-    import matplotlib.pyplot as plt
-
     runs = [load_run(d) for d in run_dirs]
     os.makedirs(out_dir, exist_ok=True)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / len(runs)
-    for i, (d, r) in enumerate(zip(run_dirs, runs)):
-        label = os.path.basename(os.path.dirname(os.path.abspath(d))) or d
-        a.plot(r.steps, r.loss_after, label=label)
-        lt = analysis.layer_totals(r)
-        b.bar(np.arange(len(lt["names"])) + i * width, lt["total"], width, label=label)
-    a.set(xlabel="iteration", ylabel="loss (LCA set)", title="Loss")
-    a.legend(fontsize=8)
+    labels = [os.path.basename(os.path.dirname(os.path.abspath(d))) or d for d in run_dirs]
+    plots.comparison(runs, labels, out_dir)
     names = analysis.layer_totals(runs[0])["names"]
-    b.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45)
-    b.axhline(0, color="k", lw=0.5)
-    b.set(ylabel="total LCA", title="LCA per layer")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
-    plt.close(fig)
     rows = "\n".join(
         f"<tr><td>{html.escape(d)}</td><td>{r.loss_after[-1]:.4f}</td>"
         + "".join(f"<td>{v:+.4f}</td>" for v in analysis.layer_totals(r)["total"]) + "</tr>"

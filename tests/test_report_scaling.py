@@ -274,3 +274,13 @@ def test_tensorboard_logs_frame_images_per_step(tmp_path):
         assert img[np.unravel_index(np.argmin(lca), lca.shape)][1] > 100
     frames = run.frames["0"]
     assert (frames < 0).any() and (frames > 0).any()           # both colours were checked
+
+
+def test_comparison_of_sixty_layer_runs_is_legible(tmp_path, checked_figures):
+    from lca_ext import plots
+
+    runs = [synthetic_run(GPT_LIKE, seed=s) for s in range(2)]
+    plots.comparison(runs, ["lca_demo_runs/fc-seed0-long-name", "seed1"], str(tmp_path))
+    assert set(checked_figures) == {"compare.png"}
+    with pytest.raises(ValueError, match="one label per run"):
+        plots.comparison(runs, ["only one"], str(tmp_path))
