@@ -187,16 +187,17 @@ def page_data(run: Run, bounds: Bounds) -> PageData:
 # the figure (plotly)
 
 def _layout_rows(data: PageData) -> Tuple[list, list, list]:
-    """make_subplots specs, row heights and titles: one full-width row per frame
-    tensor, then loss | grounding, then layers | class x layer."""
+    """make_subplots specs, row heights in pixels and titles: one full-width row
+    per frame tensor (a one-row tensor, e.g. a bias, gets a thin one), then
+    loss | grounding, then layers | class x layer."""
     specs, heights, titles = [], [], []
-    for name, side in zip(data.tensors, data.sides):
+    for name, side, per_frame in zip(data.tensors, data.sides, data.frames):
         specs.append([{"colspan": 2}, None])
-        heights.append(2.0)
+        heights.append(420 if per_frame[0].shape[0] > 1 else 170)
         pooled = f" (cells: sums of {side}x{side} parameters)" if side > 1 else ""
         titles += [f"LCA per parameter of {name}{pooled}"]
     specs.append([{}, {}])
-    heights.append(1.0)
+    heights.append(300)
     titles += ["loss (LCA set)", "|ΣLCA − ΔL| per step"]
     if data.class_rows:
         specs.append([{}, {}])
@@ -204,7 +205,7 @@ def _layout_rows(data: PageData) -> Tuple[list, list, list]:
     else:
         specs.append([{"colspan": 2}, None])
         titles += ["LCA per layer"]
-    heights.append(1.3)
+    heights.append(330 + 8 * max(len(data.class_rows) - 10, 0))
     return specs, heights, titles
 
 
@@ -243,7 +244,9 @@ def build_figure(run: Run, bounds: Bounds = Bounds()):
     for i, trace in enumerate(_frame_traces(go, data)):
         fig.add_trace(trace, row=1 + i // len(data.frame_steps), col=1)
     for t in range(nt):
-        fig.update_yaxes(autorange="reversed", title_text="row (dim 0)", row=t + 1, col=1)
+        one_row = data.frames[t][0].shape[0] == 1
+        fig.update_yaxes(autorange="reversed", title_text="" if one_row else "row (dim 0)",
+                         showticklabels=not one_row, row=t + 1, col=1)
         fig.update_xaxes(title_text="column (other dims flattened)", row=t + 1, col=1)
     heat_ids = list(range(len(fig.data)))
 
@@ -288,7 +291,7 @@ def build_figure(run: Run, bounds: Bounds = Bounds()):
         fig.update_yaxes(autorange="reversed", row=r, col=2)
     fig.frames = [_step_frame(go, data, j, heat_ids, loss_marker, err_marker, bar_id, class_id,
                               loss, err) for j in range(len(data.steps))]
-    _layout(fig, data, lim, nt)
+    _layout(fig, data, lim, nt, heights)
     return fig
 
 
@@ -310,19 +313,22 @@ def _step_frame(go, data: PageData, j: int, heat_ids, loss_marker, err_marker, b
     return go.Frame(name=str(step), data=traces, traces=ids)
 
 
-def _layout(fig, data: PageData, lim: float, nt: int) -> None:
-    n_rows = nt + 2
-    frame_domain = fig.layout.yaxis.domain if nt else (0, 1)
+def _layout(fig, data: PageData, lim: float, nt: int, heights: List[int]) -> None:
+    # colour bars beside what they colour: all frame rows, and the class panel
+    frame_domain = ((fig.get_subplot(nt, 1).yaxis.domain[0], fig.get_subplot(1, 1).yaxis.domain[1])
+                    if nt else (0, 1))
+    class_domain = fig.get_subplot(nt + 2, 2).yaxis.domain if data.class_rows else (0, 1)
     class_lim = float(np.abs(data.class_lca).max(initial=0.0)) or 1.0
     fig.update_layout(
-        height=420 * nt + 330 * 2 + 160, template="plotly_white",
+        height=int(sum(heights) * 1.25) + 190, template="plotly_white",
         margin=dict(t=130, b=60, l=70, r=40),
         showlegend=False,   # every panel is titled; a legend would sit on the slider
         coloraxis=dict(colorscale=COLORSCALE, cmin=-lim, cmax=lim,
                        colorbar=dict(title="LCA", len=frame_domain[1] - frame_domain[0],
                                      y=frame_domain[0], yanchor="bottom")),
         coloraxis2=dict(colorscale=COLORSCALE, cmin=-class_lim, cmax=class_lim,
-                        colorbar=dict(title="LCA", len=1.0 / n_rows, y=0, yanchor="bottom")),
+                        colorbar=dict(title="LCA", len=class_domain[1] - class_domain[0],
+                                      y=class_domain[0], yanchor="bottom")),
         sliders=[dict(active=0, y=1.0, yanchor="bottom", x=0.08, len=0.92, pad=dict(t=0, b=45),
                       currentvalue=dict(prefix="step ", font=dict(size=15)),
                       ticklen=2, font=dict(size=9),

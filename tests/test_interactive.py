@@ -332,3 +332,27 @@ def test_static_report_links_the_page_or_says_why(tmp_path, monkeypatch, with_pl
     else:
         assert "needs plotly" in text and 'lca_ext[demo]' in text
         assert f'href="{interactive.FILE_NAME}"' not in text
+
+
+@needs_plotly
+@pytest.mark.parametrize("frames", ["none", "bias"])
+def test_page_without_classes_and_with_few_or_no_frames(tmp_path, frames):
+    run = big_run(steps=7, frames=3, shape=(5, 6), layers=4, classes=2)
+    run.meta["num_classes"] = None
+    del run.arrays["train/class_sums"]
+    if frames == "none":
+        run.frames = {}
+    else:                       # a 1-D tensor: one row of cells
+        run.frames = {"1": np.arange(3 * 6, dtype=np.float32).reshape(3, 6),
+                      "step": np.array([0, 3, 6])}
+    page = write_page(run, tmp_path / "p.html")
+    data, layout, frames_ = embedded(page)
+    assert len(frames_) == len(layout["sliders"][0]["steps"]) == 7
+    heat = [t for t in data if t["type"] == "heatmap"]
+    assert not any(t.get("coloraxis") == "coloraxis2" for t in heat)
+    if frames == "none":
+        assert not heat and "stored no per-parameter frames" in page
+    else:
+        assert len(heat) == 3
+        np.testing.assert_array_equal(decode(heat[1]["z"]), run.frames["1"][1].reshape(1, 6))
+        assert [int(f["name"]) for f in frames_ if f["data"][2]["visible"]] == [6]
