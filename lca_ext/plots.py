@@ -83,7 +83,13 @@ def _fit_ticklabels(fig, axis, rotate: bool = True) -> None:
         fig.canvas.draw()
     every = 1
     while _overlapping(_shown(axis), renderer) and every < len(labels):
+        # the smallest stride whose labels clear each other at today's layout;
+        # one redraw checks it (hiding labels can shift a constrained layout)
+        boxes = [t.get_window_extent(renderer) for t in labels]
         every += 1
+        while every < len(labels) and any(
+                a.overlaps(b) for a, b in zip(boxes[::every], boxes[every::every])):
+            every += 1
         for i, t in enumerate(labels):
             t.set_visible(i % every == 0)
         fig.canvas.draw()
