@@ -236,8 +236,10 @@ def build_figure(run: Run, bounds: Bounds = Bounds()):
 
     data = page_data(run, bounds)
     specs, heights, titles = _layout_rows(data)
+    # pixels: the rows, 100 between rows (titles, axis labels), margins 130 + 60
+    height = sum(heights) + 100 * (len(heights) - 1) + 190
     fig = make_subplots(rows=len(specs), cols=2, specs=specs, row_heights=heights,
-                        subplot_titles=titles, vertical_spacing=0.35 / len(specs),
+                        subplot_titles=titles, vertical_spacing=100 / (height - 190),
                         horizontal_spacing=0.08)
     nt = len(data.tensors)
     lim = symmetric_limit([z for per in data.frames for z in per])
@@ -291,7 +293,7 @@ def build_figure(run: Run, bounds: Bounds = Bounds()):
         fig.update_yaxes(autorange="reversed", row=r, col=2)
     fig.frames = [_step_frame(go, data, j, heat_ids, loss_marker, err_marker, bar_id, class_id,
                               loss, err) for j in range(len(data.steps))]
-    _layout(fig, data, lim, nt, heights)
+    _layout(fig, data, lim, nt, height)
     return fig
 
 
@@ -313,14 +315,14 @@ def _step_frame(go, data: PageData, j: int, heat_ids, loss_marker, err_marker, b
     return go.Frame(name=str(step), data=traces, traces=ids)
 
 
-def _layout(fig, data: PageData, lim: float, nt: int, heights: List[int]) -> None:
+def _layout(fig, data: PageData, lim: float, nt: int, height: int) -> None:
     # colour bars beside what they colour: all frame rows, and the class panel
     frame_domain = ((fig.get_subplot(nt, 1).yaxis.domain[0], fig.get_subplot(1, 1).yaxis.domain[1])
                     if nt else (0, 1))
     class_domain = fig.get_subplot(nt + 2, 2).yaxis.domain if data.class_rows else (0, 1)
     class_lim = float(np.abs(data.class_lca).max(initial=0.0)) or 1.0
     fig.update_layout(
-        height=int(sum(heights) * 1.25) + 190, template="plotly_white",
+        height=height, template="plotly_white",
         margin=dict(t=130, b=60, l=70, r=40),
         showlegend=False,   # every panel is titled; a legend would sit on the slider
         coloraxis=dict(colorscale=COLORSCALE, cmin=-lim, cmax=lim,

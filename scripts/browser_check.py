@@ -152,7 +152,11 @@ def check(page: str, screenshot: str = "", width: int = 1400, height: int = 1600
         # a mid-run step for the picture
         _click_slider(driver, 0.6)
         shot = _settled(driver, played["active"])
-        if screenshot:
+        if screenshot:       # the whole page: the window made as tall as the document
+            tall = driver.execute_script("return document.documentElement.scrollHeight"
+                                         " + window.outerHeight - window.innerHeight;")
+            driver.set_window_size(width, max(height, int(tall) + 20))
+            time.sleep(1.0)
             driver.save_screenshot(screenshot)
         errors = _errors(driver)
         assert not errors, f"JavaScript errors: {errors}"
