@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import os
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -231,10 +231,13 @@ def _bar_colors(values: np.ndarray) -> List[str]:
 def build_figure(run: Run, bounds: Bounds = Bounds()):
     """The plotly Figure of the interactive page."""
     require("the interactive report", ["plotly"])
+    return _figure(run, page_data(run, bounds))
+
+
+def _figure(run: Run, data: PageData):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    data = page_data(run, bounds)
     specs, heights, titles = _layout_rows(data)
     # pixels: the rows, 100 between rows (titles, axis labels), margins 130 + 60
     height = sum(heights) + 100 * (len(heights) - 1) + 190
@@ -242,63 +245,75 @@ def build_figure(run: Run, bounds: Bounds = Bounds()):
                         subplot_titles=titles, vertical_spacing=100 / (height - 190),
                         horizontal_spacing=0.08)
     nt = len(data.tensors)
+    heat_ids = _add_frames(fig, go, data)
+    markers = _add_curves(fig, go, run, data, row=nt + 1)
+    bar_id, class_id = _add_layers(fig, go, data, row=nt + 2)
+    fig.frames = [_step_frame(go, data, j, heat_ids, markers, bar_id, class_id,
+                              run.loss_after, run.error) for j in range(len(data.steps))]
     lim = symmetric_limit([z for per in data.frames for z in per])
-    for i, trace in enumerate(_frame_traces(go, data)):
-        fig.add_trace(trace, row=1 + i // len(data.frame_steps), col=1)
-    for t in range(nt):
-        one_row = data.frames[t][0].shape[0] == 1
-        fig.update_yaxes(autorange="reversed", title_text="" if one_row else "row (dim 0)",
-                         showticklabels=not one_row, row=t + 1, col=1)
-        fig.update_xaxes(title_text="column (other dims flattened)", row=t + 1, col=1)
-    heat_ids = list(range(len(fig.data)))
-
-    # curves with a marker that follows the slider
-    r = nt + 1
-    loss, err = run.loss_after, run.error
-    s0, row0 = data.steps[0], data.step_rows[0]
-    fig.add_trace(go.Scatter(x=run.steps, y=loss.astype(np.float32), mode="lines",
-                             name="loss after step", line=dict(color="#444")), row=r, col=1)
-    loss_marker = len(fig.data)
-    fig.add_trace(go.Scatter(x=[s0], y=[float(loss[row0])], mode="markers", name="this step",
-                             marker=dict(size=11, color="#ff7f0e")), row=r, col=1)
-    fig.add_trace(go.Scatter(x=run.steps, y=err.astype(np.float32), mode="lines",
-                             name="|ΣLCA − ΔL|", line=dict(color="#1f77b4")), row=r, col=2)
-    bad = ~run.grounded()
-    if bad.any():
-        fig.add_trace(go.Scatter(x=run.steps[bad], y=err[bad], mode="markers",
-                                 name="outside tolerance", marker=dict(symbol="x", color="red")),
-                      row=r, col=2)
-    err_marker = len(fig.data)
-    fig.add_trace(go.Scatter(x=[s0], y=[float(err[row0])], mode="markers", name="this step",
-                             showlegend=False, marker=dict(size=11, color="#ff7f0e")), row=r, col=2)
-    fig.update_xaxes(title_text="step", row=r)
-    if np.all(err > 0):
-        fig.update_yaxes(type="log", row=r, col=2)
-
-    # per layer, per class and layer
-    r += 1
-    bar_id = len(fig.data)
-    fig.add_trace(go.Bar(x=data.groups, y=data.layer_lca[0], marker_color=_bar_colors(data.layer_lca[0]),
-                         name="LCA per layer", showlegend=False,
-                         hovertemplate="%{x}<br>LCA %{y:.4g}<extra></extra>"), row=r, col=1)
-    span = np.abs(data.layer_lca).max(initial=0.0) * 1.05 or 1.0
-    fig.update_yaxes(range=[-span, span], title_text="LCA (−: helped)", row=r, col=1)
-    class_id = None
-    if data.class_rows:
-        class_id = len(fig.data)
-        fig.add_trace(go.Heatmap(z=data.class_lca[0], x=data.groups, y=data.class_rows,
-                                 coloraxis="coloraxis2",
-                                 hovertemplate="%{y}, %{x}<br>LCA %{z:.4g}<extra></extra>"),
-                      row=r, col=2)
-        fig.update_yaxes(autorange="reversed", row=r, col=2)
-    fig.frames = [_step_frame(go, data, j, heat_ids, loss_marker, err_marker, bar_id, class_id,
-                              loss, err) for j in range(len(data.steps))]
     _layout(fig, data, lim, nt, height)
     return fig
 
 
-def _step_frame(go, data: PageData, j: int, heat_ids, loss_marker, err_marker, bar_id,
-                class_id, loss, err):
+def _add_frames(fig, go, data: PageData) -> List[int]:
+    """One heatmap per tensor and kept frame (only the current one visible: a
+    slider step flips visibility instead of re-sending the frame's cells)."""
+    for i, trace in enumerate(_frame_traces(go, data)):
+        fig.add_trace(trace, row=1 + i // len(data.frame_steps), col=1)
+    for t in range(len(data.tensors)):
+        one_row = data.frames[t][0].shape[0] == 1
+        fig.update_yaxes(autorange="reversed", title_text="" if one_row else "row (dim 0)",
+                         showticklabels=not one_row, row=t + 1, col=1)
+        fig.update_xaxes(title_text="column (other dims flattened)", row=t + 1, col=1)
+    return list(range(len(fig.data)))
+
+
+def _add_curves(fig, go, run: Run, data: PageData, row: int) -> List[int]:
+    """The loss and |ΣLCA − ΔL| curves, each with a marker that follows the
+    slider; returns the markers' trace indices."""
+    loss, err = run.loss_after, run.error
+    s0, row0 = data.steps[0], data.step_rows[0]
+    markers = []
+    for col, values, name, color in ((1, loss, "loss after step", "#444"),
+                                     (2, err, "|ΣLCA − ΔL|", "#1f77b4")):
+        fig.add_trace(go.Scatter(x=run.steps, y=values.astype(np.float32), mode="lines",
+                                 name=name, line=dict(color=color)), row=row, col=col)
+        if col == 2 and not run.grounded().all():
+            bad = ~run.grounded()
+            fig.add_trace(go.Scatter(x=run.steps[bad], y=err[bad].astype(np.float32),
+                                     mode="markers", name="outside tolerance",
+                                     marker=dict(symbol="x", color="red")), row=row, col=col)
+        markers.append(len(fig.data))
+        fig.add_trace(go.Scatter(x=[s0], y=[float(values[row0])], mode="markers",
+                                 name="this step", marker=dict(size=11, color="#ff7f0e")),
+                      row=row, col=col)
+    fig.update_xaxes(title_text="step", row=row)
+    if np.all(err > 0):
+        fig.update_yaxes(type="log", row=row, col=2)
+    return markers
+
+
+def _add_layers(fig, go, data: PageData, row: int) -> Tuple[int, Optional[int]]:
+    """The per-layer bars and the class x layer heatmap of the first step;
+    returns their trace indices (None without classes)."""
+    bar_id = len(fig.data)
+    fig.add_trace(go.Bar(x=data.groups, y=data.layer_lca[0],
+                         marker_color=_bar_colors(data.layer_lca[0]), name="LCA per layer",
+                         hovertemplate="%{x}<br>LCA %{y:.4g}<extra></extra>"), row=row, col=1)
+    # a fixed range: bars of different steps compare by height
+    span = np.abs(data.layer_lca).max(initial=0.0) * 1.05 or 1.0
+    fig.update_yaxes(range=[-span, span], title_text="LCA (−: helped)", row=row, col=1)
+    if not data.class_rows:
+        return bar_id, None
+    fig.add_trace(go.Heatmap(z=data.class_lca[0], x=data.groups, y=data.class_rows,
+                             coloraxis="coloraxis2",
+                             hovertemplate="%{y}, %{x}<br>LCA %{z:.4g}<extra></extra>"),
+                  row=row, col=2)
+    fig.update_yaxes(autorange="reversed", row=row, col=2)
+    return bar_id, bar_id + 1
+
+
+def _step_frame(go, data: PageData, j: int, heat_ids, markers, bar_id, class_id, loss, err):
     """The plotly frame of slider step j: which pooled frame is visible, the
     markers, the per-layer bars and the class x layer heatmap."""
     shown = data.shown_frame[j]
@@ -308,7 +323,7 @@ def _step_frame(go, data: PageData, j: int, heat_ids, loss_marker, err_marker, b
     traces += [go.Scatter(x=[step], y=[float(loss[row])]),
                go.Scatter(x=[step], y=[float(err[row])]),
                go.Bar(y=data.layer_lca[j], marker_color=_bar_colors(data.layer_lca[j]))]
-    ids = heat_ids + [loss_marker, err_marker, bar_id]
+    ids = heat_ids + markers + [bar_id]
     if class_id is not None:
         traces.append(go.Heatmap(z=data.class_lca[j]))
         ids.append(class_id)
@@ -351,7 +366,7 @@ def _layout(fig, data: PageData, lim: float, nt: int, height: int) -> None:
 # ---------------------------------------------------------------------------
 # the page
 
-def _notes(run: Run, data: PageData, bounds: Bounds) -> str:
+def _notes(run: Run, data: PageData) -> str:
     pooled = [f"{n}: {s}x{s} blocks" for n, s in zip(data.tensors, data.sides) if s > 1]
     parts = [
         "Drag the slider or press play: every panel shows the selected step. Negative LCA "
@@ -396,7 +411,8 @@ def write_interactive(run: Union[Run, str], path: str, bounds: Bounds = Bounds()
     if not isinstance(bounds, Bounds):
         raise TypeError(f"lca_ext.write_interactive: bounds must be a Bounds, got "
                         f"{type(bounds).__name__}")
-    fig = build_figure(run, bounds)
+    data = page_data(run, bounds)
+    fig = _figure(run, data)
     div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="lca-interactive",
                       auto_play=False, config=dict(displaylogo=False, responsive=True))
     page = f"""<!doctype html>
@@ -405,7 +421,7 @@ def write_interactive(run: Union[Run, str], path: str, bounds: Bounds = Bounds()
 p{{margin:.4em 0;font-size:14px}}</style>
 <script>{_QUIET_INTERRUPTED}</script></head><body>
 <h1>Loss Change Allocation, step by step</h1>
-{_notes(run, page_data(run, bounds), bounds)}
+{_notes(run, data)}
 {div}
 </body></html>
 """

@@ -57,7 +57,7 @@ def missing_browser() -> str:
         if not (os.path.exists(path) or shutil.which(path)):
             return f"{what} not found at {path} (Debian: apt-get install chromium chromium-driver)"
     try:
-        import selenium  # noqa: F401
+        import selenium  # noqa: F401  (only whether it is installed)
     except ImportError:
         return "selenium is not installed (pip install selenium; it is in requirements-dev.txt)"
     return ""
