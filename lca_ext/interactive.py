@@ -38,7 +38,8 @@ class Bounds:
     max_cells    heatmap cells per frame, over all frame tensors together;
                  bigger tensors are pooled by summing square blocks
     max_tensors  frame tensors shown (the first ones)
-    max_layers   per-layer columns; more layers are grouped by name prefix
+    max_layers   per-layer columns; more layers are grouped by block, as the
+                 static report groups them (lca_ext.analysis.layer_groups)
     max_classes  class rows; more classes keep the biggest |LCA| and sum the rest
     """
     max_steps: int = 200
@@ -210,17 +211,18 @@ def _layout_rows(data: PageData) -> Tuple[list, list, list]:
 
 
 def _frame_traces(go, data: PageData) -> List:
+    """Heatmaps of every tensor's kept frames, tensor by tensor; each is named
+    "<tensor> @ <frame step>" (the browser check reads the visible one's name)."""
     traces = []
-    for t, per_frame in enumerate(data.frames):
+    for name, side, per_frame in zip(data.tensors, data.sides, data.frames):
+        block = f" (block of {side}x{side})" if side > 1 else ""
         for f, z in enumerate(per_frame):
-            side = data.sides[t]
+            step = int(data.frame_steps[f])
             traces.append(go.Heatmap(
                 z=z, x0=0, dx=side, y0=0, dy=side, coloraxis="coloraxis",
-                visible=bool(f == data.shown_frame[0]), name=f"{data.tensors[t]} @ {data.frame_steps[f]}",
-                hovertemplate=(f"{html.escape(data.tensors[t])}, frame of step "
-                               f"{int(data.frame_steps[f])}<br>row %{{y}}, col %{{x}}"
-                               + (f" (block of {side}x{side})" if side > 1 else "")
-                               + "<br>LCA %{z:.3g}<extra></extra>")))
+                visible=bool(f == data.shown_frame[0]), name=f"{name} @ {step}",
+                hovertemplate=(f"{html.escape(name)}, frame of step {step}<br>"
+                               f"row %{{y}}, col %{{x}}{block}<br>LCA %{{z:.3g}}<extra></extra>")))
     return traces
 
 
@@ -332,8 +334,8 @@ def _step_frame(go, data: PageData, j: int, heat_ids, markers, bar_id, class_id,
 
 def _layout(fig, data: PageData, lim: float, nt: int, height: int) -> None:
     # colour bars beside what they colour: all frame rows, and the class panel
-    frame_domain = ((fig.get_subplot(nt, 1).yaxis.domain[0], fig.get_subplot(1, 1).yaxis.domain[1])
-                    if nt else (0, 1))
+    frame_domain = ((fig.get_subplot(nt, 1).yaxis.domain[0],
+                     fig.get_subplot(1, 1).yaxis.domain[1]) if nt else (0, 1))
     class_domain = fig.get_subplot(nt + 2, 2).yaxis.domain if data.class_rows else (0, 1)
     class_lim = float(np.abs(data.class_lca).max(initial=0.0)) or 1.0
     fig.update_layout(
@@ -346,21 +348,25 @@ def _layout(fig, data: PageData, lim: float, nt: int, height: int) -> None:
         coloraxis2=dict(colorscale=COLORSCALE, cmin=-class_lim, cmax=class_lim,
                         colorbar=dict(title="LCA", len=class_domain[1] - class_domain[0],
                                       y=class_domain[0], yanchor="bottom")),
-        sliders=[dict(active=0, y=1.0, yanchor="bottom", x=0.08, len=0.92, pad=dict(t=0, b=45),
-                      currentvalue=dict(prefix="step ", font=dict(size=15)),
+        sliders=[dict(active=0, y=1.0, yanchor="bottom", x=0.08, len=0.92,
+                      pad=dict(t=0, b=45), currentvalue=dict(prefix="step ", font=dict(size=15)),
                       ticklen=2, font=dict(size=9),
                       steps=[dict(method="animate", label=str(int(s)),
-                                  args=[[str(int(s))], dict(mode="immediate", transition=dict(duration=0),
-                                                            frame=dict(duration=0, redraw=True))])
+                                  args=[[str(int(s))], _animation(0, redraw=True)])
                              for s in data.steps])],
         updatemenus=[dict(type="buttons", direction="left", x=0, y=1.0, yanchor="bottom",
                           xanchor="left", pad=dict(t=0, b=50, r=10),
                           buttons=[dict(label="▶ play", method="animate",
-                                        args=[None, dict(fromcurrent=True, transition=dict(duration=0),
-                                                         frame=dict(duration=250, redraw=True))]),
+                                        args=[None, dict(_animation(250, redraw=True),
+                                                         fromcurrent=True)]),
                                    dict(label="❚❚", method="animate",
-                                        args=[[None], dict(mode="immediate", transition=dict(duration=0),
-                                                           frame=dict(duration=0, redraw=False))])])])
+                                        args=[[None], _animation(0, redraw=False)])])])
+
+
+def _animation(frame_ms: int, redraw: bool) -> dict:
+    """Plotly.animate options: no tweening (heatmaps cannot tween), jump at once."""
+    return dict(mode="immediate", transition=dict(duration=0),
+                frame=dict(duration=frame_ms, redraw=redraw))
 
 
 # ---------------------------------------------------------------------------
@@ -406,6 +412,9 @@ def write_interactive(run: Union[Run, str], path: str, bounds: Bounds = Bounds()
     require("the interactive report", ["plotly"])
     if isinstance(run, str):
         run = load_run(run)
+    if not isinstance(run, Run):
+        raise TypeError(f"lca_ext.write_interactive: run must be a Run or a run directory, "
+                        f"got {type(run).__name__}")
     if len(run) < 1:
         raise ValueError("lca_ext.write_interactive: run has no tracked steps")
     if not isinstance(bounds, Bounds):

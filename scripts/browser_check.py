@@ -10,6 +10,7 @@ Used by tests/test_interactive.py."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -56,9 +57,7 @@ def missing_browser() -> str:
     for path, what in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromedriver")):
         if not (os.path.exists(path) or shutil.which(path)):
             return f"{what} not found at {path} (Debian: apt-get install chromium chromium-driver)"
-    try:
-        import selenium  # noqa: F401  (only whether it is installed)
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install selenium; it is in requirements-dev.txt)"
     return ""
 

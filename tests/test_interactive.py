@@ -39,7 +39,8 @@ def test_pool_frame_ragged_blocks_by_loops():
     assert got.shape == (4, 3)
     for i in range(4):
         for j in range(3):
-            assert got[i, j] == pytest.approx(raw[3 * i:3 * i + 3, 3 * j:3 * j + 3].sum(), abs=1e-12)
+            block = raw[3 * i:3 * i + 3, 3 * j:3 * j + 3]
+            assert got[i, j] == pytest.approx(block.sum(), abs=1e-12)
     assert got.sum() == pytest.approx(raw.sum())            # LCA is additive
     np.testing.assert_allclose(interactive.pool_frame(np.arange(5.0), 2), [[1.0, 5.0, 4.0]])
 
@@ -66,7 +67,8 @@ def test_group_layers_gpt2_blocks_and_flat_runs():
     groups, of = interactive.group_layers(flat, 8)
     assert len(groups) <= 8 and np.all(np.diff(of) >= 0)       # consecutive runs
     values = np.random.default_rng(2).normal(size=(3, 50))
-    np.testing.assert_allclose(interactive.sum_groups(values, of, len(groups)).sum(1), values.sum(1))
+    grouped = interactive.sum_groups(values, of, len(groups))
+    np.testing.assert_allclose(grouped.sum(1), values.sum(1))
     groups, of = interactive.group_layers(["a", "b"], 2)
     assert groups == ["a", "b"] and of.tolist() == [0, 1]
 
@@ -249,6 +251,8 @@ def test_big_run_is_bounded(tmp_path):
 
 @needs_plotly
 def test_write_interactive_rejects_bad_input(tmp_path):
+    with pytest.raises(TypeError, match="run must be a Run"):
+        interactive.write_interactive(42, str(tmp_path / "x.html"))
     with pytest.raises(TypeError, match="bounds"):
         interactive.write_interactive(big_run(steps=3, frames=2, shape=(4, 4), layers=2,
                                               classes=2), str(tmp_path / "x.html"), bounds=5)
@@ -265,7 +269,8 @@ def test_report_link_without_plotly_is_a_note(tmp_path, monkeypatch):
 def test_write_interactive_without_plotly_names_the_extra(tmp_path, monkeypatch):
     import importlib.util as iu
     real = iu.find_spec
-    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "plotly" else real(name, *a))
+    monkeypatch.setattr(iu, "find_spec",
+                        lambda name, *a: None if name == "plotly" else real(name, *a))
     with pytest.raises(ImportError, match=r'plotly.*lca_ext\[demo\]'):
         interactive.write_interactive(big_run(steps=3, frames=2, shape=(4, 4), layers=2,
                                               classes=2), str(tmp_path / "x.html"))
