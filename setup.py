@@ -94,8 +94,9 @@ def extension():
 
 
 EXTRAS = {
-    # the demo, its report and figures, progress bars, TensorBoard logging
-    "demo": ["mlxtend", "matplotlib", "pillow", "tqdm", "tensorboard"],
+    # the demo, its report and figures, progress bars, TensorBoard logging, the
+    # report's interactive page (plotly >= 6 embeds arrays as base64 typed arrays)
+    "demo": ["mlxtend", "matplotlib", "pillow", "tqdm", "tensorboard", "plotly>=6"],
     "lightning": ["lightning>=2.0"],
     # the GPT-2 benchmarks (benchmarks/); Trainer needs accelerate
     "transformers": ["transformers", "accelerate>=1.1"],

@@ -2,8 +2,8 @@
 
 A minimal install (torch, numpy, zarr) runs the ops, the tracker, the run store,
 the analyses, offline LCA and every command that neither draws nor shows
-progress; drawing, the demo's data, progress bars, TensorBoard and the framework
-integrations need an extra."""
+progress; drawing, the demo's data, progress bars, TensorBoard, the interactive page
+(plotly) and the framework integrations need an extra."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,6 +16,7 @@ OPTIONAL = {
     "mlxtend": ("mlxtend", "demo"),
     "tqdm": ("tqdm", "demo"),
     "tensorboard": ("tensorboard", "demo"),
+    "plotly": ("plotly", "demo"),
     "lightning": ("lightning", "lightning"),
     "transformers": ("transformers", "transformers"),
 }

@@ -225,3 +225,214 @@ def overfitting(run, eval_set: str = "val") -> Dict[str, object]:
     neurons = np.flatnonzero((train_r < 0) & (val_r > 0))
     return dict(layers=layers, neurons=neurons, neuron_fraction=neurons.size / max(train_r.size, 1),
                 train_layer_totals=train_l, val_layer_totals=val_l)
+
+
+# -- the original authors' concentration and oscillation measures -------------------------
+
+def _totals(run) -> np.ndarray:
+    """Every parameter's total LCA over the run (state "cum_lca"), flattened."""
+    if "cum_lca" not in run.state:
+        raise KeyError("lca_ext: this run has no per-parameter state 'cum_lca' (track "
+                       "with a store, or call tracker.result())")
+    return np.concatenate([c.ravel() for c in run.state["cum_lca"]]).astype(np.float64)
+
+
+def _layer_slices(run) -> List[np.ndarray]:
+    """Per layer, the indices of its parameters in the flattened state order."""
+    sizes = [int(np.prod(run.meta["shapes"][k])) for k in range(len(run.layer_of))]
+    starts = np.r_[0, np.cumsum(sizes)]
+    out = [[] for _ in run.layer_names]
+    for k, layer in enumerate(run.layer_of):
+        out[layer].append(np.arange(starts[k], starts[k + 1]))
+    return [np.concatenate(s) if s else np.zeros(0, dtype=np.int64) for s in out]
+
+
+def helped_hurt_gini(values: np.ndarray) -> Dict[str, float]:
+    """Gini of the helping and of the hurting parameters, separately (as in the
+    paper's code).  ``values``: total LCA per parameter.
+
+    helped: ``gini(−v)`` over the v < 0 (how unequally the helping is shared);
+    hurt:   ``gini(v)``  over the v > 0 (how unequally the hurting is shared);
+    zeros belong to neither.  ``gini`` of an empty set is 0."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    return dict(helped=gini(-v[v < 0]), hurt=gini(v[v > 0]),
+                hurt_fraction=float((v > 0).mean()) if v.size else float("nan"))
+
+
+def top_helpers_share(values: np.ndarray, top: float = 0.01) -> float:
+    """Share of the total helped contributed by the top ``top`` of the helping
+    parameters.  With H = {v < 0} (n = |H|) and k = ceil(top · n): the sum of the
+    k most negative v divided by the sum of all of H.  NaN when nothing helped."""
+    if not 0 < top <= 1:
+        raise ValueError(f"lca_ext: top must be in (0, 1], got {top}")
+    helped = np.sort(-np.asarray(values, dtype=np.float64).ravel())[::-1]
+    helped = helped[helped > 0]
+    if helped.size == 0:
+        return float("nan")
+    k = int(np.ceil(top * helped.size))
+    return float(helped[:k].sum() / helped.sum())
+
+
+def helpers_needed(values: np.ndarray, share: float = 0.9) -> Dict[str, float]:
+    """How few parameters carry ``share`` of the *helped* total (the paper's
+    definition; compare ``concentration``, which uses net learning).
+
+    With the helping parameters' |v| sorted largest first, k is the smallest count
+    whose sum reaches ``share`` × Σ|v|.  ``of_helping`` = k / (number helping), the
+    paper code's denominator; ``of_all`` = k / (all parameters).  NaN when
+    nothing helped."""
+    if not 0 < share <= 1:
+        raise ValueError(f"lca_ext: share must be in (0, 1], got {share}")
+    v = np.asarray(values, dtype=np.float64).ravel()
+    helped = np.sort(-v[v < 0])[::-1]
+    if helped.size == 0:
+        return dict(of_helping=float("nan"), of_all=float("nan"), count=0)
+    # the tolerance keeps share = 1 from missing the last element to rounding
+    reach = share * helped.sum() * (1 - 1e-12)
+    k = int(np.searchsorted(np.cumsum(helped), reach) + 1)
+    k = min(k, helped.size)
+    return dict(of_helping=k / helped.size, of_all=k / v.size, count=k)
+
+
+def helped_concentration(run, share: float = 0.9, top: float = 0.01) -> Dict[str, object]:
+    """The paper code's concentration measures of the run's total LCA per
+    parameter, overall and per layer: ``helped_hurt_gini``,
+    ``top_helpers_share(top)`` and ``helpers_needed(share)``.  Per-layer entries
+    are arrays in ``run.layer_names`` order."""
+    total = _totals(run)
+    out = dict(helpers_needed(total, share), **helped_hurt_gini(total),
+               top_share=top_helpers_share(total, top), share=share, top=top)
+    per = [np.take(total, idx) for idx in _layer_slices(run)]
+    g = [helped_hurt_gini(p) for p in per]
+    out["per_layer"] = dict(
+        names=list(run.layer_names),
+        helped_gini=np.array([x["helped"] for x in g]),
+        hurt_gini=np.array([x["hurt"] for x in g]),
+        top_share=np.array([top_helpers_share(p, top) for p in per]),
+        of_helping=np.array([helpers_needed(p, share)["of_helping"] for p in per]))
+    return out
+
+
+def _sign_flips(x: np.ndarray) -> np.ndarray:
+    """Per element, the number of adjacent pairs along axis 0 with opposite
+    signs (a product < 0; a zero breaks the pair, as in the paper's code)."""
+    return (x[:-1] * x[1:] < 0).sum(axis=0)
+
+
+def turns(run) -> Dict[str, object]:
+    """Oscillation counts per parameter, from what a run stores.
+
+    gradient_sign_changes  state "grad_sign_changes": how often the sign of the
+        parameter's whole-LCA-set gradient at θ_t changed between consecutive
+        tracked steps (a zero gradient keeps the last sign).  The paper's code
+        calls this "grad cross zeros"; its "grad turns" (extrema of the gradient
+        series) need the gradient history, which a run does not store.
+    direction_changes  state "direction_changes": sign changes of θ_{t+1} − θ_t,
+        the paper's "weight turns".
+    lca_sign_changes, lca_turns  only for the frame tensors (the only per-step,
+        per-element LCA a run keeps), over the stored frames in order:
+        sign changes of the per-step LCA (helped ↔ hurt), and sign changes of its
+        first difference (local extrema: the paper's "helped turns").  A zero
+        breaks a pair.  With frame_every > 1 these count over the subsampled
+        frames (``frame_stride`` says how many steps apart they are).
+    Each count comes as a mean per parameter ("<name>_mean") and a total; absent
+    data leaves the key out."""
+    out: Dict[str, object] = {}
+    for key, name in (("grad_sign_changes", "gradient_sign_changes"),
+                      ("direction_changes", "direction_changes")):
+        if key in run.state:
+            c = np.concatenate([a.ravel() for a in run.state[key]]).astype(np.int64)
+            out[name + "_mean"] = float(c.mean()) if c.size else float("nan")
+            out[name + "_total"] = int(c.sum())
+    keys = [k for k in run.frames if k != "step"]
+    if keys:
+        steps = np.asarray(run.frames.get("step", np.zeros(0)))
+        flips = [_sign_flips(np.asarray(run.frames[k], dtype=np.float64)).ravel() for k in keys]
+        extrema = [_sign_flips(np.diff(np.asarray(run.frames[k], dtype=np.float64), axis=0)).ravel()
+                   for k in keys]
+        flips, extrema = np.concatenate(flips), np.concatenate(extrema)
+        out.update(lca_sign_changes_mean=float(flips.mean()), lca_sign_changes_total=int(flips.sum()),
+                   lca_turns_mean=float(extrema.mean()), lca_turns_total=int(extrema.sum()),
+                   frames=int(len(steps)), frame_tensors=[run.names[int(k)] for k in keys],
+                   frame_stride=int(np.min(np.diff(steps))) if len(steps) > 1 else 0)
+    return out
+
+
+# -- layer groups (for figures of many layers) ---------------------------------------------
+
+def _block_key(name: str):
+    """(stem, number) for a name with a numeric component (``transformer.h.3.mlp``
+    → ("transformer.h", 3)); (name, None) otherwise."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i]), int(p)
+    return name, None
+
+
+def _block_name(stem: str, first: int, last: int) -> str:
+    span = str(first) if first == last else f"{first}–{last}"
+    return f"{stem}.{span}" if stem else span
+
+
+def layer_groups(names: List[str], max_groups: int = 12) -> Dict[str, object]:
+    """Groups of layers for figures that cannot show every layer.
+
+    Up to ``max_groups`` layers: one group per layer.  Otherwise layers are grouped
+    by block, the name up to its first numeric component (``transformer.h.3.attn``
+    → ``transformer.h.3``); if there are still too many, runs of consecutive
+    numbered blocks of one stem are merged (``transformer.h.0–3``), as few at a
+    time as fits; if the unnumbered layers alone exceed ``max_groups``, layers are
+    merged in contiguous chunks in model order.  Returns ``names`` (group names in
+    model order) and ``of`` (each layer's group index)."""
+    if max_groups < 1:
+        raise ValueError(f"lca_ext: max_groups must be >= 1, got {max_groups}")
+    names = list(names)
+    if len(names) <= max_groups:
+        return dict(names=names, of=np.arange(len(names)))
+    keys = [_block_key(n) for n in names]
+    singles = len({k for k in keys if k[1] is None})
+    stems: Dict[str, List[int]] = {}
+    for stem, num in keys:
+        if num is not None and num not in stems.setdefault(stem, []):
+            stems[stem].append(num)
+    for per in range(1, max(len(v) for v in stems.values()) + 1 if stems else 1):
+        if singles + sum(-(-len(v) // per) for v in stems.values()) <= max_groups:
+            return _group_by_blocks(keys, stems, per)
+    return _group_in_chunks(names, max_groups)
+
+
+def _group_by_blocks(keys, stems, per: int) -> Dict[str, object]:
+    label = {}
+    for stem, nums in stems.items():
+        nums = sorted(nums)
+        for i in range(0, len(nums), per):
+            chunk = nums[i:i + per]
+            for n in chunk:
+                label[(stem, n)] = _block_name(stem, chunk[0], chunk[-1])
+    group_names: List[str] = []
+    of = []
+    for key in keys:
+        g = key[0] if key[1] is None else label[key]
+        if g not in group_names:
+            group_names.append(g)
+        of.append(group_names.index(g))
+    return dict(names=group_names, of=np.asarray(of))
+
+
+def _group_in_chunks(names: List[str], max_groups: int) -> Dict[str, object]:
+    per = -(-len(names) // max_groups)
+    of = np.arange(len(names)) // per
+    group_names = [names[i] if i + 1 == min(i + per, len(names)) else
+                   f"{names[i]} … {names[min(i + per, len(names)) - 1]}"
+                   for i in range(0, len(names), per)]
+    return dict(names=group_names, of=of)
+
+
+def group_sum(values: np.ndarray, groups: Dict[str, object]) -> np.ndarray:
+    """Sum a [..., layers] array into [..., groups]."""
+    values = np.asarray(values)
+    out = np.zeros((*values.shape[:-1], len(groups["names"])), dtype=np.float64)
+    for layer, g in enumerate(groups["of"]):
+        out[..., g] += values[..., layer]
+    return out

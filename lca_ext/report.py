@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -20,13 +20,16 @@ PAPER = {
 }
 
 
-def headline(run: Run) -> Dict[str, object]:
-    """The numbers the report's table shows (plain data, also used by the CLI)."""
+def headline(run: Run, sync: Optional[List[Dict]] = None) -> Dict[str, object]:
+    """The numbers the report's table shows (plain data, also used by the CLI).
+    ``sync``: ``analysis.class_synchronization(run)`` if already computed."""
     g = analysis.grounding(run)
     hf = analysis.helped_fraction(run)
     lt = analysis.layer_totals(run)
     conc = analysis.concentration(run)
     osc = analysis.oscillation(run)
+    hc = analysis.helped_concentration(run)
+    turns = analysis.turns(run)
     out = dict(steps=len(run), loss_start=float(run.loss_before[0]),
                loss_end=float(run.loss_after[-1]), relative_error=g["relative_error"],
                max_step_error=float(np.max(g["step_error"])),
@@ -34,9 +37,14 @@ def headline(run: Run) -> Dict[str, object]:
                hurting_layers=[n for n, v in zip(lt["names"], lt["total"]) if v > 0],
                layer_totals=dict(zip(lt["names"], map(float, lt["total"]))),
                gini=conc["gini_abs_total"], fraction_90=conc["fraction_doing_share"],
-               **osc)
+               helped_gini=hc["helped"], hurt_gini=hc["hurt"],
+               helped_gini_per_layer=dict(zip(lt["names"], map(float, hc["per_layer"]["helped_gini"]))),
+               hurt_gini_per_layer=dict(zip(lt["names"], map(float, hc["per_layer"]["hurt_gini"]))),
+               top1pct_helped_share=hc["top_share"],
+               helped_90_of_helping=hc["of_helping"], helped_90_of_all=hc["of_all"],
+               **osc, **{k: v for k, v in turns.items() if k.endswith(("_mean", "stride", "frames"))})
     if run.meta.get("num_classes"):
-        sync = analysis.class_synchronization(run, permutations=500)
+        sync = sync or analysis.class_synchronization(run, permutations=500)
         out["sync_p_values"] = [s["p_value"] for s in sync]
         out["sync_observed"] = [s["observed"] for s in sync]
     if "val" in run.objectives:
@@ -46,22 +54,40 @@ def headline(run: Run) -> Dict[str, object]:
     return out
 
 
-def build_report(run_dir: str, out_dir: str) -> str:
-    """Writes PNG figures and index.html into ``out_dir``; returns the HTML path."""
-    run = load_run(run_dir)
+def _percent(x: float) -> str:
+    return "n/a (nothing helped)" if not np.isfinite(x) else f"{100 * x:.2f}%"
+
+
+def _tensors(run: Run) -> str:
+    names = run.names
+    if len(names) <= 12:
+        return ", ".join(names)
+    return (f"{len(names)} parameter tensors in {len(run.layer_names)} layers "
+            f"({', '.join(names[:3])}, …, {names[-1]})")
+
+
+def build_report(run_dir, out_dir: str) -> str:
+    """Writes PNG figures and index.html into ``out_dir``; returns the HTML path.
+    ``run_dir``: a run directory, or a ``Run`` (e.g. ``tracker.result()``)."""
+    in_memory = isinstance(run_dir, Run)
+    run = run_dir if in_memory else load_run(run_dir)
+    where = "a Run in memory" if in_memory else os.path.abspath(run_dir)
     if len(run) < 2:
-        raise ValueError(f"lca_ext: {run_dir!r} has {len(run)} tracked steps; a report "
+        raise ValueError(f"lca_ext: {where!r} has {len(run)} tracked steps; a report "
                          "needs at least 2")
     os.makedirs(out_dir, exist_ok=True)
+    from .interactive import report_link   # the slider page, or a note without plotly
+    interactive_link = report_link(run, out_dir)
     figures = [plots.grounding(run, out_dir), plots.helped_fraction(run, out_dir),
                plots.heroes_villains(run, out_dir), plots.lca_histogram(run, out_dir),
                plots.layers(run, out_dir), plots.neuron_heatmap(run, out_dir),
-               plots.concentration(run, out_dir)]
+               plots.concentration(run, out_dir), plots.gini_per_layer(run, out_dir)]
     if "val" in run.objectives:
         figures.append(plots.overfitting(run, out_dir))
-    h = headline(run)
-    if run.meta.get("num_classes"):
-        sync = analysis.class_synchronization(run, permutations=500)
+    sync = (analysis.class_synchronization(run, permutations=500)
+            if run.meta.get("num_classes") else None)
+    h = headline(run, sync)
+    if sync:
         figures += [plots.class_layers(run, out_dir), plots.synchronization(run, out_dir, sync)]
     gif = plots.first_layer_animation(run, out_dir)
     if gif:
@@ -75,7 +101,16 @@ def build_report(run_dir: str, out_dir: str) -> str:
         ("layers with positive total LCA (hurt)", ", ".join(h["hurting_layers"]) or "none",
          PAPER["layers"]),
         ("Gini of |total LCA| over parameters", f"{h['gini']:.2f}", PAPER["concentration"]),
-        ("fraction of parameters doing 90% of the learning", f"{100 * h['fraction_90']:.1f}%", ""),
+        ("fraction of parameters doing 90% of the net learning (Σ −total LCA, largest "
+         "first; hurting parameters count against)", f"{100 * h['fraction_90']:.1f}%", ""),
+        ("helped Gini (over helping parameters' |total LCA|) / hurt Gini (over hurting "
+         "parameters' total LCA)", f"{h['helped_gini']:.2f} / {h['hurt_gini']:.2f}",
+         PAPER["concentration"]),
+        ("share of the helped total (Σ negative total LCA) from the top 1% of helping "
+         "parameters", _percent(h["top1pct_helped_share"]), PAPER["concentration"]),
+        ("parameters needed for 90% of the helped total: of the helping ones / of all",
+         f"{_percent(h['helped_90_of_helping'])} / {_percent(h['helped_90_of_all'])}",
+         PAPER["concentration"]),
     ]
     pc = analysis.pruning_candidates(run)
     rows.append(("pruning / re-init candidates: parameters whose total LCA is > 0 (hurt) "
@@ -85,6 +120,15 @@ def build_report(run_dir: str, out_dir: str) -> str:
     if "steps_between_direction_changes" in h:
         rows.append(("mean steps between a weight's direction changes",
                      f"{h['steps_between_direction_changes']:.1f}", ""))
+    if "gradient_sign_changes_mean" in h:
+        rows.append(("gradient turns: sign changes of a parameter's gradient between tracked "
+                     "steps, mean per parameter", f"{h['gradient_sign_changes_mean']:.2f} "
+                     f"in {h['steps']} steps", ""))
+    if "lca_sign_changes_mean" in h:
+        rows.append(("LCA turns (frame tensors only): sign changes of a parameter's per-step "
+                     "LCA / local extrema of it, mean per element",
+                     f"{h['lca_sign_changes_mean']:.2f} / {h['lca_turns_mean']:.2f} over "
+                     f"{h['frames']} frames, {h['frame_stride']} step(s) apart", ""))
     if "sync_p_values" in h:
         p = np.array(h["sync_p_values"])
         rows.append(("classes whose layers peak together (p < 0.01)",
@@ -98,12 +142,13 @@ def build_report(run_dir: str, out_dir: str) -> str:
     imgs = "\n".join(f'<figure><img src="{os.path.basename(f)}" alt="{os.path.basename(f)}">'
                      f"</figure>" for f in figures)
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>LCA report: {html.escape(run_dir)}</title>
+<html><head><meta charset="utf-8"><title>LCA report: {html.escape(where)}</title>
 <style>body{{font-family:sans-serif;max-width:1150px;margin:auto;padding:1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 img{{max-width:100%}}figure{{margin:1em 0}}</style></head><body>
 <h1>Loss Change Allocation report</h1>
-<p>Run <code>{html.escape(os.path.abspath(run_dir))}</code>: {', '.join(run.names)}.
+{interactive_link}
+<p>Run <code>{html.escape(where)}</code>: {html.escape(_tensors(run))}.
 Negative LCA (green) = the parameter helped lower the loss; positive (red) = it hurt.
 Method: Lan, Liu, Zhou &amp; Yosinski, <i>LCA: Loss Change Allocation for Neural Network
 Training</i>, NeurIPS 2019.</p>
@@ -121,27 +166,11 @@ Training</i>, NeurIPS 2019.</p>
 
 def build_comparison(run_dirs: List[str], out_dir: str) -> str:
     """Runs side by side: losses and per-layer totals in one page."""
-    import matplotlib.pyplot as plt
-
     runs = [load_run(d) for d in run_dirs]
     os.makedirs(out_dir, exist_ok=True)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / len(runs)
-    for i, (d, r) in enumerate(zip(run_dirs, runs)):
-        label = os.path.basename(os.path.dirname(os.path.abspath(d))) or d
-        a.plot(r.steps, r.loss_after, label=label)
-        lt = analysis.layer_totals(r)
-        b.bar(np.arange(len(lt["names"])) + i * width, lt["total"], width, label=label)
-    a.set(xlabel="iteration", ylabel="loss (LCA set)", title="Loss")
-    a.legend(fontsize=8)
+    labels = [os.path.basename(os.path.dirname(os.path.abspath(d))) or d for d in run_dirs]
+    plots.comparison(runs, labels, out_dir)
     names = analysis.layer_totals(runs[0])["names"]
-    b.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45)
-    b.axhline(0, color="k", lw=0.5)
-    b.set(ylabel="total LCA", title="LCA per layer")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
-    plt.close(fig)
     rows = "\n".join(
         f"<tr><td>{html.escape(d)}</td><td>{r.loss_after[-1]:.4f}</td>"
         + "".join(f"<td>{v:+.4f}</td>" for v in analysis.layer_totals(r)["total"]) + "</tr>"

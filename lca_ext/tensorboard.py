@@ -1,6 +1,7 @@
 """TensorBoard logging of a tracked run: scalars per step, LCA histograms from the
 fused op's bin counts (``add_histogram_raw``: no per-parameter data goes to the
-host), and the report's figures as images."""
+host), per-step images of the frame tensors' per-element LCA (TensorBoard's step
+slider scrubs through training), and the report's figures as images."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,9 +9,50 @@ from typing import Optional
 import numpy as np
 
 
+def lca_image(values: np.ndarray, limit: Optional[float] = None, percentile: float = 99.0,
+              max_side: int = 1024) -> np.ndarray:
+    """Per-element LCA as a uint8 RGB image [H, W, 3]: green = helps (negative),
+    red = hurts (positive), black = 0, on a symmetric scale ±``limit`` (default:
+    the ``percentile`` of the nonzero |LCA|; beyond it saturates).  A 1-D tensor
+    is one row; more dimensions are [dim 0, the rest]; a side over ``max_side``
+    is shrunk by summing neighbouring elements."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a.reshape(1, -1) if a.ndim < 2 else a.reshape(a.shape[0], -1)
+    a = _shrink(_shrink(a, max_side, 0), max_side, 1)
+    if limit is None:
+        limit = _limit(a, percentile)
+    if not limit > 0:
+        raise ValueError(f"lca_ext.lca_image: limit must be > 0, got {limit}")
+    v = np.clip(np.nan_to_num(a / limit), -1.0, 1.0)
+    rgb = np.stack([np.clip(v, 0, 1), np.clip(-v, 0, 1), np.zeros_like(v)], -1)
+    return (255 * rgb).round().astype(np.uint8)
+
+
+def _limit(a: np.ndarray, percentile: float = 99.0) -> float:
+    nz = np.abs(a[np.isfinite(a) & (a != 0)])
+    return float(np.percentile(nz, percentile)) if nz.size else 1.0
+
+
+def _shrink(a: np.ndarray, max_side: int, axis: int) -> np.ndarray:
+    per = -(-a.shape[axis] // max_side)
+    if per <= 1:
+        return a
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (0, per * (-(-a.shape[axis] // per)) - a.shape[axis])
+    a = np.pad(a, pad)
+    if axis == 0:
+        return a.reshape(-1, per, a.shape[1]).sum(1)
+    return a.reshape(a.shape[0], -1, per).sum(2)
+
+
 class TensorBoardLogger:
     """``logger = TensorBoardLogger(logdir, tracker)``; after each tracked step
-    ``logger.log_step(tracker.last)``; ``logger.close()`` at the end."""
+    ``logger.log_step(tracker.last)``; ``logger.close()`` at the end.
+
+    Besides scalars and histograms, a step that stored frames (the tracker's
+    ``frames=`` tensors, every ``frame_every`` tracked steps) logs each frame
+    tensor's per-element LCA as an image "frames/<tensor>" (``lca_image``, its
+    own symmetric scale, logged as the scalar "frames/<tensor>/limit")."""
 
     def __init__(self, logdir: str, tracker):
         from ._extras import require
@@ -56,6 +98,19 @@ class TensorBoardLogger:
                                 bucket_limits=self.limits.tolist(),
                                 bucket_counts=hist.astype(np.float64).tolist(),
                                 global_step=step)
+        self._log_frames(record, step)
+
+    def _log_frames(self, record: dict, step: int) -> None:
+        # the tracker keeps the frames of its last step beside its last record
+        if record is not getattr(self.tracker, "last", None):
+            return
+        frames = getattr(self.tracker, "last_frames", None) or {}
+        for key, values in frames.items():
+            name = self.tracker.params.names[int(key)]
+            limit = _limit(np.asarray(values, dtype=np.float64))
+            self.writer.add_image(f"frames/{name}", lca_image(values, limit), step,
+                                  dataformats="HWC")
+            self.writer.add_scalar(f"frames/{name}/limit", limit, step)
 
     def close(self) -> None:
         self.writer.flush()

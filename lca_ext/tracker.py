@@ -260,6 +260,7 @@ class LCATracker:
         self._open = False
         self._tracked = False
         self.last: Optional[dict] = None   # the last tracked step's record
+        self.last_frames: Optional[dict] = None   # and its frames, if it stored any
         # parameters' in-place versions at the last end(): a reused start
         # gradient is valid only if nobody wrote θ in between
         self._end_versions: Optional[List[int]] = None
@@ -338,6 +339,7 @@ class LCATracker:
             frames = self._pending_frames
             self._tracked_count += 1
         self.last = record
+        self.last_frames = frames
         self._end_versions = [p._version for p in self.params.params]
         if self._store_path is not None:
             commit_state = self._tracked_count % self.state_every == 0

@@ -18,7 +18,8 @@ import textwrap
 
 import torch
 
-EXTRAS = ["matplotlib", "PIL", "tqdm", "tensorboard", "mlxtend", "lightning", "transformers"]
+EXTRAS = ["matplotlib", "PIL", "tqdm", "tensorboard", "mlxtend", "plotly", "lightning",
+          "transformers"]
 
 
 def check(cond, what):

@@ -15,7 +15,8 @@ import lca_ext
 from lca_ext import _loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXTRAS = ["matplotlib", "PIL", "tqdm", "tensorboard", "mlxtend", "lightning", "transformers"]
+EXTRAS = ["matplotlib", "PIL", "tqdm", "tensorboard", "mlxtend", "plotly", "lightning",
+          "transformers"]
 
 
 def run_python(code: str, cwd: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,286 @@
+"""The report on many layers: a synthetic 60-layer run is reported with
+build_report and every figure is checked for legibility with matplotlib's own
+text extents (no overlapping tick labels, nothing off the canvas, legends off
+the data, no repeated series colours, titles that state this run's numbers);
+and TensorBoard frame images from a real tracked model."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib", reason="the report draws with matplotlib")
+pytest.importorskip("PIL", reason="the report's animation needs pillow")
+
+from lca_ext import analysis  # noqa: E402
+from lca_ext.run import Run  # noqa: E402
+
+GPT_LIKE = (["transformer.wte", "transformer.wpe"]
+            + [f"transformer.h.{i}.{part}" for i in range(28) for part in ("attn", "mlp")]
+            + ["transformer.ln_f", "lm_head"])
+SEQUENTIAL = [str(i) for i in range(60)]
+
+
+def synthetic_run(layer_names, steps=12, classes=4, rows=8, cols=6, frames=4, seed=0):
+    """A Run of len(layer_names) layers (weight [rows, cols] + bias [rows] each),
+    train and val objectives, per-class sums, state and 784-wide frames."""
+    rng = np.random.default_rng(seed)
+    names, shapes, layer_of = [], [], []
+    for i, layer in enumerate(layer_names):
+        names += [layer + ".weight", layer + ".bias"]
+        shapes += [[rows, cols], [rows]]
+        layer_of += [i, i]
+    k = len(names)
+    edges = np.r_[-np.logspace(0, -12, 25), np.logspace(-12, 0, 25)]
+    arrays = {"step": np.arange(steps)}
+    for obj in ("train", "val"):
+        per_elem = [rng.normal(-1e-3, 2e-3, (steps, *s)) for s in shapes]
+        sums = np.stack([p.reshape(steps, -1).sum(1) for p in per_elem], 1)     # [T, K]
+        counts = np.zeros((steps, k, 4), dtype=np.int64)
+        for j, p in enumerate(per_elem):
+            flat = p.reshape(steps, -1)
+            counts[:, j, 0], counts[:, j, 1] = (flat < 0).sum(1), (flat > 0).sum(1)
+        lca = sums.sum(1)
+        before = 3.0 + np.r_[0, np.cumsum(lca)[:-1]]
+        rows_ = np.concatenate([p.reshape(steps, p.shape[1], -1).sum(-1) if p.ndim == 3
+                                else p for p in per_elem], 1)
+        hist = np.stack([np.stack([np.histogram(p.reshape(steps, -1)[t], edges)[0]
+                                   for t in range(steps)]) for p in per_elem], 1)
+        hist = np.concatenate([np.zeros((steps, k, 1), int), hist, np.zeros((steps, k, 1), int)], -1)
+        arrays.update({f"{obj}/tensor_sums": sums, f"{obj}/counts": counts,
+                       f"{obj}/lca_sum": lca, f"{obj}/loss_before": before,
+                       f"{obj}/loss_after": before + lca + rng.normal(0, 1e-7, steps),
+                       f"{obj}/row_sums": rows_, f"{obj}/histogram": hist,
+                       f"{obj}/splits": np.ones(steps), f"{obj}/grad_passes": np.ones(steps)})
+        arrays[f"{obj}/error"] = np.abs(arrays[f"{obj}/loss_after"] - before - lca)
+    arrays["train/class_sums"] = (arrays["train/tensor_sums"][:, None, :] / classes
+                                  + rng.normal(0, 1e-4, (steps, classes, k)))
+    state = {"cum_lca": [rng.normal(-1e-2, 2e-2, s) for s in shapes],
+             "helped_steps": [rng.integers(0, steps + 1, s) for s in shapes],
+             "direction_changes": [rng.integers(0, steps, s) for s in shapes],
+             "grad_sign_changes": [rng.integers(0, steps, s) for s in shapes]}
+    meta = dict(names=names, shapes=shapes, layer_names=list(layer_names), layer_of=layer_of,
+                objectives=["train", "val"], bin_edges=edges.tolist(), num_classes=classes,
+                config=dict(atol=1e-4, rtol=1e-3))
+    frame_data = {"0": rng.normal(0, 1e-4, (frames, 16, 784)),
+                  "step": np.arange(0, steps, steps // frames)[:frames]}
+    return Run(meta, arrays, state, frame_data)
+
+
+# -- an independent legibility check (matplotlib's own text extents) ------------------
+
+def _boxes_overlap(a, b, slack=0.5):
+    return (a.x0 < b.x1 - slack and b.x0 < a.x1 - slack
+            and a.y0 < b.y1 - slack and b.y0 < a.y1 - slack)
+
+
+def _drawn_ticklabels(axis):
+    lo, hi = sorted(axis.get_view_interval())
+    return [t for loc, t in zip(axis.get_ticklocs(), axis.get_ticklabels())
+            if t.get_visible() and t.get_text().strip() and lo - 1e-9 <= loc <= hi + 1e-9]
+
+
+def _handle_colour(handle):
+    from matplotlib.colors import to_rgba
+    from matplotlib.lines import Line2D
+
+    c = handle.get_color() if isinstance(handle, Line2D) else handle.get_facecolor()
+    return tuple(np.round(to_rgba(c), 3))
+
+
+def check_legible(fig, name):
+    """Assert the figure is legible; returns what was checked, for the caller."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+    texts = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = _drawn_ticklabels(axis)
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            for i in range(len(boxes)):
+                for j in range(i + 1, len(boxes)):
+                    assert not _boxes_overlap(boxes[i], boxes[j]), (
+                        f"{name}: tick labels {labels[i].get_text()!r} and "
+                        f"{labels[j].get_text()!r} overlap")
+            texts += labels
+        texts += [t for t in (ax.title, ax.xaxis.label, ax.yaxis.label) if t.get_text()]
+        legend = ax.get_legend()
+        if legend is not None:
+            box = legend.get_window_extent(renderer)
+            for other in fig.axes:
+                assert not _boxes_overlap(box, other.get_window_extent(renderer)), (
+                    f"{name}: a legend covers the data of an axes")
+            assert (box.x0 >= canvas.x0 - 1 and box.x1 <= canvas.x1 + 1
+                    and box.y0 >= canvas.y0 - 1 and box.y1 <= canvas.y1 + 1), (
+                f"{name}: a legend is cut off")
+            # a legend's entries never share a colour: no silent repeats
+            colours = [_handle_colour(h) for h in legend.legend_handles]
+            assert len(set(colours)) == len(colours), f"{name}: legend colours repeat"
+    if fig._suptitle is not None:
+        texts.append(fig._suptitle)
+    for t in texts:
+        b = t.get_window_extent(renderer)
+        assert (b.x0 >= canvas.x0 - 1 and b.x1 <= canvas.x1 + 1 and b.y0 >= canvas.y0 - 1
+                and b.y1 <= canvas.y1 + 1), f"{name}: text {t.get_text()!r} is off the canvas"
+    return len(texts)
+
+
+@pytest.fixture
+def checked_figures(monkeypatch):
+    """Every figure the report saves, checked for legibility before it is saved."""
+    from lca_ext import plots
+
+    seen = {}
+    real_save = plots._save
+
+    def save(fig, path):
+        name = os.path.basename(path)
+        seen[name] = dict(texts=check_legible(fig, name),
+                          titles=[ax.get_title() for ax in fig.axes] +
+                          [fig._suptitle.get_text() if fig._suptitle else ""],
+                          lines=[len(ax.get_lines()) for ax in fig.axes])
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    return seen
+
+
+EXPECTED = {"grounding.png", "helped_fraction.png", "heroes_villains.png", "lca_histogram.png",
+            "layers.png", "neurons.png", "concentration_oscillation.png", "gini_layers.png",
+            "overfitting.png", "class_layers.png", "synchronization.png"}
+
+
+@pytest.mark.parametrize("layer_names", [GPT_LIKE, SEQUENTIAL], ids=["gpt-like", "sequential"])
+def test_sixty_layer_report_is_legible(layer_names, tmp_path, checked_figures):
+    from lca_ext.report import build_report
+
+    run = synthetic_run(layer_names)
+    assert len(run.layer_names) == 60
+    html_path = build_report(run, str(tmp_path))
+    assert set(checked_figures) == EXPECTED
+    written = {os.path.basename(p) for p in glob.glob(str(tmp_path / "*.png"))}
+    assert EXPECTED <= written
+    assert os.path.getsize(tmp_path / "first_layer.gif") < 300_000
+    html = open(html_path).read()
+    for fig in EXPECTED | {"first_layer.gif"}:
+        assert fig in html
+    # per-layer figures show at most 12 groups, not 60 layers
+    groups = analysis.layer_groups(run.layer_names)
+    assert len(groups["names"]) <= 12
+    assert checked_figures["synchronization.png"]["lines"].count(0) == 0
+    assert len(checked_figures["synchronization.png"]["lines"]) == len(groups["names"])
+    # titles state this run's numbers, never the paper's claim
+    mean = analysis.helped_fraction(run)["overall"].mean()
+    assert f"{100 * mean:.1f}% of parameters helped per step" in \
+        checked_figures["helped_fraction.png"]["titles"][0]
+    for fig in checked_figures.values():
+        assert not any("Barely" in t for t in fig["titles"])
+    # the new table rows
+    for row in ("helped Gini", "top 1% of helping", "90% of the helped total",
+                "gradient turns", "LCA turns"):
+        assert row in html
+
+
+def test_few_layers_show_every_layer(tmp_path, checked_figures):
+    from lca_ext.report import build_report
+
+    run = synthetic_run(["fc1", "fc2", "fc3"])
+    build_report(run, str(tmp_path))
+    assert set(checked_figures) == EXPECTED
+    assert analysis.layer_groups(run.layer_names)["names"] == ["fc1", "fc2", "fc3"]
+    # the per-layer panel of synchronization: one per layer
+    assert len(checked_figures["synchronization.png"]["lines"]) == 3
+
+
+def test_the_checker_catches_overlaps():
+    """The legibility check fails on what it should catch (so the test above can)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.set_xticks(range(30), [f"layer.number.{i}" for i in range(30)])
+    with pytest.raises(AssertionError, match="overlap"):
+        check_legible(fig, "crowded")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1], label="a")
+    ax.legend(loc="center")
+    with pytest.raises(AssertionError, match="covers the data"):
+        check_legible(fig, "legend inside")
+    plt.close(fig)
+
+
+# -- TensorBoard frame images -------------------------------------------------------------
+
+def test_lca_image_colours_and_scale():
+    from lca_ext.tensorboard import lca_image
+
+    img = lca_image(np.array([[-2.0, 0.0, 1.0, 4.0]]), limit=2.0)
+    assert img.shape == (1, 4, 3) and img.dtype == np.uint8
+    assert img[0].tolist() == [[0, 255, 0], [0, 0, 0], [128, 0, 0], [255, 0, 0]]
+    assert lca_image(np.zeros(5)).shape == (1, 5, 3)              # 1-D: one row
+    assert lca_image(np.ones((3, 2, 2))).shape == (3, 4, 3)       # [dim 0, the rest]
+    assert lca_image(np.ones((10, 3000))).shape == (10, 1000, 3)  # shrunk by summing
+    with pytest.raises(ValueError, match="limit"):
+        lca_image(np.ones(3), limit=0.0)
+
+
+def test_tensorboard_logs_frame_images_per_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    import io
+
+    import torch
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch import nn
+
+    import lca_ext
+    from lca_ext.tensorboard import TensorBoardLogger
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    loss_fn = nn.functional.cross_entropy
+    tracker = lca_ext.LCATracker(model, loss_fn, (x, y), frames=["0.weight"], frame_every=2)
+    logger = TensorBoardLogger(str(tmp_path), tracker)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        with tracker.step():
+            opt.step()
+        assert (tracker.last_frames is not None) == (int(tracker.last["step"]) % 2 == 0)
+        logger.log_step(tracker.last)
+    logger.close()
+    run = tracker.result()
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert "frames/0.weight" in acc.Tags()["images"]
+    events = acc.Images("frames/0.weight")
+    assert [e.step for e in events] == run.frames["step"].tolist() == [0, 2, 4]
+    assert "train/loss" in acc.Tags()["scalars"]                  # the scalars still there
+    limits = [e.value for e in acc.Scalars("frames/0.weight/limit")]
+    for event, lca, limit in zip(events, run.frames["0"], limits):
+        img = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+        assert img.shape == (7, 5, 3)
+        nonzero = np.abs(lca[lca != 0])
+        assert limit == pytest.approx(np.percentile(nonzero, 99), rel=1e-6)
+        for idx in zip(*np.nonzero(lca)):     # helping: green, hurting: red, to scale
+            level = round(255 * min(abs(lca[idx]) / limit, 1.0))
+            want = [0, level, 0] if lca[idx] < 0 else [level, 0, 0]
+            assert img[idx].tolist() == pytest.approx(want, abs=1)
+        assert img[np.unravel_index(np.argmin(lca), lca.shape)][1] > 100
+    frames = run.frames["0"]
+    assert (frames < 0).any() and (frames > 0).any()           # both colours were checked
+
+
+def test_comparison_of_sixty_layer_runs_is_legible(tmp_path, checked_figures):
+    from lca_ext import plots
+
+    runs = [synthetic_run(GPT_LIKE, seed=s) for s in range(2)]
+    plots.comparison(runs, ["lca_demo_runs/fc-seed0-long-name", "seed1"], str(tmp_path))
+    assert set(checked_figures) == {"compare.png"}
+    with pytest.raises(ValueError, match="one label per run"):
+        plots.comparison(runs, ["only one"], str(tmp_path))
