@@ -232,6 +232,9 @@ def _summary(run_dir: str, report: str, seconds: Optional[float] = None) -> str:
         lines.append(f"classes whose layers peak together (p < 0.01): {n} of "
                      f"{len(h['sync_p_values'])}")
     lines.append(f"report: {report}")
+    page = os.path.join(os.path.dirname(report), "interactive.html")
+    if os.path.exists(page):
+        lines.append(f"interactive (slider over steps): {page}")
     return "\n".join(lines)
 
 
