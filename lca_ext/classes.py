@@ -189,6 +189,8 @@ def _masked(ev, point, classes, grad_out, weight):
                 if c not in present:
                     continue
                 loss, w = ev._batch_loss(tensors, _keep_targets(batch, t == c, ev.targets))
+                if float(w) == 0:   # class c only where no loss is taken (e.g. the
+                    continue        # first token, before the shift): a 0/0 mean
                 share = loss * w
                 total += share.detach().double()
                 wsum += w

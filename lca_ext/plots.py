@@ -317,16 +317,22 @@ def concentration(run, out_dir: str) -> str:
     learning = np.sort(-total)[::-1]
     helped = np.clip(learning, 0, None)
     idx = _thin(learning.size)
-    net_curve = np.cumsum(learning) / max(learning.sum(), 1e-300)
-    peak = int(np.argmax(net_curve))
-    idx = np.union1d(idx, [peak])
+    net = learning.sum()
+    if net > 0:
+        net_curve = np.cumsum(learning) / net
+        peak = int(np.argmax(net_curve))
+        idx = np.union1d(idx, [peak])
     x = 100 * (idx + 1) / learning.size
     fig, (a, b) = _figure(12, 4.2, ncols=2)
     a.plot(x, (np.cumsum(helped) / max(helped.sum(), 1e-300))[idx], color=GREEN,
            label="share of helped total (Σ negative LCA)")
-    a.plot(x, net_curve[idx], color=GREY, ls="--",
-           label=f"share of net learning (peaks at {net_curve[peak]:.2f}:\n"
-                 "hurting parameters pull it back to 1)")
+    if net > 0:
+        a.plot(x, net_curve[idx], color=GREY, ls="--",
+               label=f"share of net learning (peaks at {net_curve[peak]:.2f}:\n"
+                     "hurting parameters pull it back to 1)")
+    else:   # the loss rose over the run: no net learning to take shares of
+        a.plot([], [], color=GREY, ls="--",
+               label=f"no share of net learning: Σ total LCA = {-net:+.3g} ≥ 0")
     a.axhline(1.0, color="k", lw=0.8)
     a.axhline(0.9, color=GREY, ls=":", lw=0.8)
     a.set(xlabel="% of parameters (largest learning first)", ylabel="cumulative share",

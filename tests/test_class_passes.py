@@ -189,3 +189,30 @@ def test_targets_outside_the_classes_are_refused(form):
     grads = [torch.zeros((C, *p.shape), dtype=p.dtype) for p in point]
     with pytest.raises(ValueError, match=r"0\.\.2 \(num_classes=3\)"):
         ev.class_grads(point, list(range(C)), grads, 1.0)
+
+
+def test_masked_class_with_no_loss_term_in_a_batch_is_skipped():
+    """A causal-LM-like batch_loss (targets shifted: the first position is never
+    a loss term): a class present only at position 0 of a batch has weight 0
+    there, and is skipped, not a 0/0 NaN."""
+    torch.manual_seed(3)
+    emb = nn.Sequential(nn.Embedding(C, 4), nn.Linear(4, C)).double()
+    tokens = torch.tensor([[2, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1]])   # class 2: only at [0, 0]
+
+    def shifted(model, batch):
+        logits = model(batch["input_ids"])[:, :-1]
+        labels = batch["labels"][:, 1:]
+        loss = xent(logits.reshape(-1, C), labels.reshape(-1), ignore_index=-100)
+        return loss, (labels != -100).sum()
+
+    batches = [{"input_ids": tokens[i:i + 1], "labels": tokens[i:i + 1]} for i in range(3)]
+    ev, params = evaluator(emb, batches, shifted)
+    point = [p.detach().clone() for p in params.params]
+    grads = [torch.zeros((C, *p.shape), dtype=p.dtype) for p in point]
+    loss = ev.class_grads(point, list(range(C)), grads, 1.0)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert all((g[2] == 0).all() for g in grads)         # no loss term of class 2
+    g_plain = [torch.zeros_like(p) for p in point]
+    assert loss == pytest.approx(ev.loss_and_grad(point, g_plain), rel=1e-12)
+    for g, gp in zip(grads, g_plain):
+        torch.testing.assert_close(g.sum(0), gp, rtol=1e-10, atol=1e-12)

@@ -284,3 +284,35 @@ def test_comparison_of_sixty_layer_runs_is_legible(tmp_path, checked_figures):
     assert set(checked_figures) == {"compare.png"}
     with pytest.raises(ValueError, match="one label per run"):
         plots.comparison(runs, ["only one"], str(tmp_path))
+
+
+def test_concentration_of_a_run_whose_loss_rose(tmp_path, monkeypatch):
+    """Net learning Σ(−total LCA) < 0: no share of it is drawn (it used to be
+    divided by 1e-300), the helped share still rises to 1."""
+    import warnings
+
+    from lca_ext import plots
+
+    run = synthetic_run(["fc1", "fc2", "fc3"], seed=1)
+    run.state["cum_lca"] = [c + 0.03 for c in run.state["cum_lca"]]
+    learning = -np.concatenate([c.ravel() for c in run.state["cum_lca"]])
+    assert learning.sum() < 0 and (learning > 0).any()
+    seen = {}
+    real_save = plots._save
+
+    def save(fig, path):
+        lines = fig.axes[0].get_lines()
+        seen.update(y=[np.asarray(ln.get_ydata(), float) for ln in lines],
+                    labels=[ln.get_label() for ln in lines])
+        check_legible(fig, os.path.basename(path))
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no collapsed layout either
+        plots.concentration(run, str(tmp_path))
+    ys = np.concatenate([y for y in seen["y"] if y.size])
+    assert np.nanmax(ys) <= 1 + 1e-12
+    helped = np.sort(np.clip(learning, 0, None))[::-1]
+    assert seen["y"][0][-1] == pytest.approx(np.cumsum(helped)[-1] / helped.sum())
+    assert any("no share of net learning" in label for label in seen["labels"])
