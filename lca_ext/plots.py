@@ -43,6 +43,18 @@ def _figure(width: float, height: float, **kw):
 
 
 def _save(fig, path: str) -> str:
+    # any axis whose labels still collide once laid out (numbers on a panel
+    # squeezed by long names beside it) is thinned, not left overlapping
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if _overlapping(_shown(axis), renderer):
+                _fit_ticklabels(fig, axis, rotate=False)
+    return _write(fig, path)
+
+
+def _write(fig, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

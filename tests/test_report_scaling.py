@@ -128,11 +128,12 @@ def check_legible(fig, name):
 
 @pytest.fixture
 def checked_figures(monkeypatch):
-    """Every figure the report saves, checked for legibility before it is saved."""
+    """Every figure the report saves, checked for legibility as it is written
+    (after plots._save has laid it out)."""
     from lca_ext import plots
 
     seen = {}
-    real_save = plots._save
+    real_save = plots._write
 
     def save(fig, path):
         name = os.path.basename(path)
@@ -142,7 +143,7 @@ def checked_figures(monkeypatch):
                           lines=[len(ax.get_lines()) for ax in fig.axes])
         return real_save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", save)
+    monkeypatch.setattr(plots, "_write", save)
     return seen
 
 
@@ -298,7 +299,7 @@ def test_concentration_of_a_run_whose_loss_rose(tmp_path, monkeypatch):
     learning = -np.concatenate([c.ravel() for c in run.state["cum_lca"]])
     assert learning.sum() < 0 and (learning > 0).any()
     seen = {}
-    real_save = plots._save
+    real_save = plots._write
 
     def save(fig, path):
         lines = fig.axes[0].get_lines()
@@ -307,7 +308,7 @@ def test_concentration_of_a_run_whose_loss_rose(tmp_path, monkeypatch):
         check_legible(fig, os.path.basename(path))
         return real_save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", save)
+    monkeypatch.setattr(plots, "_write", save)
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # no collapsed layout either
         plots.concentration(run, str(tmp_path))
@@ -316,3 +317,55 @@ def test_concentration_of_a_run_whose_loss_rose(tmp_path, monkeypatch):
     helped = np.sort(np.clip(learning, 0, None))[::-1]
     assert seen["y"][0][-1] == pytest.approx(np.cumsum(helped)[-1] / helped.sum())
     assert any("no share of net learning" in label for label in seen["labels"])
+
+
+def test_report_of_a_tracked_twelve_layer_gpt2(tmp_path, checked_figures):
+    """A real tracked run of a model the report was not designed on: a GPT-2 of
+    12 blocks from a config (tied embeddings, attention dropout), token classes
+    through batch_loss, frames of the embedding; every figure legible, no
+    warning, the interactive page beside it when plotly is there."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import lca_ext
+    from lca_ext.report import build_report
+
+    torch.manual_seed(0)
+    seq, vocab = 12, 24
+    cfg = transformers.GPT2Config(n_layer=12, n_embd=16, n_head=2, vocab_size=vocab,
+                                  n_positions=seq, attn_pdrop=0.1)
+    model = transformers.GPT2LMHeadModel(cfg)
+    gen = torch.Generator().manual_seed(1)
+
+    def batches(n):
+        return [{"input_ids": (ids := torch.randint(0, vocab, (4, seq), generator=gen)),
+                 "labels": ids} for _ in range(n)]
+
+    def lm_loss(m, b):
+        return m(**b).loss, (b["labels"][:, 1:] != -100).sum()
+
+    tracker = lca_ext.LCATracker(model, lca_data=batches(2), batch_loss=lm_loss,
+                                 num_classes=vocab, frames=["transformer.wte.weight"],
+                                 store=str(tmp_path / "run"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tracker.attach(opt)
+    for b in batches(5):
+        opt.zero_grad()
+        model(**b).loss.backward()
+        opt.step()
+    tracker.result()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)     # e.g. a collapsed layout
+        html_path = build_report(str(tmp_path / "run"), str(tmp_path / "report"))
+    assert EXPECTED - {"overfitting.png"} <= set(checked_figures)
+    html = open(html_path).read()
+    assert "transformer.h.11" in html or "60" not in html
+    if not analysis_missing_plotly():
+        assert os.path.exists(tmp_path / "report" / "interactive.html")
+
+
+def analysis_missing_plotly():
+    from lca_ext._extras import missing
+    return bool(missing(["plotly"]))
