@@ -55,7 +55,8 @@ def targets_of(ev, batch) -> torch.Tensor:
 
 def class_pass(ev, point, classes: Sequence[int], grad_out, weight: float):
     """One pass over the set: ``grad_out[k][j] += weight/W · d(share of
-    classes[j])/dθ_k``; returns (Σ w·loss, Σ w) over these classes (tensors)."""
+    classes[j])/dθ_k`` (forward only when grad_out is None); returns
+    (Σ w·loss, Σ w) over these classes (tensors)."""
     if not getattr(ev.batch_loss, "classic", False):
         return _masked(ev, point, classes, grad_out, weight)
     if ev._batch_coupled():
@@ -70,9 +71,16 @@ def _zeros():
 
 
 def _add_grads(ev, leaves, point, value, out_j, scale, retain=False) -> None:
+    if out_j is None:                                     # forward only
+        return
     grads = torch.autograd.grad(value, leaves, allow_unused=True, retain_graph=retain)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, point)]
     ev.kernels.accumulate_(out_j, grads, scale)
+
+
+def _slot(grad_out, j):
+    """Class slot j of every stacked buffer (None: a forward-only pass)."""
+    return None if grad_out is None else [g[j] for g in grad_out]
 
 
 def _class_targets(ev, x, t) -> torch.Tensor:
@@ -95,7 +103,11 @@ def class_batches(ev) -> List[tuple]:
     """The regrouped set: [(class, x, y)], class-pure batches of at most the
     set's batch size, each class's examples in set order (built once)."""
     if ev._class_batches is None:
-        pair = [(x.to(ev.device), y.to(ev.device)) for x, y in ev.data.pair]
+        # (under DDP a rank may hold no example of a small set)
+        pair = [(x.to(ev.device), y.to(ev.device)) for x, y in ev.data.pair if x.shape[0]]
+        if not pair:
+            ev._class_batches = []
+            return ev._class_batches
         x = torch.cat([p[0] for p in pair])
         y = torch.cat([p[1] for p in pair])
         t = _class_targets(ev, x, targets_of(ev, (x, y)))
@@ -120,8 +132,8 @@ def class_batches(ev) -> List[tuple]:
 def _regrouped(ev, point, classes, grad_out, weight):
     slot = {c: j for j, c in enumerate(classes)}
     total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
-    with ev._quiet_model(), torch.enable_grad():
-        tensors, leaves = ev._tensors(point, True)
+    with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
+        tensors, leaves = ev._tensors(point, grad_out is not None)
         tensors = _strip(tensors)
         for c, x, y in class_batches(ev):
             if c not in slot:
@@ -129,7 +141,7 @@ def _regrouped(ev, point, classes, grad_out, weight):
             share = _share(ev, tensors, x, y)
             total += share.detach().double()
             wsum += y.shape[0]
-            _add_grads(ev, leaves, point, share, [g[slot[c]] for g in grad_out],
+            _add_grads(ev, leaves, point, share, _slot(grad_out, slot[c]),
                        weight / ev.count)
     return total, wsum
 
@@ -150,40 +162,41 @@ def _sorted_pairs(ev, classes):
 
 def _per_batch(ev, point, classes, grad_out, weight):
     total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
-    with ev._quiet_model(), torch.enable_grad():
-        tensors, leaves = ev._tensors(point, True)
+    with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
+        tensors, leaves = ev._tensors(point, grad_out is not None)
         tensors = _strip(tensors)
         for x, y, parts in _sorted_pairs(ev, classes):
             for j, s in parts:
                 share = _share(ev, tensors, x[s], y[s])
                 total += share.detach().double()
                 wsum += y[s].shape[0]
-                _add_grads(ev, leaves, point, share, [g[j] for g in grad_out],
+                _add_grads(ev, leaves, point, share, _slot(grad_out, j),
                            weight / ev.count)
     return total, wsum
 
 
 def _per_batch_coupled(ev, point, classes, grad_out, weight):
     total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
-    with ev._quiet_model(), torch.enable_grad():
+    with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
         for x, y, parts in _sorted_pairs(ev, classes):
-            tensors, leaves = ev._tensors(point, True)   # fresh buffers: BN runs once
+            # fresh buffer copies per batch: BatchNorm runs once on each
+            tensors, leaves = ev._tensors(point, grad_out is not None)
             out = functional_call(ev.model, _strip(tensors), (x,), tie_weights=True)
             for i, (j, s) in enumerate(parts):
                 share = ev.batch_loss.loss_fn(out[s], y[s]) * y[s].shape[0]
                 total += share.detach().double()
                 wsum += y[s].shape[0]
-                _add_grads(ev, leaves, point, share, [g[j] for g in grad_out],
+                _add_grads(ev, leaves, point, share, _slot(grad_out, j),
                            weight / ev.count, retain=i + 1 < len(parts))
     return total, wsum
 
 
 def _masked(ev, point, classes, grad_out, weight):
     total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
-    with ev._quiet_model(), torch.enable_grad():
+    with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
         for batch in ev.data.batches(ev.device):
             t = targets_of(ev, batch)
-            tensors, leaves = ev._tensors(point, True)
+            tensors, leaves = ev._tensors(point, grad_out is not None)
             present = torch.unique(t).tolist()          # one host sync per batch
             for j, c in enumerate(classes):
                 if c not in present:
@@ -194,7 +207,7 @@ def _masked(ev, point, classes, grad_out, weight):
                 share = loss * w
                 total += share.detach().double()
                 wsum += w
-                _add_grads(ev, leaves, point, share, [g[j] for g in grad_out],
+                _add_grads(ev, leaves, point, share, _slot(grad_out, j),
                            weight / ev.count)
     return total, wsum
 

@@ -80,8 +80,9 @@ def _overlapping(labels, renderer) -> bool:
 def _shown(axis) -> list:
     """The tick labels an axis draws: visible, non-empty, inside the view."""
     lo, hi = sorted(axis.get_view_interval())
+    eps = 1e-9 * max(abs(lo), abs(hi))    # relative: log axes of tiny values
     return [t for loc, t in zip(axis.get_ticklocs(), axis.get_ticklabels())
-            if t.get_visible() and t.get_text() and lo - 1e-9 <= loc <= hi + 1e-9]
+            if t.get_visible() and t.get_text() and lo - eps <= loc <= hi + eps]
 
 
 def _fit_ticklabels(fig, axis, rotate: bool = True) -> None:
@@ -162,9 +163,13 @@ def grounding(run, out_dir: str) -> str:
     a.plot(steps, run.loss_after - run.loss_before, color=GREY, label="ΔL measured")
     a.plot(steps, run.lca_sum, "--", color="k", label="ΣLCA")
     a.set(xlabel="iteration", ylabel="loss change per step",
-          title=f"ΣLCA vs ΔL: whole-run relative error {g['relative_error']:.1e}")
+          title="ΣLCA vs ΔL: whole-run relative error " + (
+              f"{g['relative_error']:.1e}" if np.isfinite(g["relative_error"])
+              else "n/a (ΔL = 0)"))
     a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
-    b.semilogy(steps, np.maximum(run.error, 1e-16), color="k")
+    err = np.maximum(run.error, 1e-16)
+    b.semilogy(steps, err, color="k")
+    b.set_ylim(err.min() / 3, err.max() * 3)     # a range even when every error is 0
     b.set(xlabel="iteration", ylabel="|ΣLCA − ΔL| (loss units)",
           title=f"Per-step error: max {np.max(run.error):.1e}")
     return _save(fig, os.path.join(out_dir, "grounding.png"))
@@ -348,7 +353,8 @@ def concentration(run, out_dir: str) -> str:
     a.axhline(1.0, color="k", lw=0.8)
     a.axhline(0.9, color=GREY, ls=":", lw=0.8)
     a.set(xlabel="% of parameters (largest learning first)", ylabel="cumulative share",
-          title=f"90% of helped total from {100 * hc['of_all']:.2f}% of parameters")
+          title=(f"90% of helped total from {100 * hc['of_all']:.2f}% of parameters"
+                 if np.isfinite(hc["of_all"]) else "No parameter helped"))
     a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8)
     t = max(len(run), 1)
     means = []

@@ -54,8 +54,13 @@ def headline(run: Run, sync: Optional[List[Dict]] = None) -> Dict[str, object]:
     return out
 
 
-def _percent(x: float) -> str:
-    return "n/a (nothing helped)" if not np.isfinite(x) else f"{100 * x:.2f}%"
+def _percent(x: float, none: str = "n/a (nothing helped)") -> str:
+    return none if not np.isfinite(x) else f"{100 * x:.2f}%"
+
+
+def _number(x: float, fmt: str, none: str) -> str:
+    """A table value, or what it means when there is none (NaN or infinite)."""
+    return none if not np.isfinite(x) else format(x, fmt)
 
 
 def _tensors(run: Run) -> str:
@@ -95,14 +100,16 @@ def build_report(run_dir, out_dir: str) -> str:
     rows = [
         ("steps tracked", f"{h['steps']}", ""),
         ("loss (LCA set)", f"{h['loss_start']:.4f} → {h['loss_end']:.4f}", ""),
-        ("whole-run |ΣΣLCA − ΔL| / |ΔL|", f"{h['relative_error']:.2e}", PAPER["grounding"]),
+        ("whole-run |ΣΣLCA − ΔL| / |ΔL|",
+         _number(h["relative_error"], ".2e", "n/a (ΔL = 0)"), PAPER["grounding"]),
         ("parameters that helped, mean per step", f"{100 * h['helped_mean']:.1f}%",
          PAPER["helped"]),
         ("layers with positive total LCA (hurt)", ", ".join(h["hurting_layers"]) or "none",
          PAPER["layers"]),
         ("Gini of |total LCA| over parameters", f"{h['gini']:.2f}", PAPER["concentration"]),
         ("fraction of parameters doing 90% of the net learning (Σ −total LCA, largest "
-         "first; hurting parameters count against)", f"{100 * h['fraction_90']:.1f}%", ""),
+         "first; hurting parameters count against)",
+         _percent(h["fraction_90"], "n/a (no net learning: the total LCA is ≥ 0)"), ""),
         ("helped Gini (over helping parameters' |total LCA|) / hurt Gini (over hurting "
          "parameters' total LCA)", f"{h['helped_gini']:.2f} / {h['hurt_gini']:.2f}",
          PAPER["concentration"]),
@@ -119,7 +126,8 @@ def build_report(run_dir, out_dir: str) -> str:
                  f"neurons: {pc['neurons_hurt'].size} hurt of {pc['neurons']}", ""))
     if "steps_between_direction_changes" in h:
         rows.append(("mean steps between a weight's direction changes",
-                     f"{h['steps_between_direction_changes']:.1f}", ""))
+                     _number(h["steps_between_direction_changes"], ".1f",
+                             "n/a (no weight changed direction)"), ""))
     if "gradient_sign_changes_mean" in h:
         rows.append(("gradient turns: sign changes of a parameter's gradient between tracked "
                      "steps, mean per parameter", f"{h['gradient_sign_changes_mean']:.2f} "

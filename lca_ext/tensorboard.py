@@ -16,9 +16,7 @@ def lca_image(values: np.ndarray, limit: Optional[float] = None, percentile: flo
     the ``percentile`` of the nonzero |LCA|; beyond it saturates).  A 1-D tensor
     is one row; more dimensions are [dim 0, the rest]; a side over ``max_side``
     is shrunk by summing neighbouring elements."""
-    a = np.asarray(values, dtype=np.float64)
-    a = a.reshape(1, -1) if a.ndim < 2 else a.reshape(a.shape[0], -1)
-    a = _shrink(_shrink(a, max_side, 0), max_side, 1)
+    a = image_cells(values, max_side)
     if limit is None:
         limit = _limit(a, percentile)
     if not limit > 0:
@@ -26,6 +24,14 @@ def lca_image(values: np.ndarray, limit: Optional[float] = None, percentile: flo
     v = np.clip(np.nan_to_num(a / limit), -1.0, 1.0)
     rgb = np.stack([np.clip(v, 0, 1), np.clip(-v, 0, 1), np.zeros_like(v)], -1)
     return (255 * rgb).round().astype(np.uint8)
+
+
+def image_cells(values: np.ndarray, max_side: int = 1024) -> np.ndarray:
+    """The 2-D array an image shows: [dim 0, the rest], sides over ``max_side``
+    shrunk by summing neighbouring elements (LCA is additive)."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a.reshape(1, -1) if a.ndim < 2 else a.reshape(a.shape[0], -1)
+    return _shrink(_shrink(a, max_side, 0), max_side, 1)
 
 
 def _limit(a: np.ndarray, percentile: float = 99.0) -> float:
@@ -107,8 +113,9 @@ class TensorBoardLogger:
         frames = getattr(self.tracker, "last_frames", None) or {}
         for key, values in frames.items():
             name = self.tracker.params.names[int(key)]
-            limit = _limit(np.asarray(values, dtype=np.float64))
-            self.writer.add_image(f"frames/{name}", lca_image(values, limit), step,
+            cells = image_cells(values)      # the scale of what is drawn (sums
+            limit = _limit(cells)              # of neighbours in a big tensor)
+            self.writer.add_image(f"frames/{name}", lca_image(cells, limit), step,
                                   dataformats="HWC")
             self.writer.add_scalar(f"frames/{name}/limit", limit, step)
 

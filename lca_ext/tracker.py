@@ -587,6 +587,7 @@ class LCATracker:
                         for p in self.params.params)
         group = max(1, min(self.num_classes, self.class_memory_budget // max(1, one_class)))
         sums, counts = [], []
+        at_start = 0.0                  # the classes' loss at θ_t, over the groups
         for c0 in range(0, self.num_classes, group):
             classes = list(range(c0, min(self.num_classes, c0 + group)))
             stacked = [torch.zeros((len(classes), *p.shape), device=p.device,
@@ -595,10 +596,14 @@ class LCATracker:
             for f, w in quadrature.class_weights(self.method, n):   # the total's rule
                 point = after if f == 1.0 else self._theta_t if f == 0.0 else \
                     self._point(after, f)
-                obj.evaluator.class_grads(point, classes, stacked, w)
+                part = obj.evaluator.class_grads(point, classes, stacked, w)
+                at_start += part if f == 0.0 else 0.0
             res = self.kernels.allocate_classes(self._theta_t, after, stacked)
             sums.append(res.sums.cpu().numpy())
             counts.append(res.counts.cpu().numpy())
+        if not obj.evaluator._split_checked:   # once: do the class shares add up?
+            obj.evaluator._check_split(obj.loss_start, at_start)
+            obj.evaluator._split_checked = True
         return np.concatenate(sums), np.concatenate(counts)
 
     def _ungrounded(self, name: str, step: int, n: int, error: float, d_loss: float) -> None:

@@ -76,8 +76,9 @@ def _boxes_overlap(a, b, slack=0.5):
 
 def _drawn_ticklabels(axis):
     lo, hi = sorted(axis.get_view_interval())
+    eps = 1e-9 * max(abs(lo), abs(hi))    # relative: log axes of tiny values
     return [t for loc, t in zip(axis.get_ticklocs(), axis.get_ticklabels())
-            if t.get_visible() and t.get_text().strip() and lo - 1e-9 <= loc <= hi + 1e-9]
+            if t.get_visible() and t.get_text().strip() and lo - eps <= loc <= hi + eps]
 
 
 def _handle_colour(handle):
@@ -277,6 +278,48 @@ def test_tensorboard_logs_frame_images_per_step(tmp_path):
     assert (frames < 0).any() and (frames > 0).any()           # both colours were checked
 
 
+def test_tensorboard_frame_of_a_big_tensor_is_scaled_to_its_pooled_cells(tmp_path):
+    """An embedding of 2,100 rows is drawn as 700 rows of summed triples: the
+    colour scale (and the logged limit) is that of the sums, not of single
+    elements, so the image does not saturate."""
+    pytest.importorskip("tensorboard")
+    import io
+
+    import torch
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch import nn
+
+    import lca_ext
+    from lca_ext.tensorboard import TensorBoardLogger
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(2100, 3), nn.Flatten(), nn.Linear(6, 3))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 2100, (600, 2), generator=gen), torch.randint(0, 3, (600,), generator=gen)
+    loss_fn = nn.functional.cross_entropy
+    tracker = lca_ext.LCATracker(model, loss_fn, (x, y), frames=["0.weight"])
+    logger = TensorBoardLogger(str(tmp_path), tracker)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    with tracker.step():
+        opt.step()
+    logger.log_step(tracker.last)
+    logger.close()
+    lca = tracker.result().frames["0"][0]                       # [2100, 3]
+    triples = lca.astype(np.float64).reshape(700, 3, 3).sum(1)   # independent pooling
+    want = np.percentile(np.abs(triples[triples != 0]), 99)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Scalars("frames/0.weight/limit")[0].value == pytest.approx(want, rel=1e-6)
+    img = np.asarray(Image.open(io.BytesIO(
+        acc.Images("frames/0.weight")[0].encoded_image_string)).convert("RGB"))
+    assert img.shape == (700, 3, 3)
+    saturated = (img.max(-1) == 255).mean()
+    assert saturated <= 0.02
+
+
 def test_comparison_of_sixty_layer_runs_is_legible(tmp_path, checked_figures):
     from lca_ext import plots
 
@@ -369,3 +412,34 @@ def test_report_of_a_tracked_twelve_layer_gpt2(tmp_path, checked_figures):
 def analysis_missing_plotly():
     from lca_ext._extras import missing
     return bool(missing(["plotly"]))
+
+
+@pytest.mark.parametrize("case", ["all LCA zero (lr 0)", "loss rose", "two steps"])
+def test_report_of_edge_runs_says_n_a_not_nan(case, tmp_path, checked_figures):
+    """No "nan" or "inf" in the report's table: a value that does not exist says why."""
+    import re
+
+    import torch
+    from torch import nn
+
+    import lca_ext
+    from lca_ext.report import build_report
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    lr, sign, steps = {"all LCA zero (lr 0)": (0.0, 1.0, 3), "loss rose": (0.5, -1.0, 3),
+                       "two steps": (0.1, 1.0, 2)}[case]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y), num_classes=3)
+    for _ in range(steps):
+        opt.zero_grad()
+        (sign * nn.functional.cross_entropy(model(x), y)).backward()
+        with tracker.step():
+            opt.step()
+    html = open(build_report(tracker.result(), str(tmp_path))).read()
+    table = html[html.index("<table>"):html.index("</table>")]
+    cells = re.findall(r"<td>(.*?)</td>", table)
+    assert cells and not any(re.search(r"\b(nan|inf)\b", c, re.I) for c in cells), cells
+    for fig in checked_figures.values():
+        assert not any(re.search(r"\bnan\b", t, re.I) for t in fig["titles"]), fig["titles"]
