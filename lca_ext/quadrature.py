@@ -20,12 +20,19 @@ buffer), g_1 (kept to start the next step) and one more that holds a path point
 and then a sum.  A rule that needs refinement lends g_1's buffer to its points,
 so the next step recomputes its start gradient.
 
+``low_memory`` is the rule of ``reuse_gradients=False`` (three buffers, a
+refined step recomputed from scratch); ``recomputed_classes`` gives per-class
+LCA outside per-class mode (class gradients recomputed at the total's points).
+
 Each function takes the tracker (its buffers, passes, fused kernels) and one
 objective, and returns (ḡ, splits, loss at θ_{t+1}, g_1's buffer, whether g_1
 is valid to start the next step).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -111,6 +118,57 @@ def _form(tr, q, o, n):
     torch._foreach_mul_(o, 4.0 / (3 * n))
     tr.kernels.accumulate_(o, q, 1.0 / (3 * n))
     return o
+
+
+def low_memory(tr, obj, after):
+    """``reuse_gradients=False``: ḡ in a single buffer, with fixed Simpson weights
+    (1, 4, 2, ..., 4, 1)/(3n): θ_t, ḡ and the current point are the only
+    gradient-sized buffers (3).  A step that needs refinement is recomputed from
+    scratch with twice the intervals (no gradient is kept for reuse).  Returns
+    (ḡ, splits, loss at θ_{t+1})."""
+    avg = obj.g_start                      # g(θ_t), computed in begin()
+    if tr.method == "first_order":
+        return avg, 1, tr._loss_and_grad(obj, after, None, 1.0)
+    point = tr._buffer()
+    n = 2
+    torch._foreach_mul_(avg, 1.0 / (3 * n))   # ḡ starts as g(θ_t) / (3n)
+    while True:
+        for j in range(1, n + 1):
+            w = (1 if j == n else (4 if j % 2 else 2)) / (3 * n)
+            pt = after if j == n else tr._point(after, j / n, point)
+            loss = obj.evaluator.loss_and_grad(pt, avg, w)
+            if not math.isfinite(loss):
+                tr._loss_and_grad(obj, pt, None, j / n)   # raises, naming the step
+        d_loss = loss - obj.loss_start
+        (s,) = totals(tr, after, avg)
+        if abs(s - d_loss) <= tr.atol + tr.rtol * abs(d_loss) or n >= tr.max_splits:
+            break
+        n *= 2                              # start again with twice the intervals
+        torch._foreach_zero_(avg)
+        obj.evaluator.loss_and_grad(tr._theta_t, avg, 1.0 / (3 * n))
+    tr._release(point)
+    return avg, n, loss
+
+
+def recomputed_classes(tr, obj, after, n: int):
+    """Per-class LCA outside per-class mode: the class gradients recomputed at
+    the points of the total's rule (``n`` splits), in groups of classes that fit
+    ``class_memory_budget``.  Returns (class sums [C, K], class counts [C, K, 4])."""
+    group = max(1, min(tr.num_classes, tr.class_memory_budget // max(1, tr._one_class)))
+    sums, counts = [], []
+    at_start = 0.0                  # the classes' loss at θ_t, over the groups
+    for c0 in range(0, tr.num_classes, group):
+        classes = list(range(c0, min(tr.num_classes, c0 + group)))
+        stacked = tr._new_buffer(len(classes))
+        for f, w in class_weights(tr.method, n):
+            point = after if f == 1.0 else tr._theta_t if f == 0.0 else tr._point(after, f)
+            part = obj.evaluator.class_grads(point, classes, stacked, w)
+            at_start += part if f == 0.0 else 0.0
+        res = tr.kernels.allocate_classes(tr._theta_t, after, stacked)
+        sums.append(res.sums.cpu().numpy())
+        counts.append(res.counts.cpu().numpy())
+    obj.evaluator.check_split_once(obj.loss_start, at_start)
+    return np.concatenate(sums), np.concatenate(counts)
 
 
 def class_weights(method: str, n: int):

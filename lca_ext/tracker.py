@@ -232,12 +232,13 @@ class LCATracker:
         # per-class mode: the LCA set's gradient buffers carry a class dimension and
         # its passes are class passes, whose class gradients add up to the total
         # (no plain pass, the class start gradients reused), when three such
-        # buffers fit class_memory_budget; otherwise _classes recomputes the class
+        # buffers fit class_memory_budget; otherwise quadrature.recomputed_classes recomputes the class
         # gradients at the step's points, in groups that fit
-        one_class = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
-                        for p in self.params.params)
+        # bytes of one class's gradient (float64 buffers for float64 parameters)
+        self._one_class = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
+                              for p in self.params.params)
         self.objectives[0].classes = bool(num_classes) and reuse_gradients and \
-            3 * num_classes * one_class <= class_memory_budget
+            3 * num_classes * self._one_class <= class_memory_budget
         # kept on the CPU: the fused op reads host edges without a GPU sync
         self.bin_edges = (ops.signed_log_edges(1e-12, 1.0, 24) if bin_edges is None
                           else bin_edges.detach().double()).cpu()
@@ -493,7 +494,7 @@ class LCATracker:
                 self._release(g0)
         next_start_valid = self.reuse_gradients
         if not self.reuse_gradients:
-            avg, n, loss_after = self._low_memory_average(obj, after)
+            avg, n, loss_after = quadrature.low_memory(self, obj, after)
             d_loss = loss_after - obj.loss_start
         elif self.method == "first_order":
             g_end = self._buffer(obj)
@@ -533,7 +534,7 @@ class LCATracker:
             res_c = self.kernels.allocate_classes(self._theta_t, after, stacked)
             sums, counts = res_c.sums.cpu().numpy(), res_c.counts.cpu().numpy()
         elif is_train and self.num_classes:
-            sums, counts = self._classes(obj, after, n)
+            sums, counts = quadrature.recomputed_classes(self, obj, after, n)
         if is_train and self.num_classes:
             record.update({p + "class_sums": sums, p + "class_counts": counts})
         record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
@@ -551,60 +552,6 @@ class LCATracker:
         if not self.reuse_gradients:
             self._spares.clear()  # hold no gradient buffer between steps
         return record
-
-    def _low_memory_average(self, obj: _Objective, after):
-        """ḡ in a single buffer, with fixed Simpson weights (1, 4, 2, ..., 4, 1)/(3n):
-        θ_t, ḡ and the current point are the only gradient-sized buffers (3).
-        A step that needs refinement is recomputed from scratch with twice the
-        intervals (no gradient is kept for reuse)."""
-        avg = obj.g_start                      # g(θ_t), computed in begin()
-        if self.method == "first_order":
-            return avg, 1, self._loss_and_grad(obj, after, None, 1.0)
-        point = self._buffer()
-        n = 2
-        torch._foreach_mul_(avg, 1.0 / (3 * n))   # ḡ starts as g(θ_t) / (3n)
-        while True:
-            for j in range(1, n + 1):
-                w = (1 if j == n else (4 if j % 2 else 2)) / (3 * n)
-                pt = after if j == n else self._point(after, j / n, point)
-                loss = obj.evaluator.loss_and_grad(pt, avg, w)
-                if not math.isfinite(loss):
-                    self._loss_and_grad(obj, pt, None, j / n)   # raises, naming the step
-            d_loss = loss - obj.loss_start
-            (s,) = quadrature.totals(self, after, avg)
-            if abs(s - d_loss) <= self.atol + self.rtol * abs(d_loss) or n >= self.max_splits:
-                break
-            n *= 2                              # start again with twice the intervals
-            torch._foreach_zero_(avg)
-            obj.evaluator.loss_and_grad(self._theta_t, avg, 1.0 / (3 * n))
-        self._release(point)
-        return avg, n, loss
-
-    def _classes(self, obj: _Objective, after, n: int):
-        """Per-class LCA with the same rule and points as the total."""
-        # bytes of one class's gradient (float64 buffers for float64 parameters)
-        one_class = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
-                        for p in self.params.params)
-        group = max(1, min(self.num_classes, self.class_memory_budget // max(1, one_class)))
-        sums, counts = [], []
-        at_start = 0.0                  # the classes' loss at θ_t, over the groups
-        for c0 in range(0, self.num_classes, group):
-            classes = list(range(c0, min(self.num_classes, c0 + group)))
-            stacked = [torch.zeros((len(classes), *p.shape), device=p.device,
-                                   dtype=torch.float64 if p.dtype == torch.float64
-                                   else torch.float32) for p in self.params.params]
-            for f, w in quadrature.class_weights(self.method, n):   # the total's rule
-                point = after if f == 1.0 else self._theta_t if f == 0.0 else \
-                    self._point(after, f)
-                part = obj.evaluator.class_grads(point, classes, stacked, w)
-                at_start += part if f == 0.0 else 0.0
-            res = self.kernels.allocate_classes(self._theta_t, after, stacked)
-            sums.append(res.sums.cpu().numpy())
-            counts.append(res.counts.cpu().numpy())
-        if not obj.evaluator._split_checked:   # once: do the class shares add up?
-            obj.evaluator._check_split(obj.loss_start, at_start)
-            obj.evaluator._split_checked = True
-        return np.concatenate(sums), np.concatenate(counts)
 
     def _ungrounded(self, name: str, step: int, n: int, error: float, d_loss: float) -> None:
         """A step that reached max_splits without meeting the tolerance: warned
