@@ -15,6 +15,7 @@ from .ops import (
     signed_log_edges,
     split_rows,
 )
+from .quadrature import RuleOptions
 from .run import Run, load_run
 from .tracker import LCATracker
 
@@ -23,6 +24,7 @@ __all__ = [
     "Allocation",
     "LCATracker",
     "Run",
+    "RuleOptions",
     "ClassAllocation",
     "accumulate_",
     "allocate",

@@ -30,7 +30,8 @@ Cost, in plain passes: regrouped about 1 (plus per-call overhead for the C
 extra batches); per batch and masked about C small forward/backward calls per
 batch (masked: C full forwards).  Each function adds ``weight / W`` x the
 class gradients into ``grad_out[k][j]`` for ``classes[j]`` and returns
-(Σ w·loss, Σ w) over the classes' targets (device tensors).
+(Σ w·loss per class [len(classes)], Σ w) over the classes' targets (device
+tensors, float64 sums of at least float32 values).
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from typing import List, Sequence
 
 import torch
 from torch.func import functional_call
+
+from .lca_set import at_least_float32, cast_half
 
 
 def targets_of(ev, batch) -> torch.Tensor:
@@ -66,8 +69,10 @@ def class_pass(ev, point, classes: Sequence[int], grad_out, weight: float):
     return _per_batch(ev, point, classes, grad_out, weight)
 
 
-def _zeros():
-    return torch.zeros((), dtype=torch.float64)
+def _zeros(ev, classes):
+    """(per-class Σ w·loss, Σ w) accumulators on the pass device."""
+    return (torch.zeros(len(classes), dtype=torch.float64, device=ev.device),
+            torch.zeros((), dtype=torch.float64, device=ev.device))
 
 
 def _add_grads(ev, leaves, point, value, out_j, scale, retain=False) -> None:
@@ -96,7 +101,7 @@ def _share(ev, tensors, x, y):
     """loss_fn's mean over (x, y) x the example count (``tensors``: the model's
     own names)."""
     out = functional_call(ev.model, tensors, (x,), tie_weights=True)
-    return ev.batch_loss.loss_fn(out, y) * y.shape[0]
+    return at_least_float32(ev.batch_loss.loss_fn(out, y)) * y.shape[0]
 
 
 def class_batches(ev) -> List[tuple]:
@@ -105,6 +110,8 @@ def class_batches(ev) -> List[tuple]:
     if ev._class_batches is None:
         # (under DDP a rank may hold no example of a small set)
         pair = [(x.to(ev.device), y.to(ev.device)) for x, y in ev.data.pair if x.shape[0]]
+        if ev.pass_dtype is not None:
+            pair = [cast_half(p, ev.pass_dtype) for p in pair]
         if not pair:
             ev._class_batches = []
             return ev._class_batches
@@ -131,7 +138,7 @@ def class_batches(ev) -> List[tuple]:
 
 def _regrouped(ev, point, classes, grad_out, weight):
     slot = {c: j for j, c in enumerate(classes)}
-    total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
+    total, wsum = _zeros(ev, classes)
     with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
         tensors, leaves = ev._tensors(point, grad_out is not None)
         tensors = _strip(tensors)
@@ -139,7 +146,7 @@ def _regrouped(ev, point, classes, grad_out, weight):
             if c not in slot:
                 continue
             share = _share(ev, tensors, x, y)
-            total += share.detach().double()
+            total[slot[c]] += share.detach().double()
             wsum += y.shape[0]
             _add_grads(ev, leaves, point, share, _slot(grad_out, slot[c]),
                        weight / ev.count)
@@ -149,7 +156,7 @@ def _regrouped(ev, point, classes, grad_out, weight):
 def _sorted_pairs(ev, classes):
     """(x, y, [(slot, slice)]) per batch: the batch sorted by class, one
     contiguous slice per class present (one host sync per batch)."""
-    for batch in ev.data.batches(ev.device):
+    for batch in ev.batches():
         x, y = batch
         t = _class_targets(ev, x, targets_of(ev, batch))
         order = torch.argsort(t, stable=True)
@@ -161,14 +168,14 @@ def _sorted_pairs(ev, classes):
 
 
 def _per_batch(ev, point, classes, grad_out, weight):
-    total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
+    total, wsum = _zeros(ev, classes)
     with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
         tensors, leaves = ev._tensors(point, grad_out is not None)
         tensors = _strip(tensors)
         for x, y, parts in _sorted_pairs(ev, classes):
             for j, s in parts:
                 share = _share(ev, tensors, x[s], y[s])
-                total += share.detach().double()
+                total[j] += share.detach().double()
                 wsum += y[s].shape[0]
                 _add_grads(ev, leaves, point, share, _slot(grad_out, j),
                            weight / ev.count)
@@ -176,15 +183,15 @@ def _per_batch(ev, point, classes, grad_out, weight):
 
 
 def _per_batch_coupled(ev, point, classes, grad_out, weight):
-    total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
+    total, wsum = _zeros(ev, classes)
     with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
         for x, y, parts in _sorted_pairs(ev, classes):
             # fresh buffer copies per batch: BatchNorm runs once on each
             tensors, leaves = ev._tensors(point, grad_out is not None)
             out = functional_call(ev.model, _strip(tensors), (x,), tie_weights=True)
             for i, (j, s) in enumerate(parts):
-                share = ev.batch_loss.loss_fn(out[s], y[s]) * y[s].shape[0]
-                total += share.detach().double()
+                share = at_least_float32(ev.batch_loss.loss_fn(out[s], y[s])) * y[s].shape[0]
+                total[j] += share.detach().double()
                 wsum += y[s].shape[0]
                 _add_grads(ev, leaves, point, share, _slot(grad_out, j),
                            weight / ev.count, retain=i + 1 < len(parts))
@@ -192,9 +199,9 @@ def _per_batch_coupled(ev, point, classes, grad_out, weight):
 
 
 def _masked(ev, point, classes, grad_out, weight):
-    total, wsum = _zeros().to(ev.device), _zeros().to(ev.device)
+    total, wsum = _zeros(ev, classes)
     with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
-        for batch in ev.data.batches(ev.device):
+        for batch in ev.batches():
             t = targets_of(ev, batch)
             tensors, leaves = ev._tensors(point, grad_out is not None)
             present = torch.unique(t).tolist()          # one host sync per batch
@@ -204,8 +211,8 @@ def _masked(ev, point, classes, grad_out, weight):
                 loss, w = ev._batch_loss(tensors, _keep_targets(batch, t == c, ev.targets))
                 if float(w) == 0:   # class c only where no loss is taken (e.g. the
                     continue        # first token, before the shift): a 0/0 mean
-                share = loss * w
-                total += share.detach().double()
+                share = at_least_float32(loss) * w
+                total[j] += loss.detach().double() * w
                 wsum += w
                 _add_grads(ev, leaves, point, share, _slot(grad_out, j),
                            weight / ev.count)

@@ -21,8 +21,16 @@ weighs right.  The classic ``loss_fn(model(x), y)`` is the special case
   branch off) except BatchNorm under ``batchnorm="batch"`` (the statistics of
   each fixed LCA batch, as the LCA paper's code did); ``batchnorm="eval"`` uses
   the running statistics.  Each module's ``training`` flag is restored;
-* passes run outside any surrounding autocast, in the parameters' precision,
-  unless ``autocast=`` (a dtype) asks for one;
+* passes run outside any surrounding autocast, also one a framework put
+  inside ``model.forward`` (Accelerate's wrapper under ``Trainer(bf16=True)`` is
+  taken off for the pass; any other autocast switched on inside the model is
+  refused with an error), unless ``autocast=`` (a dtype) asks for one;
+* precision (``pass_dtype``): "auto" runs the passes of 16-bit (bf16/fp16)
+  parameters in float32 (the point, the parameters, buffers and 16-bit inputs
+  cast up; the loss of a bf16 pass is quantised to 2^-8 relative, so its ΔL
+  would be rounding), other parameters in their own precision; None keeps the
+  parameters' precision; a dtype casts up to it.  Losses and weights add up in
+  float64 from at least float32 values;
 * the CPU and CUDA random streams (and Python's and NumPy's) are forked and
   restored, so the training's dropout masks and data order are unchanged, also
   when the LCA set is a DataLoader (which draws a seed on every ``iter()``);
@@ -46,7 +54,7 @@ from torch.func import functional_call
 from . import classes as per_class
 from . import ops
 from .distributed import Context
-from .lca_set import LCASet, first_tensor
+from .lca_set import HALF, LCASet, at_least_float32, cast_half, first_tensor
 from .params import ParameterSet
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -94,13 +102,27 @@ class Evaluator:
     def __init__(self, model: nn.Module, batch_loss: Callable, data: LCASet,
                  params: ParameterSet, batchnorm: str = "batch",
                  ctx: Optional[Context] = None, autocast: Optional[torch.dtype] = None,
-                 targets: Optional[Callable] = None, num_classes: Optional[int] = None):
+                 targets: Optional[Callable] = None, num_classes: Optional[int] = None,
+                 pass_dtype="auto"):
         if batchnorm not in ("batch", "eval"):
             raise ValueError(f"lca_ext: batchnorm={batchnorm!r}; expected 'batch' or 'eval'")
         if autocast is not None and not (isinstance(autocast, torch.dtype)
                                          and autocast.is_floating_point):
             raise ValueError(f"lca_ext: autocast={autocast!r}; expected None (passes in the "
                              "parameters' precision) or a floating dtype, e.g. torch.bfloat16")
+        if not (pass_dtype in (None, "auto") or (isinstance(pass_dtype, torch.dtype)
+                                                  and pass_dtype.is_floating_point)):
+            raise ValueError(f"lca_ext: pass_dtype={pass_dtype!r}; expected 'auto', None "
+                             "(the parameters' precision) or a floating dtype such as "
+                             "torch.float32")
+        half = any(p.dtype in HALF for p in params.params)
+        if pass_dtype == "auto":
+            pass_dtype = torch.float32 if half and autocast is None else None
+        self.pass_dtype = pass_dtype
+        # the arithmetic a pass runs in (its rounding sets the noise floor)
+        self.compute_dtype = autocast or pass_dtype or max(
+            (p.dtype for p in params.params), key=lambda d: torch.finfo(d).bits)
+        self.last_class_losses = None   # [C] each class's share at the last class pass
         self.model = model
         self.batch_loss = batch_loss
         self.data = data if isinstance(data, LCASet) else LCASet(data)
@@ -154,7 +176,17 @@ class Evaluator:
         devices = sorted({p.device.index for p in self.params.params
                           if p.device.type == "cuda"})
         py_state, np_state = random.getstate(), np.random.get_state()
+        # Accelerate (Trainer(bf16=True), Accelerator(mixed_precision=...)) puts an
+        # autocast wrapper into model.forward and keeps the original beside it
+        wrapped = vars(self.model).get("forward") if hasattr(self.model, "_original_forward") \
+            else None
+        hooks = []
         try:
+            if wrapped is not None:
+                self.model.forward = self.model._original_forward
+            if self.autocast is None:
+                hooks = [m.register_forward_pre_hook(self._refuse_autocast)
+                         for m in self.model.children()]
             with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
                 for m in self.model.modules():
                     m.training = isinstance(m, _BATCHNORM) and self.batchnorm == "batch"
@@ -165,10 +197,30 @@ class Evaluator:
                     stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
                 yield
         finally:
+            for h in hooks:
+                h.remove()
+            if wrapped is not None:
+                self.model.forward = wrapped
             for m, t in flags:
                 m.training = t
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+    def _refuse_autocast(self, module, args) -> None:
+        if torch.is_autocast_enabled(self.device.type):
+            raise RuntimeError(
+                "lca_ext: an LCA pass ran under autocast although the tracker's autocast "
+                f"is None: something inside {type(self.model).__name__}.forward switched it "
+                "on (a mixed-precision wrapper around model.forward, or torch.autocast in "
+                "the model's code), so the passes would silently run in 16-bit. Pass "
+                "autocast=torch.bfloat16 (or float16) to the tracker to run them under "
+                "autocast on purpose, or take the wrapper off model.forward")
+
+    def batches(self):
+        """The LCA set's batches on the pass device, 16-bit inputs cast up to
+        ``pass_dtype``."""
+        for batch in self.data.batches(self.device):
+            yield batch if self.pass_dtype is None else cast_half(batch, self.pass_dtype)
 
     def _batch_loss(self, tensors, batch):
         """(mean loss, weight) of one batch at the point in ``tensors``."""
@@ -190,13 +242,22 @@ class Evaluator:
 
     def _tensors(self, point, requires_grad: bool):
         names = self.params.names
-        leaves = [t.detach().requires_grad_(requires_grad) for t in point]
+        up = self._up
+        leaves = [up(t.detach()).requires_grad_(requires_grad) for t in point]
         tracked = set(names)
-        tensors = {"model." + n: p for n, p in self.model.named_parameters()
+        tensors = {"model." + n: up(p) for n, p in self.model.named_parameters()
                    if n not in tracked}
-        tensors.update({"model." + n: b.clone() for n, b in self.model.named_buffers()})
+        tensors.update({"model." + n: up(b).clone() for n, b in self.model.named_buffers()})
         tensors.update({"model." + n: t for n, t in zip(names, leaves)})
         return tensors, leaves
+
+    def _up(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the pass precision (floating tensors of fewer bits cast up)."""
+        pd = self.pass_dtype
+        if pd is None or not t.is_floating_point() or t.dtype == pd or \
+                torch.finfo(t.dtype).bits >= torch.finfo(pd).bits:
+            return t
+        return t.to(pd)
 
     def _reseed(self) -> None:
         """Other random streams than a pass sees (inside _quiet_model, which
@@ -236,6 +297,7 @@ class Evaluator:
             total, wsum = self._pass_local(point, grad_out, weight)
         self._check_weight(wsum)
         loss = total / self.count
+        self.last_class_losses = None
         if check is not None:
             self._check_same(check, loss)
         return loss
@@ -261,11 +323,11 @@ class Evaluator:
             # one set of leaves (and buffer copies) for the whole pass: each
             # batch's graph is freed by its autograd.grad
             tensors, leaves = self._tensors(point, grad_out is not None)
-            for batch in self.data.batches(self.device):
+            for batch in self.batches():
                 with torch.set_grad_enabled(grad_out is not None):
                     loss, w = self._batch_loss(tensors, batch)
-                    batch_sum = loss * w       # the batch's share x the set's weight
-                total += batch_sum.detach().double()
+                    batch_sum = at_least_float32(loss) * w   # its share x the set's weight
+                total += loss.detach().double() * w
                 wsum += w
                 if grad_out is not None:
                     grads = torch.autograd.grad(batch_sum, leaves, allow_unused=True)
@@ -307,7 +369,7 @@ class Evaluator:
             for p in dtensors:
                 p.grad = None
             with self._quiet_model():
-                batches = self.data.batches(self.device)
+                batches = self.batches()
                 first = None
                 for r in range(self.rounds):
                     batch = next(batches, None)
@@ -321,11 +383,11 @@ class Evaluator:
                         loss, w = out if isinstance(out, tuple) and len(out) == 2 else \
                             (out, first_tensor(batch).shape[0])
                         w = w if real else 0.0
-                        batch_sum = loss * w
+                        batch_sum = at_least_float32(loss) * w
                         if grad_out is not None:
                             # FSDP averages gradients over ranks: x world undoes it
                             scaled = batch_sum * (self.ctx.world / self.count)
-                    total += batch_sum.detach().double()
+                    total += loss.detach().double() * w
                     wsum += w
                     if grad_out is not None:
                         scaled.backward()
@@ -385,11 +447,23 @@ class Evaluator:
         return loss
 
     def _class_loss(self, point, classes, grad_out=None, weight=1.0, with_weight=False):
+        """The classes' part of the mean loss; each class's share is kept in
+        ``last_class_losses`` ([len(classes)], summed over ranks)."""
         total, wsum = per_class.class_pass(self, point, classes, grad_out, weight)
-        total, wsum = (self.ctx.sum_float(v) for v in torch.stack(
-            [total.double(), torch.as_tensor(wsum, dtype=torch.float64,
-                                             device=total.device)]).tolist())
-        return (total / self.count, wsum) if with_weight else total / self.count
+        both = torch.cat([total.double().reshape(-1), torch.as_tensor(
+            wsum, dtype=torch.float64, device=total.device).reshape(1)])
+        vals = np.array([self.ctx.sum_float(v) for v in both.tolist()])
+        self.last_class_losses = vals[:-1] / self.count
+        loss, wsum = float(vals[:-1].sum()) / self.count, float(vals[-1])
+        return (loss, wsum) if with_weight else loss
+
+    def class_losses(self, point: Sequence[torch.Tensor], classes: Sequence[int]) -> np.ndarray:
+        """Each class's share of the mean loss at ``point`` (forward only) [len]."""
+        if self._check_loss is None:
+            self._first_pass(point)
+        with self._quiet_model():
+            self._class_loss(point, classes)
+        return self.last_class_losses
 
     def check_split_once(self, plain: float, split: float) -> None:
         """Once per run: the class shares' loss against the plain pass's at the

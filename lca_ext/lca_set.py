@@ -46,6 +46,29 @@ def to_device(batch, device: torch.device):
     return batch
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def at_least_float32(loss: torch.Tensor) -> torch.Tensor:
+    """A 16-bit loss in float32 (exactly), before it is scaled by its weight."""
+    return loss.float() if loss.dtype in HALF else loss
+
+
+def cast_half(batch, dtype: torch.dtype):
+    """``batch`` with every float16/bfloat16 tensor in it cast to ``dtype`` (same
+    structure): the inputs of a pass run in float32 on 16-bit parameters."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.dtype in HALF else batch
+    if isinstance(batch, abc.Mapping):
+        cast = {k: cast_half(v, dtype) for k, v in batch.items()}
+        return cast if type(batch) is dict else type(batch)(cast)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):     # namedtuple
+        return type(batch)(*(cast_half(v, dtype) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(cast_half(v, dtype) for v in batch)
+    return batch
+
+
 def first_tensor(batch) -> Optional[torch.Tensor]:
     """The first tensor in a batch (depth first), or None."""
     if isinstance(batch, torch.Tensor):

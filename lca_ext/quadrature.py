@@ -1,71 +1,198 @@
 """The path integral of one tracked step: ḡ, the average gradient along the
-straight line θ_t → θ_{t+1}, by the cheapest rule that grounds the step.
+straight line θ_t → θ_{t+1}, its error estimate, and when to stop refining.
 
-The grounding check is exact (ΔL = L(θ_{t+1}) − L(θ_t) is known) and LCA is
-linear in ḡ, so every rule is judged by Σ_i Δθ_i·ḡ_i against ΔL, from per-buffer
-totals of the fused op, before ḡ itself is formed:
+Everything a rule decides is decided on *samples*: at every path point f the
+step evaluates, one fused call gives φ_k(f) = Σ_{i∈k} Δθ_i·g_i(θ_t + fΔθ) per
+parameter tensor k (and per class in per-class mode).  LCA is linear in ḡ, so a
+rule's per-tensor sums, the trapezoid on the same points and the error
+estimates are all sums of these samples, known before ḡ itself is formed.
 
-* ``adaptive`` (the default): the trapezoid on the end points, ḡ = (g_0 + g_1)/2
-  (one new pass: g_0 is the previous step's g_1); if it misses the tolerance, the
-  midpoint is added, which is Simpson (g_0 + 4·g_½ + g_1)/6 (two passes); if that
-  misses, composite Simpson as below (g_0 is computed once more to take the
-  midpoint back out of its buffer).  Splits recorded: 1 trapezoid, 2 Simpson,
-  n composite.
-* ``simpson``: Simpson first, then composite Simpson with doubled points, every
-  gradient computed so far reused (Q = g_0 + g_N + 2·even points, O = Σ odd
-  points, ḡ = (Q + 4·O)/(3n)), up to ``max_splits`` intervals.
+Rules (``RuleOptions.method``):
 
-Both keep to four gradient-sized buffers: θ_t (the tracker's), g_0 (the start
-buffer), g_1 (kept to start the next step) and one more that holds a path point
-and then a sum.  A rule that needs refinement lends g_1's buffer to its points,
-so the next step recomputes its start gradient.
+* ``certified`` (the default): Simpson on θ_t, the midpoint and θ_{t+1}, then
+  *local* refinement: only the sub-intervals whose error estimate is too large
+  get their two quarter points, until every criterion below holds.  Each point's
+  gradient is kept in its own buffer (within ``path_memory_budget``; points
+  beyond it are recomputed once when ḡ is formed), and ḡ = Σ_j w_j·g(f_j) with
+  the composite Simpson weights of the final intervals.
+* ``adaptive`` (total-only): the trapezoid on the end points, then Simpson, then
+  uniform composite Simpson, the first whose *total* is grounded.  Cheapest
+  (1.3–1.6 passes a step on the demo), with no per-tensor guarantee.
+* ``simpson``: Simpson, then uniform composite Simpson, total-only.
+* ``first_order``: ḡ = g(θ_t).
 
-``low_memory`` is the rule of ``reuse_gradients=False`` (three buffers, a
-refined step recomputed from scratch); ``recomputed_classes`` gives per-class
-LCA outside per-class mode (class gradients recomputed at the total's points).
+The error estimate of a tensor's sum (``tensor_error``), for Simpson on an
+interval [a, b] with midpoint m, is |S − T₂|, S the Simpson sum and T₂ the
+trapezoid on the same three points (both exact on the samples), summed over the
+step's intervals.  |S − T₂| is T₂'s error to leading order; Simpson's error is
+smaller wherever Simpson beats the trapezoid (a loss smooth along the step), so
+there it is an upper estimate, and a close one where the path crosses kinks
+(ReLU), which is where it is least certain.  For the uniform rules it is the
+same sum over pairs of intervals; for a step the trapezoid accepted (no third
+point) it is |φ(1) − φ(0)|/2, the trapezoid against the left-point rule.
 
-Each function takes the tracker (its buffers, passes, fused kernels) and one
-objective, and returns (ḡ, splits, loss at θ_{t+1}, g_1's buffer, whether g_1
-is valid to start the next step).
+The certified stop (all of them, each step):
+
+* total, exact: |ΣLCA − ΔL| ≤ rtol·max(|ΔL|, min_share·G) + noise, G = Σ_k |LCA_k|
+  the step's gross movement and noise the pass precision's floor
+  (``noise_floor``); rtol defaults to tensor_rtol.  An explicit ``atol`` makes it
+  atol + rtol·|ΔL|, the total-only rules' check (there rtol = 1e-3 and
+  atol = 1e-4 unless told otherwise, as before the certified rule);
+* every tensor: tensor_error_k ≤ tensor_rtol·max(|LCA_k|, min_share·G): tensors
+  carrying ≥ min_share of G are certified to tensor_rtol of their own value,
+  smaller ones to tensor_rtol·min_share·G;
+* per-class mode, every class total, exact (each class's loss is known at θ_t and
+  θ_{t+1}): |Σ_k LCA_ck − ΔL_c| ≤ tensor_rtol·max(|LCA_c|, min_share·Σ_c|LCA_c|)
+  + noise.
+
+Refinement stops early, and the step is flagged ``noise_limited`` (not
+grounded), when two further rounds have not brought the worst criterion's
+error/tolerance ratio below 3/4 of what it was and the passes are not float64:
+the passes' rounding (16-bit, TF32, float32 on a tiny step), not the curvature,
+sets the error then, and more points cannot help.  (A loss with many kinks
+along the step converges slowly too; in float64 it is refined to max_splits.)
+A step whose total meets its tolerance only thanks to the noise allowance is
+flagged the same way: its ΔL is rounding (16-bit passes quantise the loss).  A step whose finest interval reached
+1/max_splits without meeting the criteria is flagged not grounded.
+
+``low_memory`` is ``reuse_gradients=False`` (three buffers; a step that misses
+is recomputed from scratch with twice the intervals, judged by the same
+criteria); ``recomputed_classes`` gives per-class LCA outside per-class mode at
+the step's own points and weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+METHODS = ("certified", "adaptive", "simpson", "first_order")
+# unit roundoff of a pass's arithmetic (bf16/fp16 only under autocast or 16-bit passes)
+_UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
+                  torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+# total-only rules' tolerance when rtol / atol are None (the rule before certified)
+TOTAL_ONLY_RTOL, TOTAL_ONLY_ATOL = 1e-3, 1e-4
+NOISE_FACTOR = 16     # noise floor = NOISE_FACTOR · u · (|L(θ_t)| + |L(θ_{t+1})|)
 
-def adaptive(tr, obj, after):
-    a, k = obj.g_start, tr.kernels                   # a: g_0
-    b = tr._buffer(obj)
-    loss_after = tr._loss_and_grad(obj, after, b, 1.0)          # g_1
-    d_loss = loss_after - obj.loss_start
-    tol = tr.atol + tr.rtol * abs(d_loss)
-    s_a, s_b = totals(tr, after, a, b)
-    c = tr._buffer(obj)
-    if abs((s_a + s_b) / 2 - d_loss) <= tol:                  # trapezoid
-        k.accumulate_(c, a, 0.5)
-        k.accumulate_(c, b, 0.5)
-        return c, 1, loss_after, b, True
-    # Simpson: c holds the midpoint, whose gradient goes into a with weight 4
-    tr._loss_and_grad(obj, tr._point(after, 0.5, c), a, 0.5, weight=4.0)
-    (s_a,) = totals(tr, after, a)                            # Σ Δθ·(g_0 + 4·g_½)
-    if abs((s_a + s_b) / 6 - d_loss) <= tol or tr.max_splits < 4:
-        torch._foreach_zero_(c)
-        k.accumulate_(c, a, 1.0 / 6)
-        k.accumulate_(c, b, 1.0 / 6)
-        return c, 2, loss_after, b, True
-    # composite Simpson: g_0 once more (into c) to take g_½ back out of a
-    torch._foreach_zero_(c)
-    tr._loss_and_grad(obj, tr._theta_t, c, 0.0)
-    k.accumulate_(a, c, -1.0)
-    torch._foreach_mul_(a, 0.25)                              # a = O = g_½
-    k.accumulate_(c, b, 1.0)                                  # c = Q = g_0 + g_1
-    n = _refine(tr, obj, after, c, a, b, d_loss, tol)
-    avg = _form(tr, c, a, n)
-    tr._release(c)
-    return avg, n, loss_after, b, False
+
+@dataclasses.dataclass
+class RuleOptions:
+    """How each step's path integral is computed and when it is good enough.
+
+    method:      "certified" (default), "adaptive" (total-only, trapezoid first),
+                 "simpson" (total-only) or "first_order"; see lca_ext.quadrature
+    rtol, atol:  the total.  Certified: |ΣLCA − ΔL| ≤ rtol·max(|ΔL|, min_share·G)
+                 + the noise floor, rtol None meaning tensor_rtol.  Total-only
+                 rules, or any rule given an atol: |ΣLCA − ΔL| ≤ atol + rtol·|ΔL|,
+                 None meaning rtol 1e-3 and atol 1e-4 (as before the certified rule)
+    tensor_rtol: certified: each tensor's estimated error ≤ tensor_rtol·
+                 max(|LCA_k|, min_share·G); each class total's exact error likewise
+    min_share:   the share of G below which a tensor (or class) is held to
+                 tensor_rtol·min_share·G instead of its own value
+    max_splits:  the finest interval is 1/max_splits of the step (a power of two)
+    path_memory_budget: bytes of point gradients the certified rule may hold
+                 beyond the three it always holds (θ_t's, the midpoint's and
+                 θ_{t+1}'s); points beyond the budget are recomputed once, with
+                 their final weight, when ḡ is formed
+    """
+
+    method: str = "certified"
+    rtol: Optional[float] = None
+    atol: Optional[float] = None
+    tensor_rtol: float = 0.01
+    min_share: float = 0.01
+    max_splits: int = 32
+    path_memory_budget: int = 2 << 30
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"lca_ext: method={self.method!r}; expected one of "
+                             f"{', '.join(repr(m) for m in METHODS)}")
+        m = self.max_splits
+        if not (isinstance(m, int) and m >= 2 and m & (m - 1) == 0):
+            raise ValueError(f"lca_ext: max_splits={m!r}; expected a power of two >= 2")
+        for name in ("tensor_rtol", "min_share", "rtol", "atol"):
+            v = getattr(self, name)
+            if not (v is None and name in ("rtol", "atol")) and not (
+                    isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"lca_ext: {name}={v!r}; expected a number >= 0"
+                                 + (" or None" if name in ("rtol", "atol") else ""))
+        if not (isinstance(self.path_memory_budget, int) and self.path_memory_budget >= 0):
+            raise ValueError(f"lca_ext: path_memory_budget={self.path_memory_budget!r}; "
+                             "expected bytes (an int >= 0)")
+
+    @property
+    def total_only(self) -> bool:
+        return self.method != "certified"
+
+    def total_tolerance(self, d_loss: float, gross: float, noise: float) -> float:
+        """The bound on |ΣLCA − ΔL| (see the fields)."""
+        if self.atol is None and not self.total_only:
+            rtol = self.tensor_rtol if self.rtol is None else self.rtol
+            return rtol * max(abs(d_loss), self.min_share * gross) + noise
+        rtol = TOTAL_ONLY_RTOL if self.rtol is None else self.rtol
+        atol = TOTAL_ONLY_ATOL if self.atol is None else self.atol
+        return atol + rtol * abs(d_loss)
+
+
+def rule_options(rule=None, **shorthands) -> RuleOptions:
+    """RuleOptions from ``rule`` (RuleOptions, dict or None) or the tracker's
+    shorthand keywords (method, rtol, atol, max_splits; None = not given)."""
+    given = {k: v for k, v in shorthands.items() if v is not None}
+    if rule is not None and given:
+        raise ValueError(f"lca_ext.LCATracker: give rule= or {sorted(given)}, not both "
+                         "(put them into the RuleOptions)")
+    if isinstance(rule, RuleOptions):
+        return rule
+    if rule is not None and not isinstance(rule, dict):
+        raise TypeError(f"lca_ext.LCATracker: rule={rule!r}; expected a "
+                        "lca_ext.RuleOptions or a dict of its fields")
+    fields = {f.name for f in dataclasses.fields(RuleOptions)}
+    unknown = sorted(set(rule or {}) - fields)
+    if unknown:
+        raise TypeError(f"lca_ext.LCATracker: rule has unknown fields {unknown}; "
+                        f"RuleOptions has {sorted(fields)}")
+    return RuleOptions(**(rule or given))
+
+
+@dataclasses.dataclass
+class PathResult:
+    """One objective's path integral for one step (what the tracker stores)."""
+    avg: List[torch.Tensor]            # ḡ ([C, *shape] stacks in per-class mode)
+    points: List[Tuple[float, float]]  # (path fraction, weight) of the rule, Σ w = 1
+    loss_after: float
+    g_end: Optional[List[torch.Tensor]]   # g(θ_{t+1}) to start the next step, or None
+    splits: int                        # sub-intervals between the rule's points
+                                       # (1: trapezoid, 2: Simpson, n: composite)
+    tensor_error: np.ndarray           # [K] estimated |error| of each tensor's sum
+    grounded: bool                     # every criterion of the rule met
+    noise_limited: bool
+    class_loss: Optional[Tuple[np.ndarray, np.ndarray]] = None   # [C] at θ_t, θ_{t+1}
+
+
+@dataclasses.dataclass
+class _Point:
+    grad: Optional[List[torch.Tensor]]   # its gradient buffer (None: not held)
+    phi: np.ndarray                      # [C or 1, K] samples Δθ·g per tensor (class)
+    loss: float
+    class_loss: Optional[np.ndarray]
+
+
+# -- samples ------------------------------------------------------------------------
+
+def dots(tr, after, grad) -> np.ndarray:
+    """φ of one gradient buffer: [C, K] for per-class stacks, [1, K] otherwise
+    (whole-model values: summed over FSDP2 shards)."""
+    if grad[0].dim() > tr._theta_t[0].dim():
+        sums = tr.kernels.allocate_classes(tr._theta_t, after, grad).sums
+    else:
+        sums = tr.kernels.allocate(tr._theta_t, after, grad).sums[None]
+    if tr.ctx.sharded:
+        sums = tr.ctx.sum_(sums.clone())
+    return sums.double().cpu().numpy()
 
 
 def totals(tr, after, *grads):
@@ -80,20 +207,321 @@ def totals(tr, after, *grads):
     return [tr.ctx.over_shards(v) for v in per]
 
 
-def simpson(tr, obj, after):
+def simpson_sum(phi: Dict[float, np.ndarray], a: float, b: float) -> np.ndarray:
+    """Simpson on [a, b] (its midpoint sampled), shaped like the samples."""
+    return (b - a) / 6 * (phi[a] + 4 * phi[(a + b) / 2] + phi[b])
+
+
+def embedded_error(phi: Dict[float, np.ndarray], a: float, b: float) -> np.ndarray:
+    """S − T₂ on [a, b]: Simpson against the trapezoid on the same three points
+    (the estimate of an interval that has no parent)."""
+    h, m = b - a, (a + b) / 2
+    return simpson_sum(phi, a, b) - h / 4 * (phi[a] + 2 * phi[m] + phi[b])
+
+
+def pair_error(s_parent, s_left, s_right) -> np.ndarray:
+    """Each half's error estimate after splitting an interval: the halves'
+    Simpson against the parent's, (S_l + S_r − S_p) / (2·PAIR_DIVISOR)."""
+    return (s_left + s_right - s_parent) / (2 * PAIR_DIVISOR)
+
+
+def unit_roundoff(tr, obj) -> float:
+    """The unit roundoff of the passes' arithmetic: their dtype's, or TF32's
+    (2^-11) where CUDA matmuls or cuDNN convolutions are allowed to use it."""
+    u = _UNIT_ROUNDOFF.get(obj.evaluator.compute_dtype, 2.0 ** -24)
+    if obj.evaluator.device.type == "cuda" and u == 2.0 ** -24 and (
+            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+        u = 2.0 ** -11
+    return u
+
+
+def noise_floor(tr, obj, losses: Sequence[float]) -> float:
+    """The loss difference's rounding floor: NOISE_FACTOR·u·Σ|L| with u the
+    unit roundoff of the passes' arithmetic."""
+    return NOISE_FACTOR * unit_roundoff(tr, obj) * sum(abs(v) for v in losses)
+
+
+@dataclasses.dataclass
+class _Verdict:
+    ok: bool
+    excess: float                      # worst error / tolerance over the criteria
+    badness: List[float]               # per interval, for choosing what to refine
+    tensor_error: np.ndarray           # [K]
+    within_noise_only: bool = False    # the total passed only by the noise allowance
+
+
+def judge(opts: RuleOptions, pairs, phi_sum: np.ndarray, d_loss: float, noise: float,
+          class_d_loss: Optional[np.ndarray] = None) -> _Verdict:
+    """The certified criteria on one set of intervals (``pairs`` from
+    :func:`simpson_pairs`, samples [C or 1, K]); total-only rules use only the
+    total's."""
+    s = phi_sum                                       # [C, K] the rule's sums
+    tensor = s.sum(0)                                 # [K]
+    gross = float(np.abs(tensor).sum())
+    est_i = [np.abs(e.sum(0)) for _, e in pairs]      # per interval, per tensor
+    tensor_error = np.sum(est_i, axis=0)
+    total_err = abs(float(tensor.sum()) - d_loss)
+    tol_total = opts.total_tolerance(d_loss, gross, noise)
+    ratios = [total_err / tol_total if tol_total > 0 else math.inf * (total_err > 0)]
+    badness = [abs(float(e.sum())) / max(tol_total, 1e-300) for _, e in pairs]
+    if not opts.total_only:
+        tol_k = opts.tensor_rtol * np.maximum(np.abs(tensor), opts.min_share * gross) + 1e-300
+        ratios.append(float((tensor_error / tol_k).max()))
+        badness = [max(b, float((e / tol_k).max())) for b, e in zip(badness, est_i)]
+        if class_d_loss is not None and s.shape[0] > 1:
+            cls = s.sum(1)                            # [C] class totals
+            tol_c = opts.tensor_rtol * np.maximum(
+                np.abs(cls), opts.min_share * np.abs(cls).sum()) + noise + 1e-300
+            ratios.append(float((np.abs(cls - class_d_loss) / tol_c).max()))
+            badness = [max(b, float((np.abs(e.sum(1)) / tol_c).max()))
+                       for b, (_, e) in zip(badness, pairs)]
+    excess = max(ratios)
+    signal_tol = opts.total_tolerance(d_loss, gross, 0.0)
+    return _Verdict(excess <= 1.0, excess, badness, tensor_error,
+                    total_err > signal_tol and not opts.total_only)
+
+
+STALL_FACTOR = 0.75
+# S_l + S_r − S_p is (2^p − 1) x the halves' error for a rule converging as h^p:
+# 15 for a smooth loss (Simpson), 3 across a kink (a jump in the curvature), 1
+# across a jump in the gradient; 4 keeps kinks covered and smooth steps cheap
+PAIR_DIVISOR = 4
+FLOAT64_U = 2.0 ** -53     # float64 passes: a stall is the loss's roughness, not rounding
+
+
+def _stalled(history: List[float]) -> bool:
+    """Two more rounds did not bring the worst error/tolerance ratio below
+    STALL_FACTOR of what it was: rounding, not curvature (a kink converges
+    slower than a smooth loss, but it converges)."""
+    return len(history) >= 3 and history[-1] > STALL_FACTOR * min(history[:-2])
+
+
+def integrate(tr, obj, after) -> PathResult:
+    """The tracker's entry point: the rule chosen by ``tr.rule``."""
+    opts = tr.rule
+    if not tr.reuse_gradients:
+        return low_memory(tr, obj, after)
+    if opts.method == "certified":
+        return certified(tr, obj, after)
+    if opts.method == "first_order":
+        g_end = tr._buffer(obj)
+        loss_after = tr._loss_and_grad(obj, after, g_end, 1.0)
+        trap_err = np.abs(dots(tr, after, g_end) - dots(tr, after, obj.g_start)).sum(0) / 2
+        return PathResult(obj.g_start, [(0.0, 1.0)], loss_after, g_end, 1, trap_err,
+                          True, False, _class_loss(obj, obj.evaluator))
+    rule = adaptive if opts.method == "adaptive" else simpson
+    return rule(tr, obj, after)
+
+
+def _class_loss(obj, ev):
+    if obj.class_loss_start is None or ev.last_class_losses is None:
+        return None
+    return obj.class_loss_start, ev.last_class_losses
+
+
+# -- certified: local refinement -------------------------------------------------
+
+def certified(tr, obj, after) -> PathResult:
+    opts, ev = tr.rule, obj.evaluator
+    one_point = sum(t.numel() * t.element_size() for t in obj.g_start)
+    held_extra = max(0, opts.path_memory_budget // max(1, one_point))
+    point_buf = tr._buffer()                     # θ at the point being evaluated
+    pts: Dict[float, _Point] = {
+        0.0: _Point(obj.g_start, dots(tr, after, obj.g_start), obj.loss_start,
+                    obj.class_loss_start)}
+
+    def evaluate(f: float, hold: bool) -> None:
+        buf = tr._buffer(obj)
+        x = after if f == 1.0 else tr._point(after, f, point_buf)
+        loss = tr._loss_and_grad(obj, x, buf, f)
+        pts[f] = _Point(buf, dots(tr, after, buf), loss, ev.last_class_losses)
+        if not hold:
+            tr._release(buf)
+            pts[f].grad = None
+
+    evaluate(1.0, True)
+    evaluate(0.5, True)
+    d_loss = pts[1.0].loss - pts[0.0].loss
+    class_d = (None if pts[0.0].class_loss is None or pts[1.0].class_loss is None
+               else pts[1.0].class_loss - pts[0.0].class_loss)
+    noise = noise_floor(tr, obj, (pts[0.0].loss, pts[1.0].loss))
+    intervals = [(0.0, 1.0)]
+    phi = {f: p.phi for f, p in pts.items()}
+    sums = {(0.0, 1.0): simpson_sum(phi, 0.0, 1.0)}
+    est = {(0.0, 1.0): embedded_error(phi, 0.0, 1.0)}
+    history: List[float] = []
+    finest = 2.0 / opts.max_splits       # a Simpson interval: two sub-intervals
+    noise_limited = False
+    while True:
+        pairs = [(sums[iv], est[iv]) for iv in intervals]
+        verdict = judge(opts, pairs, sum(s for s, _ in pairs), d_loss, noise, class_d)
+        history.append(verdict.excess)
+        if verdict.ok:
+            # a total inside the rounding floor only: ΔL itself is rounding
+            noise_limited = verdict.within_noise_only
+            break
+        if _stalled(history) and unit_roundoff(tr, obj) > FLOAT64_U:
+            noise_limited = True
+            break
+        worst = max(b for b, (a, z) in zip(verdict.badness, intervals) if z - a > finest) \
+            if any(z - a > finest for a, z in intervals) else None
+        if worst is None:
+            break                                  # max_splits everywhere
+        new = []
+        for bad, (a, b) in zip(verdict.badness, intervals):
+            if b - a > finest and bad >= 0.5 * worst:
+                m = (a + b) / 2
+                for f in ((a + m) / 2, (m + b) / 2):
+                    evaluate(f, hold=held_extra > 0)
+                    held_extra -= 1
+                    phi[f] = pts[f].phi
+                left, right = (a, m), (m, b)
+                sums[left], sums[right] = simpson_sum(phi, a, m), simpson_sum(phi, m, b)
+                est[left] = est[right] = pair_error(sums[(a, b)], sums[left], sums[right])
+                new += [left, right]
+            else:
+                new.append((a, b))
+        intervals = new
+    weights = _weights(intervals)
+    avg = _form(tr, obj, after, pts, weights, point_buf)
+    for f, p in pts.items():
+        if f not in (0.0, 1.0) and p.grad is not None and p.grad is not avg:
+            tr._release(p.grad)
+    tr._release(point_buf)
+    return PathResult(avg, sorted(weights.items()), pts[1.0].loss, pts[1.0].grad,
+                      2 * len(intervals), verdict.tensor_error,
+                      verdict.ok and not noise_limited, noise_limited,
+                      None if class_d is None else (pts[0.0].class_loss, pts[1.0].class_loss))
+
+
+def _weights(intervals) -> Dict[float, float]:
+    """Composite Simpson weights of the points of ``intervals`` (Σ = 1)."""
+    w: Dict[float, float] = {}
+    for a, b in intervals:
+        h, m = b - a, (a + b) / 2
+        for f, c in ((a, h / 6), (m, 4 * h / 6), (b, h / 6)):
+            w[f] = w.get(f, 0.0) + c
+    return w
+
+
+def _form(tr, obj, after, pts, weights, point_buf):
+    """ḡ = Σ w_f·g(f), in the midpoint's buffer (never θ_t's or θ_{t+1}'s: the
+    tracker releases the first and keeps the second); points whose gradient was
+    not held are recomputed into it with their weight."""
+    avg = pts[0.5].grad
+    torch._foreach_mul_(avg, weights[0.5])
+    for f, w in weights.items():
+        if f == 0.5:
+            continue
+        p = pts[f]
+        if p.grad is not None:
+            tr.kernels.accumulate_(avg, p.grad, w)
+        else:
+            x = tr._point(after, f, point_buf)
+            tr._loss_and_grad(obj, x, avg, f, weight=w)
+    return avg
+
+
+# -- total-only rules (uniform) ----------------------------------------------------
+
+def _tensor_error_uniform(tr, after, q, o, n) -> np.ndarray:
+    """|S_n − T_n| per tensor from the Q and O buffers (uniform composite rule)."""
+    sq, so = dots(tr, after, q).sum(0), dots(tr, after, o).sum(0)
+    return np.abs((so - sq / 2) / (3 * n))
+
+
+def _uniform_result(tr, obj, after, avg, n, loss_after, g_end, valid, err, d_loss):
+    lca = totals(tr, after, avg)[0]
+    grounded = abs(lca - d_loss) <= _tol_total(tr, obj, loss_after, d_loss, after, avg)
+    return PathResult(avg, _uniform_points(n), loss_after, g_end if valid else None, n,
+                      err, grounded, False, _class_loss(obj, obj.evaluator))
+
+
+def _tol_total(tr, obj, loss_after, d_loss, after, avg, gross=None) -> float:
+    if gross is None:
+        gross = float(np.abs(dots(tr, after, avg).sum(0)).sum())
+    return tr.rule.total_tolerance(d_loss, gross,
+                                   noise_floor(tr, obj, (obj.loss_start, loss_after)))
+
+
+def _uniform_points(n: int):
+    if n == 1:
+        return [(0.0, 0.5), (1.0, 0.5)]
+    return [(j / n, (1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n)) for j in range(n + 1)]
+
+
+def adaptive(tr, obj, after) -> PathResult:
+    a, k = obj.g_start, tr.kernels                   # a: g_0
+    b = tr._buffer(obj)
+    class_start = obj.class_loss_start
+    loss_after = tr._loss_and_grad(obj, after, b, 1.0)          # g_1
+    class_after = obj.evaluator.last_class_losses
+    d_loss = loss_after - obj.loss_start
+    phi_a, phi_b = dots(tr, after, a).sum(0), dots(tr, after, b).sum(0)
+    s_a, s_b = float(phi_a.sum()), float(phi_b.sum())
+    gross = float(np.abs((phi_a + phi_b) / 2).sum())
+    tol = _tol_total(tr, obj, loss_after, d_loss, after, None, gross)
+    c = tr._buffer(obj)
+    cl = None if class_start is None or class_after is None else (class_start, class_after)
+    if abs((s_a + s_b) / 2 - d_loss) <= tol:                  # trapezoid
+        k.accumulate_(c, a, 0.5)
+        k.accumulate_(c, b, 0.5)
+        return PathResult(c, _uniform_points(1), loss_after, b, 1,
+                          np.abs(phi_b - phi_a) / 2, True, False, cl)
+    # Simpson: c holds the midpoint, whose gradient goes into a with weight 4
+    tr._loss_and_grad(obj, tr._point(after, 0.5, c), a, 0.5, weight=4.0)
+    (s_a,) = totals(tr, after, a)                            # Σ Δθ·(g_0 + 4·g_½)
+    if abs((s_a + s_b) / 6 - d_loss) <= tol or tr.rule.max_splits < 4:
+        torch._foreach_zero_(c)
+        k.accumulate_(c, a, 1.0 / 6)
+        k.accumulate_(c, b, 1.0 / 6)
+        # S − T₂ = −(φ_0 − 2φ_½ + φ_1)/12, with a = g_0 + 4·g_½
+        phi_m = (dots(tr, after, a).sum(0) - phi_a) / 4
+        err = np.abs(phi_a - 2 * phi_m + phi_b) / 12
+        res = _uniform_result(tr, obj, after, c, 2, loss_after, b, True, err, d_loss)
+        res.class_loss = cl
+        return res
+    # composite Simpson: g_0 once more (into c) to take g_½ back out of a
+    torch._foreach_zero_(c)
+    tr._loss_and_grad(obj, tr._theta_t, c, 0.0)
+    k.accumulate_(a, c, -1.0)
+    torch._foreach_mul_(a, 0.25)                              # a = O = g_½
+    k.accumulate_(c, b, 1.0)                                  # c = Q = g_0 + g_1
+    n = _refine(tr, obj, after, c, a, b, d_loss, tol)
+    err = _tensor_error_uniform(tr, after, c, a, n)
+    avg = _form_uniform(tr, c, a, n)
+    tr._release(c)
+    res = _uniform_result(tr, obj, after, avg, n, loss_after, b, False, err, d_loss)
+    res.class_loss = cl
+    tr._release(b)
+    return res
+
+
+def simpson(tr, obj, after) -> PathResult:
     # Four gradient-sized buffers at most: θ_t, Q (the start gradient's buffer),
     # O, and one that first holds the midpoint and then g_1.
+    class_start = obj.class_loss_start
     o = tr._buffer(obj)
     g_end = tr._buffer(obj)
     tr._loss_and_grad(obj, tr._point(after, 0.5, g_end), o, 0.5)
     torch._foreach_zero_(g_end)
     loss_after = tr._loss_and_grad(obj, after, g_end, 1.0)
+    class_after = obj.evaluator.last_class_losses
     d_loss = loss_after - obj.loss_start
-    tol = tr.atol + tr.rtol * abs(d_loss)
     q = obj.g_start                       # becomes Q = g_0 + g_N + 2·(even points)
     tr.kernels.accumulate_(q, g_end, 1.0)
+    phi_q, phi_o = dots(tr, after, q).sum(0), dots(tr, after, o).sum(0)
+    tol = _tol_total(tr, obj, loss_after, d_loss, after, None,
+                     float(np.abs((phi_q + 4 * phi_o) / 6).sum()))
     n = _refine(tr, obj, after, q, o, g_end, d_loss, tol)
-    return _form(tr, q, o, n), n, loss_after, g_end, n == 2
+    err = _tensor_error_uniform(tr, after, q, o, n)
+    avg = _form_uniform(tr, q, o, n)
+    res = _uniform_result(tr, obj, after, avg, n, loss_after, g_end, n == 2, err, d_loss)
+    if n != 2:
+        tr._release(g_end)
+    if class_start is not None and class_after is not None:
+        res.class_loss = (class_start, class_after)
+    return res
 
 
 def _refine(tr, obj, after, q, o, points, d_loss, tol) -> int:
@@ -101,7 +529,7 @@ def _refine(tr, obj, after, q, o, points, d_loss, tol) -> int:
     max_splits; ``points`` is the buffer new path points are written to."""
     n = 2
     s_q, s_o = totals(tr, after, q, o)
-    while abs((s_q + 4 * s_o) / (3 * n) - d_loss) > tol and n < tr.max_splits:
+    while abs((s_q + 4 * s_o) / (3 * n) - d_loss) > tol and n < tr.rule.max_splits:
         tr.kernels.accumulate_(q, o, 2.0)    # old midpoints become even points
         s_q += 2 * s_o
         torch._foreach_zero_(o)
@@ -113,69 +541,97 @@ def _refine(tr, obj, after, q, o, points, d_loss, tol) -> int:
     return n
 
 
-def _form(tr, q, o, n):
+def _form_uniform(tr, q, o, n):
     """ḡ = (Q + 4·O) / (3n), formed in o."""
     torch._foreach_mul_(o, 4.0 / (3 * n))
     tr.kernels.accumulate_(o, q, 1.0 / (3 * n))
     return o
 
 
-def low_memory(tr, obj, after):
+# -- low memory ----------------------------------------------------------------------
+
+def low_memory(tr, obj, after) -> PathResult:
     """``reuse_gradients=False``: ḡ in a single buffer, with fixed Simpson weights
     (1, 4, 2, ..., 4, 1)/(3n): θ_t, ḡ and the current point are the only
-    gradient-sized buffers (3).  A step that needs refinement is recomputed from
-    scratch with twice the intervals (no gradient is kept for reuse).  Returns
-    (ḡ, splits, loss at θ_{t+1})."""
+    gradient-sized buffers (3).  Each point's samples are the change of the
+    buffer's per-tensor sums (one more fused read per point).  A step that misses
+    the rule's criteria is recomputed from scratch with twice the intervals."""
+    opts, ev = tr.rule, obj.evaluator
     avg = obj.g_start                      # g(θ_t), computed in begin()
-    if tr.method == "first_order":
-        return avg, 1, tr._loss_and_grad(obj, after, None, 1.0)
+    phi0 = dots(tr, after, avg)
+    class_start = obj.class_loss_start
+    if opts.method == "first_order":
+        loss = tr._loss_and_grad(obj, after, None, 1.0)
+        return PathResult(avg, [(0.0, 1.0)], loss, None, 1, np.full(phi0.shape[1], np.nan),
+                          True, False, None)
     point = tr._buffer()
-    n = 2
-    torch._foreach_mul_(avg, 1.0 / (3 * n))   # ḡ starts as g(θ_t) / (3n)
+    n, history = 2, []
     while True:
+        torch._foreach_mul_(avg, 1.0 / (3 * n))   # ḡ starts as g(θ_t) / (3n)
+        phi = {0.0: phi0}
+        before = phi0 / (3 * n)
         for j in range(1, n + 1):
             w = (1 if j == n else (4 if j % 2 else 2)) / (3 * n)
             pt = after if j == n else tr._point(after, j / n, point)
-            loss = obj.evaluator.loss_and_grad(pt, avg, w)
-            if not math.isfinite(loss):
-                tr._loss_and_grad(obj, pt, None, j / n)   # raises, naming the step
+            loss = tr._loss_and_grad(obj, pt, avg, j / n, weight=w)
+            now = dots(tr, after, avg)
+            phi[j / n] = (now - before) / w
+            before = now
+        class_after = ev.last_class_losses
         d_loss = loss - obj.loss_start
-        (s,) = totals(tr, after, avg)
-        if abs(s - d_loss) <= tr.atol + tr.rtol * abs(d_loss) or n >= tr.max_splits:
+        ivs = [(2 * j / n, (2 * j + 2) / n) for j in range(n // 2)]
+        sums = {iv: simpson_sum(phi, *iv) for iv in ivs}
+        if n == 2:
+            pairs = [(sums[iv], embedded_error(phi, *iv)) for iv in ivs]
+        else:      # each pair of intervals against its parent of the last round
+            pairs = [(sums[iv], pair_error(parents[(4 * (j // 2) / n, (4 * (j // 2) + 4) / n)],
+                                           sums[ivs[j - j % 2]], sums[ivs[j - j % 2 + 1]]))
+                     for j, iv in enumerate(ivs)]
+        parents = sums
+        verdict = judge(opts, pairs, sum(s for s, _ in pairs), d_loss,
+                        noise_floor(tr, obj, (obj.loss_start, loss)))
+        history.append(verdict.excess)
+        stalled = (not opts.total_only and _stalled(history) and
+                   unit_roundoff(tr, obj) > FLOAT64_U) or (verdict.ok and
+                                                           verdict.within_noise_only)
+        if verdict.ok or n >= opts.max_splits or stalled:
             break
         n *= 2                              # start again with twice the intervals
         torch._foreach_zero_(avg)
-        obj.evaluator.loss_and_grad(tr._theta_t, avg, 1.0 / (3 * n))
+        tr._loss_and_grad(obj, tr._theta_t, avg, 0.0)
     tr._release(point)
-    return avg, n, loss
+    cl = None if class_start is None or class_after is None else (class_start, class_after)
+    return PathResult(avg, _uniform_points(n), loss, None, n, verdict.tensor_error,
+                      verdict.ok and not stalled, stalled, cl)
 
 
-def recomputed_classes(tr, obj, after, n: int):
+def recomputed_classes(tr, obj, after, points):
     """Per-class LCA outside per-class mode: the class gradients recomputed at
-    the points of the total's rule (``n`` splits), in groups of classes that fit
-    ``class_memory_budget``.  Returns (class sums [C, K], class counts [C, K, 4])."""
+    the points of the total's rule (``points``: (f, w) pairs), in groups of
+    classes that fit ``class_memory_budget``.  Returns (class sums [C, K], class
+    counts [C, K, 4], class losses at θ_t and θ_{t+1} [C] each)."""
     group = max(1, min(tr.num_classes, tr.class_memory_budget // max(1, tr._one_class)))
-    sums, counts = [], []
-    at_start = 0.0                  # the classes' loss at θ_t, over the groups
+    sums, counts, before, after_loss = [], [], [], []
+    ends = dict(points)
+    ends.setdefault(0.0, 0.0)
+    ends.setdefault(1.0, 0.0)            # the losses at both ends, even at weight 0
     for c0 in range(0, tr.num_classes, group):
         classes = list(range(c0, min(tr.num_classes, c0 + group)))
         stacked = tr._new_buffer(len(classes))
-        for f, w in class_weights(tr.method, n):
+        for f, w in sorted(ends.items()):
             point = after if f == 1.0 else tr._theta_t if f == 0.0 else tr._point(after, f)
-            part = obj.evaluator.class_grads(point, classes, stacked, w)
-            at_start += part if f == 0.0 else 0.0
+            if w == 0.0:                  # a loss only (forward)
+                part = obj.evaluator.class_losses(point, classes)
+            else:
+                obj.evaluator.class_grads(point, classes, stacked, w)
+                part = obj.evaluator.last_class_losses
+            if f == 0.0:
+                before.append(part)
+            elif f == 1.0:
+                after_loss.append(part)
         res = tr.kernels.allocate_classes(tr._theta_t, after, stacked)
         sums.append(res.sums.cpu().numpy())
         counts.append(res.counts.cpu().numpy())
-    obj.evaluator.check_split_once(obj.loss_start, at_start)
-    return np.concatenate(sums), np.concatenate(counts)
-
-
-def class_weights(method: str, n: int):
-    """(path fraction, weight) of the points the per-class gradients use: the
-    same rule as the step's total."""
-    if method == "first_order":
-        return [(0.0, 1.0)]
-    if n == 1:                                       # trapezoid (adaptive)
-        return [(0.0, 0.5), (1.0, 0.5)]
-    return [(j / n, (1 if j in (0, n) else (4 if j % 2 else 2)) / (3 * n)) for j in range(n + 1)]
+    before, after_loss = np.concatenate(before), np.concatenate(after_loss)
+    obj.evaluator.check_split_once(obj.loss_start, float(before.sum()))
+    return np.concatenate(sums), np.concatenate(counts), before, after_loss

@@ -26,14 +26,24 @@ class Run:
     and each named eval set.  Fields per tracked step:
       loss_before, loss_after  whole-set loss at θ_t and θ_{t+1}
       lca_sum                  Σ LCA over parameters (≈ loss_after − loss_before)
-      error                    |lca_sum − (loss_after − loss_before)|
-      splits                   Simpson intervals used (1 = first order)
+      error                    |lca_sum − (loss_after − loss_before)| (exact)
+      grounded                 the step met every criterion of its rule (bool)
+      noise_limited            refinement stopped at the passes' rounding (bool)
+      splits                   intervals of the rule (1 = trapezoid or first order,
+                               2 = Simpson, n = composite; certified: local ones)
       grad_passes              whole-set gradient passes spent on the step
       tensor_sums [T, K]       LCA per parameter tensor
+      tensor_error [T, K]      estimated |error| of each tensor_sums value: the
+                               rule's own embedded estimate on the step's points
+                               (lca_ext.quadrature), an upper estimate where
+                               Simpson beats the trapezoid
       counts [T, K, 4]         helped / hurt / zero / nonfinite per tensor
       row_sums [T, R]          LCA per neuron (rows of dim 0), tensors concatenated
       histogram [T, K, B + 2]  LCA value counts over ``bin_edges`` (+ under/overflow)
       class_sums [T, C, K], class_counts [T, C, K, 4]   with num_classes ("train")
+      class_loss_before, class_loss_after [T, C]   each class's share of the LCA
+                               loss at θ_t and θ_{t+1} (summing to loss_before /
+                               loss_after): :meth:`class_error` is exact
     ``state``: per-parameter arrays (lists over tensors): cum_lca, helped_steps,
     direction_changes, grad_sign_changes (oscillation counters).  ``frames``:
     raw per-element LCA of chosen tensors, "<k>" [F, *shape], with "step" [F].
@@ -88,12 +98,28 @@ class Run:
         raise AttributeError(name)
 
     def grounded(self, objective: str = "train") -> np.ndarray:
-        """[T] bool: the step's |ΣLCA − ΔL| is within the run's tolerance,
-        atol + rtol·|ΔL| (meta "config"); False flags a step that reached
-        max_splits without meeting it (or any first-order step that misses)."""
+        """[T] bool: the step met every criterion of its rule (certified: the
+        total, every tensor's estimated error and every class total within
+        tolerance; total-only rules: the total).  False flags a step that reached
+        max_splits or the rounding floor (``noise_limited``) without meeting
+        them.  Runs written before these flags: |ΣLCA − ΔL| <= atol + rtol·|ΔL|."""
+        if f"{objective}/grounded" in self.arrays:
+            return self.arrays[f"{objective}/grounded"].astype(bool)
         cfg = self.meta["config"]
         d = self.get("loss_after", objective) - self.get("loss_before", objective)
         return self.get("error", objective) <= cfg["atol"] + cfg["rtol"] * np.abs(d)
+
+    def class_error(self) -> np.ndarray:
+        """[T, C]: each class total's exact error, |Σ_k class_sums − ΔL_c| with
+        ΔL_c = class_loss_after − class_loss_before."""
+        d = self.get("class_loss_after") - self.get("class_loss_before")
+        return np.abs(self.get("class_sums").sum(-1) - d)
+
+    def tensor_rel_error(self, objective: str = "train") -> np.ndarray:
+        """[T, K]: tensor_error / |tensor_sums| (inf where a sum is 0)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.get("tensor_error", objective) / np.abs(
+                self.get("tensor_sums", objective))
 
     def layer_sums(self, objective: str = "train") -> np.ndarray:
         """[T, num_layers]: LCA per layer (a module's parameters together)."""

@@ -128,7 +128,9 @@ class RunWriter:
     def _put_row(self, group, key: str, row: np.ndarray, index: int) -> None:
         row = np.asarray(row)
         if key in group:
-            arr = group[key]
+            # (a reopened array forgets write_empty_chunks: a row equal to the fill
+            # value, e.g. a False flag, would leave its chunk file unwritten)
+            arr = group[key].with_config({"write_empty_chunks": True})
             if arr.shape[0] < index + 1:
                 arr.resize((index + 1, *arr.shape[1:]))
         else:

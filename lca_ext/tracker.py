@@ -17,20 +17,22 @@ One tracked step:
           step's end point (computed afresh only after an untracked step, or
           when θ was written outside a tracked step).
   end     ḡ, the average gradient along θ_t → θ_{t+1} over the whole LCA set, by
-          the cheapest rule that grounds the step (lca_ext.quadrature: the
-          trapezoid on the end points, then Simpson, then composite Simpson; the
-          check |ΣLCA − ΔL| <= atol + rtol·|ΔL| uses per-buffer totals of the
-          fused op, LCA being linear in ḡ); passes through lca_ext.evaluate (no
-          side effects on the training).  Then one fused pass (lca_ext.allocate)
-          gives the per-tensor sums, sign counts, per-neuron sums, histogram and
-          per-parameter state.
+          the rule of ``rule`` (lca_ext.quadrature: by default Simpson refined
+          locally until the total, every tensor's estimated error and every
+          class total are within tolerance; the samples it judges are per-tensor
+          sums of the fused op, LCA being linear in ḡ); passes through
+          lca_ext.evaluate (no side effects on the training).  Then one fused
+          pass (lca_ext.allocate) gives the per-tensor sums, sign counts,
+          per-neuron sums, histogram and per-parameter state.
 
 Memory beyond the model, optimiser and .grad, in fp32 values per tracked
-parameter: the path integral needs θ_t snapshot 1, Q 1, O 1 and one buffer that
-first holds the midpoint and then g(θ_{t+1}) (= 4; autograd's transient
-per-batch gradient aside).  A refined step needs that buffer for its new points,
-so the next step recomputes its start gradient (one more pass) rather than
-holding a fifth buffer.  ``reuse_gradients=False`` is the low-memory mode:
+parameter (autograd's transient per-batch gradient aside): the certified rule
+holds θ_t 1, the path point 1 and the gradients at θ_t, the midpoint and
+θ_{t+1} (= 5), plus one per refined point while ``path_memory_budget`` allows
+(points beyond it are recomputed once); the total-only rules ("adaptive",
+"simpson") hold 4 (θ_t, Q, O and one that holds the midpoint, then g(θ_{t+1}));
+a refined step there lends that buffer to its points, so the next step
+recomputes its start gradient.  ``reuse_gradients=False`` is the low-memory mode:
 3 buffers (θ_t, ḡ, the current point), recomputing instead of reusing.
 Each named eval set adds Q, g_end and O (3).  Per-parameter statistics: cum_lca
 (1), helped_steps (1, int32), and with ``oscillation=True`` two int32 counters
@@ -81,6 +83,7 @@ class _Objective:
         self.start_buffers: List[torch.Tensor] = []
         self.start_passes = 0
         self.classes = False    # per-class mode: buffers [C, *shape], class passes
+        self.class_loss_start: Optional[np.ndarray] = None   # [C] at θ_t (per-class mode)
 
 
 class LCATracker:
@@ -101,15 +104,20 @@ class LCATracker:
                 moved batches
     eval_sets:  {"val": data, ...}: more sets whose loss change is allocated with
                 the same Δθ (same data forms as lca_data)
-    autocast:   None (passes in the parameters' precision, outside any autocast
-                around the step) or a dtype such as torch.bfloat16
-    method:     "adaptive" (default: the trapezoid on the end points, then
-                Simpson, then composite Simpson, the first that grounds the step;
-                splits 1, 2, n), "simpson" (Simpson, then composite Simpson) or
-                "first_order" (ḡ = g(θ_t), the left point); see lca_ext.quadrature.
-                With reuse_gradients=False, "adaptive" is "simpson"
-    rtol, atol: refine a step while |ΣLCA − ΔL| > atol + rtol·|ΔL|
-    max_splits: at most this many Simpson intervals per step (a power of two)
+    autocast:   None (passes outside any autocast, also one a framework wrapped
+                into model.forward) or a dtype such as torch.bfloat16
+    pass_dtype: "auto" (float32 passes for bf16/fp16 parameters, the parameters'
+                own precision otherwise), None (always their own) or a dtype;
+                see lca_ext.evaluate
+    rule:       a lca_ext.RuleOptions (or a dict of its fields): the path rule
+                and its tolerances.  The default, "certified", refines each step
+                until the total, every tensor's estimated error (``tensor_error``)
+                and each class total are within tolerance; see lca_ext.quadrature.
+    method, rtol, atol, max_splits: shorthands for the same RuleOptions fields
+                (give these or ``rule``, not both).  method="adaptive" is the
+                cheaper total-only rule (trapezoid, Simpson, composite Simpson,
+                the first that grounds the total); with reuse_gradients=False
+                it is "simpson"
     schedule:   None (every step), an int k (every k-th step, starting at 0) or
                 a collection of step indices; untracked steps cost nothing
     num_classes: per-class LCA of the LCA set; class_memory_budget (bytes)
@@ -159,8 +167,10 @@ class LCATracker:
                  eval_sets: Optional[Dict[str, object]] = None,
                  autocast: Optional[torch.dtype] = None, cache: bool = False,
                  targets: Optional[Callable] = None,
-                 method: str = "adaptive", rtol: float = 1e-3, atol: float = 1e-4,
-                 max_splits: int = 32, schedule: Union[None, int, Iterable[int]] = None,
+                 rule: Union[None, quadrature.RuleOptions, dict] = None,
+                 method: Optional[str] = None, rtol: Optional[float] = None,
+                 atol: Optional[float] = None, max_splits: Optional[int] = None,
+                 pass_dtype="auto", schedule: Union[None, int, Iterable[int]] = None,
                  num_classes: Optional[int] = None, class_memory_budget: int = 2 << 30,
                  batch_size: int = 1024, batchnorm: str = "batch",
                  bin_edges: Optional[torch.Tensor] = None, row_sums: bool = True,
@@ -175,15 +185,8 @@ class LCATracker:
         if lca_data is None:
             raise ValueError("lca_ext.LCATracker: lca_data is required (the fixed set whose "
                              "loss change is allocated)")
-        if method not in ("adaptive", "simpson", "first_order"):
-            raise ValueError(f"lca_ext.LCATracker: method={method!r}; expected "
-                             "'adaptive', 'simpson' or 'first_order'")
-        if not (isinstance(max_splits, int) and max_splits >= 2
-                and max_splits & (max_splits - 1) == 0):
-            raise ValueError(f"lca_ext.LCATracker: max_splits={max_splits!r}; "
-                             "expected a power of two >= 2")
-        if rtol < 0 or atol < 0:
-            raise ValueError(f"lca_ext.LCATracker: rtol={rtol}, atol={atol}; expected >= 0")
+        self.rule = quadrature.rule_options(rule, method=method, rtol=rtol, atol=atol,
+                                            max_splits=max_splits)
         if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
             raise ValueError(f"lca_ext.LCATracker: num_classes={num_classes!r}; "
                              "expected an int >= 1")
@@ -210,9 +213,8 @@ class LCATracker:
                        name="lca_data" if name == "train" else f"eval_sets[{name!r}]",
                        **share),
                 self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast,
-                targets=targets, num_classes=num_classes))
+                targets=targets, num_classes=num_classes, pass_dtype=pass_dtype))
             for name, data in sets.items()]
-        self.method, self.rtol, self.atol, self.max_splits = method, rtol, atol, max_splits
         self.schedule = schedule if schedule is None or isinstance(schedule, int) \
             else frozenset(schedule)
         self.num_classes = num_classes
@@ -265,7 +267,8 @@ class LCATracker:
         # parameters' in-place versions at the last end(): a reused start
         # gradient is valid only if nobody wrote θ in between
         self._end_versions: Optional[List[int]] = None
-        self.ungrounded_steps: List[tuple] = []   # (objective, step) past max_splits
+        self.ungrounded_steps: List[tuple] = []   # (objective, step) not grounded
+        self._warned_causes: List[bool] = []      # noise_limited values warned about
         self._writer: Optional[run_store.RunWriter] = None
         self._store_path = store
         if store is not None:
@@ -319,6 +322,7 @@ class LCATracker:
                 if obj.g_start is None:
                     obj.g_start = self._buffer(obj)
                     obj.loss_start = self._loss_and_grad(obj, self._theta_t, obj.g_start, 0.0)
+                    obj.class_loss_start = obj.evaluator.last_class_losses
                     obj.start_passes = 1
 
     def end(self) -> None:
@@ -391,8 +395,8 @@ class LCATracker:
             objectives=[o.name for o in self.objectives], num_classes=self.num_classes,
             bin_edges=self.bin_edges.cpu().tolist(),
             frame_names=[self.params.names[k] for k in self.frame_tensors],
-            config=dict(method=self.method, rtol=self.rtol, atol=self.atol,
-                        max_splits=self.max_splits,
+            config=dict(dataclasses.asdict(self.rule),
+                        pass_dtype=str(self.objectives[0].evaluator.compute_dtype),
                         batchnorm=self.objectives[0].evaluator.batchnorm,
                         lca_set_size=self.objectives[0].evaluator.count,
                         world_size=self.ctx.world,
@@ -483,6 +487,12 @@ class LCATracker:
                 point.append(torch.lerp(a0, a1, f))
         return point
 
+    # the rule's options, readable as before (lca_ext.quadrature.RuleOptions)
+    method = property(lambda self: self.rule.method)
+    rtol = property(lambda self: self.rule.rtol)
+    atol = property(lambda self: self.rule.atol)
+    max_splits = property(lambda self: self.rule.max_splits)
+
     def _allocate_objective(self, obj: _Objective, step: int, after) -> dict:
         ev = obj.evaluator
         passes0 = ev.passes
@@ -492,19 +502,9 @@ class LCATracker:
             self._count_oscillations(after, g0)
             if obj.classes:
                 self._release(g0)
-        next_start_valid = self.reuse_gradients
-        if not self.reuse_gradients:
-            avg, n, loss_after = quadrature.low_memory(self, obj, after)
-            d_loss = loss_after - obj.loss_start
-        elif self.method == "first_order":
-            g_end = self._buffer(obj)
-            loss_after = self._loss_and_grad(obj, after, g_end, 1.0)
-            d_loss = loss_after - obj.loss_start
-            avg, n = obj.g_start, 1
-        else:
-            rule = quadrature.adaptive if self.method == "adaptive" else quadrature.simpson
-            avg, n, loss_after, g_end, next_start_valid = rule(self, obj, after)
-            d_loss = loss_after - obj.loss_start
+        path = quadrature.integrate(self, obj, after)
+        avg, loss_after = path.avg, path.loss_after
+        d_loss = loss_after - obj.loss_start
         stacked = avg if obj.classes else None     # per-class ḡ, [C, *shape]
         if stacked is not None:
             avg = self._class_total(stacked)
@@ -517,26 +517,32 @@ class LCATracker:
                                   bin_edges=self.bin_edges, **state),
             rows=self.row_sums)
         lca_sum = res.sums.sum().item()
-        if self.method != "first_order" and \
-                abs(lca_sum - d_loss) > self.atol + self.rtol * abs(d_loss):
-            self._ungrounded(obj.name, step, n, abs(lca_sum - d_loss), d_loss)
+        if self.rule.method != "first_order" and not path.grounded:
+            self._ungrounded(obj.name, step, path, abs(lca_sum - d_loss))
         p = obj.name + "/"
         record = {p + "loss_before": np.float64(obj.loss_start),
                   p + "loss_after": np.float64(loss_after),
                   p + "lca_sum": np.float64(lca_sum),
                   p + "error": np.float64(abs(lca_sum - d_loss)),
-                  p + "splits": np.int64(n),
+                  p + "splits": np.int64(path.splits),
+                  p + "grounded": np.bool_(path.grounded),
+                  p + "noise_limited": np.bool_(path.noise_limited),
                   p + "tensor_sums": res.sums.cpu().numpy(),
+                  p + "tensor_error": np.asarray(path.tensor_error, dtype=np.float64),
                   p + "counts": res.counts.cpu().numpy(),
                   p + "row_sums": res.row_sums.cpu().numpy(),
                   p + "histogram": res.histogram.cpu().numpy()}
+        class_loss = path.class_loss
         if stacked is not None:
             res_c = self.kernels.allocate_classes(self._theta_t, after, stacked)
             sums, counts = res_c.sums.cpu().numpy(), res_c.counts.cpu().numpy()
         elif is_train and self.num_classes:
-            sums, counts = quadrature.recomputed_classes(self, obj, after, n)
+            sums, counts, *class_loss = quadrature.recomputed_classes(self, obj, after,
+                                                                       path.points)
         if is_train and self.num_classes:
-            record.update({p + "class_sums": sums, p + "class_counts": counts})
+            record.update({p + "class_sums": sums, p + "class_counts": counts,
+                           p + "class_loss_before": np.asarray(class_loss[0], np.float64),
+                           p + "class_loss_after": np.asarray(class_loss[1], np.float64)})
         record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
         if is_train and self.frame_tensors and self._tracked_count % self.frame_every == 0:
             self._pending_frames = self._frame(after, avg)
@@ -545,25 +551,41 @@ class LCATracker:
                                     if b is not None and b is not obj.g_start]:
             self._release(buf)
         obj.g_start = None
-        if next_start_valid:
-            obj.g_start, obj.loss_start = g_end, loss_after
-        elif self.reuse_gradients:
-            self._release(g_end)
+        if path.g_end is not None and self.reuse_gradients:
+            obj.g_start, obj.loss_start = path.g_end, loss_after
+            obj.class_loss_start = None if path.class_loss is None else path.class_loss[1]
         if not self.reuse_gradients:
             self._spares.clear()  # hold no gradient buffer between steps
         return record
 
-    def _ungrounded(self, name: str, step: int, n: int, error: float, d_loss: float) -> None:
-        """A step that reached max_splits without meeting the tolerance: warned
-        once, then counted in ``ungrounded_steps`` ((objective, step) pairs)."""
-        if not self.ungrounded_steps:
+    def _ungrounded(self, name: str, step: int, path, error: float) -> None:
+        """A step that missed the rule's criteria: warned once per cause
+        (rounding or curvature), then counted in ``ungrounded_steps``
+        ((objective, step) pairs)."""
+        noise = path.noise_limited
+        if not any(c == noise for c in self._warned_causes):
+            self._warned_causes.append(noise)
+            if noise:
+                u = quadrature.unit_roundoff(self, self.objectives[0])
+                cause = ("the passes' rounding (16-bit or TF32 arithmetic), not the "
+                         "curvature, limits this step" if u > 2.0 ** -24 else
+                         "most likely the rounding of float32 passes on a small step "
+                         "(or a loss with many kinks along it)")
+                why = (f"the error is at the passes' rounding floor, where refining cannot "
+                       f"shrink it: {cause}. Run the passes in "
+                       "float32 (pass_dtype=torch.float32, autocast=None; on a GPU "
+                       "torch.backends.cuda.matmul.allow_tf32 = False) or loosen the "
+                       "tolerances (RuleOptions tensor_rtol, rtol)")
+            else:
+                why = (f"the finest interval (1/{self.rule.max_splits} of the step) was "
+                       "reached: the loss is too curved along this step (large early steps) "
+                       "or not smooth in θ; raise max_splits or lower the learning rate")
             warnings.warn(
-                f"lca_ext: step {step} ({name!r}) is not grounded after {n} Simpson intervals "
-                f"(max_splits): |ΣLCA − ΔL| = {error:.3g} > atol + rtol·|ΔL| = "
-                f"{self.atol + self.rtol * abs(d_loss):.3g}. The loss is too curved along "
-                "this step (large early steps) or not a smooth function of θ; raise "
-                "max_splits or lower the learning rate. Later such steps are counted in "
-                "tracker.ungrounded_steps without a warning.", RuntimeWarning, stacklevel=4)
+                f"lca_ext: step {step} ({name!r}) is not grounded after {path.splits} "
+                f"intervals: |ΣLCA − ΔL| = {error:.3g}, largest estimated tensor error "
+                f"{float(np.max(path.tensor_error, initial=0.0)):.3g}; {why}. Later such "
+                "steps are counted in tracker.ungrounded_steps (and run.grounded() is "
+                "False for them) without a warning.", RuntimeWarning, stacklevel=4)
         self.ungrounded_steps.append((name, step))
 
     def attach(self, optimizer: torch.optim.Optimizer):

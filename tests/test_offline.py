@@ -124,8 +124,8 @@ def test_offline_equals_tracking_during_training(tmp_path, batchnorm):
     assert set(run.state) == set(online.state) | {"first_delta_sign", "first_grad_sign"}
     if batchnorm == "eval":
         # running statistics moved every step: each step recomputed its start;
-        # the adaptive rule spends one more pass (g_0 again) on a composite step
-        assert (run.grad_passes == 1 + run.splits + (run.splits > 2)).all()
+        # the certified rule then spends one pass per point past θ_t
+        assert (run.grad_passes == 1 + run.splits).all()
 
 
 # -- split + merge equals one run ---------------------------------------------------
@@ -158,9 +158,9 @@ def test_split_into_three_and_merge_equals_unsplit(trajectory, tmp_path):
     assert sum(c.sum() for c in whole.state["grad_sign_changes"]) > 0
     # grad_passes shows the real cost: one more pass (the start gradient) at
     # the start of each part after the first, none elsewhere
-    # (unless the unsplit run recomputed it too, after a refined step)
+    # (the certified rule keeps every step's end gradient for the next)
     extra = merged.grad_passes - whole.grad_passes
-    assert extra[[3, 6]].tolist() == (whole.splits[[2, 5]] <= 2).astype(int).tolist()
+    assert extra[[3, 6]].tolist() == [1, 1]
     assert not extra[[0, 1, 2, 4, 5, 7, 8]].any()
     # frames: every 2nd step counted from the trajectory's start, as unsplit
     assert merged.frames["step"].tolist() == [0, 2, 4, 6, 8]
@@ -237,8 +237,7 @@ def test_resume_after_a_bad_file_and_empty_parts(tmp_path):
     # identical, to the bit (cum_lca was accumulated in the same order), except
     # the resumed step's start gradient, computed afresh
     assert_runs_equal(whole, resumed, passes=False)
-    assert (resumed.grad_passes - whole.grad_passes).tolist() == \
-        [0, 0, 0, int(whole.splits[2] <= 2), 0, 0]
+    assert (resumed.grad_passes - whole.grad_passes).tolist() == [0, 0, 0, 1, 0, 0]
     with pytest.raises(RunStoreError, match="cannot resume"):
         offline.compute(mlp(), xent, (x, y), traj, out, batch_size=64, steps=(0, 3),
                         resume=True)

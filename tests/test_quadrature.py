@@ -33,13 +33,13 @@ def data():
     return x, x[:, 0] * 0.5
 
 
-def run_steps(kind, lr, steps=3, rtol=1e-9, **kw):
+def run_steps(kind, lr, steps=3, rtol=1e-9, method="adaptive", **kw):
     model = Poly(kind)
     x, y = data()
     lf = (lambda o, t: ((o - t) ** 2).mean()) if kind == "quadratic" else \
         (lambda o, t: o.mean())
     tracker = lca_ext.LCATracker(model, lf, (x, y), batch_size=16, atol=0, rtol=rtol,
-                                 oscillation=False, **kw)
+                                 oscillation=False, method=method, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     path = []
     for i in range(steps):
@@ -105,7 +105,8 @@ def test_per_class_follows_the_rule_of_the_total():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, _ = data()
     y = x[:, :3].argmax(1)
-    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y), num_classes=3)
+    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y), num_classes=3,
+                                 method="adaptive")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for i in range(3):
         opt.zero_grad()
