@@ -289,6 +289,29 @@ PAIR_DIVISOR = 4
 FLOAT64_U = 2.0 ** -53     # float64 passes: a stall is the loss's roughness, not rounding
 
 
+def ungrounded_message(tr, obj, name: str, step: int, path: PathResult, error: float) -> str:
+    """The warning for a step that missed its rule's criteria, naming the cause:
+    the passes' rounding (noise-limited) or the curvature (max_splits)."""
+    if path.noise_limited:
+        cause = ("the passes' rounding (16-bit or TF32 arithmetic), not the curvature, "
+                 "limits this step" if unit_roundoff(tr, obj) > 2.0 ** -24 else
+                 "most likely the rounding of float32 passes on a small step (or a loss "
+                 "with many kinks along it)")
+        why = (f"the error is at the passes' rounding floor, where refining cannot shrink "
+               f"it: {cause}. Run the passes in float32 (pass_dtype=torch.float32, "
+               "autocast=None; on a GPU torch.backends.cuda.matmul.allow_tf32 = False) or "
+               "loosen the tolerances (RuleOptions tensor_rtol, rtol)")
+    else:
+        why = (f"the finest interval (1/{tr.rule.max_splits} of the step) was reached: the "
+               "loss is too curved along this step (large early steps) or not smooth in θ; "
+               "raise max_splits or lower the learning rate")
+    return (f"lca_ext: step {step} ({name!r}) is not grounded after {path.splits} "
+            f"intervals: |ΣLCA − ΔL| = {error:.3g}, largest estimated tensor error "
+            f"{float(np.max(path.tensor_error, initial=0.0)):.3g}; {why}. Later such steps "
+            "are counted in tracker.ungrounded_steps (and run.grounded() is False for "
+            "them) without a warning.")
+
+
 def _stalled(history: List[float]) -> bool:
     """Two more rounds did not bring the worst error/tolerance ratio below
     STALL_FACTOR of what it was: rounding, not curvature (a kink converges

@@ -562,30 +562,11 @@ class LCATracker:
         """A step that missed the rule's criteria: warned once per cause
         (rounding or curvature), then counted in ``ungrounded_steps``
         ((objective, step) pairs)."""
-        noise = path.noise_limited
-        if not any(c == noise for c in self._warned_causes):
-            self._warned_causes.append(noise)
-            if noise:
-                u = quadrature.unit_roundoff(self, self.objectives[0])
-                cause = ("the passes' rounding (16-bit or TF32 arithmetic), not the "
-                         "curvature, limits this step" if u > 2.0 ** -24 else
-                         "most likely the rounding of float32 passes on a small step "
-                         "(or a loss with many kinks along it)")
-                why = (f"the error is at the passes' rounding floor, where refining cannot "
-                       f"shrink it: {cause}. Run the passes in "
-                       "float32 (pass_dtype=torch.float32, autocast=None; on a GPU "
-                       "torch.backends.cuda.matmul.allow_tf32 = False) or loosen the "
-                       "tolerances (RuleOptions tensor_rtol, rtol)")
-            else:
-                why = (f"the finest interval (1/{self.rule.max_splits} of the step) was "
-                       "reached: the loss is too curved along this step (large early steps) "
-                       "or not smooth in θ; raise max_splits or lower the learning rate")
-            warnings.warn(
-                f"lca_ext: step {step} ({name!r}) is not grounded after {path.splits} "
-                f"intervals: |ΣLCA − ΔL| = {error:.3g}, largest estimated tensor error "
-                f"{float(np.max(path.tensor_error, initial=0.0)):.3g}; {why}. Later such "
-                "steps are counted in tracker.ungrounded_steps (and run.grounded() is "
-                "False for them) without a warning.", RuntimeWarning, stacklevel=4)
+        if path.noise_limited not in self._warned_causes:
+            self._warned_causes.append(path.noise_limited)
+            warnings.warn(quadrature.ungrounded_message(self, self.objectives[0], name, step,
+                                                        path, error),
+                          RuntimeWarning, stacklevel=4)
         self.ungrounded_steps.append((name, step))
 
     def attach(self, optimizer: torch.optim.Optimizer):

@@ -428,7 +428,8 @@ def test_token_level_classes_add_up_and_match_a_direct_share():
     for _ in range(2):
         ids = torch.randint(0, vocab, (3, SEQ), generator=gen)
         lca.append({"input_ids": ids, "labels": torch.where(ids % 5 == 0, -100, ids)})
-    tracker = lca_ext.LCATracker(model, lca_data=lca, batch_loss=lm_loss, num_classes=vocab)
+    tracker = lca_ext.LCATracker(model, lca_data=lca, batch_loss=lm_loss, num_classes=vocab,
+                                 method="adaptive")   # uniform points: checked below
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     b = lca[0]
     opt.zero_grad()
