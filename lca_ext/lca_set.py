@@ -30,20 +30,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
+def map_tensors(batch, fn):
+    """``batch`` with ``fn`` applied to every tensor in it (same structure: tensors,
+    mappings, namedtuples, lists and tuples, nested)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, abc.Mapping):
+        mapped = {k: map_tensors(v, fn) for k, v in batch.items()}
+        return mapped if type(batch) is dict else type(batch)(mapped)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):     # namedtuple
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def to_device(batch, device: torch.device):
     """``batch`` with every tensor in it moved to ``device`` (same structure)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
     if hasattr(batch, "to") and isinstance(batch, abc.Mapping):   # BatchEncoding
         return batch.to(device)
-    if isinstance(batch, abc.Mapping):
-        moved = {k: to_device(v, device) for k, v in batch.items()}
-        return moved if type(batch) is dict else type(batch)(moved)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):     # namedtuple
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -57,16 +63,7 @@ def at_least_float32(loss: torch.Tensor) -> torch.Tensor:
 def cast_half(batch, dtype: torch.dtype):
     """``batch`` with every float16/bfloat16 tensor in it cast to ``dtype`` (same
     structure): the inputs of a pass run in float32 on 16-bit parameters."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.dtype in HALF else batch
-    if isinstance(batch, abc.Mapping):
-        cast = {k: cast_half(v, dtype) for k, v in batch.items()}
-        return cast if type(batch) is dict else type(batch)(cast)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):     # namedtuple
-        return type(batch)(*(cast_half(v, dtype) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(cast_half(v, dtype) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(dtype) if t.dtype in HALF else t)
 
 
 def first_tensor(batch) -> Optional[torch.Tensor]:
