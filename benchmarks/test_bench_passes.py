@@ -41,7 +41,7 @@ def digits():
     return xtr, ytr
 
 
-@pytest.mark.parametrize("method", ["adaptive", "simpson"])
+@pytest.mark.parametrize("method", ["certified", "adaptive", "simpson"])
 def test_passes_per_step(benchmark, method):
     xtr, ytr = digits()
     xtr = xtr.double()

@@ -116,8 +116,15 @@ class Evaluator:
                              "(the parameters' precision) or a floating dtype such as "
                              "torch.float32")
         half = any(p.dtype in HALF for p in params.params)
+        sharded = ctx is not None and ctx.sharded
         if pass_dtype == "auto":
-            pass_dtype = torch.float32 if half and autocast is None else None
+            # (FSDP2 passes run the live sharded model: its precision is FSDP's)
+            pass_dtype = torch.float32 if half and autocast is None and not sharded else None
+        elif pass_dtype is not None and sharded:
+            raise NotImplementedError(
+                f"lca_ext: pass_dtype={pass_dtype!r} with FSDP2: the passes run the sharded "
+                "model itself, in FSDP's precision (its MixedPrecisionPolicy); use "
+                "pass_dtype='auto' or None")
         self.pass_dtype = pass_dtype
         # the arithmetic a pass runs in (its rounding sets the noise floor)
         self.compute_dtype = autocast or pass_dtype or max(
