@@ -40,7 +40,7 @@ from typing import List, Sequence
 import torch
 from torch.func import functional_call
 
-from .lca_set import at_least_float32, cast_half
+from .lca_set import at_least_float32, cast_up
 
 
 def targets_of(ev, batch) -> torch.Tensor:
@@ -111,7 +111,7 @@ def class_batches(ev) -> List[tuple]:
         # (under DDP a rank may hold no example of a small set)
         pair = [(x.to(ev.device), y.to(ev.device)) for x, y in ev.data.pair if x.shape[0]]
         if ev.pass_dtype is not None:
-            pair = [cast_half(p, ev.pass_dtype) for p in pair]
+            pair = [cast_up(p, ev.pass_dtype) for p in pair]
         if not pair:
             ev._class_batches = []
             return ev._class_batches

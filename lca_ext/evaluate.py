@@ -29,7 +29,8 @@ weighs right.  The classic ``loss_fn(model(x), y)`` is the special case
   parameters in float32 (the point, the parameters, buffers and 16-bit inputs
   cast up; the loss of a bf16 pass is quantised to 2^-8 relative, so its ΔL
   would be rounding), other parameters in their own precision; None keeps the
-  parameters' precision; a dtype casts up to it.  Losses and weights add up in
+  parameters' precision; a dtype casts parameters, buffers and floating inputs
+  of fewer bits up to it (e.g. torch.float64 for float32 models).  Losses and weights add up in
   float64 from at least float32 values;
 * the CPU and CUDA random streams (and Python's and NumPy's) are forked and
   restored, so the training's dropout masks and data order are unchanged, also
@@ -54,7 +55,7 @@ from torch.func import functional_call
 from . import classes as per_class
 from . import ops
 from .distributed import Context
-from .lca_set import HALF, LCASet, at_least_float32, cast_half, first_tensor
+from .lca_set import HALF, LCASet, at_least_float32, cast_up, first_tensor
 from .params import ParameterSet
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -224,10 +225,10 @@ class Evaluator:
                 "autocast on purpose, or take the wrapper off model.forward")
 
     def batches(self):
-        """The LCA set's batches on the pass device, 16-bit inputs cast up to
-        ``pass_dtype``."""
+        """The LCA set's batches on the pass device, floating inputs of fewer bits
+        cast up to ``pass_dtype``."""
         for batch in self.data.batches(self.device):
-            yield batch if self.pass_dtype is None else cast_half(batch, self.pass_dtype)
+            yield batch if self.pass_dtype is None else cast_up(batch, self.pass_dtype)
 
     def _batch_loss(self, tensors, batch):
         """(mean loss, weight) of one batch at the point in ``tensors``."""

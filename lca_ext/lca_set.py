@@ -60,10 +60,12 @@ def at_least_float32(loss: torch.Tensor) -> torch.Tensor:
     return loss.float() if loss.dtype in HALF else loss
 
 
-def cast_half(batch, dtype: torch.dtype):
-    """``batch`` with every float16/bfloat16 tensor in it cast to ``dtype`` (same
-    structure): the inputs of a pass run in float32 on 16-bit parameters."""
-    return map_tensors(batch, lambda t: t.to(dtype) if t.dtype in HALF else t)
+def cast_up(batch, dtype: torch.dtype):
+    """``batch`` with every floating tensor of fewer bits than ``dtype`` cast to it
+    (same structure): the inputs of a pass in a higher precision than the model's."""
+    bits = torch.finfo(dtype).bits
+    return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point()
+                       and torch.finfo(t.dtype).bits < bits else t)
 
 
 def first_tensor(batch) -> Optional[torch.Tensor]:

@@ -105,6 +105,8 @@ class Run:
         them.  Runs written before these flags: |ΣLCA − ΔL| <= atol + rtol·|ΔL|."""
         if f"{objective}/grounded" in self.arrays:
             return self.arrays[f"{objective}/grounded"].astype(bool)
+        if not len(self):
+            return np.zeros(0, dtype=bool)
         cfg = self.meta["config"]
         d = self.get("loss_after", objective) - self.get("loss_before", objective)
         return self.get("error", objective) <= cfg["atol"] + cfg["rtol"] * np.abs(d)

@@ -19,9 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .quadrature import (FLOAT64_U, PathResult, _class_loss, _stalled, dots,
-                         embedded_error, judge, noise_floor, pair_error, simpson_sum,
-                         unit_roundoff)
+from .quadrature import (PathResult, _class_loss, dots, embedded_error, judge,
+                         noise_floor, pair_error, rounding_limited, simpson_sum)
 
 
 def _uniform_result(avg, n, loss_after, g_end, lca, err, d_loss, tol, class_loss):
@@ -169,12 +168,11 @@ def low_memory(tr, obj, after) -> PathResult:
                                            sums[ivs[j - j % 2]], sums[ivs[j - j % 2 + 1]]))
                      for j, iv in enumerate(ivs)]
         parents = sums
-        verdict = judge(opts, pairs, sum(s for s, _ in pairs), d_loss,
-                        noise_floor(tr, obj, (obj.loss_start, loss)))
+        noise = noise_floor(tr, obj, (obj.loss_start, loss))
+        verdict = judge(opts, pairs, sum(s for s, _ in pairs), d_loss, noise)
         history.append(verdict.excess)
-        stalled = (not opts.total_only and _stalled(history) and
-                   unit_roundoff(tr, obj) > FLOAT64_U) or (verdict.ok and
-                                                           verdict.within_noise_only)
+        stalled = (not opts.total_only and rounding_limited(tr, obj, history, verdict, noise)) \
+            or (verdict.ok and verdict.within_noise_only)
         if verdict.ok or n >= opts.max_splits or stalled:
             break
         n *= 2                              # start again with twice the intervals

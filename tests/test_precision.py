@@ -141,3 +141,50 @@ def test_trainer_bf16_passes_run_in_float32(tmp_path):
     assert lca_fw and not any(lca_fw)            # the LCA passes did not
     run = lca.result()
     assert len(run) == 3 and run.grounded().all()
+
+
+def test_float64_passes_on_a_float32_model():
+    """pass_dtype casts parameters, buffers and floating inputs up: the loss is
+    the float64 loss at the float32 values."""
+    x, y = data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 5))
+    tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=100, pass_dtype=torch.float64)
+    state = copy.deepcopy(model.state_dict())
+    with tracker.step():
+        pass
+    run = tracker.result()
+    assert run.meta["config"]["pass_dtype"] == "torch.float64"
+    assert run.loss_before[0] == pytest.approx(loss64(model, state, x, y), rel=1e-12)
+    assert len(lca_ext.LCATracker(model, xent, (x, y)).result().grounded()) == 0
+
+
+def test_a_kinked_float32_step_is_curvature_not_rounding():
+    """Adam's first step on a small CNN (ReLU, max-pool): float32 and float64
+    passes miss by the same error, far above float32's noise floor: both are
+    refined to max_splits and warn about the curvature, neither is blamed on
+    rounding."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 1, 14, 14, generator=g)
+    y = torch.randint(0, 10, (256,), generator=g)
+    x += 0.8 * F.one_hot(y, 10).float().repeat_interleave(2, 1)[:, None, :14, None]
+    errors = []
+    for dt in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Dropout(0.3), nn.Linear(32, 10)).to(dt)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        tracker = lca_ext.LCATracker(model, xent, (x.to(dt), y), num_classes=10)
+        torch.manual_seed(123)
+        idx = torch.randint(0, 256, (32,))
+        opt.zero_grad()
+        xent(model(x[idx].to(dt)), y[idx]).backward()
+        with pytest.warns(RuntimeWarning, match="finest interval"):
+            with tracker.step():
+                opt.step()
+        run = tracker.result()
+        assert not run.get("noise_limited")[0] and not run.grounded()[0]
+        errors.append(run.error[0])
+    assert errors[0] == pytest.approx(errors[1], rel=0.05)
