@@ -262,6 +262,7 @@ class LCATracker:
         self._tracked_count = 0
         self._open = False
         self._tracked = False
+        self._attached = False     # set by tracker.attach (lca_ext.integrations.optimizer)
         self.last: Optional[dict] = None   # the last tracked step's record
         self.last_frames: Optional[dict] = None   # and its frames, if it stored any
         # parameters' in-place versions at the last end(): a reused start
@@ -283,6 +284,11 @@ class LCATracker:
     @contextlib.contextmanager
     def step(self):
         """``with tracker.step(): opt.step()`` — one optimiser step."""
+        if self._attached:
+            raise RuntimeError(
+                "lca_ext.LCATracker.step: this tracker is attached to an optimizer "
+                "(tracker.attach), whose hooks already track every optimizer.step(); "
+                "drop the `with tracker.step():` block, or detach first (handle.remove())")
         self.begin()
         try:
             yield self

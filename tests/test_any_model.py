@@ -343,6 +343,24 @@ def test_attach_survives_a_step_that_raised():
     assert run.error[0] <= 1e-4 + 1e-3 * abs(run.loss_after[0] - run.loss_before[0])
 
 
+def test_attach_refuses_a_with_block_too():
+    """Attached, the optimizer's hooks track every step: a `with tracker.step()`
+    around opt.step() would begin twice; it is refused, saying why, until the
+    handle is removed."""
+    x, y = xy()
+    model = mlp()
+    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    handle = tracker.attach(opt)
+    with pytest.raises(RuntimeError, match="attached to an optimizer"):
+        with tracker.step():
+            opt.step()
+    handle.remove()
+    with tracker.step():
+        opt.step()
+    assert len(tracker.result()) == 1
+
+
 # -- the Hugging Face Trainer with LCACallback ----------------------------------------
 
 class TokenDataset(torch.utils.data.Dataset):

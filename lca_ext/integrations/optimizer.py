@@ -16,13 +16,17 @@ import torch
 class AttachedHandle:
     """What ``attach`` returns: ``.remove()`` detaches the tracker."""
 
-    def __init__(self, handles):
+    def __init__(self, handles, tracker=None):
         self._handles = handles
+        self._tracker = tracker
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._tracker is not None:
+            self._tracker._attached = False
+            self._tracker = None
 
 
 def attach(tracker, optimizer: torch.optim.Optimizer) -> AttachedHandle:
@@ -43,5 +47,6 @@ def attach(tracker, optimizer: torch.optim.Optimizer) -> AttachedHandle:
     def after(opt, args, kwargs):
         tracker.end()
 
+    tracker._attached = True      # (a `with tracker.step():` block is then refused)
     return AttachedHandle([optimizer.register_step_pre_hook(before),
-                           optimizer.register_step_post_hook(after)])
+                           optimizer.register_step_post_hook(after)], tracker)
