@@ -26,6 +26,7 @@ Trajectory
     two files with the same number, is an error.  Other files are ignored.
   * an explicit, ordered **list of paths** (step indices 0, 1, ... unless
     ``step_indices`` is given), or a list of in-memory **state dicts**.
+
   Files are read with ``torch.load(path, weights_only=True)``: each must hold a
   plain mapping of parameter / buffer name -> tensor (``key=`` picks the state
   dict out of a checkpoint dict such as ``{"model": ..., "optimizer": ...}``).

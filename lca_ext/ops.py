@@ -242,7 +242,7 @@ def allocate_classes(before: Sequence[Tensor], after: Sequence[Tensor],
                      check_finite: bool = False) -> ClassAllocation:
     """Per-class LCA: ``lca[c] = (after - before) * class_grads[k][c]``.
 
-    class_grads[k] has shape [C, *before[k].shape]: the gradient of class c's
+    class_grads[k] has shape ``[C, *before[k].shape]``: the gradient of class c's
     share of the loss (so the C slices add up to the whole gradient and the C
     class sums add up to the total LCA). before/after are read once, each class
     gradient once. Dtype and error rules as in :func:`allocate`.

@@ -46,7 +46,7 @@ class Run:
                                loss_after): :meth:`class_error` is exact
     ``state``: per-parameter arrays (lists over tensors): cum_lca, helped_steps,
     direction_changes, grad_sign_changes (oscillation counters).  ``frames``:
-    raw per-element LCA of chosen tensors, "<k>" [F, *shape], with "step" [F].
+    raw per-element LCA of chosen tensors, ``"<k>" [F, *shape]``, with "step" [F].
     Attribute access ``run.lca_sum`` reads the "train" objective.
     """
 
