@@ -43,6 +43,7 @@ deterministic function of θ (a clear error otherwise).
 """
 from __future__ import annotations
 
+import collections.abc as abc
 import contextlib
 import random
 from typing import Callable, List, Optional, Sequence
@@ -82,6 +83,30 @@ def classic_batch_loss(loss_fn: Callable) -> Callable:
     batch_loss.classic = True
     batch_loss.loss_fn = loss_fn
     return batch_loss
+
+
+def unbatched(batch, classic: bool = False) -> Optional[str]:
+    """Why ``batch`` looks like one unbatched example rather than a batch, or
+    None: a dict whose ``input_ids`` is 1-d (a token sequence; batches are
+    [batch, length]), or, with ``loss_fn``, an (x, y) pair with a 0-d target."""
+    what = None
+    if isinstance(batch, abc.Mapping):
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+            what = f"'input_ids' of shape {tuple(ids.shape)}"
+        elif isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], int):
+            what = "'input_ids' a list of ints"
+    elif classic and isinstance(batch, (tuple, list)) and len(batch) == 2 and \
+            isinstance(batch[1], torch.Tensor) and batch[1].dim() == 0:
+        what = "a 0-d target"
+    if what is None:
+        return None
+    return (f"is a single example ({what}), not a batch: the set is read as a sequence "
+            "of batches. Under the Hugging Face Trainer pass the examples to "
+            "LCACallback(lca_data=examples), which collates them like the trainer; "
+            "to LCATracker pass batches: a DataLoader(examples, batch_size=..., "
+            "collate_fn=...), an (inputs, targets) tensor pair, or a list of collated "
+            "batches")
 
 
 class _Bound(nn.Module):
@@ -145,6 +170,7 @@ class Evaluator:
         self._bound = _Bound(model, batch_loss)
         self.count: Optional[float] = None    # Σ weight over the set (all ranks)
         self._check_loss: Optional[float] = None   # the first pass's loss, without gradients
+        self._checking = False   # during the first pass: each batch checked (check_batch)
         if getattr(batch_loss, "classic", False) and self.data.pair is not None:
             # (x, y) pairs: the weight is the example count, known without a pass
             self.count = self.ctx.sum_float(float(sum(int(y.shape[0])
@@ -283,7 +309,11 @@ class Evaluator:
         with self._quiet_model():
             self._reseed()
             run = self._pass_sharded if self.ctx.sharded else self._pass_local
-            total, wsum = run(point, None, 1.0)      # forward only
+            self._checking = True
+            try:
+                total, wsum = run(point, None, 1.0)      # forward only
+            finally:
+                self._checking = False
         if wsum <= 0:
             raise ValueError(f"lca_ext: the {self.data.name} set has total weight {wsum}; "
                              "expected a positive number of examples (or tokens)")
@@ -310,6 +340,37 @@ class Evaluator:
             self._check_same(check, loss)
         return loss
 
+    def check_batch(self, i: int, batch) -> None:
+        """Refuses, naming the set, the batch and the cause, a batch that cannot
+        give a right loss: a single unbatched example (:func:`unbatched`), what
+        ``batch_loss.check_batch(model, batch)`` reports (a string; e.g.
+        lca_ext.integrations.transformers.hf_batch_loss: labels outside the
+        model's range), and with ``num_classes`` a class target outside
+        0..num_classes-1 (other than -100 with batch_loss).  The first pass
+        runs it on every batch, before the batch's forward: once per set."""
+        classic = getattr(self.batch_loss, "classic", False)
+        problem = unbatched(batch, classic)
+        check = getattr(self.batch_loss, "check_batch", None)
+        if problem is None and check is not None:
+            problem = check(self.model, batch)
+        if problem is None and self.num_classes:
+            problem = self._class_range(batch, classic)
+        if problem:
+            where = f" (rank {self.ctx.rank})" if self.ctx.world > 1 else ""
+            raise ValueError(f"lca_ext: {self.data.name} batch {i}{where} {problem}")
+
+    def _class_range(self, batch, classic: bool) -> Optional[str]:
+        t = torch.as_tensor(per_class.targets_of(self, batch))
+        c = self.num_classes
+        outside = (t < 0) | (t >= c)
+        bad = t[outside if classic else outside & (t != -100)]
+        if not bad.numel():
+            return None
+        allowed = f"0..{c - 1}" if classic else f"0..{c - 1} or be -100 (ignored)"
+        return (f"has class target {bad.flatten()[0].item()}, outside 0..{c - 1} "
+                f"(num_classes={c}); every target must lie in {allowed}: fix the set's "
+                "targets, or raise num_classes")
+
     def _check_same(self, check: float, loss: float) -> None:
         """The first pass's loss (forward only) against the first gradient pass's."""
         if abs(loss - check) > DETERMINISM_RTOL * max(abs(loss), 1e-3):
@@ -331,7 +392,9 @@ class Evaluator:
             # one set of leaves (and buffer copies) for the whole pass: each
             # batch's graph is freed by its autograd.grad
             tensors, leaves = self._tensors(point, grad_out is not None)
-            for batch in self.batches():
+            for i, batch in enumerate(self.batches()):
+                if self._checking:
+                    self.check_batch(i, batch)
                 with torch.set_grad_enabled(grad_out is not None):
                     loss, w = self._batch_loss(tensors, batch)
                     batch_sum = at_least_float32(loss) * w   # its share x the set's weight
@@ -386,6 +449,8 @@ class Evaluator:
                         first = batch
                     if not real:      # fewer batches here: a zero-weight forward
                         batch = first
+                    elif self._checking:
+                        self.check_batch(r, batch)
                     with torch.set_grad_enabled(grad_out is not None):
                         out = self.batch_loss(self.model, batch)
                         loss, w = out if isinstance(out, tuple) and len(out) == 2 else \

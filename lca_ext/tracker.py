@@ -154,9 +154,12 @@ class LCATracker:
                 (example i -> rank i mod world).  False: each rank passes its
                 own share already.
     reuse_gradients: True (default): keep every gradient for reuse (4 buffers,
-                see above; g(θ_{t+1}) starts the next step, recomputed only when
-                a buffer the loss depends on changed, e.g. eval-mode BatchNorm
-                statistics, or after a refined step).  False: the low-memory
+                see above; g(θ_{t+1}) starts the next step).  It is recomputed
+                when any module buffer changed between the steps (every buffer
+                is compared, whether or not the loss reads it, except BatchNorm
+                running statistics under batchnorm="batch"; e.g. eval-mode
+                BatchNorm statistics, a step counter), when θ was written
+                outside a tracked step, or after a refined step.  False: the low-memory
                 mode, 3 buffers (θ_t, ḡ, the current point); every step
                 recomputes its start gradient and a refined step is recomputed
                 from scratch with twice the intervals.
@@ -213,7 +216,8 @@ class LCATracker:
                        name="lca_data" if name == "train" else f"eval_sets[{name!r}]",
                        **share),
                 self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast,
-                targets=targets, num_classes=num_classes, pass_dtype=pass_dtype))
+                targets=targets, pass_dtype=pass_dtype,
+                num_classes=num_classes if name == "train" else None))  # (eval sets: unsplit)
             for name, data in sets.items()]
         self.schedule = schedule if schedule is None or isinstance(schedule, int) \
             else frozenset(schedule)
@@ -221,10 +225,20 @@ class LCATracker:
         self.class_memory_budget = class_memory_budget
         self.row_sums = row_sums
         self.oscillation = oscillation
-        unknown = [n for n in frames if n not in self.params.names]
-        if unknown:
-            raise ValueError(f"lca_ext.LCATracker: frames names {unknown} are not tracked "
-                             f"parameters; tracked: {self.params.names}")
+        for n in frames:
+            if n in self.params.names:
+                continue
+            if self.params.aliases.get(n) in self.params.names:
+                raise ValueError(
+                    f"lca_ext.LCATracker: frames names {n!r}, an alias of the tracked "
+                    f"parameter {self.params.aliases[n]!r} (the same tensor, tied); a tied "
+                    f"tensor is tracked once, under its first name: use "
+                    f"{self.params.aliases[n]!r}")
+            frozen = dict(model.named_parameters()).get(n)
+            why = "is frozen (requires_grad=False), so not tracked" if frozen is not None \
+                else "is not a parameter of the model"
+            raise ValueError(f"lca_ext.LCATracker: frames names {n!r}, which {why}; "
+                             f"tracked: {self.params.names}")
         self.frame_tensors = [self.params.names.index(n) for n in frames]
         self.frame_every = frame_every
         self.state_every = state_every
