@@ -190,11 +190,12 @@ class Evaluator:
         self._split_checked = False  # class shares checked against the plain loss
 
     def buffers_that_matter(self) -> List[torch.Tensor]:
-        """Copies of the module buffers the loss depends on (all of them, except
-        BatchNorm running statistics when BatchNorm uses batch statistics).  When
-        they change between two steps (eval-mode BatchNorm after a training
-        forward pass), the loss function itself has changed, and a gradient from
-        the previous step must not be reused."""
+        """Copies of every module buffer, whether or not the loss reads it, except
+        BatchNorm running statistics when BatchNorm uses batch statistics.  When
+        any of them changes between two steps (eval-mode BatchNorm after a
+        training forward pass, a step counter), the tracker treats the loss
+        function as changed and recomputes the start gradient instead of
+        reusing the previous step's (a cost, never a wrong value)."""
         skip = set()
         if self.batchnorm == "batch":
             for m in self.model.modules():
