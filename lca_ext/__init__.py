@@ -17,6 +17,7 @@ from .ops import (
 )
 from .quadrature import RuleOptions
 from .run import Run, load_run
+from .store import truncate_run
 from .tracker import LCATracker
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "sign_changes_",
     "signed_log_edges",
     "split_rows",
+    "truncate_run",
 ]

@@ -419,7 +419,8 @@ def compute(model: nn.Module, loss_fn, lca_data, trajectory, out_dir: Optional[s
         tracker_kwargs.setdefault("distributed", False)
     if store is not None:
         store = os.fspath(store)
-    tracker = LCATracker(model, loss_fn, lca_data, store=store, resume=resume, **tracker_kwargs)
+    tracker = _OfflineTracker(model, loss_fn, lca_data, store=store, resume=resume,
+                              **tracker_kwargs)
     if getattr(getattr(tracker, "ctx", None), "sharded", False):
         raise NotImplementedError("lca_ext.offline: FSDP-sharded models are not supported; "
                                   "load the states into an unsharded model")
@@ -454,6 +455,12 @@ def compute(model: nn.Module, loss_fn, lca_data, trajectory, out_dir: Optional[s
             _update_first_signs(tracker.state)
         current = following
     return tracker.result()
+
+
+class _OfflineTracker(LCATracker):
+    """The tracker offline LCA drives: it loads θ itself before each step, so a
+    resumed part is not checked against the model it was built with."""
+    _verify_resume = False
 
 
 def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, start: int,
@@ -494,14 +501,14 @@ def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, star
     if oscillation:
         commit = writer.commit
 
-        def commit_with_first_signs(rows, state, frames=None):
+        def commit_with_first_signs(rows, state, frames=None, **kwargs):
             # the tracker gathers the state before its commit, when the first
             # signs have not seen this step yet: bring them up to date here
             _update_first_signs(tracker.state)
             if state:
                 state = dict(state, **{k: [t.cpu().numpy().copy() for t in tracker.state[k]]
                                        for k in FIRST_SIGN})
-            commit(rows, state, frames)
+            commit(rows, state, frames, **kwargs)
 
         writer.commit = commit_with_first_signs
     return done

@@ -4,18 +4,26 @@ Layout (schema version 1)::
 
     RUN_DIR/
       lca_run.json   metadata and the commit record (JSON, replaced atomically)
-      data.zarr/     per-step arrays, time first: "<objective>/<field>" [T, ...]
-      state.zarr/    per-parameter state at the last commit: "<field>/<k>"
+      data.zarr/     per-step arrays, time first: "<objective>/<field>" [T, ...],
+                     "step" [T] and "fingerprint" [T, K, 2] (θ after each step;
+                     checked but not returned by load_run)
+      state.N.zarr/  per-parameter state (one or more kept "state points"):
+                     "<field>" [Σ numel], every tensor flattened and concatenated
+                     in parameter order ("state_layout": "flat"; runs written
+                     before it hold "<field>/<k>" per tensor), and "fingerprint"
+                     [K, 2] of θ when it was saved
       frames.zarr/   optional raw per-element LCA of chosen tensors: "<k>" [F, ...]
 
 ``lca_run.json`` holds ``format`` ("lca_ext.run"), ``version`` (1), the
 parameter ``names`` / ``shapes`` / ``layer_names`` / ``layer_of``, ``objectives``
 (e.g. ["train", "val"]), ``bin_edges``, ``num_classes``, the tracker ``config``,
 and the commit: ``steps_committed`` (rows of data.zarr that are complete),
-``state_version``, ``state_steps`` (the per-parameter state is as of that many
-steps; fewer than steps_committed with ``state_every > 1``) and
+``states`` (the kept state points: ``version`` (the N of state.N.zarr),
+``steps`` (the state is as of that many committed steps), ``next_step`` (the
+label the next tracked step gets), ``pinned`` and ``tag``), ``state_version`` /
+``state_steps`` (the latest of them: what ``load_run`` returns) and
 ``frames_committed``; and what a reader must find: ``arrays`` (the keys of
-data.zarr), ``state_fields``, ``frame_arrays`` and ``chunks_complete`` (every
+data.zarr; with ``row_fingerprints`` also "fingerprint"), ``state_fields``, ``frame_arrays`` and ``chunks_complete`` (every
 chunk file is written, even one that equals the fill value).
 
 Reading checks the directory against that record: a committed row, state
@@ -27,8 +35,21 @@ written into data.zarr first, then its per-parameter state into a *new* state
 group, then lca_run.json is replaced atomically (write, fsync, rename) with the
 new counts; the commit is that rename.  zarr writes each chunk file atomically
 (temporary file + rename), so a committed row is never torn; rows past
-``steps_committed`` are ignored on load and overwritten on resume.  Nothing is
+``steps_committed`` are ignored on load and overwritten on resume.  State
+groups are deleted only after a commit that no longer lists them.  Nothing is
 pickled: arrays are zarr, metadata is JSON.
+
+Resume and checkpoints.  Each committed row records the fingerprint of θ_{t+1}
+(:func:`fingerprint`: per tensor, exact integer sums of its bits), and each
+state point the fingerprint of θ when it was saved.  A run resumes only from a
+state point at its last committed step whose fingerprint equals the model's
+(:func:`resume_point`; anything else is a RunStoreError saying which committed
+step the model matches and what to do), so a resumed run can neither count a
+step twice nor miss one.  Kept state points: the two latest ones written with
+the steps (``state_every``; two, so that a checkpoint saved just after the
+store's commit can still be cut back to) and every *pinned* one
+(``LCATracker.save_state()``, which the Trainer and Lightning callbacks call at
+each checkpoint save).  :func:`truncate_run` cuts a run back to a state point.
 """
 from __future__ import annotations
 
@@ -90,6 +111,9 @@ def read_meta(path: str) -> dict:
     return meta
 
 
+ROLLING_STATES = 2   # unpinned state points kept (the latest two written with steps)
+
+
 class RunWriter:
     """Appends committed steps to a run directory (new, or resumed)."""
 
@@ -109,14 +133,17 @@ class RunWriter:
                                         f"{meta.get(key)!r}")
             check_run(path, old)   # never append to a run that lost committed data
             self.meta = old
+            self.meta["states"] = state_points(old)
         else:
             os.makedirs(path, exist_ok=True)
             meta = {k: v for k, v in meta.items() if k not in _CONTENT_KEYS}
             self.meta = dict(meta, format=FORMAT, version=VERSION, steps_committed=0,
-                             state_version=None, frames_committed=0, chunks_complete=True)
+                             state_version=None, frames_committed=0, chunks_complete=True,
+                             state_layout="flat", states=[])
             _write_json_atomic(meta_path, self.meta)
         self.data = zarr.open_group(os.path.join(path, "data.zarr"), mode="a")
         self.frames = zarr.open_group(os.path.join(path, "frames.zarr"), mode="a")
+        self._open_arrays: Dict[tuple, object] = {}
 
     @property
     def steps_committed(self) -> int:
@@ -127,22 +154,26 @@ class RunWriter:
 
     def _put_row(self, group, key: str, row: np.ndarray, index: int) -> None:
         row = np.asarray(row)
-        if key in group:
+        handle = (id(group), key)
+        arr = self._open_arrays.get(handle)
+        if arr is None and key in group:
             # (a reopened array forgets write_empty_chunks: a row equal to the fill
             # value, e.g. a False flag, would leave its chunk file unwritten)
             arr = group[key].with_config({"write_empty_chunks": True})
-            if arr.shape[0] < index + 1:
-                arr.resize((index + 1, *arr.shape[1:]))
-        else:
+        if arr is None:
             arr = create_array(group, key, shape=(index + 1, *row.shape), dtype=row.dtype,
                                chunks=(TIME_CHUNK, *row.shape) if group is self.data
                                else (1, *row.shape))
+        elif arr.shape[0] < index + 1:
+            arr.resize((index + 1, *arr.shape[1:]))
+        self._open_arrays[handle] = arr
         arr[index] = row
 
     def commit(self, rows: Dict[str, np.ndarray], state: Dict[str, List[np.ndarray]],
-               frames: Optional[Dict[str, np.ndarray]] = None) -> None:
-        """Write one step: its rows, the per-parameter state, then the commit."""
-        zarr = _zarr()
+               frames: Optional[Dict[str, np.ndarray]] = None,
+               point: Optional[dict] = None) -> None:
+        """Write one step: its rows, the per-parameter state (a new state point;
+        ``point``: its ``next_step`` and ``fingerprint``), then the commit."""
         index = self.steps_committed
         for key, row in rows.items():
             self._put_row(self.data, key, row, index)
@@ -152,41 +183,308 @@ class RunWriter:
                 self._put_row(self.frames, key, frame, n_frames)
             self._put_row(self.frames, "step", np.asarray(rows["step"]), n_frames)
             n_frames += 1
-        old_version = version = self.meta["state_version"]
-        if state:   # a new state group; without one (state_every > 1) the last stays
-            version = 0 if old_version is None else old_version + 1
-            group = zarr.open_group(os.path.join(self.path, f"state.{version}.zarr"),
-                                    mode="w")
-            _write_state_group(group, state)
-        self.meta.update(steps_committed=index + 1, state_version=version,
-                         frames_committed=n_frames)
-        self.meta["arrays"] = sorted(set(self.meta.get("arrays", ())) | set(rows))
+        self.meta.update(steps_committed=index + 1, frames_committed=n_frames)
+        self.meta["arrays"] = sorted(set(self.meta.get("arrays", ()))
+                                     | (set(rows) - {"fingerprint"}))
+        if "fingerprint" in rows:
+            self.meta["row_fingerprints"] = True
         if frames:
             self.meta["frame_arrays"] = sorted(set(self.meta.get("frame_arrays", ()))
                                                | set(frames) | {"step"})
-        if state:
-            self.meta["state_steps"] = index + 1   # the state is as of this many steps
-            self.meta["state_fields"] = sorted(state)
-        _write_json_atomic(os.path.join(self.path, META), self.meta)  # the commit
-        if old_version is not None and version != old_version:
-            shutil.rmtree(os.path.join(self.path, f"state.{old_version}.zarr"),
-                          ignore_errors=True)
+        if state:   # a new state point; without one (state_every > 1) the last stays
+            point = dict(point or {})
+            if "next_step" not in point and "step" in rows:
+                point["next_step"] = int(rows["step"]) + 1
+            if point.get("fingerprint") is None and "fingerprint" in rows:
+                point["fingerprint"] = rows["fingerprint"]
+            self._add_state(state, point)
+        else:
+            self._commit_meta()
 
-
-    def write_state(self, state: Dict[str, List[np.ndarray]]) -> None:
+    def write_state(self, state: Dict[str, List[np.ndarray]], next_step: Optional[int] = None,
+                    fingerprint: Optional[np.ndarray] = None, pinned: bool = False,
+                    tag: Optional[str] = None) -> None:
         """Store the per-parameter state as of the last committed step (no new
-        row): how a run with ``state_every > 1`` records its final state."""
+        row): how a run with ``state_every > 1`` records its final state, and
+        (``pinned``) what ``LCATracker.save_state()`` keeps for truncate_run."""
+        latest = self._latest()
+        if (latest is not None and latest["steps"] == self.steps_committed
+                and latest.get("next_step") == next_step and fingerprint is not None
+                and self._same_fingerprint(latest, fingerprint)):
+            if pinned and not latest.get("pinned"):   # already written: pin it
+                latest.update(pinned=True, tag=tag)
+                self._commit_meta()
+            return
+        self._add_state(state, dict(next_step=next_step, fingerprint=fingerprint,
+                                    pinned=pinned, tag=tag))
+
+    def unpin(self, keep) -> None:
+        """Drop the pinned state points for which ``keep(point)`` is false (not
+        the latest one)."""
+        latest = self._latest()
+        before = list(self.meta["states"])
+        self.meta["states"] = [p for p in before if p is latest or not p.get("pinned")
+                               or keep(p)]
+        if len(self.meta["states"]) != len(before):
+            self._commit_meta()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _latest(self) -> Optional[dict]:
+        points = self.meta.get("states") or []
+        return max(points, key=lambda p: (p["steps"], p["version"])) if points else None
+
+    def _same_fingerprint(self, point: dict, fp: np.ndarray) -> bool:
+        saved = _point_fingerprint(self.path, point)
+        return saved is not None and np.array_equal(saved, fp)
+
+    def _add_state(self, state: Dict[str, List[np.ndarray]], point: dict) -> None:
         zarr = _zarr()
-        old_version = self.meta["state_version"]
-        version = 0 if old_version is None else old_version + 1
+        version = max([p["version"] for p in self.meta["states"]]
+                      + [self.meta.get("state_serial", -1),
+                         -1 if self.meta.get("state_version") is None
+                         else self.meta["state_version"]]) + 1
         group = zarr.open_group(os.path.join(self.path, f"state.{version}.zarr"), mode="w")
-        _write_state_group(group, state)
-        self.meta.update(state_version=version, state_steps=self.steps_committed,
-                         state_fields=sorted(state))
-        _write_json_atomic(os.path.join(self.path, META), self.meta)
-        if old_version is not None:
-            shutil.rmtree(os.path.join(self.path, f"state.{old_version}.zarr"),
-                          ignore_errors=True)
+        _write_state_group(group, state, flat=self.meta.get("state_layout") == "flat")
+        fp = point.get("fingerprint")
+        if fp is not None:
+            fp = np.ascontiguousarray(fp, dtype=np.int64)
+            create_array(group, "fingerprint", shape=fp.shape, dtype=fp.dtype,
+                         chunks=fp.shape)[...] = fp
+        new = dict(version=version, steps=self.steps_committed,
+                   next_step=point.get("next_step"), pinned=bool(point.get("pinned")),
+                   tag=point.get("tag"), fingerprint=fp is not None)
+        pinned = [p for p in self.meta["states"] if p.get("pinned")]
+        unpinned = [p for p in self.meta["states"] if not p.get("pinned")]
+        (pinned if new["pinned"] else unpinned).append(new)
+        order = lambda p: (p["steps"], p["version"])  # noqa: E731
+        self.meta["states"] = sorted(pinned + sorted(unpinned, key=order)[-ROLLING_STATES:],
+                                     key=order)
+        self.meta["state_serial"] = version
+        self.meta["state_fields"] = sorted(state)
+        self._commit_meta()
+
+    def _commit_meta(self) -> None:
+        latest = self._latest()
+        self.meta.update(state_version=None if latest is None else latest["version"],
+                         state_steps=None if latest is None else latest["steps"])
+        _write_json_atomic(os.path.join(self.path, META), self.meta)   # the commit
+        remove_unlisted_states(self.path, self.meta)
+
+
+def remove_unlisted_states(path: str, meta: dict) -> None:
+    """Delete the state.N.zarr groups the commit record no longer lists
+    (after the commit, so a crash leaves at most an unlisted group behind)."""
+    listed = {f"state.{p['version']}.zarr" for p in state_points(meta)}
+    for name in os.listdir(path):
+        if name.startswith("state.") and name.endswith(".zarr") and name not in listed:
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
+def state_points(meta: dict) -> List[dict]:
+    """The kept per-parameter state points of a run, oldest first (runs written
+    before ``states``: the one state, its next label unknown)."""
+    if "states" in meta:
+        return [dict(p) for p in meta["states"]]
+    if meta.get("state_version") is None:
+        return []
+    return [dict(version=meta["state_version"],
+                 steps=meta.get("state_steps", meta["steps_committed"]),
+                 next_step=None, pinned=False, tag=None, fingerprint=False)]
+
+
+def _point_fingerprint(path: str, point: dict) -> Optional[np.ndarray]:
+    if not point.get("fingerprint"):
+        return None
+    sub = f"state.{point['version']}.zarr"
+    try:
+        return np.asarray(_zarr().open_group(os.path.join(path, sub), mode="r")
+                          ["fingerprint"][...])
+    except Exception as err:
+        raise _incomplete(path, f"{sub}/fingerprint is missing or unreadable: {err}") from err
+
+
+# -- fingerprints, resume points, truncation -------------------------------------------
+
+_FP_CHUNK = 1 << 22     # int16 words per reduction (a 32 MiB int64 temporary)
+_FP_PERIOD = 4093       # weights (index mod 4093) + 1: |word · weight| < 2^27
+
+
+def fingerprint(tensors, offsets: Optional[List[int]] = None) -> np.ndarray:
+    """[K, 2] int64: per tensor, Σ b_i and Σ b_i·((i mod 4093) + 1) over its
+    bits b read as int16 words (i: the word's index in the whole tensor, from
+    ``offsets[k]`` elements on for a shard).  Exact integer sums: equal for the
+    same bits on any device, thread count or reduction order, different for any
+    two θ a training step apart (short of a 2^-64-ish coincidence; a tensor that
+    did not move has the same fingerprint, as it should).  No overflow: |b| <=
+    2^15 and the weight < 2^12, for tensors below 2^36 words.  Computed on the
+    tensors' device, a chunk of 2^22 words at a time."""
+    import torch
+
+    out = []
+    for k, t in enumerate(tensors):
+        t = t.detach()
+        if t.element_size() < 2:
+            raise TypeError(f"lca_ext: cannot fingerprint a {t.dtype} tensor")
+        words = t.contiguous().view(-1).view(torch.int16)
+        base = (offsets[k] if offsets else 0) * (t.element_size() // 2)
+        s1 = torch.zeros((), dtype=torch.int64, device=t.device)
+        s2 = torch.zeros((), dtype=torch.int64, device=t.device)
+        for start in range(0, words.numel(), _FP_CHUNK):
+            c = words[start:start + _FP_CHUNK].to(torch.int64)
+            w = torch.arange(base + start, base + start + c.numel(), dtype=torch.int64,
+                             device=t.device).remainder_(_FP_PERIOD).add_(1)
+            s1 += c.sum()
+            s2 += (c * w).sum()
+        out.append(torch.stack([s1, s2]))
+    if not out:
+        return np.zeros((0, 2), np.int64)
+    return torch.stack([o.cpu() for o in out]).numpy()
+
+
+def _labels(path: str, meta: dict) -> np.ndarray:
+    n = int(meta["steps_committed"])
+    if not n:
+        return np.zeros(0, np.int64)
+    return np.asarray(_read_checked(path, meta, "data.zarr", ["step"], n)["step"])
+
+
+def _row_fingerprints(path: str, meta: dict) -> Optional[np.ndarray]:
+    n = int(meta["steps_committed"])
+    if not n or not meta.get("row_fingerprints"):
+        return None
+    zarr = _zarr()
+    try:
+        return np.asarray(zarr.open_group(os.path.join(path, "data.zarr"), mode="r")
+                          ["fingerprint"][:n])
+    except Exception as err:
+        raise _incomplete(path, f"data.zarr/fingerprint is unreadable: {err}") from err
+
+
+def _count_text(labels: np.ndarray, count: int) -> str:
+    if count == 0:
+        return "0 committed steps (the start)"
+    return f"{count} committed steps (the last labelled step {int(labels[count - 1])})"
+
+
+def resume_point(path: str, meta: dict, fp: Optional[np.ndarray]) -> Optional[dict]:
+    """The state point a run resumes from: one at its last committed step whose
+    fingerprint equals ``fp`` (the model's, :func:`fingerprint`).  None when the
+    run has no committed step and no state (a fresh start).  Otherwise raises a
+    RunStoreError naming the committed step the model matches (if any) and what
+    to do (``truncate_run(path, that)``, another checkpoint, or a new store).
+    Runs written before fingerprints: the latest state point, unchecked (the
+    caller warns)."""
+    n = int(meta["steps_committed"])
+    points = state_points(meta)
+    if n == 0 and not [p for p in points if p["steps"] == 0]:
+        return None
+    at_n = [p for p in points if p["steps"] == n]
+    if fp is None or (at_n and not any(p.get("fingerprint") for p in points)):
+        return at_n[-1] if at_n else (points[-1] if points else None)
+    for p in reversed(at_n):
+        saved = _point_fingerprint(path, p)
+        if saved is not None and np.array_equal(saved, fp):
+            return p
+    raise RunStoreError(resume_error(path, meta, fp))
+
+
+def resume_error(path: str, meta: dict, fp: np.ndarray) -> str:
+    """Why the model cannot resume the run at ``path``, and what to do."""
+    n = int(meta["steps_committed"])
+    labels = _labels(path, meta)
+    points = state_points(meta)
+    with_state = sorted({p["steps"] for p in points})
+    matching_points = sorted({p["steps"] for p in points
+                              if (lambda s: s is not None and np.array_equal(s, fp))(
+                                  _point_fingerprint(path, p))})
+    rows = _row_fingerprints(path, meta)
+    matching_rows = [] if rows is None else         [c + 1 for c in range(len(rows)) if np.array_equal(rows[c], fp)]
+    head = (f"lca_ext: cannot resume {path!r}: the model's parameters are not those after "
+            f"its last commit, {_count_text(labels, n)}")
+    states = ("states are saved at " + ", ".join(map(str, with_state)) + " committed steps"
+              if with_state else "no per-parameter state is saved")
+    if matching_points:
+        s = matching_points[-1]
+        return (f"{head}; they are those saved with its state at {_count_text(labels, s)}. "
+                f"To resume from this checkpoint, cut the run back to it first: "
+                f"lca_ext.truncate_run({path!r}, {s}) (the rows after it are dropped and "
+                f"tracked again); or load the checkpoint taken after the last commit")
+    if matching_rows:
+        c = matching_rows[-1]
+        if c == n:
+            return (f"{head.replace('are not those after', 'are those after')}, but its "
+                    f"per-parameter state is not (state_every > 1: {states}), so a resume "
+                    f"would miss the statistics of the steps between. Restore the "
+                    f"checkpoint of one of those step counts and cut the run back to it "
+                    f"(lca_ext.truncate_run({path!r}, steps)), or start a new store; call "
+                    f"tracker.result() or tracker.save_state() before stopping a run to "
+                    f"store its state")
+        return (f"{head}; they match {_count_text(labels, c)}, where no per-parameter "
+                f"state was saved ({states}). Restore the checkpoint of one of those step "
+                f"counts and cut the run back to it (lca_ext.truncate_run({path!r}, steps)), "
+                f"or start a new store; to cut back to any checkpoint, call "
+                f"tracker.save_state() where you save one")
+    return (f"{head}, nor those after any of its committed steps or saved states ({states}). "
+            f"Load the checkpoint this run was at, or start a new store (store=NEW_PATH); "
+            f"lca_ext.truncate_run({path!r}, 0) empties it if the model is at the run's start")
+
+
+def truncate_run(path: str, steps: int) -> None:
+    """Cut the run directory ``path`` back to its first ``steps`` committed
+    steps: the rows after them are dropped (and tracked again by a resumed run),
+    and the per-parameter state (cum_lca, helped_steps, the oscillation
+    counters) is the one saved at exactly that step count.  A state is saved
+    with every ``state_every``-th step (the latest two are kept), by
+    ``LCATracker.save_state()`` and by the Trainer / Lightning callbacks at every
+    checkpoint save; cutting to a step count without one is a RunStoreError
+    naming the counts it can be cut to.  ``steps=0`` empties the run.
+
+    Crash-safe: one atomic commit of the metadata; state groups after the cut
+    are deleted after it.  Then resume from the checkpoint taken at that step:
+    ``LCATracker(..., store=path, resume=True)`` checks that the model is that
+    checkpoint's θ (fingerprints) and continues the step labels from there.
+    """
+    meta = read_meta(path)
+    n = int(meta["steps_committed"])
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) \
+            or not 0 <= steps <= n:
+        raise ValueError(f"lca_ext.truncate_run: steps={steps!r}; the run at {path!r} has "
+                         f"{n} committed steps, so steps must be an int from 0 to {n}")
+    steps = int(steps)
+    check_run(path, meta)
+    labels = _labels(path, meta)
+    points = state_points(meta)
+    if steps and not any(p["steps"] == steps for p in points):
+        have = sorted({p["steps"] for p in points})
+        below = [c for c in have if c < steps]
+        above = [c for c in have if c > steps]
+        near = ", ".join(f"{c} ({_count_text(labels, c)})"
+                         for c in ([below[-1]] if below else []) + ([above[0]] if above else []))
+        raise RunStoreError(
+            f"lca_ext.truncate_run: {path!r} holds no per-parameter state at "
+            f"{_count_text(labels, steps)}, so it cannot be cut back there (the statistics "
+            f"of that point are not stored). It can be cut to "
+            + (f"the nearest steps with a saved state: {near}; or 0" if near else "0 (empty)")
+            + ". States are saved with every state_every-th step (the latest two kept), by "
+            "tracker.save_state() and by the callbacks at each checkpoint save")
+    if steps == n:
+        return
+    frames = 0
+    n_frames = int(meta.get("frames_committed", 0))
+    if steps and n_frames:
+        frame_steps = _read_checked(path, meta, "frames.zarr", ["step"], n_frames)["step"]
+        frames = int(np.sum(np.asarray(frame_steps) <= labels[steps - 1]))
+    meta["states"] = [p for p in points if p["steps"] <= steps]
+    latest = max(meta["states"], key=lambda p: (p["steps"], p["version"])) \
+        if meta["states"] else None
+    meta.update(steps_committed=steps, frames_committed=frames,
+                state_version=None if latest is None else latest["version"],
+                state_steps=None if latest is None else latest["steps"],
+                state_serial=max([p["version"] for p in points]
+                                 + [meta.get("state_serial", -1)]))
+    _write_json_atomic(os.path.join(path, META), meta)   # the commit of the cut
+    remove_unlisted_states(path, meta)
 
 
 def _incomplete(path: str, what: str) -> RunStoreError:
@@ -272,8 +570,18 @@ def create_array(group, name: str, shape, dtype, chunks):
                               config={"write_empty_chunks": True})
 
 
-def _write_state_group(group, state: Dict[str, List[np.ndarray]]) -> None:
+def _write_state_group(group, state: Dict[str, List[np.ndarray]], flat: bool = True) -> None:
+    """One array per field, every tensor flattened and concatenated (``flat``;
+    a few arrays instead of one per field and tensor: the per-array cost of
+    zarr dominated a commit), or one per field and tensor (older runs)."""
     for field_name, tensors in state.items():
+        if flat:
+            t = np.concatenate([np.ascontiguousarray(a).reshape(-1) for a in tensors]) \
+                if tensors else np.zeros(0)
+            arr = create_array(group, field_name, shape=t.shape, dtype=t.dtype,
+                               chunks=(max(1, min(t.size, 1 << 24)),))
+            arr[...] = t
+            continue
         for k, t in enumerate(tensors):
             t = np.ascontiguousarray(t)
             arr = create_array(group, f"{field_name}/{k}", shape=t.shape, dtype=t.dtype,
@@ -282,7 +590,8 @@ def _write_state_group(group, state: Dict[str, List[np.ndarray]]) -> None:
 
 
 # what a writer records about the directory's content (recomputed for a new run)
-_CONTENT_KEYS = ("arrays", "state_fields", "frame_arrays", "chunks_complete")
+_CONTENT_KEYS = ("arrays", "state_fields", "frame_arrays", "chunks_complete",
+                 "states", "state_serial", "state_layout", "row_fingerprints")
 # what a run of schema 1 must hold when its metadata predates "arrays"
 _BASE_FIELDS = ("loss_before", "loss_after", "lca_sum")
 
@@ -291,25 +600,49 @@ def check_run(path: str, meta: dict) -> None:
     """Raise RunStoreError if a committed row, state array or frame of the run
     directory is missing (structure and chunk files; values are not decoded)."""
     read_arrays(path, meta, decode=False)
-    _read_state(path, meta, decode=False)
+    for point in state_points(meta):
+        _read_state(path, meta, decode=False, point=point)
     read_frames(path, meta, decode=False)
 
 
-def _read_state(path: str, meta: dict,
-                decode: bool = True) -> Optional[Dict[str, List[np.ndarray]]]:
-    """The per-parameter state of the last state commit (None if none yet)."""
-    if meta.get("state_version") is None:
-        return None
+def _read_state(path: str, meta: dict, decode: bool = True, point: Optional[dict] = None
+                ) -> Optional[Dict[str, List[np.ndarray]]]:
+    """The per-parameter state of a state point (default: the latest, after
+    checking that every other kept point is whole too; None if none yet)."""
+    if point is None:
+        points = state_points(meta)
+        for other in points:
+            if other["version"] != meta.get("state_version"):
+                _read_state(path, meta, decode=False, point=other)
+        point = next((p for p in points if p["version"] == meta.get("state_version")), None)
+        if point is None:
+            return None
+    version = point["version"]
     k_count = len(meta["names"])
-    sub = f"state.{meta['state_version']}.zarr"
+    sub = f"state.{version}.zarr"
     fields = meta.get("state_fields")
     if fields is None:   # metadata written before state_fields: what is there
         try:
             fields = sorted(_zarr().open_group(os.path.join(path, sub), mode="r").group_keys())
         except Exception as err:
             raise _incomplete(path, f"{sub} is missing or unreadable: {err}") from err
+    extra = ["fingerprint"] if point.get("fingerprint") else []
+    if meta.get("state_layout") == "flat":
+        flat = _read_checked(path, meta, sub, list(fields) + extra, None, decode)
+        if not decode:
+            return {}
+        sizes = [int(np.prod(s)) for s in meta["shapes"]]
+        out = {}
+        for f in fields:
+            if flat[f].shape != (sum(sizes),):
+                raise _incomplete(path, f"{sub}/{f} holds {flat[f].shape} values; the "
+                                  f"parameters have {sum(sizes)}")
+            parts = np.split(flat[f], np.cumsum(sizes)[:-1])
+            out[f] = [a.reshape(s) for a, s in zip(parts, meta["shapes"])]
+        return out
     flat = _read_checked(path, meta, sub,
-                         [f"{f}/{k}" for f in fields for k in range(k_count)], None, decode)
+                         [f"{f}/{k}" for f in fields for k in range(k_count)] + extra, None,
+                         decode)
     return {f: [flat[f"{f}/{k}"] for k in range(k_count)] for f in fields} if decode else {}
 
 
@@ -322,7 +655,10 @@ def read_arrays(path: str, meta: dict, decode: bool = True) -> Dict[str, np.ndar
     if expected is None:   # metadata written before "arrays"
         expected = ["step"] + [f"{o}/{f}" for o in meta.get("objectives", ["train"])
                                for f in _BASE_FIELDS]
-    return _read_checked(path, meta, "data.zarr", list(expected), n, decode)
+    extra = ["fingerprint"] if meta.get("row_fingerprints") else []
+    arrays = _read_checked(path, meta, "data.zarr", list(expected) + extra, n, decode)
+    arrays.pop("fingerprint", None)   # the store's own (resume checks), not a Run field
+    return arrays
 
 
 def read_frames(path: str, meta: dict, decode: bool = True) -> Dict[str, np.ndarray]:

@@ -138,11 +138,22 @@ class LCATracker:
     frames:     names of parameter tensors whose full per-element LCA is stored
                 every ``frame_every`` tracked steps (for animations)
     store:      a run directory to append every tracked step to (crash-safe;
-                see lca_ext.store); ``resume=True`` continues an existing one
+                see lca_ext.store); ``resume=True`` continues an existing one.
+                Every committed step records a fingerprint of θ_{t+1}; a resume
+                requires the model to be the θ of the run's last commit *and* a
+                per-parameter state saved there, and raises
+                lca_ext.store.RunStoreError otherwise, naming the committed step
+                the model matches and what to do: restore the checkpoint of a
+                step with a saved state, cut the run back to it with
+                ``lca_ext.truncate_run(store, steps)``, then resume.  Step labels
+                continue from that state's.  Refused rather than guessed: a
+                resume from an older state would count steps twice, one from a
+                newer θ with an older state (state_every > 1) would miss steps.
     state_every: write the per-parameter state with every k-th committed step
-                (and in ``result()``); after a crash, a resumed run continues
-                from the last written state, which may be older than the last
-                committed step (the store's meta "state_steps" says which)
+                (and in ``result()``); the latest two such states are kept, so a
+                run can be cut back by one commit without ``save_state()``.  A
+                state point is 6 flat arrays, about 18 bytes a parameter.  See
+                ``save_state()`` for the states truncate_run may cut back to.
     distributed: None (default: automatic), False, True or a ProcessGroup.
                 Under torch.distributed (DDP or FSDP2 ``fully_shard``), the LCA
                 set is sharded across ranks and every gradient pass sums over
@@ -370,14 +381,40 @@ class LCATracker:
             commit_state = self._tracked_count % self.state_every == 0
             # (FSDP2: gathering the state is collective, so every rank takes part)
             state = self._state_numpy() if commit_state else {}
+            fp = self._fingerprint()   # θ_{t+1}: the store checks a resume against it
             if self._writer is not None:
-                self._writer.commit(record, state, frames)
+                self._writer.commit(dict(record, fingerprint=fp), state, frames,
+                                    point=dict(next_step=self._step, fingerprint=fp))
             else:   # the other ranks: the records in memory, for result()
                 self._records.append(record)
         else:
             self._records.append(record)
             if frames:
                 self._frames.append(dict(frames, step=np.int64(step)))
+
+    def save_state(self, tag: Optional[str] = None) -> int:
+        """Store the per-parameter state as of the last committed step and keep
+        it (a *pinned* state point): ``lca_ext.truncate_run(store, steps)`` can
+        then cut the run back to here, so call it where you save a training
+        checkpoint (the Trainer and Lightning callbacks do).  Records θ's
+        fingerprint and the label of the next step with it, so a resume from
+        this checkpoint is checked and continues the labels even when untracked
+        steps (``schedule``) came after the last commit.  Costs one state write
+        (none if the step's commit just wrote it).  Collective under FSDP2 (call
+        on every rank).  Returns the number of committed steps it is at.
+        ``tag``: a name kept with it (the callbacks: their checkpoint's)."""
+        if self._store_path is None:
+            raise ValueError("lca_ext.LCATracker.save_state: this tracker has no store "
+                             "(store=PATH); the per-parameter state is in tracker.state")
+        if self._open:
+            raise RuntimeError("lca_ext.LCATracker.save_state: a step is open; call it "
+                               "between steps (after end() / the `with` block)")
+        state, fp = self._state_numpy(), self._fingerprint()
+        if self._writer is not None:
+            self._writer.write_state(state, next_step=self._step, fingerprint=fp,
+                                     pinned=True, tag=tag)
+            return self._writer.steps_committed
+        return self._tracked_count
 
     def result(self) -> Run:
         """Everything tracked so far, as plain data (the store's, if any).
@@ -387,9 +424,9 @@ class LCATracker:
         if self._store_path is not None and self._tracked_count % self.state_every:
             # state_every > 1: the stored state is older than the last step; store
             # it now (collective under FSDP2, so every rank gathers)
-            state = self._state_numpy()
+            state, fp = self._state_numpy(), self._fingerprint()
             if self._writer is not None:
-                self._writer.write_state(state)
+                self._writer.write_state(state, next_step=self._step, fingerprint=fp)
         if self._writer is not None:
             return load_run(self._writer.path)
         if self._store_path is not None:
@@ -422,6 +459,10 @@ class LCATracker:
                         world_size=self.ctx.world,
                         eval_set_sizes={o.name: o.evaluator.count for o in self.objectives[1:]}))
 
+    # offline LCA (lca_ext.offline) positions θ itself, step by step: it
+    # resumes its parts without the fingerprint check
+    _verify_resume = True
+
     def _open_store(self, path: str, resume: bool) -> None:
         # rank 0 writes; on resume every rank reads the state back (a shared
         # filesystem under multi-node resume)
@@ -431,17 +472,36 @@ class LCATracker:
         if not resume:
             return
         meta = self._writer.meta if self._writer else run_store.read_meta(path)
-        state = run_store._read_state(path, meta)
+        fp = self._fingerprint() if self._verify_resume else None
+        point = run_store.resume_point(path, meta, fp)   # RunStoreError if θ is not it
+        if self._verify_resume and point is not None and point.get("next_step") is None:
+            warnings.warn(f"lca_ext: {path!r} was written before runs recorded parameter "
+                          "fingerprints; resuming without checking that the model is at "
+                          "its last committed step", RuntimeWarning, stacklevel=4)
+        state = None if point is None else run_store._read_state(path, meta, point=point)
         if state:
             for name, arrays in state.items():
                 if name in self.state:
                     for k, (t, a) in enumerate(zip(self.state[name], arrays)):
                         t.copy_(torch.from_numpy(np.ascontiguousarray(
                             self.ctx.local_part(k, a))))
-        if meta["steps_committed"]:
+        if point is not None and point.get("next_step") is not None:
+            self._step = int(point["next_step"])
+        elif meta["steps_committed"]:
             last = run_store.read_arrays(path, meta)["step"][-1]
             self._step = int(last) + 1
-            self._tracked_count = int(meta["steps_committed"])
+        self._tracked_count = int(meta["steps_committed"])
+
+    def _fingerprint(self) -> np.ndarray:
+        """[K, 2] int64 fingerprint of θ (lca_ext.store.fingerprint); under FSDP2
+        each rank sums its shards at their global offsets (collective)."""
+        params = self.params.params
+        if not getattr(self.ctx, "sharded", False):
+            return run_store.fingerprint(params)
+        offsets = [off * (p.numel() // max(1, p.shape[0]) if p.dim() else 0)
+                   for off, p in zip(self.ctx.row_offsets, params)]
+        local = torch.from_numpy(run_store.fingerprint(params, offsets))
+        return self.ctx.sum_(local.to(params[0].device)).cpu().numpy()
 
     def _state_numpy(self) -> Dict[str, List[np.ndarray]]:
         return {name: [self.ctx.full(k, t).cpu().numpy().copy() for k, t in enumerate(tensors)]

@@ -53,7 +53,13 @@ def test_store_round_trip_equals_in_memory(tmp_path):
 
 def test_state_every_keeps_the_last_written_state(tmp_path):
     """state_every=2 over 3 steps: the store holds the state as of step 2 (the
-    commit of step 3 writes none and must not drop it), and resume restores it."""
+    commit of step 3 writes none and must not drop it).  A resume from θ after
+    step 3 would miss step 3's statistics: refused, naming the state's step
+    count; cut back to it, a resume from θ after step 2 restores that state.
+    result() stores the state as of the last step, and then a resume needs
+    nothing."""
+    import shutil
+
     model, x, y = setup_run()
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     tracker = lca_ext.LCATracker(model, xent, (x, y), store=str(tmp_path / "run"),
@@ -70,16 +76,25 @@ def test_state_every_keeps_the_last_written_state(tmp_path):
         for a, b in zip(run.state[key], want[key]):
             assert np.array_equal(a, b), key
     assert run.meta["state_steps"] == 2 and run.meta["steps_committed"] == 3
-    resumed = lca_ext.LCATracker(model, xent, (x, y), store=str(tmp_path / "run"),
-                                 resume=True, state_every=2)
-    for a, b in zip(resumed.state["cum_lca"], want["cum_lca"]):
-        assert np.array_equal(a.numpy(), b)
+    stale = str(tmp_path / "stale")
+    shutil.copytree(str(tmp_path / "run"), stale)
+    with pytest.raises(RunStoreError, match=r"after its last commit, 3 committed steps.*"
+                       r"state is not \(state_every > 1: states are saved at 2 committed"):
+        lca_ext.LCATracker(model, xent, (x, y), store=stale, resume=True, state_every=2)
+    lca_ext.truncate_run(stale, 2)
+    resumed = lca_ext.LCATracker(model2, xent, (x, y), store=stale, resume=True, state_every=2)
+    for key in want:
+        for a, b in zip(resumed.state[key], want[key]):
+            assert np.array_equal(a.numpy(), b), key
+    assert resumed._step == 2 and len(lca_ext.load_run(stale)) == 2
     # result() stores the state as of the last step
     final = tracker.result()
     assert final.meta["state_steps"] == 3
     for key in final.state:
         for a, t in zip(final.state[key], tracker.state[key]):
             assert np.array_equal(a, t.numpy()), key
+    again = lca_ext.LCATracker(model, xent, (x, y), store=str(tmp_path / "run"), resume=True)
+    assert again._step == 3
 
 
 def test_store_refuses_to_overwrite_and_checks_resume(tmp_path):
@@ -110,7 +125,7 @@ def test_load_run_errors(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     from torch import nn
     import lca_ext
     path, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
@@ -118,14 +133,23 @@ CHILD = textwrap.dedent("""
     model = nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 10))
     x, y = torch.randn(256, 20), torch.randint(0, 10, (256,))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ckpt = path + ".ckpt"
+    done = 0
+    if resume:                     # the training checkpoint: model, optimiser, step count
+        saved = torch.load(ckpt)
+        model.load_state_dict(saved["model"]); opt.load_state_dict(saved["opt"])
+        done = saved["steps"]
     tracker = lca_ext.LCATracker(model, lambda o, t: nn.functional.cross_entropy(o, t),
                                  (x, y), store=path, resume=resume, num_classes=10)
-    for i in range(steps):
+    for i in range(done, done + steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
         with tracker.step():
             opt.step()
         print("committed", i, flush=True)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "steps": i + 1},
+                   ckpt + ".tmp")
+        os.replace(ckpt + ".tmp", ckpt)
 """)
 
 
@@ -153,11 +177,18 @@ def test_kill_9_loses_no_completed_step_and_resumes(tmp_path, delay):
     assert np.isfinite(run.lca_sum).all()
     assert (run.loss_before[1:] == run.loss_after[:-1]).all()
     assert run.class_sums.shape[:2] == (n, 10)
-    # resume: the same script continues the same directory
+    # the training checkpoint is at the store's last commit, or one behind it
+    # (killed between the commit inside opt.step() and the save): cut back to it
+    c = torch.load(path + ".ckpt")["steps"]
+    assert c in (n, n - 1)
+    if c < n:
+        lca_ext.truncate_run(path, c)
+    # resume: the same script continues the same directory from its checkpoint
     child = start_child(path, 3, resume=True)
     out, _ = child.communicate(timeout=300)
     assert child.returncode == 0, out
     resumed = lca_ext.load_run(path)
-    assert resumed.steps.tolist() == list(range(n + 3))
-    assert np.array_equal(resumed.lca_sum[:n], run.lca_sum)
-    assert resumed.state["helped_steps"][0].max() <= n + 3
+    assert resumed.steps.tolist() == list(range(c + 3))
+    assert np.array_equal(resumed.lca_sum[:c], run.lca_sum[:c])
+    assert (resumed.loss_before[1:] == resumed.loss_after[:-1]).all()   # no step twice
+    assert resumed.state["helped_steps"][0].max() <= c + 3

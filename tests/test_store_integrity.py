@@ -51,9 +51,13 @@ def chunk_files(root):
                   if f != "zarr.json")
 
 
-def state_dir(run):
-    [d] = glob.glob(os.path.join(run, "state.*.zarr"))
-    return d
+def state_dir(run, which=-1):
+    """A kept state group: the latest (the one load_run reads), or an older
+    one (the store keeps the last two, and pinned ones, for truncate_run)."""
+    meta = json.load(open(os.path.join(run, META)))
+    versions = [p["version"] for p in meta["states"]]
+    assert len(glob.glob(os.path.join(run, "state.*.zarr"))) == len(versions) == 2
+    return os.path.join(run, f"state.{versions[which]}.zarr")
 
 
 def truncate(path, size=None):
@@ -108,14 +112,19 @@ CASES = {
         lambda r: _edit_meta(r, steps_committed=STEPS + 2),
         r"data\.zarr/\S+ holds 5 rows.*7 committed steps"),
     "state deleted": (lambda r: shutil.rmtree(state_dir(r)), r"state\.\d+\.zarr is missing"),
+    "older state deleted": (lambda r: shutil.rmtree(state_dir(r, 0)),
+                            r"state\.\d+\.zarr is missing"),
     "state field deleted": (lambda r: shutil.rmtree(os.path.join(state_dir(r), "cum_lca")),
-                            r"lacks the arrays \['cum_lca/0', 'cum_lca/1'"),
+                            r"lacks the arrays \['cum_lca'\]"),
     "state chunk deleted": (
-        lambda r: os.remove(chunk_files(os.path.join(state_dir(r), "direction_changes", "0"))[0]),
-        r"missing chunk files state\.\d+\.zarr/direction_changes/0/c/0/0"),
+        lambda r: os.remove(chunk_files(os.path.join(state_dir(r), "direction_changes"))[0]),
+        r"missing chunk files state\.\d+\.zarr/direction_changes/c/0"),
     "state chunk truncated": (
-        lambda r: truncate(chunk_files(os.path.join(state_dir(r), "cum_lca", "2"))[0]),
-        r"state\.\d+\.zarr/cum_lca/2 is unreadable"),
+        lambda r: truncate(chunk_files(os.path.join(state_dir(r), "cum_lca"))[0]),
+        r"state\.\d+\.zarr/cum_lca is unreadable"),
+    "state fingerprint deleted": (
+        lambda r: shutil.rmtree(os.path.join(state_dir(r), "fingerprint")),
+        r"lacks the arrays \['fingerprint'\]|fingerprint is missing"),
     "frames deleted": (lambda r: shutil.rmtree(os.path.join(r, "frames.zarr")),
                        r"frames\.zarr is missing.*5 committed frames"),
     "frame chunk deleted": (lambda r: os.remove(chunk_files(os.path.join(r, "frames.zarr",
@@ -196,4 +205,5 @@ def test_all_zero_chunks_are_written(tmp_path):
     assert run.arrays["train/lca_sum"].tolist() == [0.0]
     assert run.state["field"][0].tolist() == [0, 0, 0]
     assert len(chunk_files(str(tmp_path / "z" / "data.zarr"))) == 2
-    assert len(chunk_files(state_dir(str(tmp_path / "z")))) == 1
+    [d] = glob.glob(os.path.join(str(tmp_path / "z"), "state.*.zarr"))
+    assert len(chunk_files(d)) == 1

@@ -1,0 +1,236 @@
+"""Resuming a stored run from a training checkpoint (lca_ext.store: fingerprints,
+state points, truncate_run; the Trainer and Lightning callbacks).
+
+The reference of every case is an uninterrupted run of the same seeded training:
+a run stopped after 12 committed steps and resumed from an earlier checkpoint
+must end with the same step labels, the same rows (within rounding) and the
+same per-parameter statistics (cum_lca within rounding) - no step counted
+twice, none missed."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lca_ext
+from lca_ext.store import META, RunStoreError
+
+STEPS = 30
+
+
+def xent(out, y):
+    return nn.functional.cross_entropy(out, y)
+
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 5, generator=gen), torch.randint(0, 3, (48,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    torch.manual_seed(123)        # the minibatches come from the global generator
+    return model, opt, x, y
+
+
+def tracker_for(model, x, y, path, **kw):
+    return lca_ext.LCATracker(model, xent, (x, y), store=path, **kw)
+
+
+def train(model, opt, tracker, x, y, start, stop, ckpt_every=None, ckpts=None, save=True):
+    """Steps [start, stop); a checkpoint (model, optimiser, RNG) after every
+    ``ckpt_every``-th, with tracker.save_state() beside it when ``save``."""
+    for t in range(start, stop):
+        idx = torch.randint(0, x.shape[0], (12,))
+        opt.zero_grad()
+        xent(model(x[idx]), y[idx]).backward()
+        with tracker.step():
+            opt.step()
+        if ckpt_every and (t + 1) % ckpt_every == 0:
+            ckpts[t + 1] = copy.deepcopy(dict(model=model.state_dict(), opt=opt.state_dict(),
+                                              rng=torch.get_rng_state()))
+            if save:
+                tracker.save_state()
+
+
+def restore(ckpt):
+    model, opt, x, y = make()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    return model, opt, x, y
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted runs, by tracker options."""
+    cache = {}
+
+    def get(**kw):
+        key = json.dumps(kw, sort_keys=True)
+        if key not in cache:
+            path = str(tmp_path_factory.mktemp("ref") / "run")
+            model, opt, x, y = make()
+            tracker = tracker_for(model, x, y, path, **kw)
+            train(model, opt, tracker, x, y, 0, STEPS)
+            cache[key] = tracker.result()
+        return cache[key]
+    return get
+
+
+def assert_same_run(run, ref, resumed_at=None):
+    """Same labels, rows within rounding, per-parameter state within rounding.
+    The one difference allowed: the first resumed step (row ``resumed_at``)
+    computes g(θ_t) afresh, one gradient pass more than the reference, which
+    reused it from the step before."""
+    assert run.steps.tolist() == ref.steps.tolist()          # identical step labels
+    assert sorted(run.arrays) == sorted(ref.arrays)
+    for key, want in ref.arrays.items():
+        got = run.arrays[key]
+        if key.endswith("grad_passes") and resumed_at is not None:
+            assert got[resumed_at] - want[resumed_at] in (0, 1), key
+            got, want = np.delete(got, resumed_at), np.delete(want, resumed_at)
+        if np.issubdtype(want.dtype, np.floating):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=key)
+        else:
+            assert np.array_equal(got, want), key
+    assert sorted(run.state) == sorted(ref.state)
+    for key in ref.state:
+        for got, want in zip(run.state[key], ref.state[key]):
+            if np.issubdtype(want.dtype, np.floating):
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=key)
+            else:
+                assert np.array_equal(got, want), key
+
+
+def test_resume_from_an_older_checkpoint_is_refused_then_truncated(tmp_path, reference):
+    """The issue's case: checkpoints every 5 steps, stopped after 12 committed
+    steps, restarted from the step-10 checkpoint."""
+    path = str(tmp_path / "run")
+    model, opt, x, y = make()
+    tracker = tracker_for(model, x, y, path)
+    ckpts = {}
+    train(model, opt, tracker, x, y, 0, 12, ckpt_every=5, ckpts=ckpts)
+    del tracker                                     # "killed": 12 steps committed
+    assert lca_ext.load_run(path).steps.tolist() == list(range(12))
+
+    model, opt, x, y = restore(ckpts[10])
+    with pytest.raises(RunStoreError) as err:       # steps 10-11 would count twice
+        tracker_for(model, x, y, path, resume=True)
+    msg = str(err.value)
+    assert "12 committed steps" in msg and "state at 10 committed steps" in msg
+    assert f"lca_ext.truncate_run({path!r}, 10)" in msg
+    assert len(lca_ext.load_run(path)) == 12         # the refusal changed nothing
+
+    lca_ext.truncate_run(path, 10)
+    cut = lca_ext.load_run(path)
+    assert cut.steps.tolist() == list(range(10))
+    tracker = tracker_for(model, x, y, path, resume=True)
+    train(model, opt, tracker, x, y, 10, STEPS)
+    run = tracker.result()
+    assert_same_run(run, reference(), resumed_at=10)
+    assert_same_run(lca_ext.load_run(path), reference(), resumed_at=10)
+
+
+def test_kill_between_the_commit_and_the_checkpoint(tmp_path, reference):
+    """A checkpoint after every step, without save_state(): the store commits
+    inside optimizer.step(), so a kill before the save leaves the checkpoint one
+    commit behind.  The store keeps the previous state, so the run can be cut
+    back by one."""
+    path = str(tmp_path / "run")
+    model, opt, x, y = make()
+    tracker = tracker_for(model, x, y, path)
+    ckpts = {}
+    train(model, opt, tracker, x, y, 0, 12, ckpt_every=1, ckpts=ckpts, save=False)
+    model, opt, x, y = restore(ckpts[11])            # the save of step 12 never happened
+    with pytest.raises(RunStoreError, match=r"truncate_run\(.*, 11\)"):
+        tracker_for(model, x, y, path, resume=True)
+    lca_ext.truncate_run(path, 11)
+    tracker = tracker_for(model, x, y, path, resume=True)
+    train(model, opt, tracker, x, y, 11, STEPS)
+    assert_same_run(tracker.result(), reference(), resumed_at=11)
+
+
+def test_resume_with_a_schedule_continues_the_labels(tmp_path, reference):
+    """schedule=2 (even steps tracked), checkpoints every 5 steps: the step-10
+    checkpoint comes after an untracked step; its saved state records the next
+    label, so the resumed run labels its steps as the uninterrupted one."""
+    path = str(tmp_path / "run")
+    model, opt, x, y = make()
+    tracker = tracker_for(model, x, y, path, schedule=2)
+    ckpts = {}
+    train(model, opt, tracker, x, y, 0, 14, ckpt_every=5, ckpts=ckpts)
+    assert lca_ext.load_run(path).steps.tolist() == list(range(0, 14, 2))
+    model, opt, x, y = restore(ckpts[10])
+    with pytest.raises(RunStoreError, match=r"truncate_run\(.*, 5\)"):
+        tracker_for(model, x, y, path, resume=True, schedule=2)
+    lca_ext.truncate_run(path, 5)
+    tracker = tracker_for(model, x, y, path, resume=True, schedule=2)
+    assert tracker._step == 10
+    train(model, opt, tracker, x, y, 10, STEPS)
+    assert_same_run(tracker.result(), reference(schedule=2), resumed_at=5)
+
+
+def test_a_model_that_matches_no_step_is_refused(tmp_path):
+    path = str(tmp_path / "run")
+    model, opt, x, y = make()
+    train(model, opt, tracker_for(model, x, y, path), x, y, 0, 4)
+    other, _, _, _ = make()                          # θ_0: no commit is after it
+    with pytest.raises(RunStoreError, match=r"nor those after any of its committed steps.*"
+                       r"start a new store"):
+        tracker_for(other, x, y, path, resume=True)
+    # the model of the last commit resumes (labels continue at 4)
+    assert tracker_for(model, x, y, path, resume=True)._step == 4
+
+
+def test_truncate_run_errors_name_the_argument_and_the_steps_it_can_cut_to(tmp_path):
+    path = str(tmp_path / "run")
+    model, opt, x, y = make()
+    tracker = tracker_for(model, x, y, path)
+    train(model, opt, tracker, x, y, 0, 8, ckpt_every=3, ckpts={})   # pinned at 3 and 6
+    for bad in (-1, 9, "3", 2.0, True):
+        with pytest.raises(ValueError, match=r"truncate_run: steps=.*8 committed steps.*0 to 8"):
+            lca_ext.truncate_run(path, bad)
+    with pytest.raises(RunStoreError, match=r"no per-parameter state at 4 committed steps.*"
+                       r"nearest steps with a saved state: 3 .*, 6 "):
+        lca_ext.truncate_run(path, 4)
+    assert len(lca_ext.load_run(path)) == 8          # nothing cut
+    kept = sorted(p["steps"] for p in json.load(open(os.path.join(path, META)))["states"])
+    assert kept == [3, 6, 7, 8]                      # pinned 3, 6 and the latest two
+    lca_ext.truncate_run(path, 6)
+    meta = json.load(open(os.path.join(path, META)))
+    assert sorted(p["steps"] for p in meta["states"]) == [3, 6]
+    assert sorted(d for d in os.listdir(path) if d.startswith("state.")) == \
+        sorted(f"state.{p['version']}.zarr" for p in meta["states"])
+    lca_ext.truncate_run(path, 0)
+    assert len(lca_ext.load_run(path)) == 0
+    with pytest.raises(lca_ext.store.RunStoreError, match="not a directory"):
+        lca_ext.truncate_run(str(tmp_path / "missing"), 0)
+
+
+def test_save_state_needs_a_store():
+    model, opt, x, y = make()
+    with pytest.raises(ValueError, match="save_state: this tracker has no store"):
+        lca_ext.LCATracker(model, xent, (x, y)).save_state()
+
+
+def test_fingerprint_is_exact_and_tells_steps_apart():
+    from lca_ext.store import fingerprint
+
+    torch.manual_seed(0)
+    a = [torch.randn(300, 7), torch.randn(5).to(torch.bfloat16), torch.randn(3, dtype=torch.float64)]
+    fa = fingerprint(a)
+    assert fa.shape == (3, 2) and fa.dtype == np.int64
+    assert np.array_equal(fa, fingerprint([t.clone() for t in a]))
+    b = [t.clone() for t in a]
+    b[0][123, 4] = torch.nextafter(b[0][123, 4], torch.tensor(10.0))   # one ulp
+    fb = fingerprint(b)
+    assert not np.array_equal(fa[0], fb[0]) and np.array_equal(fa[1:], fb[1:])
+    c = [a[0].flip(0)] + a[1:]                       # the same values, permuted
+    assert not np.array_equal(fingerprint(c)[0], fa[0])
+    # a shard at its offset sums to the whole tensor's fingerprint
+    lo, hi = a[0][:100], a[0][100:]
+    parts = fingerprint([lo]) + fingerprint([hi], offsets=[100 * 7])
+    assert np.array_equal(parts[0], fa[0])
