@@ -430,6 +430,27 @@ def resume_error(path: str, meta: dict, fp: np.ndarray) -> str:
             f"lca_ext.truncate_run({path!r}, 0) empties it if the model is at the run's start")
 
 
+def cut_back_to(path: str, meta: dict, fp: np.ndarray) -> Optional[tuple]:
+    """What a framework callback does when training resumes from a checkpoint:
+    if the model (fingerprint ``fp``) is not at the run's last commit but is
+    the θ of an older saved state, cut the run back to that state
+    (:func:`truncate_run`) and return (steps before, steps after); None when
+    nothing is cut (the model is at the last commit, or matches no saved state:
+    the resume then raises :func:`resume_error`'s message)."""
+    n = int(meta["steps_committed"])
+    best = None
+    for p in state_points(meta):
+        saved = _point_fingerprint(path, p)
+        if saved is not None and np.array_equal(saved, fp):
+            if p["steps"] == n:
+                return None
+            best = p["steps"] if best is None else max(best, p["steps"])
+    if best is None:
+        return None
+    truncate_run(path, best)
+    return n, best
+
+
 def truncate_run(path: str, steps: int) -> None:
     """Cut the run directory ``path`` back to its first ``steps`` committed
     steps: the rows after them are dropped (and tracked again by a resumed run),

@@ -462,6 +462,9 @@ class LCATracker:
     # offline LCA (lca_ext.offline) positions θ itself, step by step: it
     # resumes its parts without the fingerprint check
     _verify_resume = True
+    # the framework callbacks: a resume from an older checkpoint first cuts the
+    # run back to the state saved with it (lca_ext.store.cut_back_to)
+    _resume_cuts_back = False
 
     def _open_store(self, path: str, resume: bool) -> None:
         # rank 0 writes; on resume every rank reads the state back (a shared
@@ -471,8 +474,19 @@ class LCATracker:
         self.ctx.barrier()
         if not resume:
             return
-        meta = self._writer.meta if self._writer else run_store.read_meta(path)
         fp = self._fingerprint() if self._verify_resume else None
+        if self._resume_cuts_back and fp is not None:
+            if self._writer is not None:
+                cut = run_store.cut_back_to(path, self._writer.meta, fp)
+                if cut:
+                    self._writer = run_store.RunWriter(path, self._meta(), resume=True)
+                    warnings.warn(f"lca_ext: training resumed from a checkpoint taken after "
+                                  f"{cut[1]} committed steps of {path!r}; the run is cut back "
+                                  f"from {cut[0]} to {cut[1]} steps (lca_ext.truncate_run) and "
+                                  "the steps after it are tracked again", UserWarning,
+                                  stacklevel=4)
+            self.ctx.barrier()
+        meta = self._writer.meta if self._writer else run_store.read_meta(path)
         point = run_store.resume_point(path, meta, fp)   # RunStoreError if θ is not it
         if self._verify_resume and point is not None and point.get("next_step") is None:
             warnings.warn(f"lca_ext: {path!r} was written before runs recorded parameter "

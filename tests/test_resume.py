@@ -234,3 +234,145 @@ def test_fingerprint_is_exact_and_tells_steps_apart():
     lo, hi = a[0][:100], a[0][100:]
     parts = fingerprint([lo]) + fingerprint([hi], offsets=[100 * 7])
     assert np.array_equal(parts[0], fa[0])
+
+
+# -- the Hugging Face Trainer: on_save keeps the state, resume_from_checkpoint cuts ------
+
+class _Stop(Exception):
+    """Stands in for a crash of the training process."""
+
+
+def hf_run(tmp_path, name, store, max_steps=16, stop_at=None, resume_from=None,
+           save_total_limit=None):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from lca_ext.integrations.transformers import LCACallback
+
+    vocab, seq = 32, 8
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self, n, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    class StopAt(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == stop_at:
+                raise _Stop()
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=vocab,
+                                  n_positions=seq, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=max_steps, per_device_train_batch_size=4,
+        per_device_eval_batch_size=8, learning_rate=3e-3, save_strategy="steps", save_steps=5,
+        logging_steps=100, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0, save_total_limit=save_total_limit)
+    lca = LCACallback(lca_data=Tokens(16, seed=1), store=store)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(24, seed=2),
+                                   callbacks=[lca, StopAt()])
+    if stop_at is not None:
+        with pytest.raises(_Stop):
+            trainer.train(resume_from_checkpoint=resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
+    return lca
+
+
+def test_trainer_resume_from_checkpoint_cuts_the_store_back(tmp_path):
+    ref = hf_run(tmp_path, "ref", str(tmp_path / "ref_run")).result()
+    assert ref.steps.tolist() == list(range(16))
+    store = str(tmp_path / "run")
+    hf_run(tmp_path, "out", store, stop_at=12)                   # "killed" at step 12
+    assert len(lca_ext.load_run(store)) == 12
+    ckpt = str(tmp_path / "out" / "checkpoint-10")
+    with pytest.warns(UserWarning, match=r"cut back from 12 to 10 steps"):
+        lca = hf_run(tmp_path, "out", store, resume_from=ckpt, save_total_limit=2)
+    assert_same_run(lca.result(), ref, resumed_at=10)
+    assert_same_run(lca_ext.load_run(store), ref, resumed_at=10)
+    # the states of the checkpoints the trainer keeps (save_total_limit=2), no others
+    assert sorted(d for d in os.listdir(tmp_path / "out") if d.startswith("checkpoint-")) \
+        == ["checkpoint-15", "checkpoint-16"]
+    meta = json.load(open(os.path.join(store, META)))
+    assert {p["tag"] for p in meta["states"] if p["pinned"]} == {"checkpoint-15",
+                                                                 "checkpoint-16"}
+    assert len([d for d in os.listdir(store) if d.startswith("state.")]) == len(meta["states"])
+
+
+def test_trainer_refuses_a_checkpoint_the_store_has_no_state_for(tmp_path):
+    store = str(tmp_path / "run")
+    hf_run(tmp_path, "out", store, stop_at=12)
+    other = str(tmp_path / "other_run")              # a store that never saw these checkpoints
+    hf_run(tmp_path, "other", other, stop_at=3)
+    with pytest.raises(RunStoreError, match="cannot resume"):
+        hf_run(tmp_path, "out", other, resume_from=str(tmp_path / "out" / "checkpoint-10"))
+
+
+# -- Lightning: on_save_checkpoint keeps the state, ckpt_path= cuts -----------------------
+
+def pl_run(tmp_path, store, stop_at=None, ckpt_path=None):
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+    from lca_ext.integrations.lightning import LCACallback
+
+    class MLP(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return xent(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9)
+
+    class StopAt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == stop_at:
+                raise _Stop()
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 5, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    # full-batch steps: Lightning itself does not resume a plain DataLoader at the
+    # batch it stopped at (mid-epoch it replays from the epoch's start; from an
+    # epoch-end checkpoint it ran one batch more, measured), so with one batch
+    # an epoch the uninterrupted run is the reference of a resumed one
+    loader = DataLoader(TensorDataset(x, y), batch_size=40, shuffle=False)
+    lca = LCACallback(xent, (x, y), store=store, log=False)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=5,
+                                        save_top_k=-1, filename="{step}")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=16,
+                         callbacks=[lca, StopAt(), ckpt], enable_progress_bar=False,
+                         enable_model_summary=False)
+    if stop_at is not None:
+        with pytest.raises(_Stop):
+            trainer.fit(MLP(), loader, ckpt_path=ckpt_path)
+    else:
+        trainer.fit(MLP(), loader, ckpt_path=ckpt_path)
+    return lca
+
+
+def test_lightning_resume_from_ckpt_path_cuts_the_store_back(tmp_path):
+    ref = pl_run(tmp_path / "a", str(tmp_path / "ref_run")).result()
+    assert ref.steps.tolist() == list(range(16))
+    store = str(tmp_path / "run")
+    pl_run(tmp_path / "b", store, stop_at=12)
+    assert len(lca_ext.load_run(store)) == 12
+    with pytest.warns(UserWarning, match=r"cut back from 12 to 10 steps"):
+        lca = pl_run(tmp_path / "b", store, ckpt_path=str(tmp_path / "b" / "ckpt" / "step=10.ckpt"))
+    assert_same_run(lca.result(), ref, resumed_at=10)
+    meta = json.load(open(os.path.join(store, META)))
+    assert {p["tag"] for p in meta["states"] if p["pinned"]} == \
+        {"lightning-step-5", "lightning-step-10", "lightning-step-15"}

@@ -38,6 +38,11 @@ from .metrics import step_metrics
 __all__ = ["LCACallback"]
 
 
+class _CheckpointTracker(LCATracker):
+    """The callback's tracker: a resume cuts the store back to the checkpoint."""
+    _resume_cuts_back = True
+
+
 class _StepSkipped(Exception):
     """Thrown into an open ``tracker.step()`` block: the step did not happen."""
 
@@ -101,8 +106,20 @@ class LCACallback(pl.Callback):
     rank 0 writes the store); Lightning's loggers write from rank 0.  The
     tracker never writes the parameters, their gradients, buffers or the RNG
     streams, so training is bitwise the same with or without the callback.
-    The LCA state is not saved in Lightning checkpoints: use ``store=`` (and
-    ``resume=True``) to keep a run across restarts.
+
+    Checkpoints (with ``store=``): at every checkpoint save
+    (``on_save_checkpoint``) the per-parameter state is saved in the store and
+    kept (``tracker.save_state``, tagged ``lightning-step-<global step>``; these
+    are not pruned when ModelCheckpoint deletes old files: ``truncate_run``
+    drops those after a cut).  ``trainer.fit(..., ckpt_path=...)`` resumes the
+    store (``resume=True`` is implied) once the checkpoint is restored (at
+    ``on_train_start``) and, if the store ran past the checkpoint, cuts it back
+    to the state saved with it (found by the restored parameters' fingerprint;
+    with a warning), so the run ends with exactly the steps of an uninterrupted
+    one.  A checkpoint the store holds no state for is refused with a
+    RunStoreError saying why.  Without a store, the LCA state is not in the
+    checkpoint: a resumed fit starts a new in-memory run at the checkpoint's
+    step (warned); a callback whose in-memory run went past it refuses.
     """
 
     def __init__(self, loss_fn: Callable, lca_data, *, log: bool = True,
@@ -138,14 +155,56 @@ class LCACallback(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._close(record=False)
+        if getattr(trainer, "ckpt_path", None) is not None:
+            return     # resuming: built at on_train_start, once the checkpoint is restored
+        self._build(pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(trainer, "ckpt_path", None) is None:
+            return
+        store = self.tracker_kwargs.get("store")
+        if self.tracker is not None:
+            if store is None and self.tracker._step > trainer.global_step:
+                raise RuntimeError(
+                    f"lca_ext.LCACallback: fit resumed from a checkpoint at global step "
+                    f"{trainer.global_step}, but this callback's in-memory run already "
+                    f"tracked {self.tracker._step} optimizer steps; it cannot be cut back "
+                    "(use store=PATH, which is cut back to the checkpoint, or a new "
+                    "LCACallback)")
+            if store is not None:
+                self.tracker = None     # rebuilt from the store, cut to the checkpoint
+        fresh = self.tracker is None
+        self._build(pl_module, resume=store is not None)
+        if fresh and store is None:
+            import warnings
+            self.tracker._step = trainer.global_step
+            warnings.warn(f"lca_ext.LCACallback: fit resumed at global step "
+                          f"{trainer.global_step} without store=; the LCA run starts there "
+                          "(per-parameter statistics from zero)", UserWarning, stacklevel=2)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """A checkpoint is being saved: keep the per-parameter state with it."""
+        if self.tracker is None or self.tracker._store_path is None:
+            return
+        if self._step_cm is not None:
+            import warnings
+            warnings.warn("lca_ext.LCACallback: a checkpoint was saved inside an optimizer "
+                          "step; the store keeps no state for it, so a resume from it will "
+                          "be refused", RuntimeWarning, stacklevel=2)
+            return
+        self.tracker.save_state(tag=f"lightning-step-{trainer.global_step}")
+
+    def _build(self, pl_module, resume: bool = False) -> None:
         if self.tracker is None:
             kwargs = dict(self.tracker_kwargs)
             device = pl_module.device
             if kwargs.get("eval_sets"):
                 kwargs["eval_sets"] = {k: _to_device(v, device)
                                        for k, v in kwargs["eval_sets"].items()}
-            self.tracker = LCATracker(pl_module, self.loss_fn,
-                                      _to_device(self.lca_data, device), **kwargs)
+            if resume:
+                kwargs["resume"] = True
+            self.tracker = _CheckpointTracker(pl_module, self.loss_fn,
+                                              _to_device(self.lca_data, device), **kwargs)
         elif self.tracker.model is not pl_module:
             raise RuntimeError("lca_ext.LCACallback: this callback already tracks another "
                                "LightningModule; use a new LCACallback per module")

@@ -37,6 +37,19 @@ of the last tracked step to the trainer's logs.
   (:func:`check_hf_batch`): a label outside the model's range (the vocabulary,
   or ``model.config.num_labels``), a single unbatched example or a batch with
   no counted label is refused naming the set, the batch and the value.
+* Checkpoints (with ``store=``): at every checkpoint save (``on_save``) the
+  per-parameter state is saved in the store and kept (``tracker.save_state``,
+  tagged ``checkpoint-<global step>``; states whose checkpoint directory the
+  trainer has since rotated away are dropped).  On
+  ``trainer.train(resume_from_checkpoint=...)`` the store is resumed and, if
+  it ran past the checkpoint, cut back to the state saved with it (identified
+  by the restored parameters' fingerprint; ``lca_ext.truncate_run``, with a
+  warning), so the finished run holds exactly the steps of an uninterrupted
+  one.  A checkpoint the store holds no state for (saved without this
+  callback, or from another run) is refused with a RunStoreError saying why.
+  Without a store the LCA of a resumed train() starts at the checkpoint (step
+  labels from its global step, statistics from zero; warned); a callback whose
+  in-memory run went past the checkpoint refuses (it cannot be cut back).
 * Logging: the ``lca/*`` values reach the trainer's ``log_history`` and any
   callback after this one.  TensorBoard / W&B / MLflow (``report_to``) are
   callbacks the trainer registers *before* user callbacks, so to reach them,
@@ -230,6 +243,11 @@ def trainer_loader(data, args, model, collator=None, *, name: str = "lca_data",
         np.random.set_state(state[1])
 
 
+class _CheckpointTracker(LCATracker):
+    """The callback's tracker: a resume cuts the store back to the checkpoint."""
+    _resume_cuts_back = True
+
+
 class LCACallback(TrainerCallback):
     """Tracks LCA of every optimizer step of a ``transformers.Trainer`` run."""
 
@@ -264,17 +282,54 @@ class LCACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None,
                        train_dataloader=None, **kwargs):
+        if self._handle is not None:   # a train() that raised never reached on_train_end
+            self._handle.remove()
+            self._handle = None
+        resumed = state.global_step > 0     # train(resume_from_checkpoint=...)
+        store = self.tracker_kwargs.get("store")
+        if resumed and self.tracker is not None:
+            if store is None and self.tracker._step > state.global_step:
+                raise RuntimeError(
+                    f"lca_ext: LCACallback: training resumed from a checkpoint at global "
+                    f"step {state.global_step}, but this callback's in-memory run already "
+                    f"tracked {self.tracker._step} optimizer steps; it cannot be cut back "
+                    "(use store=PATH, which is cut back to the checkpoint, or a new "
+                    "LCACallback)")
+            if store is not None:
+                self.tracker = None     # rebuilt from the store, cut to the checkpoint
         if self.tracker is None:
             kw = dict(self.tracker_kwargs)
+            if resumed and store is not None:
+                kw["resume"] = True
             if kw.get("eval_sets"):
                 kw["eval_sets"] = {k: self._data(v, args, model, train_dataloader,
                                                  f"eval_sets[{k!r}]")
                                    for k, v in kw["eval_sets"].items()}
-            self.tracker = LCATracker(
+            self.tracker = _CheckpointTracker(
                 model, lca_data=self._data(self.lca_data, args, model, train_dataloader,
                                            "lca_data"),
                 batch_loss=self.batch_loss, **kw)
+            if resumed and store is None:
+                import warnings
+                self.tracker._step = state.global_step
+                warnings.warn(f"lca_ext: LCACallback: training resumed at global step "
+                              f"{state.global_step} without store=; the LCA run starts "
+                              "there (per-parameter statistics from zero)", UserWarning,
+                              stacklevel=2)
         self._handle = self.tracker.attach(optimizer)
+
+    def on_save(self, args, state, control, **kwargs):
+        """A checkpoint was saved: keep the per-parameter state with it."""
+        if self.tracker is None or self.tracker._store_path is None:
+            return
+        import os
+        tag = f"checkpoint-{state.global_step}"
+        self.tracker.save_state(tag=tag)
+        writer = self.tracker._writer
+        if writer is not None:   # drop the states of checkpoints the trainer rotated away
+            writer.unpin(lambda p: not str(p.get("tag") or "").startswith("checkpoint-")
+                         or p["tag"] == tag
+                         or os.path.isdir(os.path.join(args.output_dir, p["tag"])))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._handle is not None:
