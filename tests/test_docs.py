@@ -1,5 +1,6 @@
-"""Every guide's code runs: the ```python blocks of each docs/guides/*.md page,
-in order, as one script in a fresh directory (blocks written as
+"""Every guide's code runs: the ```python blocks of each docs/guides/*.md page and of
+the README (its first example, which the first guide includes), in order, as one
+script in a fresh directory (blocks written as
 ```{code-block} python are shown, not run: each says why).  The guides' own
 asserts check their numbers against direct computations."""
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-GUIDES = sorted((ROOT / "docs" / "guides").glob("*.md"))
+# the guides, and the README (its first example; docs/guides/first-lca.md includes it)
+GUIDES = sorted((ROOT / "docs" / "guides").glob("*.md")) + [ROOT / "README.md"]
 # what a guide's code imports beyond the minimal install
 NEEDS = {"reading-a-run.md": ["matplotlib"], "trainer.md": ["transformers"],
          "lightning.md": ["lightning"]}
