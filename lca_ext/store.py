@@ -324,10 +324,9 @@ def fingerprint(tensors, offsets: Optional[List[int]] = None) -> np.ndarray:
     out = []
     for k, t in enumerate(tensors):
         t = t.detach()
-        if t.element_size() < 2:
-            raise TypeError(f"lca_ext: cannot fingerprint a {t.dtype} tensor")
-        words = t.contiguous().view(-1).view(torch.int16)
-        base = (offsets[k] if offsets else 0) * (t.element_size() // 2)
+        size = t.element_size()     # 1-byte dtypes (float8) as int8 words
+        words = t.contiguous().view(-1).view(torch.int16 if size >= 2 else torch.int8)
+        base = (offsets[k] if offsets else 0) * max(1, size // 2)
         s1 = torch.zeros((), dtype=torch.int64, device=t.device)
         s2 = torch.zeros((), dtype=torch.int64, device=t.device)
         for start in range(0, words.numel(), _FP_CHUNK):
@@ -380,8 +379,15 @@ def resume_point(path: str, meta: dict, fp: Optional[np.ndarray]) -> Optional[di
     if n == 0 and not [p for p in points if p["steps"] == 0]:
         return None
     at_n = [p for p in points if p["steps"] == n]
-    if fp is None or (at_n and not any(p.get("fingerprint") for p in points)):
-        return at_n[-1] if at_n else (points[-1] if points else None)
+    if fp is None or not any(p.get("fingerprint") for p in points):
+        if at_n or not points or fp is None:
+            return at_n[-1] if at_n else (points[-1] if points else None)
+        s = points[-1]["steps"]   # a run written before fingerprints, state_every > 1
+        raise RunStoreError(
+            f"lca_ext: cannot resume {path!r}: its per-parameter state is as of {s} "
+            f"committed steps and its rows go on to {n} (state_every > 1), so a resume would "
+            f"miss the statistics of the steps between. Restore the checkpoint of step count "
+            f"{s}, cut the run back with lca_ext.truncate_run({path!r}, {s}), then resume")
     for p in reversed(at_n):
         saved = _point_fingerprint(path, p)
         if saved is not None and np.array_equal(saved, fp):

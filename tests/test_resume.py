@@ -376,3 +376,25 @@ def test_lightning_resume_from_ckpt_path_cuts_the_store_back(tmp_path):
     meta = json.load(open(os.path.join(store, META)))
     assert {p["tag"] for p in meta["states"] if p["pinned"]} == \
         {"lightning-step-5", "lightning-step-10", "lightning-step-15"}
+
+
+def test_runs_written_before_fingerprints_resume_with_a_warning(tmp_path):
+    """Metadata and state without fingerprints (an older writer): a resume at
+    the state's step is allowed, unchecked, with a warning; one past it
+    (state_every > 1) is refused, naming the cut that would make it valid."""
+    path = str(tmp_path / "run")
+    model, opt, x, y = make()
+    train(model, opt, tracker_for(model, x, y, path, state_every=3), x, y, 0, 4)
+    meta_path = os.path.join(path, META)
+    meta = json.load(open(meta_path))
+    meta.pop("row_fingerprints")
+    for p in meta["states"]:
+        p.update(fingerprint=False, next_step=None)
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(RunStoreError, match=r"state is as of 3 committed steps and its rows go "
+                       r"on to 4.*truncate_run\(.*, 3\)"):
+        tracker_for(model, x, y, path, resume=True, state_every=3)
+    lca_ext.truncate_run(path, 3)
+    with pytest.warns(RuntimeWarning, match="before runs recorded parameter fingerprints"):
+        resumed = tracker_for(model, x, y, path, resume=True, state_every=3)
+    assert resumed._step == 3
