@@ -24,6 +24,7 @@ from torch import nn
 
 import lca_ext
 from lca_ext import store as run_store
+from lca_ext import store_link
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def step(tmp_path_factory):
     loss_fn(model(x), y).backward()
     with tracker.step():
         opt.step()
-    return tracker, dict(tracker.last), tracker._state_numpy(), tracker._fingerprint()
+    return tracker, dict(tracker.last), tracker._state_numpy(), store_link.fingerprint(tracker)
 
 
 def _writer(tmp_path, tracker, flat=True):

@@ -470,7 +470,7 @@ def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, star
     Returns the number of the range's steps already in the store."""
     if store is None:
         return 0
-    writer = getattr(tracker, "_writer", None)
+    writer = tracker.store_link.writer if tracker.store_link else None
     meta = writer.meta if writer is not None else run_store.read_meta(store)
     info = {"range": [start, stop], "num_steps": n}
     if traj.source is not None:

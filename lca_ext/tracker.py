@@ -59,11 +59,11 @@ from torch import nn
 from . import distributed as dist_support
 from . import ops
 from . import quadrature
-from . import store as run_store
 from .evaluate import Evaluator, classic_batch_loss
 from .lca_set import LCASet
 from .params import ParameterSet
 from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
+from .store_link import StoreLink
 
 # per-step fields of every objective, and the per-parameter state fields
 STEP_FIELDS = ("loss_before", "loss_after", "lca_sum", "error", "splits", "grad_passes",
@@ -295,10 +295,12 @@ class LCATracker:
         self._end_versions: Optional[List[int]] = None
         self.ungrounded_steps: List[tuple] = []   # (objective, step) not grounded
         self._warned_causes: List[bool] = []      # noise_limited values warned about
-        self._writer: Optional[run_store.RunWriter] = None
-        self._store_path = store
+        self.store_link: Optional[StoreLink] = None   # the run directory, if any
         if store is not None:
-            self._open_store(store, resume)
+            self.store_link = StoreLink(self, store, resume, state_every)
+            self._tracked_count = self.store_link.steps_committed
+            if self.store_link.next_step is not None:
+                self._step = self.store_link.next_step   # labels go on from the state's
 
     # -- the loop-facing API -------------------------------------------------
 
@@ -377,16 +379,9 @@ class LCATracker:
         self.last = record
         self.last_frames = frames
         self._end_versions = [p._version for p in self.params.params]
-        if self._store_path is not None:
-            commit_state = self._tracked_count % self.state_every == 0
-            # (FSDP2: gathering the state is collective, so every rank takes part)
-            state = self._state_numpy() if commit_state else {}
-            fp = self._fingerprint()   # θ_{t+1}: the store checks a resume against it
-            if self._writer is not None:
-                self._writer.commit(dict(record, fingerprint=fp), state, frames,
-                                    point=dict(next_step=self._step, fingerprint=fp))
-            else:   # the other ranks: the records in memory, for result()
-                self._records.append(record)
+        if self.store_link is not None:
+            if not self.store_link.commit(record, frames, self._tracked_count, self._step):
+                self._records.append(record)   # the other ranks: in memory, for result()
         else:
             self._records.append(record)
             if frames:
@@ -403,33 +398,26 @@ class LCATracker:
         (none if the step's commit just wrote it).  Collective under FSDP2 (call
         on every rank).  Returns the number of committed steps it is at.
         ``tag``: a name kept with it (the callbacks: their checkpoint's)."""
-        if self._store_path is None:
+        if self.store_link is None:
             raise ValueError("lca_ext.LCATracker.save_state: this tracker has no store "
                              "(store=PATH); the per-parameter state is in tracker.state")
         if self._open:
             raise RuntimeError("lca_ext.LCATracker.save_state: a step is open; call it "
                                "between steps (after end() / the `with` block)")
-        state, fp = self._state_numpy(), self._fingerprint()
-        if self._writer is not None:
-            self._writer.write_state(state, next_step=self._step, fingerprint=fp,
-                                     pinned=True, tag=tag)
-            return self._writer.steps_committed
-        return self._tracked_count
+        self.store_link.save_state(self._step, tag)
+        writer = self.store_link.writer
+        return writer.steps_committed if writer is not None else self._tracked_count
 
     def result(self) -> Run:
         """Everything tracked so far, as plain data (the store's, if any).
         Under torch.distributed with a store, ranks other than 0 return the
         per-step records they kept in memory, without state or frames (those are
         in the store)."""
-        if self._store_path is not None and self._tracked_count % self.state_every:
-            # state_every > 1: the stored state is older than the last step; store
-            # it now (collective under FSDP2, so every rank gathers)
-            state, fp = self._state_numpy(), self._fingerprint()
-            if self._writer is not None:
-                self._writer.write_state(state, next_step=self._step, fingerprint=fp)
-        if self._writer is not None:
-            return load_run(self._writer.path)
-        if self._store_path is not None:
+        link = self.store_link
+        if link is not None:
+            link.flush_state(self._tracked_count, self._step)   # (collective under FSDP2)
+            if link.writer is not None:
+                return load_run(link.path)
             arrays = {key: np.stack([np.asarray(r[key]) for r in self._records])
                       for key in (self._records[0] if self._records else ())}
             return Run(self._meta(), arrays)
@@ -459,63 +447,12 @@ class LCATracker:
                         world_size=self.ctx.world,
                         eval_set_sizes={o.name: o.evaluator.count for o in self.objectives[1:]}))
 
-    # offline LCA (lca_ext.offline) positions θ itself, step by step: it
-    # resumes its parts without the fingerprint check
+    # how a resume is checked (lca_ext.store_link): offline LCA (lca_ext.offline)
+    # positions θ itself, step by step, and resumes its parts without the
+    # fingerprint check; the framework callbacks first cut the run back to the
+    # state saved with the checkpoint the training resumed from
     _verify_resume = True
-    # the framework callbacks: a resume from an older checkpoint first cuts the
-    # run back to the state saved with it (lca_ext.store.cut_back_to)
     _resume_cuts_back = False
-
-    def _open_store(self, path: str, resume: bool) -> None:
-        # rank 0 writes; on resume every rank reads the state back (a shared
-        # filesystem under multi-node resume)
-        if self.ctx.is_writer:
-            self._writer = run_store.RunWriter(path, self._meta(), resume=resume)
-        self.ctx.barrier()
-        if not resume:
-            return
-        fp = self._fingerprint() if self._verify_resume else None
-        if self._resume_cuts_back and fp is not None:
-            if self._writer is not None:
-                cut = run_store.cut_back_to(path, self._writer.meta, fp)
-                if cut:
-                    self._writer = run_store.RunWriter(path, self._meta(), resume=True)
-                    warnings.warn(f"lca_ext: training resumed from a checkpoint taken after "
-                                  f"{cut[1]} committed steps of {path!r}; the run is cut back "
-                                  f"from {cut[0]} to {cut[1]} steps (lca_ext.truncate_run) and "
-                                  "the steps after it are tracked again", UserWarning,
-                                  stacklevel=4)
-            self.ctx.barrier()
-        meta = self._writer.meta if self._writer else run_store.read_meta(path)
-        point = run_store.resume_point(path, meta, fp)   # RunStoreError if θ is not it
-        if self._verify_resume and point is not None and point.get("next_step") is None:
-            warnings.warn(f"lca_ext: {path!r} was written before runs recorded parameter "
-                          "fingerprints; resuming without checking that the model is at "
-                          "its last committed step", RuntimeWarning, stacklevel=4)
-        state = None if point is None else run_store._read_state(path, meta, point=point)
-        if state:
-            for name, arrays in state.items():
-                if name in self.state:
-                    for k, (t, a) in enumerate(zip(self.state[name], arrays)):
-                        t.copy_(torch.from_numpy(np.ascontiguousarray(
-                            self.ctx.local_part(k, a))))
-        if point is not None and point.get("next_step") is not None:
-            self._step = int(point["next_step"])
-        elif meta["steps_committed"]:
-            last = run_store.read_arrays(path, meta)["step"][-1]
-            self._step = int(last) + 1
-        self._tracked_count = int(meta["steps_committed"])
-
-    def _fingerprint(self) -> np.ndarray:
-        """[K, 2] int64 fingerprint of θ (lca_ext.store.fingerprint); under FSDP2
-        each rank sums its shards at their global offsets (collective)."""
-        params = self.params.params
-        if not getattr(self.ctx, "sharded", False):
-            return run_store.fingerprint(params)
-        offsets = [off * (p.numel() // max(1, p.shape[0]) if p.dim() else 0)
-                   for off, p in zip(self.ctx.row_offsets, params)]
-        local = torch.from_numpy(run_store.fingerprint(params, offsets))
-        return self.ctx.sum_(local.to(params[0].device)).cpu().numpy()
 
     def _state_numpy(self) -> Dict[str, List[np.ndarray]]:
         return {name: [self.ctx.full(k, t).cpu().numpy().copy() for k, t in enumerate(tensors)]

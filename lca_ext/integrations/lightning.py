@@ -34,6 +34,7 @@ if int(pl.__version__.split(".")[0]) < 2:
 
 from ..tracker import LCATracker, Run
 from .metrics import step_metrics
+from .resume import tracker_on_resume
 
 __all__ = ["LCACallback"]
 
@@ -163,16 +164,8 @@ class LCACallback(pl.Callback):
         if getattr(trainer, "ckpt_path", None) is None:
             return
         store = self.tracker_kwargs.get("store")
-        if self.tracker is not None:
-            if store is None and self.tracker._step > trainer.global_step:
-                raise RuntimeError(
-                    f"lca_ext.LCACallback: fit resumed from a checkpoint at global step "
-                    f"{trainer.global_step}, but this callback's in-memory run already "
-                    f"tracked {self.tracker._step} optimizer steps; it cannot be cut back "
-                    "(use store=PATH, which is cut back to the checkpoint, or a new "
-                    "LCACallback)")
-            if store is not None:
-                self.tracker = None     # rebuilt from the store, cut to the checkpoint
+        self.tracker = tracker_on_resume(self.tracker, store, trainer.global_step,
+                                         "lca_ext.LCACallback (Lightning)")
         fresh = self.tracker is None
         self._build(pl_module, resume=store is not None)
         if fresh and store is None:
@@ -184,7 +177,7 @@ class LCACallback(pl.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         """A checkpoint is being saved: keep the per-parameter state with it."""
-        if self.tracker is None or self.tracker._store_path is None:
+        if self.tracker is None or self.tracker.store_link is None:
             return
         if self._step_cm is not None:
             import warnings

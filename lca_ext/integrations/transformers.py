@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..tracker import LCATracker
 from .metrics import step_metrics
+from .resume import tracker_on_resume
 
 try:
     from transformers import TrainerCallback
@@ -287,16 +288,9 @@ class LCACallback(TrainerCallback):
             self._handle = None
         resumed = state.global_step > 0     # train(resume_from_checkpoint=...)
         store = self.tracker_kwargs.get("store")
-        if resumed and self.tracker is not None:
-            if store is None and self.tracker._step > state.global_step:
-                raise RuntimeError(
-                    f"lca_ext: LCACallback: training resumed from a checkpoint at global "
-                    f"step {state.global_step}, but this callback's in-memory run already "
-                    f"tracked {self.tracker._step} optimizer steps; it cannot be cut back "
-                    "(use store=PATH, which is cut back to the checkpoint, or a new "
-                    "LCACallback)")
-            if store is not None:
-                self.tracker = None     # rebuilt from the store, cut to the checkpoint
+        if resumed:
+            self.tracker = tracker_on_resume(self.tracker, store, state.global_step,
+                                             "lca_ext: LCACallback")
         if self.tracker is None:
             kw = dict(self.tracker_kwargs)
             if resumed and store is not None:
@@ -320,12 +314,12 @@ class LCACallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         """A checkpoint was saved: keep the per-parameter state with it."""
-        if self.tracker is None or self.tracker._store_path is None:
+        if self.tracker is None or self.tracker.store_link is None:
             return
         import os
         tag = f"checkpoint-{state.global_step}"
         self.tracker.save_state(tag=tag)
-        writer = self.tracker._writer
+        writer = self.tracker.store_link.writer
         if writer is not None:   # drop the states of checkpoints the trainer rotated away
             writer.unpin(lambda p: not str(p.get("tag") or "").startswith("checkpoint-")
                          or p["tag"] == tag

@@ -1,0 +1,108 @@
+"""A tracker's side of its run directory (``LCATracker(store=...)``): what each
+commit writes, the state points kept for checkpoints, and the resume check.
+
+lca_ext.store is the directory (layout, atomic commits, fingerprints, reading,
+truncate_run); this module is what a tracker does with it.  Rank 0 writes
+(``writer``); on the other ranks ``writer`` is None and they take part only in
+the collective parts (gathering the state, summing FSDP2 fingerprints).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import store as run_store
+
+
+def fingerprint(tracker) -> np.ndarray:
+    """[K, 2] int64 fingerprint of the tracker's θ (lca_ext.store.fingerprint);
+    under FSDP2 each rank sums its shards at their global offsets (collective)."""
+    params = tracker.params.params
+    if not getattr(tracker.ctx, "sharded", False):
+        return run_store.fingerprint(params)
+    offsets = [off * (p.numel() // max(1, p.shape[0]) if p.dim() else 0)
+               for off, p in zip(tracker.ctx.row_offsets, params)]
+    local = torch.from_numpy(run_store.fingerprint(params, offsets))
+    return tracker.ctx.sum_(local.to(params[0].device)).cpu().numpy()
+
+
+class StoreLink:
+    """The tracker's run directory: ``commit`` each tracked step, ``save_state``
+    at checkpoints, ``flush_state`` before a result.  Opening it with
+    ``resume=True`` checks the model against the run and restores the
+    per-parameter state into ``tracker.state``; ``next_step`` and
+    ``steps_committed`` then say where the tracker continues."""
+
+    def __init__(self, tracker, path: str, resume: bool, state_every: int):
+        self.tracker, self.path, self.state_every = tracker, path, state_every
+        self.writer: Optional[run_store.RunWriter] = None
+        self.next_step: Optional[int] = None
+        self.steps_committed = 0
+        ctx = tracker.ctx
+        if ctx.is_writer:
+            self.writer = run_store.RunWriter(path, tracker._meta(), resume=resume)
+        ctx.barrier()
+        if resume:
+            self._resume()
+
+    def commit(self, record: dict, frames, tracked_count: int, next_step: int) -> bool:
+        """Append one tracked step (its rows, the state every ``state_every``
+        commits, θ_{t+1}'s fingerprint).  False on ranks that do not write."""
+        # (FSDP2: gathering the state is collective, so every rank takes part)
+        state = self.tracker._state_numpy() if tracked_count % self.state_every == 0 else {}
+        fp = fingerprint(self.tracker)   # θ_{t+1}: the store checks a resume against it
+        if self.writer is None:
+            return False
+        self.writer.commit(dict(record, fingerprint=fp), state, frames,
+                           point=dict(next_step=next_step, fingerprint=fp))
+        return True
+
+    def save_state(self, next_step: int, tag: Optional[str] = None,
+                   pinned: bool = True) -> None:
+        """Write the per-parameter state as of the last commit (collective)."""
+        state, fp = self.tracker._state_numpy(), fingerprint(self.tracker)
+        if self.writer is not None:
+            self.writer.write_state(state, next_step=next_step, fingerprint=fp,
+                                    pinned=pinned, tag=tag)
+
+    def flush_state(self, tracked_count: int, next_step: int) -> None:
+        """state_every > 1: the stored state may be older than the last step;
+        store it now."""
+        if tracked_count % self.state_every:
+            self.save_state(next_step, pinned=False)
+
+    def _resume(self) -> None:
+        tracker, path, ctx = self.tracker, self.path, self.tracker.ctx
+        fp = fingerprint(tracker) if tracker._verify_resume else None
+        if tracker._resume_cuts_back and fp is not None:
+            # the framework callbacks: a resume from an older checkpoint first
+            # cuts the run back to the state saved with it
+            if self.writer is not None:
+                cut = run_store.cut_back_to(path, self.writer.meta, fp)
+                if cut:
+                    self.writer = run_store.RunWriter(path, tracker._meta(), resume=True)
+                    warnings.warn(f"lca_ext: training resumed from a checkpoint taken after "
+                                  f"{cut[1]} committed steps of {path!r}; the run is cut back "
+                                  f"from {cut[0]} to {cut[1]} steps (lca_ext.truncate_run) and "
+                                  "the steps after it are tracked again", UserWarning,
+                                  stacklevel=5)
+            ctx.barrier()
+        meta = self.writer.meta if self.writer else run_store.read_meta(path)
+        point = run_store.resume_point(path, meta, fp)   # RunStoreError if θ is not it
+        if tracker._verify_resume and point is not None and point.get("next_step") is None:
+            warnings.warn(f"lca_ext: {path!r} was written before runs recorded parameter "
+                          "fingerprints; resuming without checking that the model is at "
+                          "its last committed step", RuntimeWarning, stacklevel=5)
+        state = None if point is None else run_store._read_state(path, meta, point=point)
+        for name, arrays in (state or {}).items():
+            if name in tracker.state:
+                for k, (t, a) in enumerate(zip(tracker.state[name], arrays)):
+                    t.copy_(torch.from_numpy(np.ascontiguousarray(ctx.local_part(k, a))))
+        if point is not None and point.get("next_step") is not None:
+            self.next_step = int(point["next_step"])
+        elif meta["steps_committed"]:
+            self.next_step = int(run_store.read_arrays(path, meta)["step"][-1]) + 1
+        self.steps_committed = int(meta["steps_committed"])
