@@ -23,7 +23,7 @@ myst_heading_anchors = 3
 exclude_patterns = ["_build", "README.md"]
 
 # every public name documented from its docstring, in source order
-autodoc_default_options = {"members": True, "member-order": "bysource",
+autodoc_default_options = {"member-order": "bysource",
                            "undoc-members": False, "show-inheritance": False}
 autodoc_typehints = "description"
 autodoc_class_signature = "separated"

@@ -278,7 +278,7 @@ def helpers_needed(values: np.ndarray, share: float = 0.9) -> Dict[str, float]:
     definition; compare ``concentration``, which uses net learning).
 
     With the helping parameters' |v| sorted largest first, k is the smallest count
-    whose sum reaches ``share`` × Σ|v|.  ``of_helping`` = k / (number helping), the
+    whose sum reaches ``share`` × Σ |v|.  ``of_helping`` = k / (number helping), the
     paper code's denominator; ``of_all`` = k / (all parameters).  NaN when
     nothing helped."""
     if not 0 < share <= 1:

@@ -12,7 +12,7 @@ import numpy as np
 def lca_image(values: np.ndarray, limit: Optional[float] = None, percentile: float = 99.0,
               max_side: int = 1024) -> np.ndarray:
     """Per-element LCA as a uint8 RGB image [H, W, 3]: green = helps (negative),
-    red = hurts (positive), black = 0, on a symmetric scale ±``limit`` (default:
+    red = hurts (positive), black = 0, on a symmetric scale ± ``limit`` (default:
     the ``percentile`` of the nonzero |LCA|; beyond it saturates).  A 1-D tensor
     is one row; more dimensions are [dim 0, the rest]; a side over ``max_side``
     is shrunk by summing neighbouring elements."""

@@ -122,7 +122,8 @@ class LCATracker:
                 a collection of step indices; untracked steps cost nothing
     num_classes: per-class LCA of the LCA set; class_memory_budget (bytes)
                 bounds the stacked class gradients (per-class mode when three
-                stacks fit, see above).  The classes: ``targets(batch)``
+                stacks fit: the module docstring's memory paragraph and the Any model
+                guide).  The classes: ``targets(batch)``
                 (default: the second element of an (inputs, targets) pair, or
                 batch["labels"]).  With loss_fn: one class per example.  With
                 batch_loss: any targets (tokens too), each class's share computed
@@ -164,8 +165,8 @@ class LCATracker:
                 given on every rank, and the tracker takes this rank's share
                 (example i -> rank i mod world).  False: each rank passes its
                 own share already.
-    reuse_gradients: True (default): keep every gradient for reuse (4 buffers,
-                see above; g(θ_{t+1}) starts the next step).  It is recomputed
+    reuse_gradients: True (default): keep every gradient for reuse (the
+                buffers of the module docstring's memory paragraph; g(θ_{t+1}) starts the next step).  It is recomputed
                 when any module buffer changed between the steps (every buffer
                 is compared, whether or not the loss reads it, except BatchNorm
                 running statistics under batchnorm="batch"; e.g. eval-mode
@@ -288,12 +289,15 @@ class LCATracker:
         self._open = False
         self._tracked = False
         self._attached = False     # set by tracker.attach (lca_ext.integrations.optimizer)
-        self.last: Optional[dict] = None   # the last tracked step's record
+        #: the last tracked step's record (a dict of its per-step values), or None
+        self.last: Optional[dict] = None
         self.last_frames: Optional[dict] = None   # and its frames, if it stored any
         # parameters' in-place versions at the last end(): a reused start
         # gradient is valid only if nobody wrote θ in between
         self._end_versions: Optional[List[int]] = None
-        self.ungrounded_steps: List[tuple] = []   # (objective, step) not grounded
+        #: (objective, step) of every step that missed its rule's criteria
+        #: (run.grounded() is False for them; only the first of each cause warns)
+        self.ungrounded_steps: List[tuple] = []
         self._warned_causes: List[bool] = []      # noise_limited values warned about
         self.store_link: Optional[StoreLink] = None   # the run directory, if any
         if store is not None:
@@ -305,6 +309,7 @@ class LCATracker:
     # -- the loop-facing API -------------------------------------------------
 
     def tracks(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is tracked under ``schedule``."""
         s = self.schedule
         return s is None or (step % s == 0 if isinstance(s, int) else step in s)
 
@@ -519,10 +524,11 @@ class LCATracker:
         return point
 
     # the rule's options, readable as before (lca_ext.quadrature.RuleOptions)
-    method = property(lambda self: self.rule.method)
-    rtol = property(lambda self: self.rule.rtol)
-    atol = property(lambda self: self.rule.atol)
-    max_splits = property(lambda self: self.rule.max_splits)
+    method = property(lambda self: self.rule.method, doc="the rule's method (RuleOptions.method)")
+    rtol = property(lambda self: self.rule.rtol, doc="RuleOptions.rtol of the rule")
+    atol = property(lambda self: self.rule.atol, doc="RuleOptions.atol of the rule")
+    max_splits = property(lambda self: self.rule.max_splits,
+                          doc="RuleOptions.max_splits of the rule")
 
     def _allocate_objective(self, obj: _Objective, step: int, after) -> dict:
         ev = obj.evaluator

@@ -198,9 +198,9 @@ def trainer_loader(data, args, model, collator=None, *, name: str = "lca_data",
     """The set ``data`` read as the Trainer reads an eval set
     (``Trainer.get_eval_dataloader``), in order and drawing no random number.
 
-    * examples: a ``datasets.Dataset``, a torch ``Dataset`` (or
-      ``IterableDataset``) of examples, or a list of example dicts
-      (:func:`_is_example_list`): a ``DataLoader`` of ``batch_size`` (default
+    * ``data`` holding examples, a ``datasets.Dataset``, a torch ``Dataset``
+      (or ``IterableDataset``) of examples, or a list of example dicts (dicts
+      whose ``input_ids`` is not 2-d): a ``DataLoader`` of ``batch_size`` (default
       ``args.per_device_eval_batch_size``) examples per batch, no shuffling,
       ``collator`` (default ``transformers.default_data_collator``), the last
       partial batch kept (the LCA set is the whole set: ``dataloader_drop_last``
