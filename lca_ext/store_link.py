@@ -61,12 +61,19 @@ class StoreLink:
         return True
 
     def save_state(self, next_step: int, tag: Optional[str] = None,
-                   pinned: bool = True) -> None:
-        """Write the per-parameter state as of the last commit (collective)."""
+                   pinned: bool = True, keep: Optional[int] = None) -> None:
+        """Write the per-parameter state as of the last commit (collective);
+        ``keep``: then drop all but the latest ``keep`` pinned states."""
         state, fp = self.tracker._state_numpy(), fingerprint(self.tracker)
-        if self.writer is not None:
-            self.writer.write_state(state, next_step=next_step, fingerprint=fp,
-                                    pinned=pinned, tag=tag)
+        if self.writer is None:
+            return
+        self.writer.write_state(state, next_step=next_step, fingerprint=fp,
+                                pinned=pinned, tag=tag)
+        if keep is not None:
+            pinned_points = sorted((p for p in self.writer.meta["states"] if p.get("pinned")),
+                                   key=lambda p: (p["steps"], p["version"]))
+            kept = {p["version"] for p in pinned_points[-keep:]}
+            self.writer.unpin(lambda p: p["version"] in kept)
 
     def flush_state(self, tracked_count: int, next_step: int) -> None:
         """state_every > 1: the stored state may be older than the last step;

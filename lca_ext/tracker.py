@@ -392,7 +392,7 @@ class LCATracker:
             if frames:
                 self._frames.append(dict(frames, step=np.int64(step)))
 
-    def save_state(self, tag: Optional[str] = None) -> int:
+    def save_state(self, tag: Optional[str] = None, keep: Optional[int] = None) -> int:
         """Store the per-parameter state as of the last committed step and keep
         it (a *pinned* state point): ``lca_ext.truncate_run(store, steps)`` can
         then cut the run back to here, so call it where you save a training
@@ -402,14 +402,21 @@ class LCATracker:
         steps (``schedule``) came after the last commit.  Costs one state write
         (none if the step's commit just wrote it).  Collective under FSDP2 (call
         on every rank).  Returns the number of committed steps it is at.
-        ``tag``: a name kept with it (the callbacks: their checkpoint's)."""
+        ``tag``: a name kept with it (the callbacks: their checkpoint's).
+        ``keep``: keep only the latest ``keep`` pinned states, this one
+        included (a state is about 18 bytes a parameter on disk); None keeps
+        every one (truncate_run can then cut back to any checkpoint)."""
+        if keep is not None and not (isinstance(keep, int) and not isinstance(keep, bool)
+                                     and keep >= 1):
+            raise ValueError(f"lca_ext.LCATracker.save_state: keep={keep!r}; expected an "
+                             "int >= 1 (how many of the latest pinned states to keep) or None")
         if self.store_link is None:
             raise ValueError("lca_ext.LCATracker.save_state: this tracker has no store "
                              "(store=PATH); the per-parameter state is in tracker.state")
         if self._open:
             raise RuntimeError("lca_ext.LCATracker.save_state: a step is open; call it "
                                "between steps (after end() / the `with` block)")
-        self.store_link.save_state(self._step, tag)
+        self.store_link.save_state(self._step, tag, keep=keep)
         writer = self.store_link.writer
         return writer.steps_committed if writer is not None else self._tracked_count
 

@@ -210,6 +210,26 @@ def test_truncate_run_errors_name_the_argument_and_the_steps_it_can_cut_to(tmp_p
         lca_ext.truncate_run(str(tmp_path / "missing"), 0)
 
 
+def test_save_state_keep_drops_older_checkpoints_states(tmp_path):
+    path = str(tmp_path / "run")
+    model, opt, x, y = make()
+    tracker = tracker_for(model, x, y, path, state_every=4)
+    for stop in (3, 6, 9):
+        train(model, opt, tracker, x, y, stop - 3, stop)
+        tracker.save_state(keep=2)                      # pinned at 3, 6, 9: 3 dropped
+    meta = json.load(open(os.path.join(path, META)))
+    assert sorted(p["steps"] for p in meta["states"] if p.get("pinned")) == [6, 9]
+    assert sorted(d for d in os.listdir(path) if d.startswith("state.")) == \
+        sorted(f"state.{p['version']}.zarr" for p in meta["states"])   # 3's files deleted
+    with pytest.raises(RunStoreError, match=r"no per-parameter state at 3 committed steps"):
+        lca_ext.truncate_run(path, 3)
+    lca_ext.truncate_run(path, 6)                       # a kept one still cuts back
+    assert len(lca_ext.load_run(path)) == 6
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"save_state: keep="):
+            tracker.save_state(keep=bad)
+
+
 def test_save_state_needs_a_store():
     model, opt, x, y = make()
     with pytest.raises(ValueError, match="save_state: this tracker has no store"):
