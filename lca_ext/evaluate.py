@@ -170,7 +170,6 @@ class Evaluator:
         self._bound = _Bound(model, batch_loss)
         self.count: Optional[float] = None    # Σ weight over the set (all ranks)
         self._check_loss: Optional[float] = None   # the first pass's loss, without gradients
-        self._checking = False   # during the first pass: each batch checked (check_batch)
         if getattr(batch_loss, "classic", False) and self.data.pair is not None:
             # (x, y) pairs: the weight is the example count, known without a pass
             self.count = self.ctx.sum_float(float(sum(int(y.shape[0])
@@ -310,11 +309,8 @@ class Evaluator:
         with self._quiet_model():
             self._reseed()
             run = self._pass_sharded if self.ctx.sharded else self._pass_local
-            self._checking = True
-            try:
-                total, wsum = run(point, None, 1.0)      # forward only
-            finally:
-                self._checking = False
+            self._check_batches()
+            total, wsum = run(point, None, 1.0)      # forward only
         if wsum <= 0:
             raise ValueError(f"lca_ext: the {self.data.name} set has total weight {wsum}; "
                              "expected a positive number of examples (or tokens)")
@@ -341,14 +337,32 @@ class Evaluator:
             self._check_same(check, loss)
         return loss
 
+    def _check_batches(self) -> None:
+        """check_batch on every batch of this rank's share, before any forward,
+        then agreed over the ranks: a refused batch raises on *every* rank (a
+        rank that raised alone would leave the others waiting in a collective)."""
+        problem = None
+        for i, batch in enumerate(self.batches()):
+            try:
+                self.check_batch(i, batch)
+            except ValueError as err:
+                problem = err
+                break
+        bad = self.ctx.max_int(self.ctx.rank + 1 if problem is not None else 0)
+        if problem is not None:
+            raise problem
+        if bad:
+            raise ValueError(f"lca_ext: the {self.data.name} set: rank {bad - 1} refused one "
+                             "of its batches (its error names the batch and the cause)")
+
     def check_batch(self, i: int, batch) -> None:
         """Refuses, naming the set, the batch and the cause, a batch that cannot
         give a right loss: a single unbatched example (:func:`unbatched`), what
         ``batch_loss.check_batch(model, batch)`` reports (a string; e.g.
         lca_ext.integrations.transformers.hf_batch_loss: labels outside the
         model's range), and with ``num_classes`` a class target outside
-        0..num_classes-1 (other than -100 with batch_loss).  The first pass
-        runs it on every batch, before the batch's forward: once per set."""
+        0..num_classes-1 (other than -100 with batch_loss).  Before the first
+        pass every batch is checked (:meth:`_check_batches`): once per set."""
         classic = getattr(self.batch_loss, "classic", False)
         problem = unbatched(batch, classic)
         check = getattr(self.batch_loss, "check_batch", None)
@@ -393,9 +407,7 @@ class Evaluator:
             # one set of leaves (and buffer copies) for the whole pass: each
             # batch's graph is freed by its autograd.grad
             tensors, leaves = self._tensors(point, grad_out is not None)
-            for i, batch in enumerate(self.batches()):
-                if self._checking:
-                    self.check_batch(i, batch)
+            for batch in self.batches():
                 with torch.set_grad_enabled(grad_out is not None):
                     loss, w = self._batch_loss(tensors, batch)
                     batch_sum = at_least_float32(loss) * w   # its share x the set's weight
@@ -450,8 +462,6 @@ class Evaluator:
                         first = batch
                     if not real:      # fewer batches here: a zero-weight forward
                         batch = first
-                    elif self._checking:
-                        self.check_batch(r, batch)
                     with torch.set_grad_enabled(grad_out is not None):
                         out = self.batch_loss(self.model, batch)
                         loss, w = out if isinstance(out, tuple) and len(out) == 2 else \

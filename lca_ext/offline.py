@@ -484,12 +484,20 @@ def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, star
         raise run_store.RunStoreError(
             f"lca_ext: cannot resume {store!r}: it holds {what}, not steps "
             f"[{start}, {stop}] of a {n}-step trajectory")
+    if done and meta.get("state_steps") != done:
+        # (a resume from an older state would silently miss the steps after it)
+        at = meta.get("state_steps")
+        cut = (f"cut it back with lca_ext.truncate_run({store!r}, {at}) and resume, or "
+               if at is not None else "")
+        raise run_store.RunStoreError(
+            f"lca_ext: cannot resume {store!r}: its per-parameter state is as of {at} of "
+            f"its {done} committed steps (state_every > 1); {cut}compute the part again")
     if done and oscillation:
         saved = run_store._read_state(store, meta) or {}
-        if not all(k in saved for k in FIRST_SIGN) or meta.get("state_steps") != done:
+        if not all(k in saved for k in FIRST_SIGN):
             raise run_store.RunStoreError(
-                f"lca_ext: cannot resume {store!r}: its per-parameter state was not stored "
-                "with its last step (state_every > 1?); compute the part again")
+                f"lca_ext: cannot resume {store!r}: its per-parameter state lacks the "
+                "oscillation counters' first signs; compute the part again")
         for k in FIRST_SIGN:
             for t, a in zip(tracker.state[k], saved[k]):
                 t.copy_(torch.from_numpy(np.ascontiguousarray(a)))

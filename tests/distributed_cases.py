@@ -171,3 +171,36 @@ def run_classes(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     _exit_now()
+
+
+def run_bad_target(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A class target out of range in one example that only rank 1's share holds
+    (example 1: rank i mod world): every rank must raise the set's error, none
+    may wait in a collective.  Writes what each rank raised."""
+    _init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model)
+        x, _ = lca_set()
+        y = x[:, :3].argmax(1)
+        y[1] = 7
+        tracker = lca_ext.LCATracker(wrapped, nn.functional.cross_entropy, (x, y),
+                                     batch_size=LCA_BATCH, num_classes=3)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.2)
+        xb, _ = train_batch(0, rank)
+        opt.zero_grad()
+        nn.functional.cross_entropy(wrapped(xb), xb[:, :3].argmax(1)).backward()
+        message = "no error"
+        try:
+            with tracker.step():
+                opt.step()
+        except ValueError as err:
+            message = str(err)
+        with open(os.path.join(out_dir, f"bad_target_rank{rank}.txt"), "w") as f:
+            f.write(message)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _exit_now()

@@ -221,3 +221,12 @@ def test_ddp_per_class_lca_equals_single_process(tmp_path):
     # the class shares add up to the total
     np.testing.assert_allclose(got[0]["a/train/class_sums"].sum(1),
                                got[0]["a/train/tensor_sums"], rtol=1e-9, atol=1e-13)
+
+
+def test_a_batch_refused_on_one_rank_raises_on_every_rank(tmp_path):
+    """(Before: rank 1 raised alone and rank 0 waited in the pass's all-reduce
+    until gloo's timeout.)"""
+    mp.spawn(cases.run_bad_target, args=(2, cases.free_port(), str(tmp_path)), nprocs=2)
+    said = [open(tmp_path / f"bad_target_rank{r}.txt").read() for r in (0, 1)]
+    assert "rank 1" in said[1] and "class target 7" in said[1], said[1]
+    assert "rank 1 refused one of its batches" in said[0], said[0]

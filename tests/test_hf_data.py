@@ -149,6 +149,45 @@ def test_hf_batch_loss_weighs_classification_by_its_labelled_examples():
     assert run.loss_after[0] == pytest.approx(class_reference(model, examples)[0], rel=1e-12)
 
 
+def test_hf_batch_loss_weighs_an_encoder_decoder_by_every_label_token():
+    """Bart scores every label position (no shift): batches whose targets have
+    1 and 5 tokens weigh 1 and 5 (the shift a causal LM needs gave 0 and 4),
+    so the LCA loss is the token mean over the set (float64 reference)."""
+    config = transformers.BartConfig(vocab_size=50, d_model=16, encoder_layers=1,
+                                     decoder_layers=1, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=32,
+                                     dropout=0.0, attention_dropout=0.0,
+                                     activation_dropout=0.0)
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config).double()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for n_tgt in (1, 5):
+        labels = torch.randint(3, 50, (2, 5), generator=g)
+        labels[:, n_tgt:] = -100
+        labels[1, :] = -100 if n_tgt == 1 else labels[1, :]
+        batches.append({"input_ids": torch.randint(3, 50, (2, 6), generator=g),
+                        "labels": labels})
+    assert [int(hf_batch_loss(model, b)[1]) for b in batches] == \
+        [int((b["labels"] != -100).sum()) for b in batches]
+    with torch.no_grad():           # the token mean over the whole set, directly
+        total = count = 0.0
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], labels=b["labels"]).logits
+            keep = b["labels"] != -100
+            total += float(torch.nn.functional.cross_entropy(
+                logits[keep], b["labels"][keep], reduction="sum"))
+            count += int(keep.sum())
+    tracker = lca_ext.LCATracker(model, lca_data=batches, batch_loss=hf_batch_loss)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    model(**batches[1]).loss.backward()
+    with tracker.step():
+        opt.step()
+    assert tracker.result().loss_before[0] == pytest.approx(total / count, rel=1e-6)
+
+
 # -- the loader: the Trainer's eval loader ---------------------------------------------
 
 def test_trainer_loader_batches_like_the_trainer_in_order_and_drops_unused_columns():

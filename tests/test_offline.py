@@ -252,6 +252,31 @@ def test_resume_after_a_bad_file_and_empty_parts(tmp_path):
     assert_runs_equal(whole, merged, passes=False, cum_rtol=1e-5)
 
 
+def test_resume_with_the_state_behind_the_rows_is_refused_then_cut(tmp_path):
+    """state_every=2, stopped after 3 committed steps (state as of 2): a resume
+    would continue at step 3 from the state of 2 and lose step 2's statistics
+    (it did, silently); it is refused naming the cut, and after
+    truncate_run(out, 2) the resumed run equals the uninterrupted one."""
+    x, y = data(120)
+    torch.manual_seed(4)
+    traj = str(tmp_path / "traj")
+    train(mlp(), x, y, 6, to_files(traj), lr=0.8)
+    kw = dict(batch_size=64, state_every=2, oscillation=False)
+    whole = offline.compute(mlp(), xent, (x, y), traj, **kw)
+    good = open(os.path.join(traj, "step_000004.pt"), "rb").read()
+    open(os.path.join(traj, "step_000004.pt"), "wb").write(b"truncated")
+    out = str(tmp_path / "run")
+    with pytest.raises(TrajectoryError):
+        offline.compute(mlp(), xent, (x, y), traj, out, **kw)
+    open(os.path.join(traj, "step_000004.pt"), "wb").write(good)
+    with pytest.raises(RunStoreError, match=r"as of 2 of its 3 committed steps.*"
+                       r"truncate_run\(.*, 2\)"):
+        offline.compute(mlp(), xent, (x, y), traj, out, resume=True, **kw)
+    lca_ext.truncate_run(out, 2)
+    resumed = offline.compute(mlp(), xent, (x, y), traj, out, resume=True, **kw)
+    assert_runs_equal(whole, resumed, passes=False)
+
+
 def test_ranks_default_to_torch_distributed(trajectory, tmp_path, monkeypatch):
     """Under an initialised process group each rank takes its own range (and
     tracks on its own: the LCA set is not sharded)."""

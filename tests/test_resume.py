@@ -336,6 +336,20 @@ def test_trainer_refuses_a_checkpoint_the_store_has_no_state_for(tmp_path):
         hf_run(tmp_path, "out", other, resume_from=str(tmp_path / "out" / "checkpoint-10"))
 
 
+def test_trainer_resume_with_a_new_store_labels_from_the_checkpoint(tmp_path):
+    """A new, empty store given on resume_from_checkpoint: the run's steps are
+    labelled from the checkpoint's (10..15, as in the uninterrupted run), with
+    a warning that the statistics start from zero (before: 0..5, silently)."""
+    ref = hf_run(tmp_path, "ref", str(tmp_path / "ref_run")).result()
+    hf_run(tmp_path, "out", str(tmp_path / "run"), stop_at=12)
+    new = str(tmp_path / "new_run")
+    with pytest.warns(UserWarning, match=r"resumed at global step 10 with a new, empty store"):
+        lca = hf_run(tmp_path, "out", new, resume_from=str(tmp_path / "out" / "checkpoint-10"))
+    run = lca_ext.load_run(new)
+    assert run.steps.tolist() == list(range(10, 16)) == ref.steps.tolist()[10:]
+    np.testing.assert_allclose(run.loss_before, ref.loss_before[10:], rtol=1e-9)
+
+
 # -- Lightning: on_save_checkpoint keeps the state, ckpt_path= cuts -----------------------
 
 def pl_run(tmp_path, store, stop_at=None, ckpt_path=None):

@@ -34,7 +34,7 @@ if int(pl.__version__.split(".")[0]) < 2:
 
 from ..tracker import LCATracker, Run
 from .metrics import step_metrics
-from .resume import tracker_on_resume
+from .resume import start_new_run_at, tracker_on_resume
 
 __all__ = ["LCACallback"]
 
@@ -168,12 +168,9 @@ class LCACallback(pl.Callback):
                                          "lca_ext.LCACallback (Lightning)")
         fresh = self.tracker is None
         self._build(pl_module, resume=store is not None)
-        if fresh and store is None:
-            import warnings
-            self.tracker._step = trainer.global_step
-            warnings.warn(f"lca_ext.LCACallback: fit resumed at global step "
-                          f"{trainer.global_step} without store=; the LCA run starts there "
-                          "(per-parameter statistics from zero)", UserWarning, stacklevel=2)
+        if fresh:
+            start_new_run_at(self.tracker, trainer.global_step,
+                             "lca_ext.LCACallback (Lightning)")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         """A checkpoint is being saved: keep the per-parameter state with it."""

@@ -1,6 +1,7 @@
 """What both framework callbacks do when training resumes from a checkpoint."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 
@@ -18,3 +19,17 @@ def tracker_on_resume(tracker, store: Optional[str], global_step: int, who: str)
             "steps; it cannot be cut back (use store=PATH, which is cut back to the "
             "checkpoint, or a new LCACallback)")
     return None if store is not None else tracker
+
+
+def start_new_run_at(tracker, global_step: int, who: str) -> None:
+    """Training resumed at ``global_step`` while the tracker's run holds nothing
+    yet (no store, or a new, empty one): its labels start at the checkpoint's
+    step, not at 0, with a warning.  A store that holds steps continues itself."""
+    link = tracker.store_link
+    if link is not None and (link.steps_committed or link.next_step is not None):
+        return
+    tracker._step = global_step
+    where = "a new, empty store" if link is not None else "no store="
+    warnings.warn(f"{who}: training resumed at global step {global_step} with {where}; "
+                  "the LCA run starts there (per-parameter statistics from zero)",
+                  UserWarning, stacklevel=3)

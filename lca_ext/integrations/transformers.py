@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..tracker import LCATracker
 from .metrics import step_metrics
-from .resume import tracker_on_resume
+from .resume import start_new_run_at, tracker_on_resume
 
 try:
     from transformers import TrainerCallback
@@ -86,7 +86,10 @@ def label_count(model, labels: torch.Tensor):
     ignores -100), or every example for float labels (regression)."""
     if labels.dim() < 2:
         return labels.shape[0] if labels.is_floating_point() else (labels != -100).sum()
-    causal = "CausalLM" in getattr(getattr(model, "loss_function", None), "__name__", "")
+    # a decoder-only LM shifts its labels; an encoder-decoder (Bart, T5), whose
+    # loss function may carry the same name, scores every label position
+    causal = ("CausalLM" in getattr(getattr(model, "loss_function", None), "__name__", "")
+              and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     kept = labels[..., 1:] if causal else labels
     return (kept != -100).sum()
 
@@ -303,13 +306,8 @@ class LCACallback(TrainerCallback):
                 model, lca_data=self._data(self.lca_data, args, model, train_dataloader,
                                            "lca_data"),
                 batch_loss=self.batch_loss, **kw)
-            if resumed and store is None:
-                import warnings
-                self.tracker._step = state.global_step
-                warnings.warn(f"lca_ext: LCACallback: training resumed at global step "
-                              f"{state.global_step} without store=; the LCA run starts "
-                              "there (per-parameter statistics from zero)", UserWarning,
-                              stacklevel=2)
+            if resumed:
+                start_new_run_at(self.tracker, state.global_step, "lca_ext: LCACallback")
         self._handle = self.tracker.attach(optimizer)
 
     def on_save(self, args, state, control, **kwargs):
