@@ -53,6 +53,8 @@ class StoreLink:
         commits, θ_{t+1}'s fingerprint).  False on ranks that do not write."""
         # (FSDP2: gathering the state is collective, so every rank takes part)
         state = self.tracker._state_numpy() if tracked_count % self.state_every == 0 else {}
+        if self.writer is None and not getattr(self.tracker.ctx, "sharded", False):
+            return False                 # (only FSDP2's fingerprint is collective)
         fp = fingerprint(self.tracker)   # θ_{t+1}: the store checks a resume against it
         if self.writer is None:
             return False
