@@ -352,7 +352,7 @@ def test_trainer_resume_with_a_new_store_labels_from_the_checkpoint(tmp_path):
 
 # -- Lightning: on_save_checkpoint keeps the state, ckpt_path= cuts -----------------------
 
-def pl_run(tmp_path, store, stop_at=None, ckpt_path=None):
+def pl_run(tmp_path, store, stop_at=None, ckpt_path=None, **callback_kw):
     pl = pytest.importorskip("lightning.pytorch")
     from torch.utils.data import DataLoader, TensorDataset
     from lca_ext.integrations.lightning import LCACallback
@@ -384,7 +384,7 @@ def pl_run(tmp_path, store, stop_at=None, ckpt_path=None):
     # epoch-end checkpoint it ran one batch more, measured), so with one batch
     # an epoch the uninterrupted run is the reference of a resumed one
     loader = DataLoader(TensorDataset(x, y), batch_size=40, shuffle=False)
-    lca = LCACallback(xent, (x, y), store=store, log=False)
+    lca = LCACallback(xent, (x, y), store=store, log=False, **callback_kw)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=5,
                                         save_top_k=-1, filename="{step}")
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=16,
@@ -396,6 +396,17 @@ def pl_run(tmp_path, store, stop_at=None, ckpt_path=None):
     else:
         trainer.fit(MLP(), loader, ckpt_path=ckpt_path)
     return lca
+
+
+def test_lightning_keep_states_bounds_the_checkpoint_states(tmp_path):
+    store = str(tmp_path / "run")
+    pl_run(tmp_path, store, keep_states=2)          # checkpoints at 5, 10, 15
+    meta = json.load(open(os.path.join(store, META)))
+    assert sorted(p["tag"] for p in meta["states"] if p.get("pinned")) == \
+        ["lightning-step-10", "lightning-step-15"]
+    assert len([d for d in os.listdir(store) if d.startswith("state.")]) == len(meta["states"])
+    with pytest.raises(ValueError, match="keep_states=0"):
+        pl_run(tmp_path, str(tmp_path / "other"), keep_states=0)
 
 
 def test_lightning_resume_from_ckpt_path_cuts_the_store_back(tmp_path):

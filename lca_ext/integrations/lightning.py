@@ -110,9 +110,11 @@ class LCACallback(pl.Callback):
 
     Checkpoints (with ``store=``): at every checkpoint save
     (``on_save_checkpoint``) the per-parameter state is saved in the store and
-    kept (``tracker.save_state``, tagged ``lightning-step-<global step>``; these
-    are not pruned when ModelCheckpoint deletes old files: ``truncate_run``
-    drops those after a cut).  ``trainer.fit(..., ckpt_path=...)`` resumes the
+    kept (``tracker.save_state``, tagged ``lightning-step-<global step>``; about
+    18 bytes a parameter each).  ``keep_states=k`` keeps the latest k of them
+    (match ModelCheckpoint's ``save_top_k`` of a step-based rotation); None
+    keeps every one, as the callback cannot see which files ModelCheckpoint
+    deleted.  ``trainer.fit(..., ckpt_path=...)`` resumes the
     store (``resume=True`` is implied) once the checkpoint is restored (at
     ``on_train_start``) and, if the store ran past the checkpoint, cuts it back
     to the state saved with it (found by the restored parameters' fingerprint;
@@ -124,13 +126,20 @@ class LCACallback(pl.Callback):
     """
 
     def __init__(self, loss_fn: Callable, lca_data, *, log: bool = True,
-                 log_layers: bool = True, **tracker_kwargs):
+                 log_layers: bool = True, keep_states: Optional[int] = None,
+                 **tracker_kwargs):
         super().__init__()
         try:  # a bad option should fail here, not steps into a fit
             inspect.signature(LCATracker).bind(None, loss_fn, lca_data, **tracker_kwargs)
         except TypeError as err:
             raise TypeError(f"lca_ext.LCACallback: {err} (the options are "
                             "LCATracker's)") from None
+        if keep_states is not None and not (isinstance(keep_states, int)
+                                            and not isinstance(keep_states, bool)
+                                            and keep_states >= 1):
+            raise ValueError(f"lca_ext.LCACallback: keep_states={keep_states!r}; expected "
+                             "an int >= 1 (checkpoint states kept in the store) or None")
+        self.keep_states = keep_states
         self.loss_fn = loss_fn
         self.lca_data = lca_data
         self.tracker_kwargs = tracker_kwargs
@@ -182,7 +191,8 @@ class LCACallback(pl.Callback):
                           "step; the store keeps no state for it, so a resume from it will "
                           "be refused", RuntimeWarning, stacklevel=2)
             return
-        self.tracker.save_state(tag=f"lightning-step-{trainer.global_step}")
+        self.tracker.save_state(tag=f"lightning-step-{trainer.global_step}",
+                                keep=self.keep_states)
 
     def _build(self, pl_module, resume: bool = False) -> None:
         if self.tracker is None:
