@@ -49,6 +49,10 @@ __all__ = [
 
 
 def _as_list(name: str, tensors) -> List[Tensor]:
+    # the hot path (a training loop's parameter list): no per-tensor Python;
+    # the op's schema checks the elements and _named refuses a bad one by name
+    if type(tensors) is list:
+        return tensors
     if isinstance(tensors, Tensor):
         raise TypeError(f"lca_ext: {name} must be a list of tensors (one per "
                         f"parameter), got a single Tensor; wrap it as [{name}]")
@@ -64,6 +68,18 @@ def _as_list(name: str, tensors) -> List[Tensor]:
     return out
 
 
+def _named(err: RuntimeError, **lists) -> None:
+    """The op's schema refused a list (an element that is not a tensor): say
+    which argument and index, as for any other bad input; else re-raise."""
+    if "Expected a value of type" in str(err):
+        for name, tensors in lists.items():
+            for k, t in enumerate(tensors or ()):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"lca_ext: {name}[{k}] must be a Tensor, got "
+                                    f"{type(t).__name__}") from None
+    raise err
+
+
 def _nonempty(op: str, name: str, tensors: List[Tensor]) -> List[Tensor]:
     # The dispatcher cannot route a call without any tensor to a device kernel,
     # so this one check must come before the op (the C++ kernels repeat the rest).
@@ -74,7 +90,8 @@ def _nonempty(op: str, name: str, tensors: List[Tensor]) -> List[Tensor]:
 
 
 def _guard_cuda(op: str, tensors: List[Tensor]) -> None:
-    if tensors and tensors[0].is_cuda and not _cuda_allowed(op, tensors[0].device):
+    if tensors and isinstance(tensors[0], Tensor) and tensors[0].is_cuda and \
+            not _cuda_allowed(op, tensors[0].device):
         raise NotImplementedError(
             f"lca_ext.{op}: the CUDA kernel has not been verified on this GPU with this "
             "build; run `lca-ext verify-cuda` once (about a minute: it checks every CUDA op "
@@ -195,7 +212,10 @@ def accumulate_(acc: Sequence[Tensor], grads: Sequence[Tensor],
     acc = _nonempty("accumulate_", "acc", _as_list("acc", acc))
     _guard_cuda("accumulate_", acc)
     grads = _as_list("grads", grads)
-    torch.ops.lca_ext.accumulate_(acc, grads, float(weight))
+    try:
+        torch.ops.lca_ext.accumulate_(acc, grads, float(weight))
+    except RuntimeError as err:
+        _named(err, acc=acc, grads=grads)
 
 
 def allocate(before: Sequence[Tensor], after: Sequence[Tensor],
@@ -229,11 +249,15 @@ def allocate(before: Sequence[Tensor], after: Sequence[Tensor],
     after = _as_list("after", after)
     avg_grad = _as_list("avg_grad", avg_grad)
     _guard_cuda("allocate", before)
-    sums, counts, rows, hist = torch.ops.lca_ext.allocate(
-        before, after, avg_grad, bin_edges, bool(row_sums),
-        _optional_list("cum_lca", cum_lca),
-        _optional_list("helped_steps", helped_steps),
-        _optional_list("lca_out", lca_out), bool(check_finite))
+    state = dict(cum_lca=_optional_list("cum_lca", cum_lca),
+                 helped_steps=_optional_list("helped_steps", helped_steps),
+                 lca_out=_optional_list("lca_out", lca_out))
+    try:
+        sums, counts, rows, hist = torch.ops.lca_ext.allocate(
+            before, after, avg_grad, bin_edges, bool(row_sums), state["cum_lca"],
+            state["helped_steps"], state["lca_out"], bool(check_finite))
+    except RuntimeError as err:
+        _named(err, before=before, after=after, avg_grad=avg_grad, **state)
     return Allocation(sums, counts, rows, hist)
 
 
@@ -251,8 +275,11 @@ def allocate_classes(before: Sequence[Tensor], after: Sequence[Tensor],
     after = _as_list("after", after)
     class_grads = _as_list("class_grads", class_grads)
     _guard_cuda("allocate_classes", before)
-    sums, counts = torch.ops.lca_ext.allocate_classes(
-        before, after, class_grads, bool(check_finite))
+    try:
+        sums, counts = torch.ops.lca_ext.allocate_classes(
+            before, after, class_grads, bool(check_finite))
+    except RuntimeError as err:
+        _named(err, before=before, after=after, class_grads=class_grads)
     return ClassAllocation(sums, counts)
 
 
@@ -270,9 +297,13 @@ def sign_changes_(last_sign: Sequence[Tensor], changes: Sequence[Tensor],
     """
     x = _nonempty("sign_changes_", "x", _as_list("x", x))
     _guard_cuda("sign_changes_", x)
-    torch.ops.lca_ext.sign_changes_(_as_list("last_sign", last_sign),
-                                    _as_list("changes", changes), x,
-                                    _optional_list("base", base))
+    lists = dict(last_sign=_as_list("last_sign", last_sign),
+                 changes=_as_list("changes", changes), x=x, base=_optional_list("base", base))
+    try:
+        torch.ops.lca_ext.sign_changes_(lists["last_sign"], lists["changes"], x,
+                                        lists["base"])
+    except RuntimeError as err:
+        _named(err, **lists)
 
 
 def signed_log_edges(min_abs: float = 1e-12, max_abs: float = 1.0,
