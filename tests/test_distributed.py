@@ -173,7 +173,7 @@ def test_unwrap_leaves_plain_models_alone():
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_torchrun_example(tmp_path, fsdp):
-    """The README's torchrun command, on 2 CPU processes."""
+    """The DDP guide's torchrun command (docs/guides/distributed.md), on 2 CPU processes."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
