@@ -150,8 +150,9 @@ def check_hf_batch(model, batch) -> Optional[str]:
                         f"every label must lie in 0..{n - 1} or be -100 (ignored): fix the "
                         "set's labels, or the model's label count")
     if int(label_count(model, labels)) == 0:
-        return ("has no label the loss counts (all -100): its mean loss would be 0/0; "
-                "drop that batch from the set")
+        return ("has no label the loss counts (every label -100, or, for a causal LM, "
+                "labels only in the first position, which its shift drops): its mean "
+                "loss would be 0/0; drop that batch from the set")
     return None
 
 
