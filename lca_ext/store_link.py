@@ -9,7 +9,7 @@ the collective parts (gathering the state, summing FSDP2 fingerprints).
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
