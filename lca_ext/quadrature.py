@@ -35,9 +35,13 @@ trapezoid against the left-point rule), and never stop on it.
 
 The certified stop (all of them, each step):
 
-* total, exact: |ΣLCA − ΔL| ≤ rtol·max(|ΔL|, min_share·G) + noise, G = Σ_k |LCA_k|
+* total, exact: |ΣLCA − ΔL| ≤ rtol·max(|ΔL|, total_share·G) + noise, G = Σ_k |LCA_k|
   the step's gross movement and noise the pass precision's floor
-  (``noise_floor``); rtol defaults to tensor_rtol.  An explicit ``atol`` makes it
+  (``noise_floor``); rtol defaults to tensor_rtol.  total_share (0.1) keeps a
+  step whose ΔL is a small remainder of large opposite movements from being
+  refined to a fraction of a percent of that remainder: the tensors' own
+  tolerances already allow an allocation error of up to tensor_rtol·G in sum,
+  and the total is then held to a tenth of that.  An explicit ``atol`` makes it
   atol + rtol·|ΔL|, the total-only rules' check (there rtol = 1e-3 and
   atol = 1e-4 unless told otherwise, as before the certified rule);
 * every tensor: tensor_error_k ≤ tensor_rtol·max(|LCA_k|, min_share·G): tensors
@@ -89,7 +93,7 @@ class RuleOptions:
 
     method:      "certified" (default), "adaptive" (total-only, trapezoid first),
                  "simpson" (total-only) or "first_order"; see lca_ext.quadrature
-    rtol, atol:  the total.  Certified: |ΣLCA − ΔL| ≤ rtol·max(|ΔL|, min_share·G)
+    rtol, atol:  the total.  Certified: |ΣLCA − ΔL| ≤ rtol·max(|ΔL|, total_share·G)
                  + the noise floor, rtol None meaning tensor_rtol.  Total-only
                  rules, or any rule given an atol: |ΣLCA − ΔL| ≤ atol + rtol·|ΔL|,
                  None meaning rtol 1e-3 and atol 1e-4 (as before the certified rule)
@@ -97,6 +101,9 @@ class RuleOptions:
                  max(|LCA_k|, min_share·G); each class total's exact error likewise
     min_share:   the share of G below which a tensor (or class) is held to
                  tensor_rtol·min_share·G instead of its own value
+    total_share: certified: the share of G below which |ΔL| is replaced by
+                 total_share·G in the total's tolerance (a ΔL that is a small
+                 remainder of large opposite movements)
     max_splits:  the finest interval is 1/max_splits of the step (a power of two)
     path_memory_budget: bytes of point gradients the certified rule may hold
                  beyond the three it always holds (θ_t's, the midpoint's and
@@ -109,6 +116,7 @@ class RuleOptions:
     atol: Optional[float] = None
     tensor_rtol: float = 0.01
     min_share: float = 0.01
+    total_share: float = 0.1
     max_splits: int = 32
     path_memory_budget: int = 2 << 30
 
@@ -119,7 +127,7 @@ class RuleOptions:
         m = self.max_splits
         if not (isinstance(m, int) and m >= 2 and m & (m - 1) == 0):
             raise ValueError(f"lca_ext: max_splits={m!r}; expected a power of two >= 2")
-        for name in ("tensor_rtol", "min_share", "rtol", "atol"):
+        for name in ("tensor_rtol", "min_share", "total_share", "rtol", "atol"):
             v = getattr(self, name)
             if not (v is None and name in ("rtol", "atol")) and not (
                     isinstance(v, (int, float)) and v >= 0):
@@ -137,7 +145,7 @@ class RuleOptions:
         """The bound on |ΣLCA − ΔL| (see the fields)."""
         if self.atol is None and not self.total_only:
             rtol = self.tensor_rtol if self.rtol is None else self.rtol
-            return rtol * max(abs(d_loss), self.min_share * gross) + noise
+            return rtol * max(abs(d_loss), self.total_share * gross) + noise
         rtol = TOTAL_ONLY_RTOL if self.rtol is None else self.rtol
         atol = TOTAL_ONLY_ATOL if self.atol is None else self.atol
         return atol + rtol * abs(d_loss)
