@@ -54,7 +54,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import classes as per_class
-from . import ops
+from . import kernels
 from .distributed import Context
 from .lca_set import HALF, LCASet, at_least_float32, cast_up, first_tensor
 from .params import ParameterSet
@@ -165,7 +165,7 @@ class Evaluator:
         self.autocast = autocast
         self.targets = targets            # per-class LCA: batch -> class indices
         self.num_classes = num_classes
-        self.kernels = ops.kernels_for(params.params[0].device)
+        self.kernels = kernels.kernels_for(params.params[0].device)
         self.device = params.params[0].device
         self._bound = _Bound(model, batch_loss)
         self.count: Optional[float] = None    # Σ weight over the set (all ranks)

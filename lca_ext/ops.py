@@ -24,11 +24,13 @@ and of this module alike.
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from . import _loader  # noqa: F401  (loads the compiled library)
+# the ops' result types (lca_ext.reference returns them too)
+from .allocation import Allocation, ClassAllocation
 # which CUDA kernels may run (and the stamps of `lca-ext verify-cuda`): cuda_gate,
 # so that verify (which runs these ops) and ops do not import each other
 from .cuda_gate import FUSED_OPS, UNVERIFIED_CUDA_OPS  # noqa: F401
@@ -109,95 +111,8 @@ def fused_available(op: str, device) -> bool:
     return device.type != "cuda" or _cuda_allowed(op, device)
 
 
-_warned_fallback = set()
-
-
-def kernels_for(device):
-    """The module whose ops LCATracker uses on ``device``: this one (the fused
-    kernels) when every op has a usable kernel there, else
-    :mod:`lca_ext.reference` (the plain-PyTorch ops: the same results, slower),
-    with a warning once per device type.  So the tracker works on a GPU before
-    the CUDA kernels are verified, without trusting them."""
-    import sys
-    import warnings
-
-    ops_here = sys.modules[__name__]
-    if all(fused_available(op, device) for op in FUSED_OPS):
-        return ops_here
-    from . import reference
-    kind = torch.device(device).type
-    if kind not in _warned_fallback:
-        _warned_fallback.add(kind)
-        warnings.warn(f"lca_ext: no verified fused kernels for {kind} tensors in this build; "
-                      "LCA is computed with the plain-PyTorch reference ops (same results, "
-                      "slower). Run `lca-ext verify-cuda` once to check and enable the CUDA "
-                      "kernels on this GPU.",
-                      RuntimeWarning, stacklevel=3)
-    return reference
-
-
 def _optional_list(name: str, tensors) -> List[Tensor]:
     return [] if tensors is None else _as_list(name, tensors)
-
-
-class Allocation(NamedTuple):
-    """Result of :func:`allocate` for K parameter tensors.
-
-    sums:      float64 [K]. Sum of LCA over each tensor's elements.
-    counts:    int64 [K, 4]. Columns: helped (lca < 0), hurt (lca > 0),
-               zero (lca == 0), nonfinite (NaN/Inf). They add up to numel.
-    row_sums:  float64 [R]. With ``row_sums=True``: the LCA summed over each row
-               of dim 0 ("neuron", output unit) of every tensor, tensors
-               concatenated in order (a 0-d tensor counts as one row, a 1-D
-               tensor has one row per element); see :func:`split_rows`.
-               Empty otherwise.
-    histogram: int64 [K, B + 2] for B bins given by B + 1 ``bin_edges``: slot 0
-               counts lca < edges[0], slot j + 1 counts edges[j] <= lca <
-               edges[j + 1] (the last bin also takes lca == edges[B], as
-               numpy.histogram does), slot B + 1 counts lca > edges[B].
-               Non-finite values are not counted. [K, 0] without edges.
-    """
-
-    sums: Tensor
-    counts: Tensor
-    row_sums: Tensor
-    histogram: Tensor
-
-    @property
-    def helped(self) -> Tensor:
-        """int64 [K]: elements with lca < 0 (the parameter lowered the loss)."""
-        return self.counts[:, 0]
-
-    @property
-    def hurt(self) -> Tensor:
-        """int64 [K]: elements with lca > 0."""
-        return self.counts[:, 1]
-
-    @property
-    def zero(self) -> Tensor:
-        """int64 [K]: elements with lca exactly 0 (no step or no gradient)."""
-        return self.counts[:, 2]
-
-    @property
-    def nonfinite(self) -> Tensor:
-        """int64 [K]: elements whose lca is NaN or +-Inf."""
-        return self.counts[:, 3]
-
-
-class ClassAllocation(NamedTuple):
-    """Result of :func:`allocate_classes` for C classes and K tensors.
-
-    sums:   float64 [C, K]. LCA of class c's loss term over tensor k.
-    counts: int64 [C, K, 4]. helped / hurt / zero / nonfinite, as in Allocation.
-    """
-
-    sums: Tensor
-    counts: Tensor
-
-    @property
-    def helped(self) -> Tensor:
-        """int64 [C, K]: elements with lca < 0 for class c."""
-        return self.counts[..., 0]
 
 
 def accumulate_(acc: Sequence[Tensor], grads: Sequence[Tensor],

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .ops import Allocation, ClassAllocation
+from .allocation import Allocation, ClassAllocation
 
 Tensor = torch.Tensor
 

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_support
-from . import ops
+from . import kernels, ops
 from . import quadrature
 from .evaluate import Evaluator, classic_batch_loss
 from .lca_set import LCASet
@@ -256,7 +256,7 @@ class LCATracker:
         self.state_every = state_every
         self.reuse_gradients = reuse_gradients
         dev = self.params.params[0].device
-        self.kernels = ops.kernels_for(dev)   # fused ops, or the reference where none
+        self.kernels = kernels.kernels_for(dev)   # fused ops, or the reference where none
         # per-class mode: the LCA set's gradient buffers carry a class dimension and
         # its passes are class passes, whose class gradients add up to the total
         # (no plain pass, the class start gradients reused), when three such

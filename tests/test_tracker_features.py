@@ -200,13 +200,13 @@ def test_tracker_falls_back_to_the_reference_ops(monkeypatch):
     """Where a device has no usable fused kernel (e.g. CUDA kernels not yet
     verified), the tracker uses lca_ext.reference, warns once, and gives the
     same LCA as with the fused kernels."""
-    from lca_ext import ops, reference
-    assert ops.kernels_for("cpu") is ops
+    from lca_ext import kernels, ops, reference
+    assert kernels.kernels_for("cpu") is ops
     runs = []
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(ops, "fused_available", lambda op, device: False)
-            monkeypatch.setattr(ops, "_warned_fallback", set())
+            monkeypatch.setattr(kernels, "_warned_fallback", set())
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
         x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
