@@ -593,6 +593,15 @@ merged["parts"] = [os.path.basename(p) for p in parts]
 if tracker:
     merged["tracker"] = tracker
     merged["parts"].append("bench-tracker.json")
+host_part = os.path.join(state, "bench-host.json")
+host = json.load(open(host_part))["host_ms_per_call"] if os.path.exists(host_part) else {}
+if host:
+    # the issue's keys: the GPU's numbers where there is one (else the CPU's, rehearsal)
+    dev = "cuda" if "cuda" in host else "cpu"
+    merged["host_ms_per_call"] = dict(device=dev, **{
+        k.replace("lca_ext.", ""): v for k, v in host[dev].items()})
+    merged["host_ms_per_call_all"] = host
+    merged["parts"].append("bench-host.json")
 merged["gpu_env"] = json.load(open(os.path.join(state, "env.json"))) \
     if os.path.exists(os.path.join(state, "env.json")) else None
 rows = {r["name"]: r for r in merged["rows"]}
@@ -638,6 +647,12 @@ if acc:
         if ref in rows:
             checks.append((f"accumulate_ vs {ref} >= {target}x (events)",
                            ratio(ev(ref), acc.get("events_median_s")), target))
+hm = merged.get("host_ms_per_call")
+if hm and hm.get("allocate") and hm.get("torch._foreach_add_"):
+    print(f"host time per call ({hm['device']}, 500 tensors): " + ", ".join(
+        f"{k} {v * 1e3:.1f} us" for k, v in hm.items() if k != "device"))
+    checks.append((f"allocate host time per call <= torch._foreach_add_'s ({hm['device']})",
+                   ratio(hm["torch._foreach_add_"], hm["allocate"]), 1.0))
 if tracker:
     for kind, r in tracker["speed"].items():
         checks.append((f"tracked GPT-2 step ({kind} kernels) <= 1.05 x (passes x pass + plain)",
@@ -670,6 +685,9 @@ phase_bench() {
   rm -f "$STATE/bench-ops.json"
   LCA_BENCH_OUT="$STATE/bench-ops.json" LCA_BENCH_COMPILE=0 run_step bench 220 90 \
     "$PY" -m pytest benchmarks/test_bench_cuda.py -q -p no:cacheprovider -k "not compiled" -rfEs
+  rm -f "$STATE/bench-host.json"
+  LCA_BENCH_HOST_OUT="$STATE/bench-host.json" run_step bench-host 60 30 \
+    "$PY" -m pytest benchmarks/test_bench_host.py -q -s -p no:cacheprovider -k interleaved -rfEs
   phase_report
 }
 

@@ -195,6 +195,48 @@ def test_allocate_many_tensors_in_two_launches(emu):
                             abs_scale(b, a, g))
 
 
+def test_tables_are_uploaded_once_for_the_same_lists(emu, monkeypatch):
+    """The table cache (csrc/cuda/ops_impl.h TableCache): a loop that passes the
+    same lists every step uploads their tables once; new data in the same
+    tensors is read (the tables hold pointers, not values); another tensor, a
+    list of another length or LCA_EXT_TABLE_CACHE=0 uploads again; more lists
+    than the cache holds evict the oldest.  Every result equals the CPU op's."""
+    shapes = [(7, 5), (33,), (4, 3, 2)]
+    b, a, g = make_step(shapes, seed=41)
+
+    def check(b, a, g):
+        got = emu_allocate(emu, b, a, g, row_sums=True)
+        assert_allocation_equal(got, cpu_allocate(b, a, g, row_sums=True), abs_scale(b, a, g))
+
+    n = emu.uploads()
+    check(b, a, g)
+    assert emu.uploads() == n + 1
+    check(b, a, g)
+    g[1].mul_(-3.0)                                    # new values, same tensors
+    check(b, a, g)
+    assert emu.uploads() == n + 1                      # no upload after the first
+    g2 = list(g)
+    g2[2] = g[2].clone()                               # another tensor: another table
+    check(b, a, g2)
+    assert emu.uploads() == n + 2
+    check(b[:2], a[:2], g[:2])                         # a shorter list
+    assert emu.uploads() == n + 3
+    monkeypatch.setenv("LCA_EXT_TABLE_CACHE", "0")
+    check(b, a, g)
+    check(b, a, g)
+    assert emu.uploads() == n + 5
+    monkeypatch.delenv("LCA_EXT_TABLE_CACHE")
+    # nine more lists evict the first table (the cache holds eight)
+    others = [make_step(shapes, seed=100 + i) for i in range(9)]
+    for ob, oa, og in others:
+        check(ob, oa, og)
+    n = emu.uploads()
+    check(b, a, g)
+    assert emu.uploads() == n + 1
+    check(*others[-1])                                 # still held
+    assert emu.uploads() == n + 1
+
+
 def test_allocate_empty_tensors_only(emu):
     shapes = [(0,), (3, 0)]
     b, a, g = make_step(shapes, seed=40)

@@ -15,7 +15,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <list>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -44,9 +48,67 @@ inline T* blob_at(const at::Tensor& blob, size_t offset) {
   return reinterpret_cast<T*>(static_cast<unsigned char*>(blob.data_ptr()) + offset);
 }
 
+// LCA_EXT_TABLE_CACHE=0 turns the table cache off (every call uploads), so a
+// benchmark can measure what it brings side by side; read once per call.
+inline bool table_cache_enabled() {
+  const char* v = std::getenv("LCA_EXT_TABLE_CACHE");
+  return v == nullptr || std::string(v) != "0";
+}
+
+// The device copies of the last few tables uploaded, so that a training loop
+// that passes the same tensor lists every step uploads its tables once.  The
+// key is the packed bytes themselves (every pointer, size, dtype, flag and the
+// chunk plan) with the device and the stream: equal bytes are the same table,
+// so a hit cannot be stale, even for a tensor freed and allocated again at the
+// same address.  A table is reused only on the stream it was uploaded on, so
+// every kernel that reads it is ordered after its copy, and freeing an evicted
+// one (the caching allocator, on that stream) waits for them too.  Bounded:
+// kEntries tables of at most kMaxTableBytes each (about 0.1 MB for 500 tensors
+// of 100M parameters).  Never destroyed: its device tensors must not be freed
+// after the CUDA runtime has shut down at exit.
+class TableCache {
+ public:
+  static constexpr size_t kEntries = 8;
+  static constexpr size_t kMaxTableBytes = size_t(8) << 20;
+
+  static TableCache& instance() {
+    static TableCache* cache = new TableCache();
+    return *cache;
+  }
+
+  // The device table for `bytes`, from the cache or from `upload(bytes)`.
+  template <class Upload>
+  at::Tensor get(const std::vector<unsigned char>& bytes, const at::Device& device,
+                 uintptr_t stream, Upload upload) {
+    if (bytes.size() > kMaxTableBytes || !table_cache_enabled()) return upload(bytes);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->device == device && it->stream == stream && it->bytes.size() == bytes.size() &&
+          std::memcmp(it->bytes.data(), bytes.data(), bytes.size()) == 0) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recent first
+        return entries_.front().blob;
+      }
+    }
+    at::Tensor blob = upload(bytes);
+    entries_.push_front(Entry{device, stream, bytes, blob});
+    if (entries_.size() > kEntries) entries_.pop_back();
+    return blob;
+  }
+
+ private:
+  struct Entry {
+    at::Device device;
+    uintptr_t stream;
+    std::vector<unsigned char> bytes;
+    at::Tensor blob;
+  };
+  std::mutex mu_;
+  std::list<Entry> entries_;
+};
+
 // An op's small tables (per-tensor descriptors, the chunk table, each tensor's
 // first chunk, the bin edges if any) packed into one buffer and uploaded in one
-// copy; the accessors give their device addresses.
+// copy, or found in the TableCache; the accessors give their device addresses.
 template <class Backend, typename T>
 struct UploadedTables {
   at::Tensor blob;
@@ -61,7 +123,9 @@ struct UploadedTables {
     o_first = packed.add(plan.first_chunk);
     o_edges = packed.add(edges);
     has_edges = !edges.empty();
-    blob = Backend::upload(packed.bytes(), device);
+    blob = TableCache::instance().get(
+        packed.bytes(), device, reinterpret_cast<uintptr_t>(Backend::stream()),
+        [&](const std::vector<unsigned char>& b) { return Backend::upload(b, device); });
   }
   const T* tensors() const { return blob_at<const T>(blob, o_tensors); }
   const Chunk* chunks() const { return blob_at<const Chunk>(blob, o_chunks); }
@@ -78,7 +142,8 @@ inline at::Tensor scratch(int64_t n, const at::Device& device) {
 }
 
 // LCA_EXT_CUDA_VECTOR=0 turns the vector loads off (scalar loads only), so a
-// benchmark can measure what they bring side by side; read at every call.
+// benchmark can measure what they bring side by side; read once per call (a
+// getenv per tensor cost ~0.1 us each, 500 of them a call).
 inline bool vector_loads_enabled() {
   const char* v = std::getenv("LCA_EXT_CUDA_VECTOR");
   return v == nullptr || std::string(v) != "0";
@@ -97,12 +162,13 @@ void accumulate_impl(at::TensorList acc, at::TensorList grads, double weight) {
   const auto g = contiguous_all(grads);
   auto a = contiguous_all(acc);
   check_outputs_apart("accumulate_", {{"acc", &a}}, {{"grads", &g}});
+  const bool vec = vector_loads_enabled();
   std::vector<AccumulateTensor> tensors(a.size());
   for (size_t k = 0; k < a.size(); ++k) {
     AccumulateTensor& t = tensors[k];
     t = AccumulateTensor{a[k].data_ptr(), g[k].const_data_ptr(), dtype_code(a[k].scalar_type()),
                          dtype_code(g[k].scalar_type()), 0};
-    t.vector = vector_loads_enabled() && t.acc_t == kF32 && g[k].element_size() <= 4 &&
+    t.vector = vec && t.acc_t == kF32 && g[k].element_size() <= 4 &&
                vector_aligned(t.acc, 4) && vector_aligned(t.grad, g[k].element_size());
   }
   const ChunkPlan plan = make_chunk_plan(numels(acc));
@@ -136,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_impl(
   const std::vector<int64_t> nrows = rows_per_tensor(before);
   std::vector<AllocateTensor> tensors(K);
   int64_t total_rows = 0;
+  const bool vec = vector_loads_enabled();
   for (int64_t k = 0; k < K; ++k) {
     AllocateTensor& t = tensors[k];
     t.before = b[k].const_data_ptr();
@@ -152,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_impl(
     t.lca_out = data_or_null(out, k);
     t.out_t = out.empty() ? kF32 : dtype_code(out[k].scalar_type());
     // vector loads: 16- and 32-bit inputs on aligned addresses (see allocate_slice)
-    t.vector = vector_loads_enabled() && b[k].element_size() <= 4 && g[k].element_size() <= 4 &&
+    t.vector = vec && b[k].element_size() <= 4 && g[k].element_size() <= 4 &&
                vector_aligned(t.before, b[k].element_size()) &&
                vector_aligned(t.after, a[k].element_size()) &&
                vector_aligned(t.grad, g[k].element_size());
@@ -219,13 +286,14 @@ std::tuple<at::Tensor, at::Tensor> allocate_classes_impl(
   const auto a = contiguous_all(after);
   const auto g = contiguous_all(class_grads);
   std::vector<ClassTensor> tensors(K);
+  const bool vec = vector_loads_enabled();
   for (int64_t k = 0; k < K; ++k) {
     ClassTensor& t = tensors[k];
     t = ClassTensor{b[k].const_data_ptr(), a[k].const_data_ptr(), g[k].const_data_ptr(),
                     dtype_code(b[k].scalar_type()), dtype_code(g[k].scalar_type()),
                     b[k].numel(), 0};
     // every class's gradient row must start aligned too: numel % kVec == 0
-    t.vector = vector_loads_enabled() && b[k].element_size() <= 4 &&
+    t.vector = vec && b[k].element_size() <= 4 &&
                g[k].element_size() <= 4 && b[k].numel() % kVec == 0 &&
                vector_aligned(t.before, b[k].element_size()) &&
                vector_aligned(t.after, a[k].element_size()) &&
@@ -263,13 +331,14 @@ void sign_changes_impl(at::TensorList last_sign, at::TensorList changes,
   check_outputs_apart("sign_changes_", {{"last_sign", &ls}, {"changes", &cs}},
                       {{"x", &xs}, {"base", &bs}});
   std::vector<SignChangesTensor> tensors(xs.size());
+  const bool vec = vector_loads_enabled();
   for (size_t k = 0; k < xs.size(); ++k) {
     SignChangesTensor& t = tensors[k];
     t = SignChangesTensor{ls[k].data_ptr<int8_t>(), cs[k].data_ptr<int32_t>(),
                           xs[k].const_data_ptr(), bs.empty() ? nullptr : bs[k].const_data_ptr(),
                           dtype_code(xs[k].scalar_type()), 0};
     const size_t xsize = xs[k].element_size();
-    t.vector = vector_loads_enabled() && xsize <= 4 && vector_aligned(t.x, xsize) &&
+    t.vector = vec && xsize <= 4 && vector_aligned(t.x, xsize) &&
                (t.base == nullptr || vector_aligned(t.base, xsize)) &&
                vector_aligned(t.last_sign, 1) && vector_aligned(t.changes, 4);
   }

@@ -19,6 +19,8 @@ void run_selftest(int which, int* out);
 
 namespace {
 
+int64_t g_uploads = 0;  // tables uploaded (the TableCache's misses)
+
 struct EmuBackend {
   struct Guard {
     explicit Guard(const at::Device&) {}
@@ -26,6 +28,7 @@ struct EmuBackend {
   static void check_not_capturing(const char*) {}
   static at::Tensor upload(const std::vector<unsigned char>& bytes, const at::Device& device) {
     TORCH_CHECK(device.is_cpu(), "the CUDA emulator runs on CPU tensors, got ", device);
+    ++g_uploads;
     at::Tensor t = at::empty({static_cast<int64_t>(bytes.size())}, at::kByte);
     if (!bytes.empty()) std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
     return t;
@@ -98,6 +101,8 @@ void set_schedule(int64_t seed) { lca_emu::set_schedule_seed(static_cast<uint64_
 int64_t launches() { return lca_emu::launch_count(); }
 // Runs one of the emulator's self-test kernels (emu_kernels.cpp); returns
 // what thread 0 wrote.
+int64_t uploads() { return g_uploads; }
+
 int64_t selftest(int64_t which) {
   std::vector<int> out(128, 0);
   lca_emu::run_selftest(static_cast<int>(which), out.data());
@@ -114,6 +119,7 @@ TORCH_LIBRARY(lca_ext_emu, m) {
   m.def("set_schedule(int seed) -> ()", &set_schedule);
   m.def("launches() -> int", &launches);
   m.def("selftest(int which) -> int", &selftest);
+  m.def("uploads() -> int", &uploads);
   m.def("allocate_far(Tensor before, Tensor after, Tensor grad, int offset, int row_len) -> "
         "(Tensor, Tensor, Tensor)", &allocate_far);
 }
