@@ -246,6 +246,17 @@ find_nvcc() {
     NVCC=$(readlink -f "$NVCC")
     export CUDA_HOME
     CUDA_HOME=$(dirname "$(dirname "$NVCC")")
+    # an nvcc on PATH may be a wrapper script (here: /usr/local/bin/nvcc), whose
+    # directory has no CUDA headers: take a toolkit that has both
+    if [[ ! -f $CUDA_HOME/include/cuda_runtime.h ]]; then
+      local d
+      for d in /usr/local/cuda /usr/local/cuda-*; do
+        if [[ -x $d/bin/nvcc && -f $d/include/cuda_runtime.h ]]; then
+          NVCC=$(readlink -f "$d/bin/nvcc")
+          CUDA_HOME=$d
+        fi
+      done
+    fi
   fi
 }
 
