@@ -17,7 +17,9 @@ from .ops import (
 )
 from .quadrature import RuleOptions
 from .run import Run, load_run
+from .statistics import StatsOptions
 from .store import truncate_run
+from .store_link import StoreOptions
 from .tracker import LCATracker
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "LCATracker",
     "Run",
     "RuleOptions",
+    "StatsOptions",
+    "StoreOptions",
     "ClassAllocation",
     "accumulate_",
     "allocate",

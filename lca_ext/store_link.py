@@ -8,13 +8,69 @@ the collective parts (gathering the state, summing FSDP2 fingerprints).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from . import store as run_store
+
+
+@dataclasses.dataclass
+class StoreOptions:
+    """Where a tracker writes its run and how it continues one.
+
+    path:        the run directory every tracked step is appended to
+                 (crash-safe; see lca_ext.store)
+    resume:      continue the run at ``path`` (checked: the model must be the θ
+                 of the run's last commit, with a state saved there; see
+                 LCATracker and lca_ext.truncate_run)
+    state_every: write the per-parameter state with every k-th committed step
+                 (and in ``result()``); the latest two are kept (about 18 bytes
+                 a parameter each)
+    """
+
+    path: Union[str, os.PathLike]
+    resume: bool = False
+    state_every: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.path, (str, os.PathLike)):
+            raise TypeError(f"lca_ext.LCATracker: store={self.path!r}; expected a directory "
+                            "path or a lca_ext.StoreOptions")
+        if not (isinstance(self.state_every, int) and self.state_every >= 1):
+            raise ValueError(f"lca_ext.LCATracker: state_every={self.state_every!r}; "
+                             "expected an int >= 1")
+
+
+def store_options(store=None, resume=None, state_every=None) -> Optional[StoreOptions]:
+    """StoreOptions from the tracker's ``store=`` (a path, StoreOptions, dict or
+    None) and its ``resume=`` / ``state_every=`` keywords (None = not given)."""
+    given = {k: v for k, v in (("resume", resume), ("state_every", state_every))
+             if v is not None}
+    if isinstance(store, (StoreOptions, dict)) and given:
+        raise ValueError(f"lca_ext.LCATracker: give {', '.join(sorted(given))}= inside "
+                         "store= (a StoreOptions or dict), not beside it")
+    if isinstance(store, StoreOptions):
+        return store
+    if isinstance(store, dict):
+        fields = {f.name for f in dataclasses.fields(StoreOptions)}
+        unknown = sorted(set(store) - fields)
+        if unknown:
+            raise TypeError(f"lca_ext.LCATracker: store has unknown fields {unknown}; "
+                            f"StoreOptions has {sorted(fields)}")
+        return StoreOptions(**store)
+    if store is None:
+        if resume:
+            raise ValueError("lca_ext.LCATracker: resume=True needs store= (the run "
+                             "directory to continue)")
+        if state_every is not None:
+            StoreOptions("", state_every=state_every)    # (checks the value)
+        return None
+    return StoreOptions(store, **given)
 
 
 def fingerprint(tracker) -> np.ndarray:
@@ -36,8 +92,9 @@ class StoreLink:
     per-parameter state into ``tracker.state``; ``next_step`` and
     ``steps_committed`` then say where the tracker continues."""
 
-    def __init__(self, tracker, path: str, resume: bool, state_every: int):
-        self.tracker, self.path, self.state_every = tracker, path, state_every
+    def __init__(self, tracker, options: StoreOptions):
+        path, resume = options.path, options.resume
+        self.tracker, self.path, self.state_every = tracker, path, options.state_every
         self.writer: Optional[run_store.RunWriter] = None
         self.next_step: Optional[int] = None
         self.steps_committed = 0

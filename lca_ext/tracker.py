@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -57,13 +58,14 @@ import torch
 from torch import nn
 
 from . import distributed as dist_support
-from . import kernels, ops
+from . import kernels
 from . import quadrature
 from .evaluate import Evaluator, classic_batch_loss
 from .lca_set import LCASet
 from .params import ParameterSet
 from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
-from .store_link import StoreLink
+from .statistics import Statistics, StatsOptions, stats_options
+from .store_link import StoreLink, StoreOptions, store_options
 
 # per-step fields of every objective, and the per-parameter state fields
 STEP_FIELDS = ("loss_before", "loss_after", "lca_sum", "error", "splits", "grad_passes",
@@ -132,14 +134,18 @@ class LCATracker:
                 (the shares must add up: checked)
     batchnorm:  "batch" (statistics of each fixed LCA batch) or "eval"; see
                 lca_ext.evaluate
-    bin_edges:  histogram edges (default signed_log_edges(1e-12, 1, 24))
-    row_sums:   record per-neuron LCA every tracked step
-    oscillation: count per parameter the changes of direction of its steps
-                and of the sign of its whole-set gradient
-    frames:     names of parameter tensors whose full per-element LCA is stored
-                every ``frame_every`` tracked steps (for animations)
+    stats:      a lca_ext.StatsOptions (or a dict of its fields): what each step
+                records besides the per-tensor sums and counts (histogram edges,
+                per-neuron sums, oscillation counters, frames); see
+                lca_ext.statistics
+    bin_edges, row_sums, oscillation, frames, frame_every: shorthands for the
+                same StatsOptions fields (give these or ``stats``, not both);
+                defaults: 50 signed-log bins over 1e-12..1, row sums and
+                oscillation counters on, no frames
     store:      a run directory to append every tracked step to (crash-safe;
-                see lca_ext.store); ``resume=True`` continues an existing one.
+                see lca_ext.store), or a lca_ext.StoreOptions(path, resume,
+                state_every) (or a dict of its fields); ``resume=True``
+                continues an existing one.
                 Every committed step records a fingerprint of θ_{t+1}; a resume
                 requires the model to be the θ of the run's last commit *and* a
                 per-parameter state saved there, and raises
@@ -150,11 +156,13 @@ class LCATracker:
                 continue from that state's.  Refused rather than guessed: a
                 resume from an older state would count steps twice, one from a
                 newer θ with an older state (state_every > 1) would miss steps.
-    state_every: write the per-parameter state with every k-th committed step
-                (and in ``result()``); the latest two such states are kept, so a
-                run can be cut back by one commit without ``save_state()``.  A
-                state point is 6 flat arrays, about 18 bytes a parameter.  See
-                ``save_state()`` for the states truncate_run may cut back to.
+    resume, state_every: shorthands for the StoreOptions fields, beside a path.
+                state_every: write the per-parameter state with every k-th
+                committed step (and in ``result()``); the latest two such states
+                are kept, so a run can be cut back by one commit without
+                ``save_state()``.  A state point is 6 flat arrays, about 18 bytes
+                a parameter.  See ``save_state()`` for the states truncate_run
+                may cut back to.
     distributed: None (default: automatic), False, True or a ProcessGroup.
                 Under torch.distributed (DDP or FSDP2 ``fully_shard``), the LCA
                 set is sharded across ranks and every gradient pass sums over
@@ -188,11 +196,13 @@ class LCATracker:
                  pass_dtype="auto", schedule: Union[None, int, Iterable[int]] = None,
                  num_classes: Optional[int] = None, class_memory_budget: int = 2 << 30,
                  batch_size: int = 1024, batchnorm: str = "batch",
-                 bin_edges: Optional[torch.Tensor] = None, row_sums: bool = True,
-                 oscillation: bool = True, frames: Sequence[str] = (),
-                 frame_every: int = 1, store: Optional[str] = None, resume: bool = False,
-                 state_every: int = 1, reuse_gradients: bool = True,
-                 distributed=None, shard_lca_data: bool = True):
+                 stats: Union[None, StatsOptions, dict] = None,
+                 bin_edges: Optional[torch.Tensor] = None, row_sums: Optional[bool] = None,
+                 oscillation: Optional[bool] = None, frames: Optional[Sequence[str]] = None,
+                 frame_every: Optional[int] = None,
+                 store: Union[None, str, os.PathLike, StoreOptions, dict] = None,
+                 resume: Optional[bool] = None, state_every: Optional[int] = None,
+                 reuse_gradients: bool = True, distributed=None, shard_lca_data: bool = True):
         if (loss_fn is None) == (batch_loss is None):
             raise ValueError("lca_ext.LCATracker: give exactly one of loss_fn "
                              "(loss_fn(model(x), y)) and batch_loss (batch_loss(model, "
@@ -200,14 +210,16 @@ class LCATracker:
         if lca_data is None:
             raise ValueError("lca_ext.LCATracker: lca_data is required (the fixed set whose "
                              "loss change is allocated)")
+        # the options, grouped by concern: the rule, the statistics, the store
         self.rule = quadrature.rule_options(rule, method=method, rtol=rtol, atol=atol,
                                             max_splits=max_splits)
+        stats_opts = stats_options(stats, bin_edges=bin_edges, row_sums=row_sums,
+                                   oscillation=oscillation, frames=frames,
+                                   frame_every=frame_every)
+        store_opts = store_options(store, resume=resume, state_every=state_every)
         if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
             raise ValueError(f"lca_ext.LCATracker: num_classes={num_classes!r}; "
                              "expected an int >= 1")
-        for name, value in (("frame_every", frame_every), ("state_every", state_every)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"lca_ext.LCATracker: {name}={value!r}; expected an int >= 1")
         model = dist_support.unwrap(model)   # DDP: track (and evaluate) .module
         self.model = model
         self.ctx = dist_support.context(model, distributed)
@@ -235,25 +247,6 @@ class LCATracker:
             else frozenset(schedule)
         self.num_classes = num_classes
         self.class_memory_budget = class_memory_budget
-        self.row_sums = row_sums
-        self.oscillation = oscillation
-        for n in frames:
-            if n in self.params.names:
-                continue
-            if self.params.aliases.get(n) in self.params.names:
-                raise ValueError(
-                    f"lca_ext.LCATracker: frames names {n!r}, an alias of the tracked "
-                    f"parameter {self.params.aliases[n]!r} (the same tensor, tied); a tied "
-                    f"tensor is tracked once, under its first name: use "
-                    f"{self.params.aliases[n]!r}")
-            frozen = dict(model.named_parameters()).get(n)
-            why = "is frozen (requires_grad=False), so not tracked" if frozen is not None \
-                else "is not a parameter of the model"
-            raise ValueError(f"lca_ext.LCATracker: frames names {n!r}, which {why}; "
-                             f"tracked: {self.params.names}")
-        self.frame_tensors = [self.params.names.index(n) for n in frames]
-        self.frame_every = frame_every
-        self.state_every = state_every
         self.reuse_gradients = reuse_gradients
         dev = self.params.params[0].device
         self.kernels = kernels.kernels_for(dev)   # fused ops, or the reference where none
@@ -267,21 +260,13 @@ class LCATracker:
                               for p in self.params.params)
         self.objectives[0].classes = bool(num_classes) and reuse_gradients and \
             3 * num_classes * self._one_class <= class_memory_budget
-        # kept on the CPU: the fused op reads host edges without a GPU sync
-        self.bin_edges = (ops.signed_log_edges(1e-12, 1.0, 24) if bin_edges is None
-                          else bin_edges.detach().double()).cpu()
-
         self._theta_t = [torch.empty_like(p) for p in self.params.params]
         # recycled gradient buffers, by class count (0: parameter-shaped)
         self._spares: Dict[int, List[List[torch.Tensor]]] = {}
-        like = lambda dt: [torch.zeros_like(p, dtype=dt) for p in self.params.params]  # noqa: E731
-        self.state: Dict[str, List[torch.Tensor]] = {
-            "cum_lca": self._new_buffer(), "helped_steps": like(torch.int32)}
-        if oscillation:
-            self.state.update(direction_changes=like(torch.int32),
-                              grad_sign_changes=like(torch.int32),
-                              last_delta_sign=like(torch.int8),
-                              last_grad_sign=like(torch.int8))
+        self.stats = Statistics(stats_opts, self.params, model, self.kernels, self.ctx,
+                                self._new_buffer)
+        self.state = self.stats.state           # per-parameter state (cum_lca, ...)
+        self.bin_edges = self.stats.bin_edges   # the histogram's edges, on the CPU
         self._records: List[dict] = []
         self._frames: List[dict] = []
         self._step = 0
@@ -300,8 +285,8 @@ class LCATracker:
         self.ungrounded_steps: List[tuple] = []
         self._warned_causes: List[bool] = []      # noise_limited values warned about
         self.store_link: Optional[StoreLink] = None   # the run directory, if any
-        if store is not None:
-            self.store_link = StoreLink(self, store, resume, state_every)
+        if store_opts is not None:
+            self.store_link = StoreLink(self, store_opts)
             self._tracked_count = self.store_link.steps_committed
             if self.store_link.next_step is not None:
                 self._step = self.store_link.next_step   # labels go on from the state's
@@ -451,7 +436,7 @@ class LCATracker:
             layer_names=list(self.params.layer_names), layer_of=list(self.params.layer_of),
             objectives=[o.name for o in self.objectives], num_classes=self.num_classes,
             bin_edges=self.bin_edges.cpu().tolist(),
-            frame_names=[self.params.names[k] for k in self.frame_tensors],
+            frame_names=[self.params.names[k] for k in self.stats.frame_tensors],
             config=dict(dataclasses.asdict(self.rule),
                         pass_dtype=str(self.objectives[0].evaluator.compute_dtype),
                         batchnorm=self.objectives[0].evaluator.batchnorm,
@@ -541,9 +526,9 @@ class LCATracker:
         ev = obj.evaluator
         passes0 = ev.passes
         is_train = obj is self.objectives[0]
-        if is_train and self.oscillation:
+        if is_train and self.stats.options.oscillation:
             g0 = self._class_total(obj.g_start) if obj.classes else obj.g_start
-            self._count_oscillations(after, g0)
+            self.stats.count_oscillations(self._theta_t, after, g0)
             if obj.classes:
                 self._release(g0)
         path = quadrature.integrate(self, obj, after)
@@ -553,13 +538,7 @@ class LCATracker:
         if stacked is not None:
             avg = self._class_total(stacked)
 
-        state = {}
-        if is_train:
-            state = dict(cum_lca=self.state["cum_lca"], helped_steps=self.state["helped_steps"])
-        res = self.ctx.allocation(
-            self.kernels.allocate(self._theta_t, after, avg, row_sums=self.row_sums,
-                                  bin_edges=self.bin_edges, **state),
-            rows=self.row_sums)
+        res = self.stats.allocate(self._theta_t, after, avg, update_state=is_train)
         lca_sum = res.sums.sum().item()
         if self.rule.method != "first_order" and not path.grounded:
             self._ungrounded(obj.name, step, path, abs(lca_sum - d_loss))
@@ -588,8 +567,8 @@ class LCATracker:
                            p + "class_loss_before": np.asarray(class_loss[0], np.float64),
                            p + "class_loss_after": np.asarray(class_loss[1], np.float64)})
         record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
-        if is_train and self.frame_tensors and self._tracked_count % self.frame_every == 0:
-            self._pending_frames = self._frame(after, avg)
+        if is_train and self.stats.wants_frame(self._tracked_count):
+            self._pending_frames = self.stats.frame(self._theta_t, after, avg)
         # θ_{t+1} is the next step's θ_t: keep its gradient (or drop it)
         for buf in [obj.g_start] + [b for b in (avg, stacked)
                                     if b is not None and b is not obj.g_start]:
@@ -619,16 +598,3 @@ class LCATracker:
         lca_ext.integrations.optimizer."""
         from .integrations.optimizer import attach
         return attach(self, optimizer)
-
-    def _count_oscillations(self, after, g_start) -> None:
-        s = self.state
-        self.kernels.sign_changes_(s["last_delta_sign"], s["direction_changes"], after,
-                                   self._theta_t)
-        self.kernels.sign_changes_(s["last_grad_sign"], s["grad_sign_changes"], g_start)
-
-    def _frame(self, after, avg) -> Dict[str, np.ndarray]:
-        ks = self.frame_tensors
-        out = [torch.empty_like(avg[k]) for k in ks]
-        self.kernels.allocate([self._theta_t[k] for k in ks], [after[k] for k in ks],
-                     [avg[k] for k in ks], lca_out=out)
-        return {str(k): self.ctx.full(k, t).cpu().numpy() for k, t in zip(ks, out)}

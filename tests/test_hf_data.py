@@ -368,4 +368,4 @@ def test_frames_name_a_tied_alias_or_a_frozen_parameter():
         lca_ext.LCATracker(model, loss, data, frames=["c.bias"])
     with pytest.raises(ValueError, match=r"'d\.weight', which is not a parameter"):
         lca_ext.LCATracker(model, loss, data, frames=["d.weight"])
-    assert lca_ext.LCATracker(model, loss, data, frames=["a.weight"]).frame_tensors == [0]
+    assert lca_ext.LCATracker(model, loss, data, frames=["a.weight"]).stats.frame_tensors == [0]

@@ -230,3 +230,58 @@ def test_tracker_falls_back_to_the_reference_ops(monkeypatch):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12, err_msg=key)
     np.testing.assert_allclose(ref_run.frames["0"], fused_run.frames["0"], rtol=1e-6,
                                atol=1e-12)
+
+
+def test_options_grouped_by_concern_and_the_old_keywords(tmp_path):
+    """stats=StatsOptions(...) and store=StoreOptions(...) give the same run as
+    the keywords they group (two trackers nested on the same steps), the
+    options take effect, and mixing the two forms, resume without a store or a
+    bare string for frames are refused with the argument named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    edges = lca_ext.signed_log_edges(1e-8, 1.0, 4)
+    keywords = lca_ext.LCATracker(model, xent, (x, y), bin_edges=edges, row_sums=False,
+                                  oscillation=False, frames=["2.weight"], frame_every=2,
+                                  store=str(tmp_path / "a"), state_every=2)
+    grouped = lca_ext.LCATracker(
+        model, xent, (x, y),
+        stats=lca_ext.StatsOptions(bin_edges=edges, row_sums=False, oscillation=False,
+                                   frames=["2.weight"], frame_every=2),
+        store=lca_ext.StoreOptions(tmp_path / "b", state_every=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        idx = torch.randint(0, 60, (16,), generator=gen)
+        opt.zero_grad()
+        xent(model(x[idx]), y[idx]).backward()
+        with keywords.step(), grouped.step():
+            opt.step()
+    a, b = keywords.result(), grouped.result()
+    assert sorted(a.arrays) == sorted(b.arrays)
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+    assert sorted(a.state) == sorted(b.state) == ["cum_lca", "helped_steps"]  # no oscillation
+    assert a.arrays["train/row_sums"].shape[1] == 0                         # no row sums
+    assert a.arrays["train/histogram"].shape[-1] == len(edges) + 1
+    assert sorted(a.frames) == sorted(b.frames) and len(a.frames["step"]) == 3  # steps 0, 2, 4
+    np.testing.assert_array_equal(a.frames["2"], b.frames["2"])
+    # and the frames are the per-element LCA of that tensor: they add up to its sums
+    np.testing.assert_allclose(a.frames["2"].reshape(3, -1).sum(1),
+                               a.arrays["train/tensor_sums"][[0, 2, 4], 2], rtol=1e-5)
+
+    data = (model, xent, (x, y))
+    with pytest.raises(ValueError, match="give stats= or row_sums="):
+        lca_ext.LCATracker(*data, stats=lca_ext.StatsOptions(), row_sums=False)
+    with pytest.raises(TypeError, match="stats has unknown fields"):
+        lca_ext.LCATracker(*data, stats=dict(rows=False))
+    with pytest.raises(TypeError, match="frames='2.weight'"):
+        lca_ext.LCATracker(*data, frames="2.weight")
+    with pytest.raises(ValueError, match="frame_every=0"):
+        lca_ext.LCATracker(*data, frame_every=0)
+    with pytest.raises(ValueError, match="resume= inside store="):
+        lca_ext.LCATracker(*data, store=lca_ext.StoreOptions(tmp_path / "c"), resume=True)
+    with pytest.raises(ValueError, match="resume=True needs store="):
+        lca_ext.LCATracker(*data, resume=True)
+    with pytest.raises(ValueError, match="state_every=0"):
+        lca_ext.LCATracker(*data, store=str(tmp_path / "d"), state_every=0)

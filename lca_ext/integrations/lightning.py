@@ -34,7 +34,7 @@ if int(pl.__version__.split(".")[0]) < 2:
 
 from ..tracker import LCATracker, Run
 from .metrics import step_metrics
-from .resume import start_new_run_at, tracker_on_resume
+from .resume import resumed, start_new_run_at, tracker_on_resume
 
 __all__ = ["LCACallback"]
 
@@ -202,7 +202,7 @@ class LCACallback(pl.Callback):
                 kwargs["eval_sets"] = {k: _to_device(v, device)
                                        for k, v in kwargs["eval_sets"].items()}
             if resume:
-                kwargs["resume"] = True
+                kwargs = resumed(kwargs)
             self.tracker = _CheckpointTracker(pl_module, self.loss_fn,
                                               _to_device(self.lca_data, device), **kwargs)
         elif self.tracker.model is not pl_module:

@@ -1,8 +1,24 @@
 """What both framework callbacks do when training resumes from a checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Optional
+
+from ..store_link import StoreOptions
+
+
+def resumed(tracker_kwargs: dict) -> dict:
+    """The tracker's keywords with its store resumed, whatever form ``store=``
+    takes (a path: ``resume=True`` beside it; StoreOptions or a dict: inside)."""
+    kw, store = dict(tracker_kwargs), tracker_kwargs.get("store")
+    if isinstance(store, StoreOptions):
+        kw["store"] = dataclasses.replace(store, resume=True)
+    elif isinstance(store, dict):
+        kw["store"] = dict(store, resume=True)
+    else:
+        kw["resume"] = True
+    return kw
 
 
 def tracker_on_resume(tracker, store: Optional[str], global_step: int, who: str):

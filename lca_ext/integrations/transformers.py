@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..tracker import LCATracker
 from .metrics import step_metrics
+from .resume import resumed as resume_store
 from .resume import start_new_run_at, tracker_on_resume
 
 try:
@@ -298,7 +299,7 @@ class LCACallback(TrainerCallback):
         if self.tracker is None:
             kw = dict(self.tracker_kwargs)
             if resumed and store is not None:
-                kw["resume"] = True
+                kw = resume_store(kw)
             if kw.get("eval_sets"):
                 kw["eval_sets"] = {k: self._data(v, args, model, train_dataloader,
                                                  f"eval_sets[{k!r}]")
