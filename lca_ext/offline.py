@@ -419,6 +419,10 @@ def compute(model: nn.Module, loss_fn, lca_data, trajectory, out_dir: Optional[s
         tracker_kwargs.setdefault("distributed", False)
     if store is not None:
         store = os.fspath(store)
+    elif resume:
+        raise ValueError("lca_ext.offline.compute: resume=True needs out_dir= (the stored run "
+                         "to continue); without out_dir the run is kept in memory and there "
+                         "is nothing to resume")
     tracker = _OfflineTracker(model, loss_fn, lca_data, store=store, resume=resume,
                               **tracker_kwargs)
     if getattr(getattr(tracker, "ctx", None), "sharded", False):
@@ -446,8 +450,8 @@ def compute(model: nn.Module, loss_fn, lca_data, trajectory, out_dir: Optional[s
         # frame_every counts from the trajectory's start so that parts agree
         tracker._step = traj.steps[i]
         tracker._tracked_count = i
-        if i == stop - 1:
-            tracker.state_every = 1              # the range's final state is always stored
+        if i == stop - 1 and tracker.store_link is not None:
+            tracker.store_link.state_every = 1   # the range's final state is always stored
         tracker.begin()
         loader.load(following, params=True)    # θ_{t+1}
         tracker.end()

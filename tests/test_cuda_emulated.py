@@ -235,6 +235,16 @@ def test_tables_are_uploaded_once_for_the_same_lists(emu, monkeypatch):
     assert emu.uploads() == n + 1
     check(*others[-1])                                 # still held
     assert emu.uploads() == n + 1
+    # every op's table: equal lists give equal bytes (no stray padding in the key)
+    acc = [torch.zeros_like(t) for t in g]
+    stacks = [torch.stack([t, 2 * t]) for t in g]
+    n = emu.uploads()
+    for _ in range(3):
+        emu.accumulate_(acc, g, 0.5)
+        got = emu.allocate_classes(b, a, stacks, True)
+    torch.testing.assert_close(acc, [1.5 * t for t in g])
+    torch.testing.assert_close(got[0], lca_ext.allocate_classes(b, a, stacks).sums)
+    assert emu.uploads() - n == 2          # accumulate_ and allocate_classes: once each
 
 
 def test_allocate_empty_tensors_only(emu):

@@ -62,7 +62,10 @@ inline bool table_cache_enabled() {
 // so a hit cannot be stale, even for a tensor freed and allocated again at the
 // same address.  A table is reused only on the stream it was uploaded on, so
 // every kernel that reads it is ordered after its copy, and freeing an evicted
-// one (the caching allocator, on that stream) waits for them too.  Bounded:
+// one (the caching allocator, on that stream) waits for them too.  (The key is
+// the stream's handle: a user stream destroyed and another created with the
+// same handle would find the old table, whose copy ran long before; PyTorch's
+// own streams are pooled and never destroyed.)  Bounded:
 // kEntries tables of at most kMaxTableBytes each (about 0.1 MB for 500 tensors
 // of 100M parameters).  Never destroyed: its device tensors must not be freed
 // after the CUDA runtime has shut down at exit.
@@ -149,6 +152,16 @@ inline bool vector_loads_enabled() {
   return v == nullptr || std::string(v) != "0";
 }
 
+// n table entries with every byte 0, padding included (a vector's value
+// initialisation may copy a temporary and leave the padding undefined), to be
+// filled field by field: equal tables then have equal bytes, the TableCache's key.
+template <typename T>
+inline std::vector<T> zeroed_entries(size_t n) {
+  std::vector<T> v(n);
+  if (n) std::memset(static_cast<void*>(v.data()), 0, n * sizeof(T));
+  return v;
+}
+
 inline void* data_or_null(const std::vector<at::Tensor>& list, size_t k) {
   return list.empty() ? nullptr : list[k].data_ptr();
 }
@@ -163,11 +176,13 @@ void accumulate_impl(at::TensorList acc, at::TensorList grads, double weight) {
   auto a = contiguous_all(acc);
   check_outputs_apart("accumulate_", {{"acc", &a}}, {{"grads", &g}});
   const bool vec = vector_loads_enabled();
-  std::vector<AccumulateTensor> tensors(a.size());
+  auto tensors = zeroed_entries<AccumulateTensor>(a.size());
   for (size_t k = 0; k < a.size(); ++k) {
-    AccumulateTensor& t = tensors[k];
-    t = AccumulateTensor{a[k].data_ptr(), g[k].const_data_ptr(), dtype_code(a[k].scalar_type()),
-                         dtype_code(g[k].scalar_type()), 0};
+    AccumulateTensor& t = tensors[k];   // (field by field: see zeroed_entries)
+    t.acc = a[k].data_ptr();
+    t.grad = g[k].const_data_ptr();
+    t.acc_t = dtype_code(a[k].scalar_type());
+    t.grad_t = dtype_code(g[k].scalar_type());
     t.vector = vec && t.acc_t == kF32 && g[k].element_size() <= 4 &&
                vector_aligned(t.acc, 4) && vector_aligned(t.grad, g[k].element_size());
   }
@@ -200,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_impl(
 
   const int64_t K = static_cast<int64_t>(before.size());
   const std::vector<int64_t> nrows = rows_per_tensor(before);
-  std::vector<AllocateTensor> tensors(K);
+  auto tensors = zeroed_entries<AllocateTensor>(K);
   int64_t total_rows = 0;
   const bool vec = vector_loads_enabled();
   for (int64_t k = 0; k < K; ++k) {
@@ -285,13 +300,16 @@ std::tuple<at::Tensor, at::Tensor> allocate_classes_impl(
   const auto b = contiguous_all(before);
   const auto a = contiguous_all(after);
   const auto g = contiguous_all(class_grads);
-  std::vector<ClassTensor> tensors(K);
+  auto tensors = zeroed_entries<ClassTensor>(K);
   const bool vec = vector_loads_enabled();
   for (int64_t k = 0; k < K; ++k) {
-    ClassTensor& t = tensors[k];
-    t = ClassTensor{b[k].const_data_ptr(), a[k].const_data_ptr(), g[k].const_data_ptr(),
-                    dtype_code(b[k].scalar_type()), dtype_code(g[k].scalar_type()),
-                    b[k].numel(), 0};
+    ClassTensor& t = tensors[k];   // (field by field: see zeroed_entries)
+    t.before = b[k].const_data_ptr();
+    t.after = a[k].const_data_ptr();
+    t.grads = g[k].const_data_ptr();
+    t.param_t = dtype_code(b[k].scalar_type());
+    t.grad_t = dtype_code(g[k].scalar_type());
+    t.numel = b[k].numel();
     // every class's gradient row must start aligned too: numel % kVec == 0
     t.vector = vec && b[k].element_size() <= 4 &&
                g[k].element_size() <= 4 && b[k].numel() % kVec == 0 &&
@@ -330,13 +348,15 @@ void sign_changes_impl(at::TensorList last_sign, at::TensorList changes,
   auto cs = contiguous_all(changes);
   check_outputs_apart("sign_changes_", {{"last_sign", &ls}, {"changes", &cs}},
                       {{"x", &xs}, {"base", &bs}});
-  std::vector<SignChangesTensor> tensors(xs.size());
+  auto tensors = zeroed_entries<SignChangesTensor>(xs.size());
   const bool vec = vector_loads_enabled();
   for (size_t k = 0; k < xs.size(); ++k) {
-    SignChangesTensor& t = tensors[k];
-    t = SignChangesTensor{ls[k].data_ptr<int8_t>(), cs[k].data_ptr<int32_t>(),
-                          xs[k].const_data_ptr(), bs.empty() ? nullptr : bs[k].const_data_ptr(),
-                          dtype_code(xs[k].scalar_type()), 0};
+    SignChangesTensor& t = tensors[k];   // (field by field: see zeroed_entries)
+    t.last_sign = ls[k].data_ptr<int8_t>();
+    t.changes = cs[k].data_ptr<int32_t>();
+    t.x = xs[k].const_data_ptr();
+    t.base = bs.empty() ? nullptr : bs[k].const_data_ptr();
+    t.x_t = dtype_code(xs[k].scalar_type());
     const size_t xsize = xs[k].element_size();
     t.vector = vec && xsize <= 4 && vector_aligned(t.x, xsize) &&
                (t.base == nullptr || vector_aligned(t.base, xsize)) &&
