@@ -294,6 +294,8 @@ def test_ranks_default_to_torch_distributed(trajectory, tmp_path, monkeypatch):
         offline.compute(mlp(), xent, (x, y), traj, rank=1)
     with pytest.raises(ValueError, match="steps= or rank="):
         offline.compute(mlp(), xent, (x, y), traj, steps=(0, 1), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="resume=True needs out_dir="):
+        offline.compute(mlp(), xent, (x, y), traj, steps=(0, 1), resume=True)
 
 
 def test_split_ranges():
