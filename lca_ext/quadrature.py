@@ -78,6 +78,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ._options import grouped
+
 METHODS = ("certified", "adaptive", "simpson", "first_order")
 # unit roundoff of a pass's arithmetic (bf16/fp16 only under autocast or 16-bit passes)
 _UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
@@ -154,21 +156,7 @@ class RuleOptions:
 def rule_options(rule=None, **shorthands) -> RuleOptions:
     """RuleOptions from ``rule`` (RuleOptions, dict or None) or the tracker's
     shorthand keywords (method, rtol, atol, max_splits; None = not given)."""
-    given = {k: v for k, v in shorthands.items() if v is not None}
-    if rule is not None and given:
-        raise ValueError(f"lca_ext.LCATracker: give rule= or {', '.join(sorted(given))}=, "
-                         "not both (put them into the RuleOptions)")
-    if isinstance(rule, RuleOptions):
-        return rule
-    if rule is not None and not isinstance(rule, dict):
-        raise TypeError(f"lca_ext.LCATracker: rule={rule!r}; expected a "
-                        "lca_ext.RuleOptions or a dict of its fields")
-    fields = {f.name for f in dataclasses.fields(RuleOptions)}
-    unknown = sorted(set(rule or {}) - fields)
-    if unknown:
-        raise TypeError(f"lca_ext.LCATracker: rule has unknown fields {unknown}; "
-                        f"RuleOptions has {sorted(fields)}")
-    return RuleOptions(**(rule or given))
+    return grouped(RuleOptions, "rule", rule, shorthands)
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ._options import grouped
 from .ops import signed_log_edges
 
 
@@ -52,21 +53,7 @@ class StatsOptions:
 def stats_options(stats=None, **shorthands) -> StatsOptions:
     """StatsOptions from ``stats`` (StatsOptions, dict or None) or the tracker's
     keywords of the same names (None = not given)."""
-    given = {k: v for k, v in shorthands.items() if v is not None}
-    if stats is not None and given:
-        raise ValueError(f"lca_ext.LCATracker: give stats= or {', '.join(sorted(given))}=, "
-                         "not both (put them into the StatsOptions)")
-    if isinstance(stats, StatsOptions):
-        return stats
-    if stats is not None and not isinstance(stats, dict):
-        raise TypeError(f"lca_ext.LCATracker: stats={stats!r}; expected a "
-                        "lca_ext.StatsOptions or a dict of its fields")
-    fields = {f.name for f in dataclasses.fields(StatsOptions)}
-    unknown = sorted(set(stats or {}) - fields)
-    if unknown:
-        raise TypeError(f"lca_ext.LCATracker: stats has unknown fields {unknown}; "
-                        f"StatsOptions has {sorted(fields)}")
-    return StatsOptions(**(stats or given))
+    return grouped(StatsOptions, "stats", stats, shorthands)
 
 
 class Statistics:
