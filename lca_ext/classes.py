@@ -56,17 +56,34 @@ def targets_of(ev, batch) -> torch.Tensor:
                      "targets=f with f(batch) -> class indices")
 
 
-def class_pass(ev, point, classes: Sequence[int], grad_out, weight: float):
+def class_pass(ev, point, classes: Sequence[int], grad_out, weight: float, probe=None):
     """One pass over the set: ``grad_out[k][j] += weight/W · d(share of
     classes[j])/dθ_k`` (forward only when grad_out is None); returns
-    (Σ w·loss, Σ w) over these classes (tensors)."""
+    (Σ w·loss, Σ w) over these classes (tensors).  ``probe``
+    (lca_ext.path.GroupProbe, all classes): every class gradient part also goes
+    to ``probe.add(j, grads, weight/W)``; with ``point`` None, class j's
+    examples run at ``probe.point(j)`` (a mixed pass; not with BatchNorm on
+    batch statistics, whose classes share each batch's forward)."""
     if not getattr(ev.batch_loss, "classic", False):
-        return _masked(ev, point, classes, grad_out, weight)
+        return _masked(ev, point, classes, grad_out, weight, probe)
     if ev._batch_coupled():
-        return _per_batch_coupled(ev, point, classes, grad_out, weight)
+        if point is None:
+            raise NotImplementedError("lca_ext: a mixed class pass with BatchNorm on batch "
+                                      "statistics")
+        return _per_batch_coupled(ev, point, classes, grad_out, weight, probe)
     if ev.data.pair is not None:
-        return _regrouped(ev, point, classes, grad_out, weight)
-    return _per_batch(ev, point, classes, grad_out, weight)
+        return _regrouped(ev, point, classes, grad_out, weight, probe)
+    return _per_batch(ev, point, classes, grad_out, weight, probe)
+
+
+def mixed_points_supported(ev) -> bool:
+    """Can class j's examples run at a point of their own (probe.point(j))?"""
+    return not (getattr(ev.batch_loss, "classic", False) and ev._batch_coupled())
+
+
+def _leaves(ev, point, probe, j, need_grad):
+    """The pass's tensors at ``point``, or class j's own point in a mixed pass."""
+    return ev._tensors(probe.point(j) if point is None else point, need_grad)
 
 
 def _zeros(ev, classes):
@@ -75,12 +92,15 @@ def _zeros(ev, classes):
             torch.zeros((), dtype=torch.float64, device=ev.device))
 
 
-def _add_grads(ev, leaves, point, value, out_j, scale, retain=False) -> None:
-    if out_j is None:                                     # forward only
+def _add_grads(ev, leaves, value, out_j, scale, retain=False, probe=None, j=0) -> None:
+    if out_j is None and probe is None:                   # forward only
         return
     grads = torch.autograd.grad(value, leaves, allow_unused=True, retain_graph=retain)
-    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, point)]
-    ev.kernels.accumulate_(out_j, grads, scale)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
+    if out_j is not None:
+        ev.kernels.accumulate_(out_j, grads, scale)
+    if probe is not None:
+        probe.add(j, grads, scale)
 
 
 def _slot(grad_out, j):
@@ -136,20 +156,25 @@ def class_batches(ev) -> List[tuple]:
     return ev._class_batches
 
 
-def _regrouped(ev, point, classes, grad_out, weight):
+def _regrouped(ev, point, classes, grad_out, weight, probe=None):
     slot = {c: j for j, c in enumerate(classes)}
     total, wsum = _zeros(ev, classes)
-    with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
-        tensors, leaves = ev._tensors(point, grad_out is not None)
-        tensors = _strip(tensors)
+    need = grad_out is not None or probe is not None
+    with ev._quiet_model(), torch.set_grad_enabled(need):
+        if point is not None:
+            tensors, leaves = ev._tensors(point, need)
+            tensors = _strip(tensors)
         for c, x, y in class_batches(ev):
             if c not in slot:
                 continue
+            if point is None:
+                tensors, leaves = _leaves(ev, point, probe, slot[c], True)
+                tensors = _strip(tensors)
             share = _share(ev, tensors, x, y)
             total[slot[c]] += share.detach().double()
             wsum += y.shape[0]
-            _add_grads(ev, leaves, point, share, _slot(grad_out, slot[c]),
-                       weight / ev.count)
+            _add_grads(ev, leaves, share, _slot(grad_out, slot[c]),
+                       weight / ev.count, probe=probe, j=slot[c])
     return total, wsum
 
 
@@ -167,55 +192,65 @@ def _sorted_pairs(ev, classes):
         yield x, y, [(j, slice(a, b)) for j, (a, b) in enumerate(zip(lo, hi)) if b > a]
 
 
-def _per_batch(ev, point, classes, grad_out, weight):
+def _per_batch(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
-    with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
-        tensors, leaves = ev._tensors(point, grad_out is not None)
-        tensors = _strip(tensors)
+    need = grad_out is not None or probe is not None
+    with ev._quiet_model(), torch.set_grad_enabled(need):
+        if point is not None:
+            tensors, leaves = ev._tensors(point, need)
+            tensors = _strip(tensors)
         for x, y, parts in _sorted_pairs(ev, classes):
             for j, s in parts:
+                if point is None:
+                    tensors, leaves = _leaves(ev, point, probe, j, True)
+                    tensors = _strip(tensors)
                 share = _share(ev, tensors, x[s], y[s])
                 total[j] += share.detach().double()
                 wsum += y[s].shape[0]
-                _add_grads(ev, leaves, point, share, _slot(grad_out, j),
-                           weight / ev.count)
+                _add_grads(ev, leaves, share, _slot(grad_out, j),
+                           weight / ev.count, probe=probe, j=j)
     return total, wsum
 
 
-def _per_batch_coupled(ev, point, classes, grad_out, weight):
+def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
-    with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
+    need = grad_out is not None or probe is not None
+    with ev._quiet_model(), torch.set_grad_enabled(need):
         for x, y, parts in _sorted_pairs(ev, classes):
             # fresh buffer copies per batch: BatchNorm runs once on each
-            tensors, leaves = ev._tensors(point, grad_out is not None)
+            tensors, leaves = ev._tensors(point, need)
             out = functional_call(ev.model, _strip(tensors), (x,), tie_weights=True)
             for i, (j, s) in enumerate(parts):
                 share = at_least_float32(ev.batch_loss.loss_fn(out[s], y[s])) * y[s].shape[0]
                 total[j] += share.detach().double()
                 wsum += y[s].shape[0]
-                _add_grads(ev, leaves, point, share, _slot(grad_out, j),
-                           weight / ev.count, retain=i + 1 < len(parts))
+                _add_grads(ev, leaves, share, _slot(grad_out, j),
+                           weight / ev.count, retain=i + 1 < len(parts), probe=probe, j=j)
     return total, wsum
 
 
-def _masked(ev, point, classes, grad_out, weight):
+def _masked(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
-    with ev._quiet_model(), torch.set_grad_enabled(grad_out is not None):
+    need = grad_out is not None or probe is not None
+    with ev._quiet_model(), torch.set_grad_enabled(need):
         for batch in ev.batches():
             t = targets_of(ev, batch)
-            tensors, leaves = ev._tensors(point, grad_out is not None)
+            if point is not None:
+                tensors, leaves = ev._tensors(point, need)
             present = torch.unique(t).tolist()          # one host sync per batch
             for j, c in enumerate(classes):
                 if c not in present:
                     continue
+                if point is None:
+                    tensors, leaves = _leaves(ev, point, probe, j, True)
                 loss, w = ev._batch_loss(tensors, _keep_targets(batch, t == c, ev.targets))
                 if float(w) == 0:   # class c only where no loss is taken (e.g. the
                     continue        # first token, before the shift): a 0/0 mean
                 share = at_least_float32(loss) * w
                 total[j] += loss.detach().double() * w
                 wsum += w
-                _add_grads(ev, leaves, point, share, _slot(grad_out, j),
-                           weight / ev.count)
+                _add_grads(ev, leaves, share, _slot(grad_out, j),
+                           weight / ev.count, probe=probe, j=j)
     return total, wsum
 
 

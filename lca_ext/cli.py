@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--part", default=None, metavar="I/N",
                        help="only part I (from 0) of N contiguous ranges; merge the parts "
                        "with lca-ext merge RUN_DIR --out DIR")
-    o.add_argument("--batch-size", type=int, default=1024)
+    o.add_argument("--batch-size", type=int, default=None,
+                   help="LCA batch size (default: at most 1024, and at least 8 batches: "
+                   "the error bars' groups)")
     o.add_argument("--device", default=None, help="cpu or cuda (default as for demo)")
     o.add_argument("--key", default=None, help="each file is a checkpoint dict holding the "
                    "state dict under this key")
@@ -162,7 +164,7 @@ def _offline(args) -> None:
     make_data = _import_spec(args.data, "--data")
     losses = {"cross_entropy": nn.functional.cross_entropy, "mse": nn.functional.mse_loss}
     loss_fn = losses.get(args.loss) or _import_spec(args.loss, "--loss")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise _CliError("--batch-size must be at least 1")
     device = args.device or _default_device()
     traj = offline.open_trajectory(args.traj_dir, key=args.key)

@@ -185,6 +185,7 @@ class Evaluator:
                                  "at least as many batches or examples as ranks)")
             self.rounds = self.ctx.max_int(n)
         self.passes = 0  # gradient passes run (each = one sweep of the LCA set)
+        self._groups: Optional[int] = None   # batches, counted once (groups)
         self._class_batches = None   # the set regrouped by class (lca_ext.classes)
         self._split_checked = False  # class shares checked against the plain loss
 
@@ -319,9 +320,10 @@ class Evaluator:
 
     def loss_and_grad(self, point: Sequence[torch.Tensor],
                       grad_out: Optional[Sequence[torch.Tensor]] = None,
-                      weight: float = 1.0) -> float:
+                      weight: float = 1.0, probe=None) -> float:
         """Weighted mean loss over the LCA set at ``point``; if ``grad_out`` is
-        given, ``grad_out[k] += weight * d(mean loss)/d(param k)`` (fused op)."""
+        given, ``grad_out[k] += weight * d(mean loss)/d(param k)`` (fused op);
+        ``probe``: each batch's gradient also to ``probe.add`` (_pass_local)."""
         check = None
         if self._check_loss is None:
             self._first_pass(point)
@@ -329,7 +331,7 @@ class Evaluator:
         if self.ctx.sharded:
             total, wsum = self._pass_sharded(point, grad_out, weight)
         else:
-            total, wsum = self._pass_local(point, grad_out, weight)
+            total, wsum = self._pass_local(point, grad_out, weight, probe)
         self._check_weight(wsum)
         loss = total / self.count
         self.last_class_losses = None
@@ -397,31 +399,71 @@ class Evaluator:
                 "training=True), random augmentation in the data pipeline, a sampler "
                 "that shuffles)")
 
-    def _pass_local(self, point, grad_out, weight) -> tuple:
-        """(Σ weight·loss, Σ weight) over the set (all ranks); gradients added."""
+    def _pass_local(self, point, grad_out, weight, probe=None) -> tuple:
+        """(Σ weight·loss, Σ weight) over the set (all ranks); gradients added.
+        ``probe`` (lca_ext.path.GroupProbe): each batch's gradient is also
+        handed to ``probe.add(i, grads, 1/W)`` (batch i is group i); with
+        ``point`` None, batch i runs at ``probe.point(i)`` (a mixed pass)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         wsum = torch.zeros((), dtype=torch.float64, device=self.device)
+        need_grad = grad_out is not None or probe is not None
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=True)
         with self._quiet_model():
             # one set of leaves (and buffer copies) for the whole pass: each
             # batch's graph is freed by its autograd.grad
-            tensors, leaves = self._tensors(point, grad_out is not None)
-            for batch in self.batches():
-                with torch.set_grad_enabled(grad_out is not None):
+            if point is not None:
+                tensors, leaves = self._tensors(point, need_grad)
+            for i, batch in enumerate(self.batches()):
+                if point is None:
+                    tensors, leaves = self._tensors(probe.point(i), True)
+                with torch.set_grad_enabled(need_grad):
                     loss, w = self._batch_loss(tensors, batch)
                     batch_sum = at_least_float32(loss) * w   # its share x the set's weight
                 total += loss.detach().double() * w
                 wsum += w
-                if grad_out is not None:
+                if need_grad:
                     grads = torch.autograd.grad(batch_sum, leaves, allow_unused=True)
                     grads = [torch.zeros_like(p) if g is None else g
-                             for g, p in zip(grads, point)]
-                    self.kernels.accumulate_(list(grad_out), grads, weight / self.count)
+                             for g, p in zip(grads, leaves)]
+                    if grad_out is not None:
+                        self.kernels.accumulate_(list(grad_out), grads, weight / self.count)
+                    if probe is not None:
+                        probe.add(i, grads, 1.0 / self.count)
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=False)
             self.passes += 1
         return tuple(self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
+
+    def probe_pass(self, probe) -> None:
+        """A mixed pass: batch i at ``probe.point(i)``, its gradient to
+        ``probe.add`` only (one gradient pass; no loss is returned)."""
+        if self._check_loss is None:
+            raise RuntimeError("lca_ext: probe_pass before any pass at a point")
+        self._pass_local(None, None, 1.0, probe)
+        self.passes += 1
+
+    def class_probe_pass(self, probe) -> None:
+        """A mixed class pass: class j's examples at ``probe.point(j)``, their
+        gradients to ``probe.add`` only (one gradient pass)."""
+        per_class.class_pass(self, None, range(self.num_classes), None, 1.0, probe)
+        self.passes += 1
+
+    def class_groups_supported(self) -> bool:
+        """Classes as the bars' groups: each class's examples can run at a point
+        of their own (not with BatchNorm on batch statistics), one process."""
+        return not (self.ctx.world > 1 or self.ctx.sharded) and \
+            per_class.mixed_points_supported(self)
+
+    @property
+    def groups(self) -> int:
+        """Independent groups a probe sees: the LCA set's batches (0 where
+        probes are not supported: under torch.distributed)."""
+        if self.ctx.world > 1 or self.ctx.sharded:
+            return 0
+        if self._groups is None:
+            self._groups = len(self.data)
+        return self._groups
 
     def _check_weight(self, wsum: float) -> None:
         if abs(wsum - self.count) > 1e-9 * self.count:

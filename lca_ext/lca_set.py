@@ -92,8 +92,8 @@ def _shuffles(loader: DataLoader) -> bool:
 class LCASet:
     """Re-iterable batches of one set, this rank's share, on ``device``."""
 
-    def __init__(self, data, *, batch_size: int = 1024, name: str = "lca_data",
-                 rank: int = 0, world: int = 1, cache: bool = False):
+    def __init__(self, data, *, batch_size: Optional[int] = 1024, name: str = "lca_data",
+                 rank: int = 0, world: int = 1, cache: bool = False, min_batches: int = 1):
         self.name = name
         self.pair = None
         self.rank, self.world = rank, world
@@ -106,6 +106,10 @@ class LCASet:
                 raise ValueError(f"lca_ext: {name} inputs have {x.shape[0]} rows but "
                                  f"targets have {y.shape[0]}; expected the same count")
             x, y = x[rank::world], y[rank::world]   # example i -> rank i mod world
+            if batch_size is None:
+                # at most 1024 examples a batch, and at least min_batches batches
+                # (independent groups for the error bars: lca_ext.bars)
+                batch_size = max(1, min(1024, -(-x.shape[0] // max(1, min_batches))))
             self.pair = [(x[i:i + batch_size], y[i:i + batch_size])
                          for i in range(0, x.shape[0], batch_size)]
             self.source = self.pair
@@ -116,6 +120,8 @@ class LCASet:
                                  "step: pass shuffle=False (or a sequential sampler)")
             self.source = data
         elif isinstance(data, Dataset) and not isinstance(data, abc.Iterable):
+            if batch_size is None:
+                batch_size = max(1, min(1024, -(-len(data) // max(1, min_batches))))
             self.source = DataLoader(data, batch_size=batch_size, shuffle=False)
         elif isinstance(data, abc.Iterable):
             if iter(data) is data:

@@ -80,10 +80,7 @@ import torch
 
 from ._options import grouped
 
-METHODS = ("certified", "adaptive", "simpson", "first_order")
-# unit roundoff of a pass's arithmetic (bf16/fp16 only under autocast or 16-bit passes)
-_UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
-                  torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+METHODS = ("budget", "certified", "adaptive", "simpson", "first_order")
 # total-only rules' tolerance when rtol / atol are None (the rule before certified)
 TOTAL_ONLY_RTOL, TOTAL_ONLY_ATOL = 1e-3, 1e-4
 NOISE_FACTOR = 16     # noise floor = NOISE_FACTOR · u · (|L(θ_t)| + |L(θ_{t+1})|)
@@ -93,8 +90,9 @@ NOISE_FACTOR = 16     # noise floor = NOISE_FACTOR · u · (|L(θ_t)| + |L(θ_{t
 class RuleOptions:
     """How each step's path integral is computed and when it is good enough.
 
-    method:      "certified" (default), "adaptive" (total-only, trapezoid first),
-                 "simpson" (total-only) or "first_order"; see lca_ext.quadrature
+    method:      "budget" (default: lca_ext.budget_rule), "certified",
+                 "adaptive" (total-only, trapezoid first), "simpson" (total-only)
+                 or "first_order"; see lca_ext.quadrature
     rtol, atol:  the total.  Certified: |ΣLCA − ΔL| ≤ rtol·max(|ΔL|, total_share·G)
                  + the noise floor, rtol None meaning tensor_rtol.  Total-only
                  rules, or any rule given an atol: |ΣLCA − ΔL| ≤ atol + rtol·|ΔL|,
@@ -107,13 +105,24 @@ class RuleOptions:
                  total_share·G in the total's tolerance (a ΔL that is a small
                  remainder of large opposite movements)
     max_splits:  the finest interval is 1/max_splits of the step (a power of two)
+    max_passes:  budget: the most gradient passes a step may spend, the end
+                 point's included (the start pass after an untracked step is
+                 not); a step that stops there is flagged ``budget_limited``.
+                 None: no budget (max_splits still bounds the step)
+    groups:      budget: the LCA set is cut into at least this many batches
+                 (a tensor pair or Dataset set, when batch_size is not given):
+                 the independent groups of the error bars (lca_ext.bars)
+    bar_rtol, bar_share: budget: refine while a tensor's 95% bar exceeds
+                 bar_rtol·max(|LCA_k|, bar_share·G)
+    seed:        budget: seeds the bars' random points (with the step and the
+                 objective; never the global random streams)
     path_memory_budget: bytes of point gradients the certified rule may hold
                  beyond the three it always holds (θ_t's, the midpoint's and
                  θ_{t+1}'s); points beyond the budget are recomputed once, with
                  their final weight, when ḡ is formed
     """
 
-    method: str = "certified"
+    method: str = "budget"
     rtol: Optional[float] = None
     atol: Optional[float] = None
     tensor_rtol: float = 0.01
@@ -121,6 +130,11 @@ class RuleOptions:
     total_share: float = 0.1
     max_splits: int = 32
     path_memory_budget: int = 2 << 30
+    max_passes: Optional[int] = 8
+    groups: int = 8
+    bar_rtol: float = 0.02
+    bar_share: float = 0.05
+    seed: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -129,19 +143,26 @@ class RuleOptions:
         m = self.max_splits
         if not (isinstance(m, int) and m >= 2 and m & (m - 1) == 0):
             raise ValueError(f"lca_ext: max_splits={m!r}; expected a power of two >= 2")
-        for name in ("tensor_rtol", "min_share", "total_share", "rtol", "atol"):
+        for name in ("tensor_rtol", "min_share", "total_share", "rtol", "atol", "bar_rtol",
+                     "bar_share"):
             v = getattr(self, name)
             if not (v is None and name in ("rtol", "atol")) and not (
                     isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"lca_ext: {name}={v!r}; expected a number >= 0"
                                  + (" or None" if name in ("rtol", "atol") else ""))
+        if not (self.max_passes is None or (isinstance(self.max_passes, int)
+                                             and self.max_passes >= 3)):
+            raise ValueError(f"lca_ext: max_passes={self.max_passes!r}; expected None or an "
+                             "int >= 3 (the end point, the midpoint and the bars' pass)")
+        if not (isinstance(self.groups, int) and self.groups >= 1):
+            raise ValueError(f"lca_ext: groups={self.groups!r}; expected an int >= 1")
         if not (isinstance(self.path_memory_budget, int) and self.path_memory_budget >= 0):
             raise ValueError(f"lca_ext: path_memory_budget={self.path_memory_budget!r}; "
                              "expected bytes (an int >= 0)")
 
     @property
     def total_only(self) -> bool:
-        return self.method != "certified"
+        return self.method not in ("certified", "budget")
 
     def total_tolerance(self, d_loss: float, gross: float, noise: float) -> float:
         """The bound on |ΣLCA − ΔL| (see the fields)."""
@@ -172,6 +193,10 @@ class PathResult:
     grounded: bool                     # every criterion of the rule met
     noise_limited: bool
     class_loss: Optional[Tuple[np.ndarray, np.ndarray]] = None   # [C] at θ_t, θ_{t+1}
+    budget_limited: bool = False       # stopped at max_passes (method="budget")
+    tensor_bias: Optional[np.ndarray] = None   # [K] Ê, the bars' signed error estimate
+    tensor_sd: Optional[np.ndarray] = None     # [K] √V̂ (lca_ext.bars)
+    bar_dof: int = 0                   # the bars' degrees of freedom (0: no bars)
 
 
 @dataclasses.dataclass
@@ -183,18 +208,6 @@ class _Point:
 
 
 # -- samples ------------------------------------------------------------------------
-
-def dots(tr, after, grad) -> np.ndarray:
-    """φ of one gradient buffer: [C, K] for per-class stacks, [1, K] otherwise
-    (whole-model values: summed over FSDP2 shards)."""
-    if grad[0].dim() > tr._theta_t[0].dim():
-        sums = tr.kernels.allocate_classes(tr._theta_t, after, grad).sums
-    else:
-        sums = tr.kernels.allocate(tr._theta_t, after, grad).sums[None]
-    if tr.ctx.sharded:
-        sums = tr.ctx.sum_(sums.clone())
-    return sums.double().cpu().numpy()
-
 
 def simpson_sum(phi: Dict[float, np.ndarray], a: float, b: float) -> np.ndarray:
     """Simpson on [a, b] (its midpoint sampled), shaped like the samples."""
@@ -214,20 +227,10 @@ def pair_error(s_parent, s_left, s_right) -> np.ndarray:
     return (s_left + s_right - s_parent) / (2 * PAIR_DIVISOR)
 
 
-def unit_roundoff(tr, obj) -> float:
-    """The unit roundoff of the passes' arithmetic: their dtype's, or TF32's
-    (2^-11) where CUDA matmuls or cuDNN convolutions are allowed to use it."""
-    u = _UNIT_ROUNDOFF.get(obj.evaluator.compute_dtype, 2.0 ** -24)
-    if obj.evaluator.device.type == "cuda" and u == 2.0 ** -24 and (
-            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
-        u = 2.0 ** -11
-    return u
-
-
-def noise_floor(tr, obj, losses: Sequence[float]) -> float:
+def noise_floor(path, losses: Sequence[float]) -> float:
     """The loss difference's rounding floor: NOISE_FACTOR·u·Σ|L| with u the
-    unit roundoff of the passes' arithmetic."""
-    return NOISE_FACTOR * unit_roundoff(tr, obj) * sum(abs(v) for v in losses)
+    unit roundoff of the passes' arithmetic (``path.unit_roundoff()``)."""
+    return NOISE_FACTOR * path.unit_roundoff() * sum(abs(v) for v in losses)
 
 
 @dataclasses.dataclass
@@ -281,11 +284,12 @@ FLOAT64_U = 2.0 ** -53     # float64 passes: a stall is the loss's roughness, no
 ROUNDING_MARGIN = 10       # float32: a stall within 10x the noise floor is rounding
 
 
-def ungrounded_message(tr, obj, name: str, step: int, path: PathResult, error: float) -> str:
+def ungrounded_message(opts: RuleOptions, unit_roundoff: float, name: str, step: int,
+                       path: PathResult, error: float) -> str:
     """The warning for a step that missed its rule's criteria, naming the cause:
     the passes' rounding (noise-limited) or the curvature (max_splits)."""
     if path.noise_limited:
-        if unit_roundoff(tr, obj) > 2.0 ** -24:
+        if unit_roundoff > 2.0 ** -24:
             cause = ("the passes' rounding (16-bit or TF32 arithmetic), not the curvature, "
                      "limits this step. Run the passes in float32 (pass_dtype=torch.float32, "
                      "autocast=None; on a GPU torch.backends.cuda.matmul.allow_tf32 = False)")
@@ -296,7 +300,7 @@ def ungrounded_message(tr, obj, name: str, step: int, path: PathResult, error: f
         why = (f"the error is at the passes' rounding floor, where refining cannot shrink "
                f"it: {cause}, or loosen the tolerances (RuleOptions tensor_rtol, rtol)")
     else:
-        why = (f"the finest interval (1/{tr.rule.max_splits} of the step) was reached: the "
+        why = (f"the finest interval (1/{opts.max_splits} of the step) was reached: the "
                "loss is too curved along this step (large early steps) or not smooth in θ; "
                "raise max_splits or lower the learning rate")
     return (f"lca_ext: step {step} ({name!r}) is not grounded after {path.splits} "
@@ -312,59 +316,34 @@ def _stalled(history: List[float]) -> bool:
     return len(history) >= 3 and history[-1] > STALL_FACTOR * min(history[:-2])
 
 
-def rounding_limited(tr, obj, history: List[float], verdict, noise: float) -> bool:
+def rounding_limited(path, history: List[float], verdict, noise: float) -> bool:
     """Refinement stalled *and* rounding explains it: 16-bit or TF32 passes, or
     float32 passes whose total error is within ROUNDING_MARGIN of the loss's
     noise floor.  (A kinked loss stalls too, at errors far above the floor; it
     is refined on, to max_splits, and flagged as curvature.)"""
     if not _stalled(history):
         return False
-    u = unit_roundoff(tr, obj)
+    u = path.unit_roundoff()
     return u > 2.0 ** -24 or (u > FLOAT64_U and verdict.total_error <= ROUNDING_MARGIN * noise)
-
-
-def integrate(tr, obj, after) -> PathResult:
-    """The tracker's entry point: the rule chosen by ``tr.rule``."""
-    from . import uniform_rules   # (it builds on this module's samples and criteria)
-    opts = tr.rule
-    if not tr.reuse_gradients:
-        return uniform_rules.low_memory(tr, obj, after)
-    if opts.method == "certified":
-        return certified(tr, obj, after)
-    if opts.method == "first_order":
-        g_end = tr._buffer(obj)
-        loss_after = tr._loss_and_grad(obj, after, g_end, 1.0)
-        trap_err = np.abs(dots(tr, after, g_end) - dots(tr, after, obj.g_start)).sum(0) / 2
-        return PathResult(obj.g_start, [(0.0, 1.0)], loss_after, g_end, 1, trap_err,
-                          True, False, _class_loss(obj, obj.evaluator))
-    return uniform_rules.adaptive(tr, obj, after) if opts.method == "adaptive" else \
-        uniform_rules.simpson(tr, obj, after)
-
-
-def _class_loss(obj, ev):
-    if obj.class_loss_start is None or ev.last_class_losses is None:
-        return None
-    return obj.class_loss_start, ev.last_class_losses
 
 
 # -- certified: local refinement -------------------------------------------------
 
-def certified(tr, obj, after) -> PathResult:
-    opts, ev = tr.rule, obj.evaluator
-    one_point = sum(t.numel() * t.element_size() for t in obj.g_start)
+def certified(path, opts: RuleOptions) -> PathResult:
+    """Simpson, then local refinement until every certified criterion holds
+    (the module docstring)."""
+    one_point = path.one_buffer
     held_extra = max(0, opts.path_memory_budget // max(1, one_point))
-    point_buf = tr._buffer()                     # θ at the point being evaluated
     pts: Dict[float, _Point] = {
-        0.0: _Point(obj.g_start, dots(tr, after, obj.g_start), obj.loss_start,
-                    obj.class_loss_start)}
+        0.0: _Point(path.g_start, path.dots(path.g_start), path.loss_start,
+                    path.class_loss_start)}
 
     def evaluate(f: float, hold: bool) -> None:
-        buf = tr._buffer(obj)
-        x = after if f == 1.0 else tr._point(after, f, point_buf)
-        loss = tr._loss_and_grad(obj, x, buf, f)
-        pts[f] = _Point(buf, dots(tr, after, buf), loss, ev.last_class_losses)
+        buf = path.buffer()
+        loss = path.grad(f, buf)
+        pts[f] = _Point(buf, path.dots(buf), loss, path.last_class_losses)
         if not hold:
-            tr._release(buf)
+            path.release(buf)
             pts[f].grad = None
 
     evaluate(1.0, True)
@@ -372,7 +351,7 @@ def certified(tr, obj, after) -> PathResult:
     d_loss = pts[1.0].loss - pts[0.0].loss
     class_d = (None if pts[0.0].class_loss is None or pts[1.0].class_loss is None
                else pts[1.0].class_loss - pts[0.0].class_loss)
-    noise = noise_floor(tr, obj, (pts[0.0].loss, pts[1.0].loss))
+    noise = noise_floor(path, (pts[0.0].loss, pts[1.0].loss))
     intervals = [(0.0, 1.0)]
     phi = {f: p.phi for f, p in pts.items()}
     sums = {(0.0, 1.0): simpson_sum(phi, 0.0, 1.0)}
@@ -388,7 +367,7 @@ def certified(tr, obj, after) -> PathResult:
             # a total inside the rounding floor only: ΔL itself is rounding
             noise_limited = verdict.within_noise_only
             break
-        if rounding_limited(tr, obj, history, verdict, noise):
+        if rounding_limited(path, history, verdict, noise):
             noise_limited = True
             break
         worst = max(b for b, (a, z) in zip(verdict.badness, intervals) if z - a > finest) \
@@ -411,11 +390,10 @@ def certified(tr, obj, after) -> PathResult:
                 new.append((a, b))
         intervals = new
     weights = _weights(intervals)
-    avg = _form(tr, obj, after, pts, weights, point_buf)
+    avg = _form(path, pts, weights)
     for f, p in pts.items():
         if f not in (0.0, 1.0) and p.grad is not None and p.grad is not avg:
-            tr._release(p.grad)
-    tr._release(point_buf)
+            path.release(p.grad)
     return PathResult(avg, sorted(weights.items()), pts[1.0].loss, pts[1.0].grad,
                       2 * len(intervals), verdict.tensor_error,
                       verdict.ok and not noise_limited, noise_limited,
@@ -432,51 +410,49 @@ def _weights(intervals) -> Dict[float, float]:
     return w
 
 
-def _form(tr, obj, after, pts, weights, point_buf):
+def _form(path, pts, weights):
     """ḡ = Σ w_f·g(f), in the midpoint's buffer (never θ_t's or θ_{t+1}'s: the
     tracker releases the first and keeps the second); points whose gradient was
     not held are recomputed into it with their weight."""
     avg = pts[0.5].grad
-    torch._foreach_mul_(avg, weights[0.5])
+    path.scale(avg, weights[0.5])
     for f, w in weights.items():
         if f == 0.5:
             continue
         p = pts[f]
         if p.grad is not None:
-            tr.kernels.accumulate_(avg, p.grad, w)
+            path.accumulate(avg, p.grad, w)
         else:
-            x = tr._point(after, f, point_buf)
-            tr._loss_and_grad(obj, x, avg, f, weight=w)
+            path.grad(f, avg, weight=w)
     return avg
 
 
-def recomputed_classes(tr, obj, after, points):
+def recomputed_classes(path, points, class_memory_budget: int):
     """Per-class LCA outside per-class mode: the class gradients recomputed at
     the points of the total's rule (``points``: (f, w) pairs), in groups of
     classes that fit ``class_memory_budget``.  Returns (class sums [C, K], class
     counts [C, K, 4], class losses at θ_t and θ_{t+1} [C] each)."""
-    group = max(1, min(tr.num_classes, tr.class_memory_budget // max(1, tr._one_class)))
+    num = path.num_classes
+    group = max(1, min(num, class_memory_budget // max(1, path.one_buffer)))
     sums, counts, before, after_loss = [], [], [], []
     ends = dict(points)
     ends.setdefault(0.0, 0.0)
     ends.setdefault(1.0, 0.0)            # the losses at both ends, even at weight 0
-    for c0 in range(0, tr.num_classes, group):
-        classes = list(range(c0, min(tr.num_classes, c0 + group)))
-        stacked = tr._new_buffer(len(classes))
+    for c0 in range(0, num, group):
+        classes = list(range(c0, min(num, c0 + group)))
+        stacked = path.class_stack(len(classes))
         for f, w in sorted(ends.items()):
-            point = after if f == 1.0 else tr._theta_t if f == 0.0 else tr._point(after, f)
             if w == 0.0:                  # a loss only (forward)
-                part = obj.evaluator.class_losses(point, classes)
+                part = path.class_losses(f, classes)
             else:
-                obj.evaluator.class_grads(point, classes, stacked, w)
-                part = obj.evaluator.last_class_losses
+                part = path.class_grads(f, classes, stacked, w)
             if f == 0.0:
                 before.append(part)
             elif f == 1.0:
                 after_loss.append(part)
-        res = tr.kernels.allocate_classes(tr._theta_t, after, stacked)
-        sums.append(res.sums.cpu().numpy())
-        counts.append(res.counts.cpu().numpy())
+        s_, c_ = path.class_sums(stacked)
+        sums.append(s_)
+        counts.append(c_)
     before, after_loss = np.concatenate(before), np.concatenate(after_loss)
-    obj.evaluator.check_split_once(obj.loss_start, float(before.sum()))
+    path.check_class_split(float(before.sum()))
     return np.concatenate(sums), np.concatenate(counts), before, after_loss

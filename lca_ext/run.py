@@ -29,14 +29,19 @@ class Run:
       error                    |lca_sum − (loss_after − loss_before)| (exact)
       grounded                 the step met every criterion of its rule (bool)
       noise_limited            refinement stopped at the passes' rounding (bool)
+      budget_limited           the default rule stopped at its pass budget (bool)
       splits                   intervals of the rule (1 = trapezoid or first order,
                                2 = Simpson, n = composite; certified: local ones)
       grad_passes              whole-set gradient passes spent on the step
       tensor_sums [T, K]       LCA per parameter tensor
-      tensor_error [T, K]      estimated |error| of each tensor_sums value: the
-                               rule's own embedded estimate on the step's points
-                               (lca_ext.quadrature), an upper estimate where
-                               Simpson beats the trapezoid
+      tensor_error [T, K]      the error bar of each tensor_sums value.  Default
+                               rule: the half-width of a 95% interval for its
+                               error, from randomised group samples (lca_ext.bars;
+                               bar_dof [T] > 0).  Other rules (or no groups):
+                               the rule's own embedded estimate (lca_ext.quadrature),
+                               an upper estimate where Simpson beats the trapezoid
+      tensor_bias, tensor_sd [T, K]   the bars' signed error estimate Ê and its
+                               standard error √V̂ (NaN without bars): sum_error()
       counts [T, K, 4]         helped / hurt / zero / nonfinite per tensor
       row_sums [T, R]          LCA per neuron (rows of dim 0), tensors concatenated
       histogram [T, K, B + 2]  LCA value counts over ``bin_edges`` (+ under/overflow)
@@ -96,6 +101,36 @@ class Run:
         if name in self.__dict__.get("state", {}):
             return self.__dict__["state"][name]
         raise AttributeError(name)
+
+    def __dir__(self):
+        fields = [k[len("train/"):] for k in self.__dict__.get("arrays", {})
+                  if k.startswith("train/")]
+        return sorted(set(super().__dir__()) | set(fields)
+                      | set(self.__dict__.get("state", {})))
+
+    def sum_error(self, steps=None, objective: str = "train") -> np.ndarray:
+        """[K]: the 95% half-width of the error of ``tensor_sums[steps].sum(0)``
+        (steps: None for all, or an index / mask into the run's tracked steps).
+
+        Steps with bars (the default rule, ``bar_dof`` > 0; lca_ext.bars): the
+        signed estimates Ê of independent steps add, so do their variances:
+        |Σ Ê| + t·√(Σ V̂), t from the Welch–Satterthwaite degrees of freedom,
+        far tighter than adding the steps' bars.  Steps without bars (other
+        rules, per-class mode, torch.distributed) add their ``tensor_error``
+        linearly (a bound only where each of those is)."""
+        from . import bars
+        idx = np.arange(len(self)) if steps is None else np.arange(len(self))[steps]
+        idx = np.atleast_1d(idx)
+        err = self.get("tensor_error", objective)[idx]
+        key = f"{objective}/bar_dof"
+        dof = self.arrays[key][idx] if key in self.arrays else np.zeros(len(idx), np.int64)
+        with_bars = dof > 0
+        out = err[~with_bars].sum(0) if (~with_bars).any() else np.zeros(err.shape[1])
+        if with_bars.any():
+            out = out + bars.sum_error(self.get("tensor_bias", objective)[idx][with_bars],
+                                       self.get("tensor_sd", objective)[idx][with_bars],
+                                       dof[with_bars])
+        return out
 
     def grounded(self, objective: str = "train") -> np.ndarray:
         """[T] bool: the step met every criterion of its rule (certified: the

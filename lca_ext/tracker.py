@@ -59,10 +59,11 @@ from torch import nn
 
 from . import distributed as dist_support
 from . import kernels
-from . import quadrature
+from . import quadrature, rules
 from .evaluate import Evaluator, classic_batch_loss
 from .lca_set import LCASet
 from .params import ParameterSet
+from .path import BufferPool, StepPath
 from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
 from .statistics import Statistics, StatsOptions, stats_options
 from .store_link import StoreLink, StoreOptions, store_options
@@ -72,6 +73,11 @@ STEP_FIELDS = ("loss_before", "loss_after", "lca_sum", "error", "splits", "grad_
                "tensor_sums", "counts", "row_sums", "histogram")
 STATE_FIELDS = ("cum_lca", "helped_steps", "direction_changes", "grad_sign_changes",
                 "last_delta_sign", "last_grad_sign")
+
+
+def _or_nan(values, k: int) -> np.ndarray:
+    """[K] float64, NaN where the rule gave none (no bars: lca_ext.bars)."""
+    return np.full(k, np.nan) if values is None else np.asarray(values, dtype=np.float64)
 
 
 class _Objective:
@@ -195,7 +201,7 @@ class LCATracker:
                  atol: Optional[float] = None, max_splits: Optional[int] = None,
                  pass_dtype="auto", schedule: Union[None, int, Iterable[int]] = None,
                  num_classes: Optional[int] = None, class_memory_budget: int = 2 << 30,
-                 batch_size: int = 1024, batchnorm: str = "batch",
+                 batch_size: Optional[int] = None, batchnorm: str = "batch",
                  stats: Union[None, StatsOptions, dict] = None,
                  bin_edges: Optional[torch.Tensor] = None, row_sums: Optional[bool] = None,
                  oscillation: Optional[bool] = None, frames: Optional[Sequence[str]] = None,
@@ -237,6 +243,7 @@ class LCATracker:
             _Objective(name, Evaluator(
                 model, bl,
                 LCASet(data, batch_size=batch_size, cache=cache,
+                       min_batches=self.rule.groups if self.rule.method == "budget" else 1,
                        name="lca_data" if name == "train" else f"eval_sets[{name!r}]",
                        **share),
                 self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast,
@@ -255,16 +262,13 @@ class LCATracker:
         # (no plain pass, the class start gradients reused), when three such
         # buffers fit class_memory_budget; otherwise quadrature.recomputed_classes recomputes the class
         # gradients at the step's points, in groups that fit
-        # bytes of one class's gradient (float64 buffers for float64 parameters)
-        self._one_class = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
-                              for p in self.params.params)
+        # recycled gradient buffers (float64 for float64 parameters), by class count
+        self._pool = BufferPool(self.params.params)
         self.objectives[0].classes = bool(num_classes) and reuse_gradients and \
-            3 * num_classes * self._one_class <= class_memory_budget
+            3 * num_classes * self._pool.one_buffer <= class_memory_budget
         self._theta_t = [torch.empty_like(p) for p in self.params.params]
-        # recycled gradient buffers, by class count (0: parameter-shaped)
-        self._spares: Dict[int, List[List[torch.Tensor]]] = {}
         self.stats = Statistics(stats_opts, self.params, model, self.kernels, self.ctx,
-                                self._new_buffer)
+                                self._pool.new)
         self.state = self.stats.state           # per-parameter state (cum_lca, ...)
         self.bin_edges = self.stats.bin_edges   # the histogram's edges, on the CPU
         self._records: List[dict] = []
@@ -284,6 +288,8 @@ class LCATracker:
         #: (run.grounded() is False for them; only the first of each cause warns)
         self.ungrounded_steps: List[tuple] = []
         self._warned_causes: List[bool] = []      # noise_limited values warned about
+        self._budget_steps: List[tuple] = []      # steps stopped at max_passes
+        self._budget_reported = 0
         self.store_link: Optional[StoreLink] = None   # the run directory, if any
         if store_opts is not None:
             self.store_link = StoreLink(self, store_opts)
@@ -343,10 +349,7 @@ class LCATracker:
                 obj.start_buffers = buffers
                 obj.start_passes = 0
                 if obj.g_start is None:
-                    obj.g_start = self._buffer(obj)
-                    obj.loss_start = self._loss_and_grad(obj, self._theta_t, obj.g_start, 0.0)
-                    obj.class_loss_start = obj.evaluator.last_class_losses
-                    obj.start_passes = 1
+                    self._start_pass(obj)
 
     def end(self) -> None:
         """After the optimiser step: allocate the loss change of θ_t → θ_{t+1}."""
@@ -409,7 +412,16 @@ class LCATracker:
         """Everything tracked so far, as plain data (the store's, if any).
         Under torch.distributed with a store, ranks other than 0 return the
         per-step records they kept in memory, without state or frames (those are
-        in the store)."""
+        in the store).  Warns once, in one line, when steps stopped at the pass
+        budget since the last call."""
+        if len(self._budget_steps) > self._budget_reported:
+            self._budget_reported = len(self._budget_steps)
+            warnings.warn(
+                f"lca_ext: {len(self._budget_steps)} of {self._tracked_count} tracked steps "
+                f"stopped at the pass budget (RuleOptions.max_passes={self.rule.max_passes}) "
+                "with error bars above their target (bar_rtol); their bars "
+                "(run.tensor_error) say what is left and run.get('budget_limited') lists "
+                "them; raise max_passes to refine them further", RuntimeWarning, stacklevel=2)
         link = self.store_link
         if link is not None:
             link.flush_state(self._tracked_count, self._step)   # (collective under FSDP2)
@@ -455,65 +467,32 @@ class LCATracker:
         return {name: [self.ctx.full(k, t).cpu().numpy().copy() for k, t in enumerate(tensors)]
                 for name, tensors in self.state.items()}
 
-    def _new_buffer(self, classes: int = 0) -> List[torch.Tensor]:
-        # gradient-sized float32 buffers (float64 for float64 parameters), with a
-        # leading class dimension in per-class mode
-        lead = (classes,) if classes else ()
-        return [torch.zeros((*lead, *p.shape), device=p.device,
-                            dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-                for p in self.params.params]
-
     def _buffer(self, obj: Optional[_Objective] = None) -> List[torch.Tensor]:
-        """A zeroed gradient buffer for ``obj`` (recycled when one is spare)."""
-        classes = self.num_classes if obj is not None and obj.classes else 0
-        pool = self._spares.setdefault(classes, [])
-        if not pool:
-            return self._new_buffer(classes)
-        buf = pool.pop()
-        torch._foreach_zero_(buf)
-        return buf
+        """A zeroed gradient buffer for ``obj`` (class-stacked in per-class mode)."""
+        return self._pool.take(self.num_classes if obj is not None and obj.classes else 0)
 
     def _release(self, buf: List[torch.Tensor]) -> None:
-        stacked = buf[0].dim() > self.params.params[0].dim()
-        self._spares.setdefault(buf[0].shape[0] if stacked else 0, []).append(buf)
-
-    def _class_total(self, stacked: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Σ over classes of a per-class buffer: the whole-set quantity."""
-        total = self._buffer()
-        for t, s in zip(total, stacked):
-            torch.sum(s, 0, out=t)
-        return total
+        self._pool.give(buf)
 
     def _drop_start(self, obj: _Objective) -> None:
         if obj.g_start is not None:
             self._release(obj.g_start)
             obj.g_start = None
 
-    def _loss_and_grad(self, obj: _Objective, point, out, f: float, weight: float = 1.0) -> float:
-        """Whole-set loss (and ``weight`` x its gradient into ``out`` unless None);
-        NaN/Inf raise."""
-        if obj.classes and out is not None:    # the class gradients, adding up to it
-            loss = obj.evaluator.class_grads(point, range(self.num_classes), out, weight)
-        else:
-            loss = obj.evaluator.loss_and_grad(point, out, weight)
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"lca_ext: the {obj.name!r} loss is {loss} at step {self._current} "
-                f"(path point {f:g} of θ_t → θ_(t+1)); steps before it are kept")
-        return loss
+    def _start_pass(self, obj: _Objective) -> None:
+        """g(θ_t), the loss and the class losses there, computed afresh."""
+        path = self._path(obj, self._theta_t)
+        obj.g_start = self._buffer(obj)
+        obj.loss_start = path.grad(0.0, obj.g_start)
+        obj.class_loss_start = path.last_class_losses
+        obj.start_passes = 1
 
-    def _point(self, after, f: float, out: Optional[List[torch.Tensor]] = None
-               ) -> List[torch.Tensor]:
-        """θ_t + f·(θ_{t+1} − θ_t), written into ``out`` (or a fresh buffer)."""
-        if out is None:
-            out = [None] * len(after)
-        point = []
-        for dst, a0, a1 in zip(out, self._theta_t, after):
-            if dst is not None and dst.dtype == a0.dtype and dst.shape == a0.shape:
-                point.append(torch.lerp(a0, a1, f, out=dst))
-            else:  # bf16 parameters with float32 buffers, per-class buffers: transient
-                point.append(torch.lerp(a0, a1, f))
-        return point
+    def _path(self, obj: _Objective, after) -> StepPath:
+        return StepPath(name=obj.name, step=self._current, evaluator=obj.evaluator,
+                        kernels=self.kernels, ctx=self.ctx, pool=self._pool,
+                        theta_t=self._theta_t, after=after, g_start=obj.g_start,
+                        loss_start=obj.loss_start, class_loss_start=obj.class_loss_start,
+                        num_classes=self.num_classes or 0, classes=obj.classes)
 
     # the rule's options, readable as before (lca_ext.quadrature.RuleOptions)
     method = property(lambda self: self.rule.method, doc="the rule's method (RuleOptions.method)")
@@ -527,21 +506,26 @@ class LCATracker:
         passes0 = ev.passes
         is_train = obj is self.objectives[0]
         if is_train and self.stats.options.oscillation:
-            g0 = self._class_total(obj.g_start) if obj.classes else obj.g_start
+            g0 = self._pool.class_total(obj.g_start) if obj.classes else obj.g_start
             self.stats.count_oscillations(self._theta_t, after, g0)
             if obj.classes:
                 self._release(g0)
-        path = quadrature.integrate(self, obj, after)
+        step_path = self._path(obj, after)
+        path = rules.integrate(step_path, self.rule, self.reuse_gradients)
         avg, loss_after = path.avg, path.loss_after
         d_loss = loss_after - obj.loss_start
         stacked = avg if obj.classes else None     # per-class ḡ, [C, *shape]
         if stacked is not None:
-            avg = self._class_total(stacked)
+            avg = self._pool.class_total(stacked)
 
         res = self.stats.allocate(self._theta_t, after, avg, update_state=is_train)
         lca_sum = res.sums.sum().item()
-        if self.rule.method != "first_order" and not path.grounded:
-            self._ungrounded(obj.name, step, path, abs(lca_sum - d_loss))
+        if path.budget_limited:
+            self._budget_steps.append((obj.name, step))   # one summary line: result()
+            self.ungrounded_steps.append((obj.name, step))
+        elif self.rule.method != "first_order" and not path.grounded:
+            self._ungrounded(obj.name, step, path, abs(lca_sum - d_loss),
+                             step_path.unit_roundoff())
         p = obj.name + "/"
         record = {p + "loss_before": np.float64(obj.loss_start),
                   p + "loss_after": np.float64(loss_after),
@@ -552,6 +536,10 @@ class LCATracker:
                   p + "noise_limited": np.bool_(path.noise_limited),
                   p + "tensor_sums": res.sums.cpu().numpy(),
                   p + "tensor_error": np.asarray(path.tensor_error, dtype=np.float64),
+                  p + "budget_limited": np.bool_(path.budget_limited),
+                  p + "tensor_bias": _or_nan(path.tensor_bias, res.sums.shape[0]),
+                  p + "tensor_sd": _or_nan(path.tensor_sd, res.sums.shape[0]),
+                  p + "bar_dof": np.int64(path.bar_dof),
                   p + "counts": res.counts.cpu().numpy(),
                   p + "row_sums": res.row_sums.cpu().numpy(),
                   p + "histogram": res.histogram.cpu().numpy()}
@@ -560,12 +548,13 @@ class LCATracker:
             res_c = self.kernels.allocate_classes(self._theta_t, after, stacked)
             sums, counts = res_c.sums.cpu().numpy(), res_c.counts.cpu().numpy()
         elif is_train and self.num_classes:
-            sums, counts, *class_loss = quadrature.recomputed_classes(self, obj, after,
-                                                                       path.points)
+            sums, counts, *class_loss = quadrature.recomputed_classes(
+                step_path, path.points, self.class_memory_budget)
         if is_train and self.num_classes:
             record.update({p + "class_sums": sums, p + "class_counts": counts,
                            p + "class_loss_before": np.asarray(class_loss[0], np.float64),
                            p + "class_loss_after": np.asarray(class_loss[1], np.float64)})
+        step_path.close()
         record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
         if is_train and self.stats.wants_frame(self._tracked_count):
             self._pending_frames = self.stats.frame(self._theta_t, after, avg)
@@ -578,16 +567,17 @@ class LCATracker:
             obj.g_start, obj.loss_start = path.g_end, loss_after
             obj.class_loss_start = None if path.class_loss is None else path.class_loss[1]
         if not self.reuse_gradients:
-            self._spares.clear()  # hold no gradient buffer between steps
+            self._pool.clear()  # hold no gradient buffer between steps
         return record
 
-    def _ungrounded(self, name: str, step: int, path, error: float) -> None:
+    def _ungrounded(self, name: str, step: int, path, error: float,
+                    unit_roundoff: float) -> None:
         """A step that missed the rule's criteria: warned once per cause
         (rounding or curvature), then counted in ``ungrounded_steps``
         ((objective, step) pairs)."""
         if path.noise_limited not in self._warned_causes:
             self._warned_causes.append(path.noise_limited)
-            warnings.warn(quadrature.ungrounded_message(self, self.objectives[0], name, step,
+            warnings.warn(quadrature.ungrounded_message(self.rule, unit_roundoff, name, step,
                                                         path, error),
                           RuntimeWarning, stacklevel=4)
         self.ungrounded_steps.append((name, step))

@@ -182,7 +182,7 @@ MINIMAL = textwrap.dedent("""
     sys.path.insert(0, os.getcwd())
     for part in ("0/2", "1/2"):
         assert cli.main(["offline", "traj", "--model", "mini:make", "--data", "mini:data",
-                         "--out", "parts", "--part", part, "--batch-size", "96"]) == 0
+                         "--out", "parts", "--part", part, "--batch-size", "12"]) == 0
     assert cli.main(["merge", "parts", "--out", "merged"]) == 0
     merged = lca_ext.load_run("merged")
     assert np.allclose(merged.lca_sum, run.lca_sum, rtol=1e-6, atol=1e-9)

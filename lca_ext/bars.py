@@ -1,0 +1,119 @@
+"""Error bars from randomised group samples: a 95% interval for each tensor's
+(and each step-sum's) quadrature error that holds whatever the smoothness.
+
+Why not the rule's own difference: on three points every per-tensor estimate
+is a multiple of one second difference; across ReLU's jumps in the gradient it
+is not a bound (docs/guides/accuracy.md measures 56–88% coverage).  What is
+needed is more than one sample of the error, so the LCA set is split into G
+*groups* (its batches), whose gradients add up to the whole set's, and one
+more pass evaluates each group g at its own random point U_g ~ Uniform(0, 1),
+drawn independently per group and per step.
+
+The estimate.  Let the step's rule be composite Simpson on intervals
+[a_j, b_j] (midpoints m_j sampled), S its per-tensor value and E = I − S its
+error.  For group g let P_g be its piecewise interpolant of φ_g: on an
+interval with a_j > 0, the quadratic through its three points; on the first
+interval [0, b_1], the line through m_1 and b_1 (the groups' values at θ_t are
+not known separately: g(θ_t) is reused from the previous step as a whole).
+Then c_g = φ_g(U_g) − P_g(U_g) has expectation ∫φ_g − ∫P_g, and since the
+groups add up,
+
+    Ê = Σ_g c_g − (Simpson − midpoint rule on the first interval, whole set)
+
+is an *unbiased* estimate of E: E[Ê] = E for any integrable φ, jumps included.
+The c_g are independent, so V̂ = G/(G−1)·Σ_g (c_g − c̄)² estimates Var(Ê)
+(conservatively: groups whose means differ only add to it).  The stored bar
+is the half-width of a 95% interval for |E|,
+
+    tensor_error = |Ê| + t_{G−1}·√V̂        (t the Student quantile, 0.975)
+
+(|E| ≤ |Ê| + |Ê − E|, and |Ê − E| ≤ t·√V̂ 95% of the time), and the step
+also stores Ê (``tensor_bias``) and √V̂ (``tensor_sd``), from which sums over
+steps get their own interval (:func:`sum_error`: the Ê of independent steps
+add, their variances add).  It holds to the extent that a sum of G independent
+terms is near normal: the rule lab (benchmarks/rule_lab.py) measures it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+
+# Student's t, 0.975 quantile, by degrees of freedom (1..30); 1.96 beyond
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+         2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074,
+         2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(dof: int) -> float:
+    """Student's t 0.975 quantile (a two-sided 95% interval)."""
+    if dof < 1:
+        return math.inf
+    return _T975[dof - 1] if dof <= len(_T975) else 1.96
+
+
+def draw_points(rng: np.random.Generator, groups: int) -> np.ndarray:
+    """One independent uniform point per group, inside (0, 1)."""
+    return rng.uniform(0.0, 1.0, size=groups)
+
+
+def _interval_of(u: float, intervals: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
+    for a, b in intervals:
+        if a <= u <= b:
+            return a, b
+    raise ValueError(f"lca_ext.bars: point {u} outside the rule's intervals")
+
+
+def control(u: float, a: float, b: float, at, known_start: bool = False) -> np.ndarray:
+    """P_g(u): the group's interpolant at u on [a, b] (``at(f)`` its samples)."""
+    m = (a + b) / 2
+    if a == 0.0 and not known_start:   # line through m and b (no group values at θ_t)
+        return at(m) + (u - m) / (b - m) * (at(b) - at(m))
+    la = (u - m) * (u - b) / ((a - m) * (a - b))
+    lm = (u - a) * (u - b) / ((m - a) * (m - b))
+    lb = (u - a) * (u - m) / ((b - a) * (b - m))
+    return la * at(a) + lm * at(m) + lb * at(b)
+
+
+def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.ndarray],
+             groups: Dict[float, np.ndarray], u: np.ndarray,
+             at_u: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
+    """(Ê [K], √V̂ [K], degrees of freedom) for the rule on ``intervals``.
+
+    whole:   {f: [K]} the whole set's samples (f = 0 included)
+    groups:  {f: [G, K]} the groups' samples at every point but 0 (or at every
+             point: then the first interval's control is a quadratic too)
+    u, at_u: the groups' random points [G] and their samples there [G, K]
+    """
+    G = len(u)
+    c = np.empty_like(at_u)
+    known_start = 0.0 in groups        # per-class mode: the classes' values at θ_t too
+    for g in range(G):
+        a, b = _interval_of(float(u[g]), intervals)
+        c[g] = at_u[g] - control(float(u[g]), a, b, lambda f: groups[f][g], known_start)
+    e_hat = c.sum(0)
+    if not known_start:
+        a, b = min(intervals)
+        m, h = (a + b) / 2, b - a
+        e_hat = e_hat - h / 6 * (whole[a] - 2 * whole[m] + whole[b])   # Simpson − midpoint
+    if G < 2:
+        return e_hat, np.full_like(e_hat, np.inf), 0
+    var = G / (G - 1) * ((c - c.mean(0)) ** 2).sum(0)
+    return e_hat, np.sqrt(var), G - 1
+
+
+def bar(e_hat: np.ndarray, sd: np.ndarray, dof: int) -> np.ndarray:
+    """The 95% half-width for |E|: |Ê| + t·√V̂."""
+    return np.abs(e_hat) + t975(dof) * sd
+
+
+def sum_error(e_hat: np.ndarray, sd: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """95% half-width for the error of a sum over steps ([T, K] inputs): |Σ Ê|
+    + t·√(Σ V̂), t from the Welch–Satterthwaite degrees of freedom."""
+    var = (sd ** 2).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = ((sd ** 4) / np.maximum(dof, 1)[:, None]).sum(0)
+        nu = np.where(denom > 0, var ** 2 / denom, np.inf)
+    t = np.array([t975(int(min(n, 1e6))) if np.isfinite(n) else 1.96 for n in nu])
+    return np.abs(e_hat.sum(0)) + t * np.sqrt(var)

@@ -1,0 +1,282 @@
+"""The path of one tracked step, θ_t → θ_{t+1}, as the rules see it.
+
+A rule (lca_ext.quadrature, lca_ext.uniform_rules) is a function of a path and
+its options.  It never touches the tracker, the evaluator or a tensor: it asks
+the path for the loss and the gradient at a fraction ``f`` of the step, for the
+per-tensor samples φ_k(f) = Σ_{i∈k} Δθ_i·g_i(θ_t + fΔθ) of a gradient buffer,
+and for linear combinations of buffers.  The path owns the point buffer, the
+pool of gradient buffers (their memory) and the pass count, and checks every
+loss for NaN/Inf.
+
+Two implementations share this interface:
+
+* :class:`StepPath` (here): the live path of a tracked step, over the
+  LCA set's evaluator (lca_ext.evaluate) and the fused ops (lca_ext.kernels);
+* ``RecordedPath`` in benchmarks/rule_lab.py: a step recorded once as dense
+  float64 samples, so any rule can be replayed offline in milliseconds.
+
+A gradient buffer is an opaque handle for the rules: they pass it back to
+:meth:`StepPath.grad`, :meth:`StepPath.dots`, :meth:`StepPath.accumulate`,
+:meth:`StepPath.scale` and :meth:`StepPath.release`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+# unit roundoff of a pass's arithmetic (bf16/fp16 only under autocast or 16-bit passes)
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
+                 torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+class BufferPool:
+    """Gradient-sized buffers of one parameter list (float32, float64 for
+    float64 parameters), with an optional leading class dimension, recycled."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        self._spares: Dict[int, List[List[torch.Tensor]]] = {}
+        # bytes of one class's (one parameter-shaped) gradient buffer
+        self.one_buffer = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
+                              for p in self.params)
+
+    def new(self, classes: int = 0) -> List[torch.Tensor]:
+        lead = (classes,) if classes else ()
+        return [torch.zeros((*lead, *p.shape), device=p.device,
+                            dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                for p in self.params]
+
+    def take(self, classes: int = 0) -> List[torch.Tensor]:
+        """A zeroed buffer (a spare one if there is one)."""
+        pool = self._spares.setdefault(classes, [])
+        if not pool:
+            return self.new(classes)
+        buf = pool.pop()
+        torch._foreach_zero_(buf)
+        return buf
+
+    def give(self, buf: List[torch.Tensor]) -> None:
+        stacked = buf[0].dim() > self.params[0].dim()
+        self._spares.setdefault(buf[0].shape[0] if stacked else 0, []).append(buf)
+
+    def clear(self) -> None:
+        self._spares.clear()
+
+    def class_total(self, stacked: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Σ over classes of a per-class buffer: the whole-set quantity."""
+        total = self.take()
+        for t, s in zip(total, stacked):
+            torch.sum(s, 0, out=t)
+        return total
+
+
+class GroupProbe:
+    """Collects each group's (batch's) samples Δθ·g_i during a pass; for a
+    mixed pass also gives each batch its own point (``points[i]``: a fraction
+    of the step)."""
+
+    def __init__(self, path: "StepPath", groups: int, points: Optional[np.ndarray] = None):
+        self._path = path
+        self._points = points
+        self.samples: Dict[int, torch.Tensor] = {}
+        self.groups = groups
+
+    def point(self, i: int) -> List[torch.Tensor]:
+        if i >= len(self._points):
+            raise RuntimeError("lca_ext: the LCA set has more batches now than when the "
+                               "step began; it must be the same at every point of a step")
+        return self._path.point(float(self._points[i]))
+
+    def add(self, i: int, grads: List[torch.Tensor], scale: float) -> None:
+        p = self._path
+        part = p._kernels.allocate(p.theta_t, p.after, grads).sums * scale
+        self.samples[i] = part if i not in self.samples else self.samples[i] + part
+
+    def array(self) -> np.ndarray:
+        """[G, K] float64 (one host copy)."""
+        if len(self.samples) != self.groups or set(self.samples) != set(range(self.groups)):
+            raise RuntimeError(f"lca_ext: a pass saw groups {sorted(self.samples)}, expected "
+                               f"0..{self.groups - 1}: the LCA set must be the same batches "
+                               "at every point of a step")
+        return torch.stack([self.samples[i] for i in range(self.groups)]).double().cpu().numpy()
+
+
+class StepPath:
+    """One objective's path for one step (built by the tracker at ``end()``).
+
+    start:      g(θ_t) (a buffer), the loss and per-class losses at θ_t
+    classes:    per-class mode: buffers and passes carry the class dimension
+    """
+
+    def __init__(self, *, name: str, step: int, evaluator, kernels, ctx, pool: BufferPool,
+                 theta_t: List[torch.Tensor], after: List[torch.Tensor],
+                 g_start, loss_start: float, class_loss_start, num_classes: int,
+                 classes: bool):
+        self.name, self.step = name, step
+        self._ev, self._kernels, self._ctx, self._pool = evaluator, kernels, ctx, pool
+        self.theta_t, self.after = theta_t, after
+        self.g_start, self.loss_start = g_start, loss_start
+        self.class_loss_start = class_loss_start
+        self.num_classes = num_classes
+        self._classes = num_classes if classes else 0
+        self._point: Optional[List[torch.Tensor]] = None
+        self.passes = 0            # gradient passes this step (the start's not counted)
+        # independent groups whose samples the rules may ask for (lca_ext.bars):
+        # the LCA set's batches, or in per-class mode the classes (their samples
+        # are the class stacks' own, at every point); 0 where they cannot be
+        # had (torch.distributed; per-class mode with BatchNorm on batch statistics)
+        self.groups_are_classes = bool(classes)
+        if classes:
+            self.groups = num_classes if evaluator.class_groups_supported() else 0
+        else:
+            self.groups = evaluator.groups
+        self._group_phi: Dict[float, np.ndarray] = {}
+
+    # -- buffers ---------------------------------------------------------------------
+
+    @property
+    def one_buffer(self) -> int:
+        """Bytes of one gradient buffer of this path (per-class: all classes)."""
+        return self._pool.one_buffer * max(1, self._classes)
+
+    def buffer(self) -> List[torch.Tensor]:
+        """A zeroed gradient buffer (class-stacked in per-class mode)."""
+        return self._pool.take(self._classes)
+
+    def release(self, buf) -> None:
+        self._pool.give(buf)
+
+    def accumulate(self, dst, src, weight: float) -> None:
+        """dst += weight·src."""
+        self._kernels.accumulate_(dst, src, weight)
+
+    def scale(self, buf, factor: float) -> None:
+        torch._foreach_mul_(buf, factor)
+
+    def zero(self, buf) -> None:
+        torch._foreach_zero_(buf)
+
+    # -- passes ----------------------------------------------------------------------
+
+    def point(self, f: float, out: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """θ_t + f·(θ_{t+1} − θ_t) (θ_t and θ_{t+1} themselves at 0 and 1),
+        written into ``out`` or the path's own point buffer."""
+        if f == 0.0:
+            return self.theta_t
+        if f == 1.0:
+            return self.after
+        if out is None:
+            if self._point is None:
+                self._point = self._pool.take()
+            out = self._point
+        point = []
+        for dst, a0, a1 in zip(out, self.theta_t, self.after):
+            if dst.dtype == a0.dtype and dst.shape == a0.shape:
+                point.append(torch.lerp(a0, a1, f, out=dst))
+            else:  # bf16 parameters with float32 buffers: transient
+                point.append(torch.lerp(a0, a1, f))
+        return point
+
+    def grad(self, f: float, out, weight: float = 1.0, at=None) -> float:
+        """The whole-set loss at fraction ``f`` of the step, and ``weight`` x its
+        gradient added into ``out`` (None: the loss only, no gradient pass).
+        ``at``: a spare buffer to write the point into (instead of the path's
+        own point buffer).  A NaN/Inf loss raises, naming the step and the point."""
+        x = self.point(f, at)
+        if out is None:
+            loss = self._ev.loss_and_grad(x, None)
+        elif self._classes:        # the class gradients, adding up to the gradient
+            loss = self._ev.class_grads(x, range(self.num_classes), out, weight)
+        else:
+            probe = GroupProbe(self, self.groups) if self.groups >= 2 and f > 0.0 else None
+            loss = self._ev.loss_and_grad(x, out, weight, probe=probe)
+            if probe is not None:
+                self._group_phi[f] = probe.array()
+        if out is not None:
+            self.passes += 1
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"lca_ext: the {self.name!r} loss is {loss} at step {self.step} "
+                f"(path point {f:g} of θ_t → θ_(t+1)); steps before it are kept")
+        return loss
+
+    @property
+    def last_class_losses(self) -> Optional[np.ndarray]:
+        """[C] each class's share of the loss at the last class pass (or None)."""
+        return self._ev.last_class_losses
+
+    def class_loss(self):
+        """(class losses at θ_t, at θ_{t+1} (the last pass's)), or None."""
+        if self.class_loss_start is None or self._ev.last_class_losses is None:
+            return None
+        return self.class_loss_start, self._ev.last_class_losses
+
+    # -- samples ---------------------------------------------------------------------
+
+    def dots(self, buf) -> np.ndarray:
+        """φ of one gradient buffer: [C, K] for class stacks, [1, K] otherwise
+        (whole-model values: summed over FSDP2 shards)."""
+        if buf[0].dim() > self.theta_t[0].dim():
+            sums = self._kernels.allocate_classes(self.theta_t, self.after, buf).sums
+        else:
+            sums = self._kernels.allocate(self.theta_t, self.after, buf).sums[None]
+        if self._ctx.sharded:
+            sums = self._ctx.sum_(sums.clone())
+        return sums.double().cpu().numpy()
+
+    def group_dots(self, f: float) -> np.ndarray:
+        """[G, K] the groups' samples at a point already evaluated (f > 0;
+        per-class mode: the rule's own class samples, see groups_are_classes)."""
+        return self._group_phi[f]
+
+    def mixed(self, points: np.ndarray) -> np.ndarray:
+        """One pass with group i at fraction ``points[i]`` of the step: [G, K]
+        the groups' samples there (lca_ext.bars)."""
+        probe = GroupProbe(self, self.groups, points)
+        if self.groups_are_classes:
+            self._ev.class_probe_pass(probe)
+        else:
+            self._ev.probe_pass(probe)
+        self.passes += 1
+        return probe.array()
+
+    def unit_roundoff(self) -> float:
+        """The unit roundoff of the passes' arithmetic: their dtype's, or TF32's
+        (2^-11) where CUDA matmuls or cuDNN convolutions are allowed to use it."""
+        u = UNIT_ROUNDOFF.get(self._ev.compute_dtype, 2.0 ** -24)
+        if self._ev.device.type == "cuda" and u == 2.0 ** -24 and (
+                torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+            u = 2.0 ** -11
+        return u
+
+    # -- per-class LCA outside per-class mode (lca_ext.quadrature.recomputed_classes) ---
+
+    def class_stack(self, n: int) -> List[torch.Tensor]:
+        return self._pool.new(n)
+
+    def class_grads(self, f: float, classes, out, weight: float) -> np.ndarray:
+        """weight x each class's gradient at f into ``out`` [len(classes), ...];
+        returns the classes' losses there."""
+        self._ev.class_grads(self.point(f), classes, out, weight)
+        self.passes += 1
+        return self._ev.last_class_losses
+
+    def class_losses(self, f: float, classes) -> np.ndarray:
+        return self._ev.class_losses(self.point(f), classes)
+
+    def class_sums(self, stacked):
+        """(per-class per-tensor sums [C, K], counts [C, K, 4]) of a class stack."""
+        res = self._kernels.allocate_classes(self.theta_t, self.after, stacked)
+        return res.sums.cpu().numpy(), res.counts.cpu().numpy()
+
+    def check_class_split(self, split_loss: float) -> None:
+        self._ev.check_split_once(self.loss_start, split_loss)
+
+    def close(self) -> None:
+        """Give the point buffer back to the pool."""
+        if self._point is not None:
+            self._pool.give(self._point)
+            self._point = None

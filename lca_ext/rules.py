@@ -1,0 +1,32 @@
+"""Which rule integrates a step: ``integrate(path, opts)`` dispatches on
+``opts.method`` (lca_ext.quadrature.RuleOptions) to a function of the path
+(lca_ext.path) and the options.  The rules themselves: lca_ext.budget_rule
+(budget, the default), lca_ext.quadrature (certified) and lca_ext.uniform_rules
+(adaptive, simpson, low_memory)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import budget_rule, quadrature, uniform_rules
+from .quadrature import PathResult, RuleOptions
+
+
+def first_order(path, opts: RuleOptions) -> PathResult:
+    """ḡ = g(θ_t); the recorded error is the trapezoid against it, |φ(1) − φ(0)|/2."""
+    g_end = path.buffer()
+    loss_after = path.grad(1.0, g_end)
+    trap_err = np.abs(path.dots(g_end) - path.dots(path.g_start)).sum(0) / 2
+    return PathResult(path.g_start, [(0.0, 1.0)], loss_after, g_end, 1, trap_err,
+                      True, False, path.class_loss())
+
+
+RULES = {"budget": budget_rule.budget, "certified": quadrature.certified, "adaptive": uniform_rules.adaptive,
+         "simpson": uniform_rules.simpson, "first_order": first_order}
+
+
+def integrate(path, opts: RuleOptions, reuse_gradients: bool = True) -> PathResult:
+    """The path integral of one step by the rule of ``opts`` (the low-memory
+    variant for ``reuse_gradients=False``)."""
+    if not reuse_gradients:
+        return uniform_rules.low_memory(path, opts)
+    return RULES[opts.method](path, opts)
