@@ -114,7 +114,7 @@ def _record_step(family, model, before, after, step, grid, groups) -> Recorded:
                     continue
                 total = mean * w
                 grads = torch.autograd.grad(total, params, allow_unused=True)
-                loss[s, g] += float(total)
+                loss[s, g] += float(total.detach())
                 phi[s, g] += [0.0 if gk is None else float((gk * d_k).sum())
                               for gk, d_k in zip(grads, d)]
                 if s == 0:
@@ -272,9 +272,13 @@ def _main(argv):
     import lca_ext
     from lca_ext.rules import RULES
     if argv and argv[0] == "record":
+        # LAB_GRID, LAB_STEPS (e.g. "0,2,5,17") shorten a slow family's recording
+        grid = int(os.environ.get("LAB_GRID", GRID))
+        steps = tuple(int(s) for s in os.environ.get("LAB_STEPS", "").split(",") if s) \
+            or LAB_STEPS
         for name in argv[1:]:
             try:
-                recs = record(fidelity.FAMILIES[name]())
+                recs = record(fidelity.FAMILIES[name](), steps=steps, grid=grid)
             except fidelity.FamilyUnavailable as e:
                 print(f"{name}: skipped ({e})")
                 continue

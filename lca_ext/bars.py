@@ -36,6 +36,7 @@ terms is near normal: the rule lab (benchmarks/rule_lab.py) measures it.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
@@ -117,3 +118,30 @@ def sum_error(e_hat: np.ndarray, sd: np.ndarray, dof: np.ndarray) -> np.ndarray:
         nu = np.where(denom > 0, var ** 2 / denom, np.inf)
     t = np.array([t975(int(min(n, 1e6))) if np.isfinite(n) else 1.96 for n in nu])
     return np.abs(e_hat.sum(0)) + t * np.sqrt(var)
+
+
+def rng_for(seed: int, name: str, step: int) -> np.random.Generator:
+    """The step's own generator (never torch's or NumPy's global streams, so
+    the training's randomness is untouched): seeded by (seed, objective, step)."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), step])
+
+
+def group_samples(path, phi) -> Dict[float, np.ndarray]:
+    """The groups' samples at the rule's points (per-class mode: the class
+    samples themselves, θ_t's included; otherwise every point but θ_t)."""
+    if path.groups_are_classes:
+        return dict(phi)
+    return {f: path.group_dots(f) for f in phi if f > 0.0}
+
+
+def honest_bars(path, seed: int, intervals, phi):
+    """One mixed pass and the 95% bars of a finished composite-Simpson rule on
+    ``intervals`` (``phi``: its points' samples): (bar, Ê, √V̂, dof), or None
+    where the path has no groups."""
+    if path.groups < 2:
+        return None
+    u = draw_points(rng_for(seed, path.name, path.step), path.groups)
+    at_u = path.mixed(u)
+    e_hat, sd, dof = estimate(intervals, {f: v.sum(0) for f, v in phi.items()},
+                              group_samples(path, phi), u, at_u)
+    return bar(e_hat, sd, dof), e_hat, sd, dof

@@ -16,7 +16,9 @@ One step:
    interpolant (no new mixed pass);
 4. it stops at the budget (``max_passes`` a step, the end point's pass
    included: 8 by default) and flags the step ``budget_limited``: the bars
-   then say what is left.
+   then say what is left.  The step is *grounded* when ΣLCA matches ΔL (and
+   every class total its ΔL_c) within tolerance: a bar above its target is
+   not a miss of the total, and the bar itself says how far a value may be.
 
 A step whose total error is already within ROUNDING_MARGIN x the loss's
 rounding floor (float32 or 16-bit passes) is not refined for the total: its
@@ -32,7 +34,6 @@ batch statistics), the step keeps the certified rule's own estimate as its
 """
 from __future__ import annotations
 
-import zlib
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -40,12 +41,6 @@ import numpy as np
 from . import bars
 from .quadrature import (ROUNDING_MARGIN, PathResult, RuleOptions, _form, _Point, _weights,
                          embedded_error, judge, noise_floor, pair_error, simpson_sum)
-
-
-def rng_for(opts: RuleOptions, name: str, step: int) -> np.random.Generator:
-    """The step's own generator (never torch's or NumPy's global streams, so
-    the training's randomness is untouched): seeded by (seed, objective, step)."""
-    return np.random.default_rng([opts.seed, zlib.crc32(name.encode()), step])
 
 
 def budget(path, opts: RuleOptions) -> PathResult:
@@ -69,9 +64,9 @@ def budget(path, opts: RuleOptions) -> PathResult:
     class_d = (None if pts[0.0].class_loss is None or pts[1.0].class_loss is None
                else pts[1.0].class_loss - pts[0.0].class_loss)
     noise = noise_floor(path, (pts[0.0].loss, pts[1.0].loss))
-    grouped = path.groups >= 2
+    grouped = opts.bars and path.groups >= 2
     if grouped:
-        u = bars.draw_points(rng_for(opts, path.name, path.step), path.groups)
+        u = bars.draw_points(bars.rng_for(opts.seed, path.name, path.step), path.groups)
         at_u = path.mixed(u)
     intervals = [(0.0, 1.0)]
     phi = {f: p.phi for f, p in pts.items()}
@@ -87,10 +82,9 @@ def budget(path, opts: RuleOptions) -> PathResult:
         total = sum(s for s, _ in pairs).sum(0)                 # [K]
         gross = float(np.abs(total).sum())
         if grouped:
-            groups = dict(phi) if path.groups_are_classes else \
-                {f: path.group_dots(f) for f in phi if f > 0.0}
             e_hat, sd, dof = bars.estimate(
-                intervals, {f: v.sum(0) for f, v in phi.items()}, groups, u, at_u)
+                intervals, {f: v.sum(0) for f, v in phi.items()}, bars.group_samples(path, phi),
+                u, at_u)
             bar = bars.bar(e_hat, sd, dof)
         else:
             e_hat, sd, dof, bar = None, None, 0, verdict.tensor_error
@@ -112,7 +106,11 @@ def budget(path, opts: RuleOptions) -> PathResult:
                       if iv[1] - iv[0] > finest]
         if not splittable:
             break                                   # max_splits everywhere
-        room = (max_passes - path.passes) // 2
+        # a point not held (past path_memory_budget) is recomputed once when ḡ
+        # is formed: it costs two passes, and the budget counts them
+        unheld = sum(1 for f, p in pts.items() if p.grad is None)
+        per_split = 2 if held_extra >= 2 else 4
+        room = (max_passes - path.passes - unheld) // per_split
         if room < 1:
             budget_limited = True
             break
@@ -139,10 +137,13 @@ def budget(path, opts: RuleOptions) -> PathResult:
     for f, p in pts.items():
         if f not in (0.0, 1.0) and p.grad is not None and p.grad is not avg:
             path.release(p.grad)
-    ok = tensors_ok and total_ok and class_ok
+    # grounded: ΣLCA matches ΔL (and every class total its ΔL_c); a bar above
+    # its target at the budget is flagged budget_limited, not ungrounded: the
+    # bar itself says how far the value may be off
+    grounded = total_ok and class_ok and not noise_limited
     return PathResult(avg, sorted(weights.items()), pts[1.0].loss, pts[1.0].grad,
                       2 * len(intervals), np.asarray(bar, dtype=np.float64),
-                      ok and not noise_limited, noise_limited,
+                      grounded, noise_limited,
                       None if class_d is None else (pts[0.0].class_loss, pts[1.0].class_loss),
                       budget_limited=budget_limited,
                       tensor_bias=None if e_hat is None else e_hat,

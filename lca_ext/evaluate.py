@@ -186,6 +186,7 @@ class Evaluator:
             self.rounds = self.ctx.max_int(n)
         self.passes = 0  # gradient passes run (each = one sweep of the LCA set)
         self._groups: Optional[int] = None   # batches, counted once (groups)
+        self._batches_seen = 0
         self._class_batches = None   # the set regrouped by class (lca_ext.classes)
         self._split_checked = False  # class shares checked against the plain loss
 
@@ -422,6 +423,7 @@ class Evaluator:
                     batch_sum = at_least_float32(loss) * w   # its share x the set's weight
                 total += loss.detach().double() * w
                 wsum += w
+                self._batches_seen = max(self._batches_seen, i + 1)
                 if need_grad:
                     grads = torch.autograd.grad(batch_sum, leaves, allow_unused=True)
                     grads = [torch.zeros_like(p) if g is None else g
@@ -461,8 +463,11 @@ class Evaluator:
         probes are not supported: under torch.distributed)."""
         if self.ctx.world > 1 or self.ctx.sharded:
             return 0
+        if self._groups is None and self.data.pair is not None:
+            self._groups = len(self.data.pair)
         if self._groups is None:
-            self._groups = len(self.data)
+            # counted by the first pass (len() would read an unsized set once more)
+            return self._batches_seen
         return self._groups
 
     def _check_weight(self, wsum: float) -> None:

@@ -97,11 +97,14 @@ class GroupProbe:
 
     def array(self) -> np.ndarray:
         """[G, K] float64 (one host copy)."""
-        if len(self.samples) != self.groups or set(self.samples) != set(range(self.groups)):
+        if any(i >= self.groups for i in self.samples) or not self.samples:
             raise RuntimeError(f"lca_ext: a pass saw groups {sorted(self.samples)}, expected "
                                f"0..{self.groups - 1}: the LCA set must be the same batches "
                                "at every point of a step")
-        return torch.stack([self.samples[i] for i in range(self.groups)]).double().cpu().numpy()
+        zero = torch.zeros_like(next(iter(self.samples.values())))
+        # (a class with no example in the set has no part: its samples are 0)
+        return torch.stack([self.samples.get(i, zero)
+                            for i in range(self.groups)]).double().cpu().numpy()
 
 
 class StepPath:
@@ -114,8 +117,9 @@ class StepPath:
     def __init__(self, *, name: str, step: int, evaluator, kernels, ctx, pool: BufferPool,
                  theta_t: List[torch.Tensor], after: List[torch.Tensor],
                  g_start, loss_start: float, class_loss_start, num_classes: int,
-                 classes: bool):
+                 classes: bool, names: Optional[Sequence[str]] = None):
         self.name, self.step = name, step
+        self._names = list(names) if names is not None else None
         self._ev, self._kernels, self._ctx, self._pool = evaluator, kernels, ctx, pool
         self.theta_t, self.after = theta_t, after
         self.g_start, self.loss_start = g_start, loss_start
@@ -129,11 +133,13 @@ class StepPath:
         # are the class stacks' own, at every point); 0 where they cannot be
         # had (torch.distributed; per-class mode with BatchNorm on batch statistics)
         self.groups_are_classes = bool(classes)
-        if classes:
-            self.groups = num_classes if evaluator.class_groups_supported() else 0
-        else:
-            self.groups = evaluator.groups
         self._group_phi: Dict[float, np.ndarray] = {}
+
+    @property
+    def groups(self) -> int:
+        if self._classes:
+            return self.num_classes if self._ev.class_groups_supported() else 0
+        return self._ev.groups
 
     # -- buffers ---------------------------------------------------------------------
 
@@ -225,7 +231,31 @@ class StepPath:
             sums = self._kernels.allocate(self.theta_t, self.after, buf).sums[None]
         if self._ctx.sharded:
             sums = self._ctx.sum_(sums.clone())
-        return sums.double().cpu().numpy()
+        out = sums.double().cpu().numpy()
+        if not np.isfinite(out).all():
+            self._refuse_nonfinite(buf, out)
+        return out
+
+    def _refuse_nonfinite(self, buf, out: np.ndarray) -> None:
+        """A NaN/Inf sample: name the tensor, the element and where it is (θ_t,
+        θ_{t+1} or the gradient), instead of refining NaN·0 for ever."""
+        k = int(np.nonzero(~np.isfinite(out).all(0))[0][0])
+        name = self._names[k] if self._names else f"tensor {k}"
+        where = "the product Δθ·g overflowed"
+        for what, t in (("θ_t (before the step)", self.theta_t[k]),
+                        ("θ_(t+1) (after the step)", self.after[k]),
+                        ("the LCA set's gradient", buf[k])):
+            bad = torch.nonzero(~torch.isfinite(t))
+            if bad.numel():
+                idx = tuple(int(i) for i in bad[0].tolist())
+                where = f"{what} holds {t[idx].item()} at index {idx}"
+                break
+        raise FloatingPointError(
+            f"lca_ext: step {self.step} ({self.name!r}): the LCA of parameter {name!r} is "
+            f"not finite: {where}. A NaN/Inf parameter element gives NaN LCA even where "
+            "the LCA set never reads it (NaN·0); fix the parameter (or exclude the tensor "
+            "from tracking with requires_grad=False) before tracking this step. Steps "
+            "before it are kept")
 
     def group_dots(self, f: float) -> np.ndarray:
         """[G, K] the groups' samples at a point already evaluated (f > 0;

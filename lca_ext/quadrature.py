@@ -78,6 +78,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import bars
 from ._options import grouped
 
 METHODS = ("budget", "certified", "adaptive", "simpson", "first_order")
@@ -114,7 +115,11 @@ class RuleOptions:
                  the independent groups of the error bars (lca_ext.bars)
     bar_rtol, bar_share: budget: refine while a tensor's 95% bar exceeds
                  bar_rtol·max(|LCA_k|, bar_share·G)
-    seed:        budget: seeds the bars' random points (with the step and the
+    bars:        budget and certified: the 95% bars (one more pass a step;
+                 lca_ext.bars).  False: no mixed pass, tensor_error is the
+                 rule's own estimate (the certified rule's, as before), and the
+                 budget rule refines on that estimate (tensor_rtol, min_share)
+    seed:        seeds the bars' random points (with the step and the
                  objective; never the global random streams)
     path_memory_budget: bytes of point gradients the certified rule may hold
                  beyond the three it always holds (θ_t's, the midpoint's and
@@ -134,6 +139,7 @@ class RuleOptions:
     groups: int = 8
     bar_rtol: float = 0.02
     bar_share: float = 0.05
+    bars: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -394,10 +400,15 @@ def certified(path, opts: RuleOptions) -> PathResult:
     for f, p in pts.items():
         if f not in (0.0, 1.0) and p.grad is not None and p.grad is not avg:
             path.release(p.grad)
+    # the stored bar is the honest one (one more pass), the stop above the
+    # calibrated estimate's (lca_ext.bars)
+    honest = bars.honest_bars(path, opts.seed, intervals, phi) if opts.bars else None
+    bar_k, e_hat, sd, dof = honest or (verdict.tensor_error, None, None, 0)
     return PathResult(avg, sorted(weights.items()), pts[1.0].loss, pts[1.0].grad,
-                      2 * len(intervals), verdict.tensor_error,
+                      2 * len(intervals), bar_k,
                       verdict.ok and not noise_limited, noise_limited,
-                      None if class_d is None else (pts[0.0].class_loss, pts[1.0].class_loss))
+                      None if class_d is None else (pts[0.0].class_loss, pts[1.0].class_loss),
+                      tensor_bias=e_hat, tensor_sd=sd, bar_dof=dof)
 
 
 def _weights(intervals) -> Dict[float, float]:

@@ -243,7 +243,8 @@ class LCATracker:
             _Objective(name, Evaluator(
                 model, bl,
                 LCASet(data, batch_size=batch_size, cache=cache,
-                       min_batches=self.rule.groups if self.rule.method == "budget" else 1,
+                       min_batches=self.rule.groups if self.rule.bars and
+                       self.rule.method in ("budget", "certified") else 1,
                        name="lca_data" if name == "train" else f"eval_sets[{name!r}]",
                        **share),
                 self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast,
@@ -492,7 +493,8 @@ class LCATracker:
                         kernels=self.kernels, ctx=self.ctx, pool=self._pool,
                         theta_t=self._theta_t, after=after, g_start=obj.g_start,
                         loss_start=obj.loss_start, class_loss_start=obj.class_loss_start,
-                        num_classes=self.num_classes or 0, classes=obj.classes)
+                        num_classes=self.num_classes or 0, classes=obj.classes,
+                        names=self.params.names)
 
     # the rule's options, readable as before (lca_ext.quadrature.RuleOptions)
     method = property(lambda self: self.rule.method, doc="the rule's method (RuleOptions.method)")
@@ -522,7 +524,8 @@ class LCATracker:
         lca_sum = res.sums.sum().item()
         if path.budget_limited:
             self._budget_steps.append((obj.name, step))   # one summary line: result()
-            self.ungrounded_steps.append((obj.name, step))
+        if path.budget_limited and not path.grounded and not path.noise_limited:
+            self.ungrounded_steps.append((obj.name, step))   # (in the summary line)
         elif self.rule.method != "first_order" and not path.grounded:
             self._ungrounded(obj.name, step, path, abs(lca_sum - d_loss),
                              step_path.unit_roundoff())

@@ -79,7 +79,8 @@ def direct_simpson_lca(model, before, after, batches, n):
 def test_gpt2_attach_dict_batches_equal_direct_reference():
     model = gpt2()
     lca = token_batches(3, seed=1)
-    tracker = lca_ext.LCATracker(model, lca_data=lca, batch_loss=lm_loss)
+    # (a uniform rule: the direct reference below is uniform composite Simpson)
+    tracker = lca_ext.LCATracker(model, lca_data=lca, batch_loss=lm_loss, method="simpson")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     handle = tracker.attach(opt)
     steps = []
@@ -401,7 +402,8 @@ def trainer_run(tmp_path, with_lca: bool):
     callbacks = [snaps]
     lca = None
     if with_lca:
-        lca = LCACallback(lca_data=TokenDataset(3, seed=1))
+        # (a uniform rule: the direct reference below is uniform composite Simpson)
+        lca = LCACallback(lca_data=TokenDataset(3, seed=1), method="simpson")
         callbacks.append(lca)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(6, 2),
                                    data_collator=transformers.default_data_collator,

@@ -55,7 +55,9 @@ def reference(runs):
     tracker = lca_ext.LCATracker(model, cases.loss_fn, cases.lca_set(),
                                  eval_sets={"val": cases.val_set()},
                                  batch_size=cases.LCA_BATCH, frames=["0.weight"],
-                                 distributed=False)
+                                 distributed=False,
+                                 # (no bars under torch.distributed yet: the same rule)
+                                 rule=dict(bars=False))
     params = dict(model.named_parameters())
     for t in range(cases.STEPS):
         with torch.no_grad():

@@ -108,7 +108,7 @@ def curved_float64():
     # (the last step is the most curved: it needs intervals of 1/64 of the step)
     runs, model, (x, y), path = train_tracked(
         torch.float64, lr=3.0, steps=5,
-        trackers={"certified": dict(num_classes=C, max_splits=64)})
+        trackers={"certified": dict(num_classes=C, max_splits=64, method="certified")})
     refs = [reference(model, x, y, b, a) for b, a in path]
     return runs, refs
 
@@ -143,7 +143,7 @@ def test_total_only_rule_accepts_what_certified_refuses():
     says so in its estimate; the certified rule gets every tensor within 1%."""
     runs, model, (x, y), path = train_tracked(
         torch.float64, lr=0.5, steps=6, make=relu_mlp,
-        trackers={"certified": {}, "total_only": dict(method="adaptive")})
+        trackers={"certified": dict(method="certified"), "total_only": dict(method="adaptive")})
     refs = [reference(model, x, y, b, a, intervals=256)[0] for b, a in path]
     total_only, certified = runs["total_only"], runs["certified"]
     rel, est, act = rel_errors(total_only, refs)
@@ -158,7 +158,8 @@ def test_float32_estimates_cover_and_tolerance_holds():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         runs, model, (x, y), path = train_tracked(torch.float32, lr=3.0, steps=4,
-                                                  trackers={"certified": {}})
+                                                  trackers={"certified": dict(
+                                                      rule=dict(method="certified", bars=False))})
     run = runs["certified"]
     refs = [reference(model, x, y, b, a)[0] for b, a in path]
     rel, est, act = rel_errors(run, refs)
@@ -184,9 +185,10 @@ def test_a_loss_change_that_is_a_small_remainder_is_held_to_the_movement():
     up = sum(float((g * g).sum()) for g in grads[2:4])
     step = [-0.5 * g for g in grads[:2]] + [0.5 * down / up * g for g in grads[2:4]] + \
         [torch.zeros_like(g) for g in grads[4:]]
-    trackers = {"default": lca_ext.LCATracker(model, xent, (xd, y), batch_size=100),
+    trackers = {"default": lca_ext.LCATracker(model, xent, (xd, y), batch_size=100,
+                                              method="certified"),
                 "old": lca_ext.LCATracker(model, xent, (xd, y), batch_size=100,
-                                          rule=dict(total_share=0.01))}
+                                          rule=dict(method="certified", total_share=0.01))}
     for t in trackers.values():
         t.begin()
     with torch.no_grad():
@@ -211,8 +213,8 @@ def test_a_loss_change_that_is_a_small_remainder_is_held_to_the_movement():
 @pytest.mark.parametrize("budget", [0, 2 << 30], ids=["recomputed", "held"])
 def test_points_beyond_the_memory_budget_are_recomputed_not_lost(budget):
     runs, *_ = train_tracked(torch.float64, lr=3.0, steps=3, trackers={
-        "a": dict(rule=lca_ext.RuleOptions(path_memory_budget=budget)),
-        "b": dict()})
+        "a": dict(rule=lca_ext.RuleOptions(method="certified", path_memory_budget=budget)),
+        "b": dict(method="certified")})
     a, b = runs["a"], runs["b"]
     np.testing.assert_allclose(a.tensor_sums, b.tensor_sums, rtol=1e-10, atol=1e-16)
     np.testing.assert_array_equal(a.splits, b.splits)
@@ -239,7 +241,7 @@ def test_rule_options_and_the_old_keywords():
     assert t.rule == lca_ext.RuleOptions(method="simpson", rtol=1e-3, atol=1e-4)
     assert t.method == "simpson" and t.atol == 1e-4
     t = lca_ext.LCATracker(model, xent, (x, y), rule=dict(tensor_rtol=0.05))
-    assert t.rule.method == "certified" and t.rule.tensor_rtol == 0.05
+    assert t.rule.method == "budget" and t.rule.tensor_rtol == 0.05
     with pytest.raises(ValueError, match="give rule= or"):
         lca_ext.LCATracker(model, xent, (x, y), rule=lca_ext.RuleOptions(), method="simpson")
     with pytest.raises(TypeError, match="unknown fields"):

@@ -176,15 +176,23 @@ def test_a_kinked_float32_step_is_curvature_not_rounding():
                               nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                               nn.Flatten(), nn.Dropout(0.3), nn.Linear(32, 10)).to(dt)
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
-        tracker = lca_ext.LCATracker(model, xent, (x.to(dt), y), num_classes=10)
+        tracker = lca_ext.LCATracker(model, xent, (x.to(dt), y), num_classes=10,
+                                     method="certified", batch_size=256)
+        default = lca_ext.LCATracker(model, xent, (x.to(dt), y), num_classes=10,
+                                     batch_size=256)
         torch.manual_seed(123)
         idx = torch.randint(0, 256, (32,))
         opt.zero_grad()
         xent(model(x[idx].to(dt)), y[idx]).backward()
         with pytest.warns(RuntimeWarning, match="finest interval"):
-            with tracker.step():
+            with tracker.step(), default.step():
                 opt.step()
         run = tracker.result()
         assert not run.get("noise_limited")[0] and not run.grounded()[0]
         errors.append(run.error[0])
+        # the default rule stops at its budget, flagged as such, not as rounding
+        with pytest.warns(RuntimeWarning, match="pass budget"):
+            capped = default.result()
+        assert capped.get("budget_limited")[0] and not capped.get("noise_limited")[0]
+        assert capped.grad_passes[0] <= 1 + 8
     assert errors[0] == pytest.approx(errors[1], rel=0.05)

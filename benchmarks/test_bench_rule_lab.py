@@ -1,0 +1,88 @@
+"""The rule lab as a benchmark (harness: benchmarks/rule_lab.py): each rule
+replayed over recorded reference steps of each family, scored against the
+dense float64 grid.
+
+A family is recorded once (benchmarks/results/lab/<family>.npz, about 1 minute
+for the mlp, 3 for cnn_bn, more for vit and gpt2 on this 2-core machine) when no
+recording is there; ``LCA_LAB_FAMILIES`` picks the families (default
+``mlp,cnn_bn``: the two ReLU ones, where the bars matter).  Each replay (the
+timed part) runs the real rule code on a RecordedPath, with 20 seeds of the
+bars' random points for the rules that draw them.  Rows: passes a step (all
+steps, and from step 5 on), per-tensor error over the tensors carrying >= 1% of
+a step (p50 / p95 / max), how often ``tensor_error`` holds the error, and the
+median bar relative to the value; appended to
+``benchmarks/results/rule-lab-<date>.json`` (or ``$LCA_BENCH_LAB_OUT``).
+
+    .venv/bin/python -m pytest benchmarks/test_bench_rule_lab.py -q
+"""
+import dataclasses
+import datetime
+import json
+import os
+import platform
+
+import pytest
+
+import lca_ext
+from lca_ext.rules import RULES
+
+import fidelity
+import rule_lab
+
+FAMILIES = os.environ.get("LCA_LAB_FAMILIES", "mlp,cnn_bn").split(",")
+RULE_ROWS = {
+    "budget (default)": lca_ext.RuleOptions(),
+    "certified": lca_ext.RuleOptions(method="certified"),
+    "certified, no bars": lca_ext.RuleOptions(method="certified", bars=False),
+    "adaptive (total-only)": lca_ext.RuleOptions(method="adaptive"),
+}
+_ROWS = []
+
+
+def _recording(family: str):
+    path = os.path.join(rule_lab.LAB_DIR, f"{family}.npz")
+    if not os.path.exists(path):
+        try:
+            recs = rule_lab.record(fidelity.FAMILIES[family]())
+        except fidelity.FamilyUnavailable as e:
+            pytest.skip(str(e))
+        rule_lab.save(recs, path)
+    return rule_lab.load(path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("label", list(RULE_ROWS))
+def test_rule_lab(benchmark, family, label):
+    recs = _recording(family)
+    opts = RULE_ROWS[label]
+    seeds = 20 if opts.method == "budget" or (opts.method == "certified" and opts.bars) else 1
+    rule = RULES[opts.method]
+    score = benchmark.pedantic(rule_lab.replay, args=(rule, opts, recs, label),
+                               kwargs=dict(seeds=seeds), rounds=1, iterations=1)
+    late = rule_lab.replay(rule, opts, recs, label, since=5, seeds=seeds)
+    row = dict(dataclasses.asdict(score), passes_from_step_5=late.passes,
+               rel_p95_from_step_5=late.rel_p95)
+    benchmark.extra_info.update(row)
+    _ROWS.append(row)
+    assert score.max_passes <= (opts.max_passes or 10 ** 9) + (opts.method == "certified")
+
+
+def teardown_module(module):
+    if not _ROWS:
+        return
+    out = os.environ.get("LCA_BENCH_LAB_OUT") or os.path.join(
+        os.path.dirname(__file__), "results",
+        f"rule-lab-{datetime.date.today().isoformat()}.json")
+    entry = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                 machine=f"{platform.machine()} {os.cpu_count()} cores", rows=_ROWS)
+    runs = json.load(open(out)) if os.path.exists(out) else []
+    runs.append(entry)
+    with open(out, "w") as f:
+        json.dump(runs, f, indent=1)
+    print("\n| family | rule | passes/step (from step 5) | max | p50 / p95 / max % | "
+          "coverage | median bar % |")
+    for r in _ROWS:
+        print(f"| {r['family']} | {r['rule']} | {r['passes']:.2f} ({r['passes_from_step_5']:.2f}) "
+              f"| {r['max_passes']} | {100 * r['rel_p50']:.3f} / {100 * r['rel_p95']:.2f} / "
+              f"{100 * r['rel_max']:.2f} | {100 * r['coverage']:.0f}% | "
+              f"{100 * r['bar_p50']:.2f} |")

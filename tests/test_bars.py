@@ -1,0 +1,232 @@
+"""The default rule's error bars (lca_ext.bars, lca_ext.budget_rule) on synthetic
+integrands whose integral is exact, and on a ReLU network against a float64
+autograd reference.  The rule code runs unchanged on a synthetic path: rules are
+functions of a path (lca_ext.path), not of the tracker."""
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lca_ext
+from lca_ext import bars
+from lca_ext.budget_rule import budget
+from lca_ext.quadrature import certified
+
+from test_fidelity import C, reference
+
+
+class SyntheticPath:
+    """The path interface over analytic per-group integrands: group g, tensor k,
+    φ_gk(s) = a_gk + b_gk·s + c_gk·s² + d_gk·s³ + Σ_j J_gkj·[s > p_gkj] (ReLU-like
+    jumps in the gradient at random places), with the exact integral."""
+
+    def __init__(self, rng, groups=8, tensors=6, jumps=40, jump=0.05, curve=1.0):
+        G, K = groups, tensors
+        self.groups, self.groups_are_classes = G, False
+        self.coef = rng.normal(size=(4, G, K)) * np.array([1.0, 0.5, curve, curve])[:, None, None]
+        self.coef[0] += 3.0 * rng.choice([-1, 1], size=K)       # every tensor's own sign
+        self.pos = rng.uniform(size=(G, K, jumps))
+        self.size = rng.normal(size=(G, K, jumps)) * jump
+        self.name, self.step = "synthetic", int(rng.integers(1 << 30))
+        self.g_start, self.loss_start = {0.0: 1.0}, 0.0
+        self.class_loss_start, self.num_classes, self.one_buffer = None, 0, 1
+        self.last_class_losses, self.passes = None, 0
+
+    def phi(self, s):                                            # [G, K]
+        a, b, c, d = self.coef
+        return a + b * s + c * s ** 2 + d * s ** 3 + (self.size * (s > self.pos)).sum(-1)
+
+    def truth(self):                                            # [K]
+        a, b, c, d = self.coef
+        return (a + b / 2 + c / 3 + d / 4 + (self.size * (1 - self.pos)).sum(-1)).sum(0)
+
+    def loss(self, s):
+        a, b, c, d = self.coef
+        smooth = a * s + b * s ** 2 / 2 + c * s ** 3 / 3 + d * s ** 4 / 4
+        return float((smooth + (self.size * np.clip(s - self.pos, 0, None)).sum(-1)).sum())
+
+    # the path interface (a buffer is {f: weight})
+    def buffer(self):
+        return {}
+
+    def release(self, buf):
+        pass
+
+    def accumulate(self, dst, src, w):
+        for f, v in src.items():
+            dst[f] = dst.get(f, 0.0) + w * v
+
+    def scale(self, buf, x):
+        for f in buf:
+            buf[f] *= x
+
+    def zero(self, buf):
+        buf.clear()
+
+    def grad(self, f, out, weight=1.0, at=None):
+        if out is not None:
+            out[f] = out.get(f, 0.0) + weight
+            self.passes += 1
+        return self.loss(f)
+
+    def dots(self, buf):
+        return sum(w * self.phi(f) for f, w in buf.items()).sum(0, keepdims=True)
+
+    def group_dots(self, f):
+        return self.phi(f)
+
+    def mixed(self, points):
+        self.passes += 1
+        return np.stack([self.phi(u)[g] for g, u in enumerate(points)])
+
+    def class_loss(self):
+        return None
+
+    def unit_roundoff(self):
+        return 2.0 ** -53
+
+
+def test_bars_cover_jumpy_integrands_95_percent_and_never_pass_the_budget():
+    """400 synthetic steps with 40 random gradient jumps per group and tensor
+    on a curved smooth part: the stored bar holds the exact error in >= 95% of
+    (step, tensor) pairs, the budget is never exceeded, and the bars stay
+    informative (median well under the values)."""
+    rng = np.random.default_rng(1)
+    cover, rel_bar, passes = [], [], []
+    for i in range(400):
+        path = SyntheticPath(rng, jump=0.01 if i % 2 else 0.05)
+        opts = lca_ext.RuleOptions(seed=i, max_passes=7)
+        res = budget(path, opts)
+        err = np.abs(path.dots(res.avg)[0] - path.truth())
+        cover += list(res.tensor_error >= err)
+        rel_bar += list(res.tensor_error / np.abs(path.truth()))
+        passes.append(path.passes)
+        assert path.passes <= 7
+        assert res.bar_dof == 7
+    assert np.mean(cover) >= 0.95, np.mean(cover)
+    assert np.median(rel_bar) < 0.03, np.median(rel_bar)
+    assert max(passes) <= 7 and min(passes) < 7
+
+
+def test_the_plain_estimate_does_not_cover_jumps_which_is_why_bars_exist():
+    """The certified rule's own estimate on the same integrands covers far
+    less than 95% (the documented reason for the randomised bars); the bars it
+    stores by default (one more pass) cover."""
+    rng = np.random.default_rng(2)
+    cover, honest = [], []
+    for i in range(200):
+        path = SyntheticPath(rng, curve=0.0)
+        res = certified(path, lca_ext.RuleOptions(method="certified", max_splits=4,
+                                                  bars=False))
+        cover += list(res.tensor_error >= np.abs(path.dots(res.avg)[0] - path.truth()))
+        path.passes = 0
+        res = certified(path, lca_ext.RuleOptions(method="certified", max_splits=4, seed=i))
+        honest += list(res.tensor_error >= np.abs(path.dots(res.avg)[0] - path.truth()))
+    assert np.mean(cover) < 0.9, np.mean(cover)
+    assert np.mean(honest) >= 0.95, np.mean(honest)
+
+
+def test_the_bars_estimate_is_unbiased():
+    """E[Ê] = E over the random points, for one fixed jumpy integrand (the mean
+    of 4000 draws within 4 standard errors of the exact Simpson error)."""
+    path = SyntheticPath(np.random.default_rng(3))
+    ivs = [(0.0, 1.0)]
+    fs = (0.0, 0.5, 1.0)
+    whole = {f: path.phi(f).sum(0) for f in fs}
+    groups = {f: path.phi(f) for f in fs if f > 0}
+    simpson = (whole[0.0] + 4 * whole[0.5] + whole[1.0]) / 6
+    exact = path.truth() - simpson
+    rng = np.random.default_rng(4)
+    draws = []
+    for _ in range(4000):
+        u = bars.draw_points(rng, path.groups)
+        e, _, _ = bars.estimate(ivs, whole, groups, u, path.mixed(u))
+        draws.append(e)
+    draws = np.array(draws)
+    se = draws.std(0) / np.sqrt(len(draws))
+    assert (np.abs(draws.mean(0) - exact) <= 4 * se + 1e-12).all()
+
+
+def test_sum_error_covers_sums_over_steps():
+    """Sums over 30 independent synthetic steps: run-style sum_error (|Σ Ê| +
+    t·√ΣV̂) holds the exact summed error of every tensor and is far tighter
+    than adding the steps' bars."""
+    rng = np.random.default_rng(5)
+    bias, sd, dof, err, bar = [], [], [], [], []
+    for i in range(30):
+        path = SyntheticPath(rng)
+        res = budget(path, lca_ext.RuleOptions(seed=100 + i))
+        bias.append(res.tensor_bias)
+        sd.append(res.tensor_sd)
+        dof.append(res.bar_dof)
+        bar.append(res.tensor_error)
+        err.append(path.dots(res.avg)[0] - path.truth())
+    total = bars.sum_error(np.array(bias), np.array(sd), np.array(dof))
+    actual = np.abs(np.sum(err, 0))
+    assert (total >= actual).all()
+    assert (total < 0.5 * np.sum(bar, 0)).all()
+
+
+# -- the tracker against a float64 reference -----------------------------------------
+
+def _relu_run(dtype, steps=4, lr=0.4, **kw):
+    torch.manual_seed(0)
+    x = torch.randn(400, 12)
+    y = (x[:, :C] + 0.3 * torch.randn(400, C)).argmax(1)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                          nn.Linear(16, C)).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x.to(dtype), y), **kw)
+    refs = []
+    for _ in range(steps):
+        before = [p.detach().double().clone() for p in model.parameters()]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.to(dtype)), y).backward()
+        with tracker.step():
+            opt.step()
+        after = [p.detach().double().clone() for p in model.parameters()]
+        refs.append(reference(model, x, y, before, after, intervals=256)[0])
+    return tracker.result(), np.array(refs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_network_bars_cover_a_float64_reference_on_curved_early_steps(dtype):
+    """A ReLU MLP's first four steps at a high learning rate (curved, jumpy):
+    every tensor carrying >= 1% of a step is within 3% of a 256-interval float64
+    autograd reference, its bar holds the actual error, no step passes the
+    budget, and sum_error holds the error of the summed tensors."""
+    with warnings.catch_warnings():     # (the budget's one-line summary)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run, ref = _relu_run(dtype)
+    err = np.abs(run.tensor_sums - ref)
+    big = np.abs(ref) >= 0.01 * np.abs(ref).sum(1, keepdims=True)
+    assert (err[big] <= 0.03 * np.abs(ref[big])).all(), (err / np.abs(ref))[big].max()
+    assert (run.tensor_error[big] >= err[big]).mean() >= 0.95
+    assert (run.bar_dof == 7).all()
+    assert (run.grad_passes[1:] <= 8).all() and run.grad_passes[0] <= 9
+    summed = np.abs(run.tensor_sums.sum(0) - ref.sum(0))
+    assert (run.sum_error() >= summed).all()
+
+
+def test_a_nan_in_a_parameter_the_set_never_reads_is_named_not_hung():
+    """Issue reproduction: an embedding row no LCA example uses holds NaN; every
+    rule raises at once naming the tensor, the element and the step (it looped
+    for ever: NaN·0 left nothing to refine and nothing to stop it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    x, y = torch.randint(0, 9, (64, 3)), torch.randint(0, 2, (64,))
+    with torch.no_grad():
+        model[0].weight[9, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for method in ("budget", "certified", "adaptive", "simpson"):
+        tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y), method=method)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        start = time.monotonic()
+        with pytest.raises(FloatingPointError, match=r"'0.weight'.*index \(9, 0\)"):
+            with tracker.step():
+                opt.step()
+        assert time.monotonic() - start < 30
