@@ -86,14 +86,52 @@ def _bin_centres(edges: np.ndarray) -> np.ndarray:
 # -- layers -----------------------------------------------------------------------
 
 def layer_totals(run, objective: str = "train") -> Dict[str, np.ndarray]:
-    """Per-layer total LCA, raw and per parameter, and cumulative trajectories [T, L]."""
+    """Per-layer total LCA, raw and per parameter, and cumulative trajectories [T, L];
+    ``error`` [L]: the total's 95% bar, the sum of its tensors' ``run.sum_error()``
+    (an upper bar: the tensors' errors are not independent within a step)."""
     per_step = run.layer_sums(objective)
     sizes = np.zeros(len(run.layer_names))
+    error = np.zeros(len(run.layer_names))
+    tensor_bars = run.sum_error(objective=objective) if len(run) else np.zeros(len(run.names))
     for k, layer in enumerate(run.layer_of):
         sizes[layer] += int(np.prod(run.meta["shapes"][k]))
+        error[layer] += tensor_bars[k]
     total = per_step.sum(0)
     return dict(names=list(run.layer_names), total=total, per_parameter=total / sizes,
-                cumulative=np.cumsum(per_step, axis=0), sizes=sizes)
+                cumulative=np.cumsum(per_step, axis=0), sizes=sizes, error=error)
+
+
+def doubtful_steps(run, objective: str = "train") -> Dict[str, List[int]]:
+    """The tracked steps (their labels) that are not fully certified: ``ungrounded``
+    (ΣLCA misses ΔL beyond the rule's tolerance, for any reason), of which
+    ``noise_limited`` (the passes' rounding is the limit) and ``budget_limited``
+    (the default rule stopped at its pass budget; its bars say what is left)."""
+    steps = run.steps
+    flag = lambda name: (run.get(name, objective).astype(bool)   # noqa: E731
+                         if f"{objective}/{name}" in run.arrays else np.zeros(len(steps), bool))
+    return dict(ungrounded=[int(s) for s in steps[~run.grounded(objective)]],
+                noise_limited=[int(s) for s in steps[flag("noise_limited")]],
+                budget_limited=[int(s) for s in steps[flag("budget_limited")]])
+
+
+def describe_doubtful(run, objective: str = "train") -> str:
+    """One line naming every step that is not fully certified (or saying none is)."""
+    d = doubtful_steps(run, objective)
+    if not any(d.values()):
+        return f"every one of the {len(run)} tracked steps is grounded"
+
+    def listed(steps):
+        return ", ".join(map(str, steps[:12])) + (f", … ({len(steps)} in all)"
+                                                   if len(steps) > 12 else "")
+    parts = []
+    if d["ungrounded"]:
+        parts.append(f"not grounded: step {listed(d['ungrounded'])}")
+    if d["noise_limited"]:
+        parts.append(f"at the passes' rounding floor: {listed(d['noise_limited'])}")
+    if d["budget_limited"]:
+        parts.append(f"stopped at the pass budget (bars above target): "
+                     f"{listed(d['budget_limited'])}")
+    return f"of {len(run)} tracked steps, " + "; ".join(parts)
 
 
 def neuron_heatmap(run, tensor: int = 0, objective: str = "train") -> np.ndarray:

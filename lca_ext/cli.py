@@ -225,10 +225,11 @@ def _summary(run_dir: str, report: str, seconds: Optional[float] = None) -> str:
     h = headline(load_run(run_dir))
     lines = [f"steps tracked: {h['steps']}" + (f" in {seconds:.0f} s" if seconds else ""),
              f"loss: {h['loss_start']:.4f} -> {h['loss_end']:.4f}; "
-             f"whole-run |ΣLCA - ΔL| / |ΔL| = {h['relative_error']:.1e}",
+             f"whole-run |ΣLCA - ΔL| / |ΔL| = {h['relative_error']:.1e}; {h['doubtful']}",
              f"parameters that helped per step: {100 * h['helped_mean']:.1f}% "
              "(paper: barely over 50%)",
-             "layer totals: " + ", ".join(f"{k} {v:+.3f}" for k, v in h["layer_totals"].items())]
+             "layer totals (± 95% bar): " + ", ".join(
+                 f"{k} {v:+.3f} ± {e:.1g}" for k, (v, e) in h["layer_bars"].items())]
     if "sync_p_values" in h:
         n = sum(p < 0.01 for p in h["sync_p_values"])
         lines.append(f"classes whose layers peak together (p < 0.01): {n} of "

@@ -36,6 +36,9 @@ def headline(run: Run, sync: Optional[List[Dict]] = None) -> Dict[str, object]:
                helped_mean=float(hf["overall"].mean()),
                hurting_layers=[n for n, v in zip(lt["names"], lt["total"]) if v > 0],
                layer_totals=dict(zip(lt["names"], map(float, lt["total"]))),
+               layer_bars={n: (float(v), float(e))
+                           for n, v, e in zip(lt["names"], lt["total"], lt["error"])},
+               doubtful=analysis.describe_doubtful(run),
                gini=conc["gini_abs_total"], fraction_90=conc["fraction_doing_share"],
                helped_gini=hc["helped"], hurt_gini=hc["hurt"],
                helped_gini_per_layer=dict(zip(lt["names"], map(float, hc["per_layer"]["helped_gini"]))),
@@ -102,10 +105,13 @@ def build_report(run_dir, out_dir: str) -> str:
         ("loss (LCA set)", f"{h['loss_start']:.4f} → {h['loss_end']:.4f}", ""),
         ("whole-run |ΣΣLCA − ΔL| / |ΔL|",
          _number(h["relative_error"], ".2e", "n/a (ΔL = 0)"), PAPER["grounding"]),
+        ("steps not fully certified", html.escape(h["doubtful"]), ""),
         ("parameters that helped, mean per step", f"{100 * h['helped_mean']:.1f}%",
          PAPER["helped"]),
         ("layers with positive total LCA (hurt)", ", ".join(h["hurting_layers"]) or "none",
          PAPER["layers"]),
+        ("total LCA per layer ± its 95% bar (run.sum_error)",
+         ", ".join(f"{n} {v:+.4g} ± {e:.2g}" for n, (v, e) in h["layer_bars"].items()), ""),
         ("Gini of |total LCA| over parameters", f"{h['gini']:.2f}", PAPER["concentration"]),
         ("fraction of parameters doing 90% of the net learning (Σ −total LCA, largest "
          "first; hurting parameters count against)",
