@@ -240,14 +240,19 @@ class Score:
     coverage: float               # share of those pairs with tensor_error >= |error|
     bar_p50: float                # median tensor_error / |truth|
     worst_convergence: float      # the recordings' own uncertainty (max over steps)
+    sum_rel_p95: float = float("nan")   # sums over the steps, per tensor (>= 1%)
+    sum_coverage: float = float("nan")  # share of those sums whose sum_error holds
+    sum_bar_p50: float = float("nan")   # median sum_error / |summed truth|
 
 
 def replay(rule, opts, recs: Sequence[Recorded], label: str = "",
            since: int = 0, seeds: int = 1) -> Score:
     """Run ``rule(path, opts)`` on every recorded step (step >= since), with
     ``seeds`` different seeds of the bars' random points, and score it."""
-    rels, cover, bars, passes = [], [], [], []
+    from lca_ext import bars as lca_bars
+    rels, cover, bar_rel, passes = [], [], [], []
     conv = 0.0
+    per_seed = {}                 # seed -> [(value, truth, bar, bias, sd, dof)] over steps
     for rec, seed in [(r, s) for r in recs for s in range(seeds)]:
         if rec.step < since:
             continue
@@ -259,13 +264,32 @@ def replay(rule, opts, recs: Sequence[Recorded], label: str = "",
         err = np.abs(sums - truth)
         rels += list((err / np.abs(truth))[sig])
         cover += list((np.asarray(res.tensor_error) >= err)[sig])
-        bars += list((np.asarray(res.tensor_error) / np.abs(truth))[sig])
+        bar_rel += list((np.asarray(res.tensor_error) / np.abs(truth))[sig])
         passes.append(path.passes)
         conv = max(conv, rec.convergence)
+        per_seed.setdefault(seed, []).append((sums, truth, res))
+    s_rel, s_cov, s_bar = [], [], []
+    for rows in per_seed.values():
+        value = sum(r[0] for r in rows)
+        truth = sum(r[1] for r in rows)
+        results = [r[2] for r in rows]
+        if all(r.bar_dof > 0 for r in results):
+            bar = lca_bars.sum_error(np.array([r.tensor_bias for r in results]),
+                                     np.array([r.tensor_sd for r in results]),
+                                     np.array([r.bar_dof for r in results]))
+        else:
+            bar = np.sum([r.tensor_error for r in results], 0)
+        sig = fidelity.significant(truth)
+        err = np.abs(value - truth)
+        s_rel += list((err / np.abs(truth))[sig])
+        s_cov += list((bar >= err)[sig])
+        s_bar += list((bar / np.abs(truth))[sig])
     rels = np.array(rels)
     return Score(recs[0].family, label, len(passes), float(np.mean(passes)), int(max(passes)),
                  float(np.percentile(rels, 50)), float(np.percentile(rels, 95)),
-                 float(rels.max()), float(np.mean(cover)), float(np.median(bars)), conv)
+                 float(rels.max()), float(np.mean(cover)), float(np.median(bar_rel)), conv,
+                 float(np.percentile(s_rel, 95)), float(np.mean(s_cov)),
+                 float(np.median(s_bar)))
 
 
 def _main(argv):

@@ -56,7 +56,7 @@ from torch.func import functional_call
 from . import classes as per_class
 from . import kernels
 from .distributed import Context
-from .lca_set import HALF, LCASet, at_least_float32, cast_up, first_tensor
+from .lca_set import HALF, LCASet, at_least_float32, cast_up, first_tensor, to_device
 from .params import ParameterSet
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -305,6 +305,50 @@ class Evaluator:
                 torch.cuda.default_generators[p.device.index].manual_seed(0x1CA)
         random.seed(0x1CA)
         np.random.seed(0x1CA)
+
+    def check_mean(self) -> None:
+        """Once, when the tracker is built: with ``loss_fn``, the first batch's
+        loss must equal the size-weighted mean of its two halves' losses (one
+        forward of one batch, every module in eval mode so that BatchNorm
+        does not couple the halves).  A ``reduction='sum'`` loss is refused,
+        saying so; a model whose batch cannot be halved (examples that
+        interact, e.g. a graph over the whole batch) is not checked, nor a set
+        that is not a tensor pair."""
+        if not getattr(self.batch_loss, "classic", False) or self.ctx.sharded or \
+                not self.data.pair:
+            return          # (other sets: reading a batch here would read the set once more)
+        batch = to_device(self.data.pair[0], self.device)
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2) or \
+                not isinstance(batch[1], torch.Tensor) or batch[1].dim() == 0 or \
+                batch[1].shape[0] < 2:
+            return
+        x, y = batch
+        if not (isinstance(x, torch.Tensor) and x.shape[:1] == y.shape[:1]):
+            return
+        h = y.shape[0] // 2
+        loss_fn = self.batch_loss.loss_fn
+        with self._quiet_model(), torch.no_grad():
+            for m in self.model.modules():
+                m.training = False
+            try:
+                whole = float(loss_fn(self.model(x), y))
+                a = float(loss_fn(self.model(x[:h]), y[:h]))
+                b = float(loss_fn(self.model(x[h:]), y[h:]))
+            except Exception:        # the batch cannot be halved: nothing to check
+                return
+        n = y.shape[0]
+        mean = (a * h + b * (n - h)) / n
+        scale = max(abs(whole), abs(mean), 1e-6)
+        if abs(whole - mean) > 1e-3 * scale:
+            looks = (" It behaves as a sum (the halves' losses add up to it): "
+                     "reduction='sum'." if abs(whole - (a + b)) <= 1e-3 * max(abs(whole), 1e-6)
+                     else "")
+            raise ValueError(
+                f"lca_ext: loss_fn is not a mean over the batch: on the first {self.data.name} "
+                f"batch it gives {whole:.6g}, while its two halves, weighted by their sizes, "
+                f"give {mean:.6g}.{looks} The LCA loss is the mean over the set: use a mean "
+                "loss (reduction='mean', torch's default) or pass batch_loss=f returning "
+                "(mean loss, weight)")
 
     def _first_pass(self, point) -> None:
         """The total weight, and the check that the loss is deterministic."""

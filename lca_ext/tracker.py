@@ -251,6 +251,8 @@ class LCATracker:
                 targets=targets, pass_dtype=pass_dtype,
                 num_classes=num_classes if name == "train" else None))  # (eval sets: unsplit)
             for name, data in sets.items()]
+        for obj in self.objectives:
+            obj.evaluator.check_mean()      # reduction='sum' refused here, not later
         self.schedule = schedule if schedule is None or isinstance(schedule, int) \
             else frozenset(schedule)
         self.num_classes = num_classes

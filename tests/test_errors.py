@@ -207,3 +207,31 @@ def test_output_may_be_its_own_input():
     acc = [torch.ones(5)]
     lca_ext.accumulate_(acc, acc, 0.5)
     assert torch.equal(acc[0], torch.full((5,), 1.5))
+
+
+def test_a_loss_that_sums_is_refused_when_the_tracker_is_built():
+    """reduction='sum' was accepted silently (a loss of 265 where the mean is
+    1.14, every step called grounded); now the tracker refuses it at once, naming
+    the cause and what to use, also with BatchNorm (checked in eval mode); a
+    mean loss and a model whose batch cannot be halved are accepted."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"not a mean.*reduction='sum'.*batch_loss"):
+        lca_ext.LCATracker(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), (x, y))
+    lca_ext.LCATracker(model, F.cross_entropy, (x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert model.training          # the check restored the module's mode
+
+    class WholeBatch(torch.nn.Module):     # needs exactly 64 examples (a fixed graph)
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 3)
+            self.mix = torch.randn(64, 64)
+
+        def forward(self, inp):
+            return self.mix @ self.lin(inp)
+    lca_ext.LCATracker(WholeBatch(), F.cross_entropy, (x, y), batch_size=64)
