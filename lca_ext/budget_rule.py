@@ -44,6 +44,9 @@ from .quadrature import (ROUNDING_MARGIN, PathResult, RuleOptions, _form, _Point
 
 
 def budget(path, opts: RuleOptions) -> PathResult:
+    """The default rule on one step's ``path`` (lca_ext.path): Simpson, one
+    mixed pass for the 95% bars, local refinement within ``opts.max_passes``
+    (the module docstring says how it decides)."""
     max_passes = opts.max_passes if opts.max_passes is not None else 1 << 30
     held_extra = max(0, opts.path_memory_budget // max(1, path.one_buffer))
     pts: Dict[float, _Point] = {

@@ -229,7 +229,8 @@ def _summary(run_dir: str, report: str, seconds: Optional[float] = None) -> str:
              f"parameters that helped per step: {100 * h['helped_mean']:.1f}% "
              "(paper: barely over 50%)",
              "layer totals (± 95% bar): " + ", ".join(
-                 f"{k} {v:+.3f} ± {e:.1g}" for k, (v, e) in h["layer_bars"].items())]
+                 f"{k} {v:+.3f} ± " + (f"{e:.1g}" if e == e else "n/a")
+                 for k, (v, e) in h["layer_bars"].items())]
     if "sync_p_values" in h:
         n = sum(p < 0.01 for p in h["sync_p_values"])
         lines.append(f"classes whose layers peak together (p < 0.01): {n} of "

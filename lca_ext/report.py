@@ -111,7 +111,8 @@ def build_report(run_dir, out_dir: str) -> str:
         ("layers with positive total LCA (hurt)", ", ".join(h["hurting_layers"]) or "none",
          PAPER["layers"]),
         ("total LCA per layer ± its 95% bar (run.sum_error)",
-         ", ".join(f"{n} {v:+.4g} ± {e:.2g}" for n, (v, e) in h["layer_bars"].items()), ""),
+         ", ".join(f"{n} {v:+.4g} ± " + (f"{e:.2g}" if np.isfinite(e) else "n/a")
+                   for n, (v, e) in h["layer_bars"].items()), ""),
         ("Gini of |total LCA| over parameters", f"{h['gini']:.2f}", PAPER["concentration"]),
         ("fraction of parameters doing 90% of the net learning (Σ −total LCA, largest "
          "first; hurting parameters count against)",

@@ -117,8 +117,11 @@ class Run:
         |Σ Ê| + t·√(Σ V̂), t from the Welch–Satterthwaite degrees of freedom,
         far tighter than adding the steps' bars.  Steps without bars (other
         rules, per-class mode, torch.distributed) add their ``tensor_error``
-        linearly (a bound only where each of those is)."""
+        linearly (a bound only where each of those is).  NaN for a run
+        stored without errors."""
         from . import bars
+        if f"{objective}/tensor_error" not in self.arrays:   # a run stored without errors
+            return np.full(len(self.names), np.nan)
         idx = np.arange(len(self)) if steps is None else np.arange(len(self))[steps]
         idx = np.atleast_1d(idx)
         err = self.get("tensor_error", objective)[idx]
