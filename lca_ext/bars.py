@@ -13,14 +13,16 @@ The estimate.  Let the step's rule be composite Simpson on intervals
 [a_j, b_j] (midpoints m_j sampled), S its per-tensor value and E = I − S its
 error.  For group g let P_g be its piecewise interpolant of φ_g: on an
 interval with a_j > 0, the quadratic through its three points; on the first
-interval [0, b_1], the line through m_1 and b_1 (the groups' values at θ_t are
-not known separately: g(θ_t) is reused from the previous step as a whole).
-Then c_g = φ_g(U_g) − P_g(U_g) has expectation ∫φ_g − ∫P_g, and since the
-groups add up,
+interval [0, b_1], the line through m_1 and b_1 plus 1/G of the whole set's
+curvature there (the whole quadratic minus its line through m_1 and b_1: the
+groups' values at θ_t are not known separately, g(θ_t) being reused from the
+previous step as a whole).  The P_g add up to the whole set's interpolant,
+whose integral is S.  So c_g = φ_g(U_g) − P_g(U_g), with expectation
+∫φ_g − ∫P_g, gives
 
-    Ê = Σ_g c_g − (Simpson − midpoint rule on the first interval, whole set)
+    Ê = Σ_g c_g,    E[Ê] = I − S = E
 
-is an *unbiased* estimate of E: E[Ê] = E for any integrable φ, jumps included.
+for any integrable φ, jumps included: an *unbiased* estimate of the error.
 The c_g are independent, so V̂ = G/(G−1)·Σ_g (c_g − c̄)² estimates Var(Ê)
 (conservatively: groups whose means differ only add to it).  The stored bar
 is the half-width of a 95% interval for |E|,
@@ -66,15 +68,26 @@ def _interval_of(u: float, intervals: Sequence[Tuple[float, float]]) -> Tuple[fl
     raise ValueError(f"lca_ext.bars: point {u} outside the rule's intervals")
 
 
-def control(u: float, a: float, b: float, at, known_start: bool = False) -> np.ndarray:
-    """P_g(u): the group's interpolant at u on [a, b] (``at(f)`` its samples)."""
-    m = (a + b) / 2
-    if a == 0.0 and not known_start:   # line through m and b (no group values at θ_t)
-        return at(m) + (u - m) / (b - m) * (at(b) - at(m))
+def _quadratic(u, a, m, b, fa, fm, fb):
     la = (u - m) * (u - b) / ((a - m) * (a - b))
     lm = (u - a) * (u - b) / ((m - a) * (m - b))
     lb = (u - a) * (u - m) / ((b - a) * (b - m))
-    return la * at(a) + lm * at(m) + lb * at(b)
+    return la * fa + lm * fm + lb * fb
+
+
+def control(u: float, a: float, b: float, at, known_start: bool = False,
+            whole=None, groups: int = 1) -> np.ndarray:
+    """P_g(u): the group's interpolant at u on [a, b] (``at(f)`` its samples).
+    On the first interval without the group's values at θ_t: the group's line
+    through m and b plus 1/G of the whole set's curvature there (``whole(f)``),
+    so that the groups' controls add up to the whole set's quadratic."""
+    m = (a + b) / 2
+    if a == 0.0 and not known_start:
+        line = at(m) + (u - m) / (b - m) * (at(b) - at(m))
+        whole_line = whole(m) + (u - m) / (b - m) * (whole(b) - whole(m))
+        curve = _quadratic(u, a, m, b, whole(a), whole(m), whole(b)) - whole_line
+        return line + curve / groups
+    return _quadratic(u, a, m, b, at(a), at(m), at(b))
 
 
 def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.ndarray],
@@ -92,12 +105,11 @@ def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.nda
     known_start = 0.0 in groups        # per-class mode: the classes' values at θ_t too
     for g in range(G):
         a, b = _interval_of(float(u[g]), intervals)
-        c[g] = at_u[g] - control(float(u[g]), a, b, lambda f: groups[f][g], known_start)
+        c[g] = at_u[g] - control(float(u[g]), a, b, lambda f: groups[f][g], known_start,
+                                 whole.__getitem__, G)
+    # the controls add up to the whole set's interpolant, whose integral is the
+    # rule's value: Ê = Σ c_g is unbiased for E
     e_hat = c.sum(0)
-    if not known_start:
-        a, b = min(intervals)
-        m, h = (a + b) / 2, b - a
-        e_hat = e_hat - h / 6 * (whole[a] - 2 * whole[m] + whole[b])   # Simpson − midpoint
     if G < 2:
         return e_hat, np.full_like(e_hat, np.inf), 0
     var = G / (G - 1) * ((c - c.mean(0)) ** 2).sum(0)
