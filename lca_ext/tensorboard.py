@@ -85,6 +85,9 @@ class TensorBoardLogger:
             w.add_scalar(f"{obj}/lca_sum", record[p + "lca_sum"], step)
             w.add_scalar(f"{obj}/grounding_error", record[p + "error"], step)
             w.add_scalar(f"{obj}/splits", record[p + "splits"], step)
+            for flag in ("grounded", "noise_limited", "budget_limited"):   # 0/1 per step
+                if p + flag in record:
+                    w.add_scalar(f"{obj}/{flag}", float(bool(record[p + flag])), step)
         counts = record["train/counts"]                     # [K, 4]
         w.add_scalar("train/helped_fraction", counts[:, 0].sum() / max(counts.sum(), 1), step)
         for i, name in enumerate(self.layer_names):

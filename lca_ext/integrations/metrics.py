@@ -1,7 +1,8 @@
 """The scalars a framework callback logs for one tracked step (shared by the
 Lightning and the transformers callbacks): per objective ``lca/<objective>/``
-lca_sum, loss_before, loss_after, error (|ΣLCA − ΔL|), grad_passes and
-helped_fraction (helped / (helped + hurt + zero) elements), and with layers
+lca_sum, loss_before, loss_after, error (|ΣLCA − ΔL|), grad_passes,
+helped_fraction (helped / (helped + hurt + zero) elements) and the step's flags
+as 0/1 (grounded, noise_limited, budget_limited), and with layers
 ``lca/train/layer/<module path>``.  Everything is read from the tracker's
 record of the step, already on the host."""
 from __future__ import annotations
@@ -26,6 +27,9 @@ def step_metrics(record: dict, objectives: Sequence[str],
             f"lca/{p}grad_passes": float(record[p + "grad_passes"]),
             f"lca/{p}helped_fraction":
                 float(counts[:, 0].sum() / max(counts[:, :3].sum(), 1))})
+        for flag in ("grounded", "noise_limited", "budget_limited"):
+            if p + flag in record:
+                metrics[f"lca/{p}{flag}"] = float(bool(record[p + flag]))
     if layer_of is not None:
         sums = np.bincount(np.asarray(layer_of), weights=record["train/tensor_sums"],
                            minlength=len(layer_names))
