@@ -332,10 +332,13 @@ class Evaluator:
                 m.training = False
             try:
                 whole = float(loss_fn(self.model(x), y))
+                again = float(loss_fn(self.model(x), y))
                 a = float(loss_fn(self.model(x[:h]), y[:h]))
                 b = float(loss_fn(self.model(x[h:]), y[h:]))
             except Exception:        # the batch cannot be halved: nothing to check
                 return
+        if whole != again:           # a random loss: the first pass says so, clearly
+            return
         n = y.shape[0]
         mean = (a * h + b * (n - h)) / n
         scale = max(abs(whole), abs(mean), 1e-6)
@@ -346,7 +349,8 @@ class Evaluator:
                      "reduction='sum'." if abs(whole - (a + b)) <= 1e-3 * max(abs(whole), 1e-6)
                      else "")
             raise ValueError(
-                f"lca_ext: loss_fn is not a mean over the batch: on the first {self.data.name} "
+                f"lca_ext: loss_fn is not a mean of per-example terms over the batch: on "
+                f"the first {self.data.name} "
                 f"batch it gives {whole:.6g}, while its two halves, weighted by their sizes, "
                 f"give {mean:.6g}.{looks} The LCA loss is the mean over the set: use a mean "
                 "loss (reduction='mean', torch's default) or pass batch_loss=f returning "

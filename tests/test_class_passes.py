@@ -238,19 +238,30 @@ def test_a_rank_without_examples_contributes_nothing():
 def test_a_loss_that_is_not_a_sum_of_per_example_terms_is_refused():
     """A class-weighted cross-entropy is not a mean of per-example terms: its class
     shares do not add up to the loss. Refused (both modes) with what to do, not
-    reported as class sums that silently miss the total."""
+    reported as class sums that silently miss the total: when the tracker is
+    built (its first batch against its halves), and, where that check cannot
+    see it (batches whose halves weigh alike), at the first class pass."""
+    weighted_sets = lca_ext.LCATracker
+    with pytest.raises(ValueError, match="mean of per-example terms"):
+        torch.manual_seed(0)
+        x, y = data(40)
+        weighted_sets(mlp(), lambda out, t: xent(out, t, weight=torch.tensor(
+            [1.0, 3.0, 0.5], dtype=out.dtype)), (x, y), batch_size=16, num_classes=C)
     weighted = lambda out, t: xent(out, t, weight=torch.tensor([1.0, 3.0, 0.5],  # noqa: E731
                                                                dtype=out.dtype))
     for budget in (2 << 30, 1):
         torch.manual_seed(0)
         model = mlp()
         x, y = data(40)
-        tracker = lca_ext.LCATracker(model, weighted, (x, y), batch_size=16, num_classes=C,
-                                     class_memory_budget=budget)
+        # (as batch_loss, which the construction check does not read)
+        tracker = lca_ext.LCATracker(
+            model, lca_data=[(x[i:i + 16], y[i:i + 16]) for i in range(0, 40, 16)],
+            batch_loss=lambda m, b: (weighted(m(b[0]), b[1]), (b[1] != -100).sum()),
+            num_classes=C, class_memory_budget=budget)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         opt.zero_grad()
         weighted(model(x[:8]), y[:8]).backward()
-        with pytest.raises(ValueError, match="mean of per-example terms"):
+        with pytest.raises(ValueError, match="per-class LCA: the .* adds up to"):
             with tracker.step():
                 opt.step()
 
