@@ -230,3 +230,29 @@ def test_a_nan_in_a_parameter_the_set_never_reads_is_named_not_hung():
             with tracker.step():
                 opt.step()
         assert time.monotonic() - start < 30
+
+
+def test_a_step_at_the_float32_rounding_floor_is_flagged_not_refined():
+    """A step so small that ΔL is float32 rounding: the default rule flags it
+    noise_limited after Simpson and the bars' pass (3 passes), instead of
+    refining for a total it cannot resolve; the same step in float64 passes is
+    grounded, and its tensors are within the float32 step's bars."""
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 6), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    trackers = [lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y)),
+                lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y),
+                                   pass_dtype=torch.float64)]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with trackers[0].step(), trackers[1].step():
+            opt.step()
+    low, high = (t.result() for t in trackers)
+    assert low.get("noise_limited")[0] and not low.grounded()[0]
+    assert low.grad_passes[0] == 1 + 3                  # the start pass, Simpson, the bars
+    assert any("rounding" in str(w.message) for w in caught)
+    assert high.grounded()[0] and not high.get("noise_limited")[0]
+    assert (np.abs(low.tensor_sums - high.tensor_sums) <= low.tensor_error + 1e-12).all()
