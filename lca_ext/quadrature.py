@@ -114,7 +114,12 @@ class RuleOptions:
                  (a tensor pair or Dataset set, when batch_size is not given):
                  the independent groups of the error bars (lca_ext.bars)
     bar_rtol, bar_share: budget: refine while a tensor's 95% bar exceeds
-                 bar_rtol·max(|LCA_k|, bar_share·G)
+                 bar_rtol·max(|LCA_k|, bar_share·G) ...
+    refine_sd:   ... and its error estimate |Ê| exceeds refine_sd x its standard
+                 error √V̂ (a systematic, curvature error, which a finer rule
+                 removes; the jumps' noise shrinks only like √h: there the
+                 step stops and its bar says what is left).  0: refine on the
+                 bar alone
     bars:        budget and certified: the 95% bars (one more pass a step;
                  lca_ext.bars).  False: no mixed pass, tensor_error is the
                  rule's own estimate (the certified rule's, as before), and the
@@ -139,6 +144,7 @@ class RuleOptions:
     groups: int = 8
     bar_rtol: float = 0.02
     bar_share: float = 0.05
+    refine_sd: float = 1.0
     bars: bool = True
     seed: int = 0
 
@@ -150,7 +156,7 @@ class RuleOptions:
         if not (isinstance(m, int) and m >= 2 and m & (m - 1) == 0):
             raise ValueError(f"lca_ext: max_splits={m!r}; expected a power of two >= 2")
         for name in ("tensor_rtol", "min_share", "total_share", "rtol", "atol", "bar_rtol",
-                     "bar_share"):
+                     "bar_share", "refine_sd"):
             v = getattr(self, name)
             if not (v is None and name in ("rtol", "atol")) and not (
                     isinstance(v, (int, float)) and v >= 0):

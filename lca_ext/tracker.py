@@ -419,12 +419,17 @@ class LCATracker:
         budget since the last call."""
         if len(self._budget_steps) > self._budget_reported:
             self._budget_reported = len(self._budget_steps)
+            per = {}
+            for name, _ in self._budget_steps:
+                per[name] = per.get(name, 0) + 1
+            counts = ", ".join(f"{n} of {self._tracked_count} tracked steps" + (
+                f" ({name!r})" if len(self.objectives) > 1 else "") for name, n in per.items())
             warnings.warn(
-                f"lca_ext: {len(self._budget_steps)} of {self._tracked_count} tracked steps "
-                f"stopped at the pass budget (RuleOptions.max_passes={self.rule.max_passes}) "
-                "with error bars above their target (bar_rtol); their bars "
-                "(run.tensor_error) say what is left and run.get('budget_limited') lists "
-                "them; raise max_passes to refine them further", RuntimeWarning, stacklevel=2)
+                f"lca_ext: {counts} stopped at the pass budget (RuleOptions.max_passes="
+                f"{self.rule.max_passes}) with error bars above their target (bar_rtol); "
+                "their bars (run.tensor_error) say what is left and run.get('budget_limited') "
+                "lists them; raise max_passes to refine them further", RuntimeWarning,
+                stacklevel=2)
         link = self.store_link
         if link is not None:
             link.flush_state(self._tracked_count, self._step)   # (collective under FSDP2)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import textwrap
 
+import numpy as np
 import torch
 
 EXTRAS = ["matplotlib", "PIL", "tqdm", "tensorboard", "mlxtend", "plotly", "lightning",
@@ -119,13 +120,14 @@ def tracked_and_offline(lca_ext, work):
     d_loss = run.loss_after - run.loss_before
     check(len(run) == 3 and len(loaded) == 3
           and bool(((run.lca_sum - d_loss).__abs__() <= 1e-4 + 1e-3 * abs(d_loss)).all())
-          and all((loaded.arrays[k] == v).all() for k, v in run.arrays.items()),
+          and all(np.array_equal(loaded.arrays[k], v, equal_nan=True)
+                  for k, v in run.arrays.items()),
           "3-step tracked run: grounded, stored and reloaded")
 
     lca_cli = os.path.join(os.path.dirname(sys.executable), "lca-ext")
     out = os.path.join(work, "offline_run")
     proc = subprocess.run([lca_cli, "offline", traj, "--model", "smoke_model:make_model",
-                           "--data", "smoke_model:lca_set", "--out", out, "--batch-size", "64"],
+                           "--data", "smoke_model:lca_set", "--out", out, "--batch-size", "8"],
                           cwd=work, capture_output=True, text=True)
     print(proc.stdout.strip())
     check(proc.returncode == 0, f"lca-ext offline exits 0 (stderr: {proc.stderr.strip()!r})")

@@ -261,7 +261,8 @@ def test_bf16_tensors_and_classes_match_the_float64_reference():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         runs, model, (x, y), path = train_tracked(
-            torch.bfloat16, lr=1.5, steps=3, trackers={"certified": dict(num_classes=C)})
+            torch.bfloat16, lr=1.5, steps=3, trackers={"certified": dict(num_classes=C,
+                                                                          method="certified")})
     run = runs["certified"]
     refs = [reference(model, x, y, b, a) for b, a in path]
     rel, est, act = rel_errors(run, [r[0] for r in refs])

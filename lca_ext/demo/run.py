@@ -51,7 +51,7 @@ def run_demo(out: str, *, model: str = "fc", steps: int = 300, lr: float = 0.05,
     first = next(n for n, p in net.named_parameters() if p.requires_grad and p.dim() > 1)
     run_dir = os.path.join(out, "run")
     tracker = LCATracker(net, loss_fn, (xtr, ytr), eval_sets={"val": (xv, yv)},
-                         num_classes=10, batch_size=1000, store=run_dir,
+                         num_classes=10, store=run_dir,
                          frames=[first], frame_every=frame_every,
                          # the per-parameter state every 10 steps and at the end (a
                          # state write costs about as much as a step's passes here)
