@@ -58,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="momentum M for LAYER's parameters (the 'delay' experiment)")
     d.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also log to TensorBoard event files in DIR")
+    d.add_argument("--method", default=None,
+                   choices=["budget", "certified", "adaptive", "simpson", "first_order"],
+                   help="the path rule (default: budget; see the Accuracy guide)")
+    d.add_argument("--max-passes", type=int, default=None, metavar="N",
+                   help="the budget rule's gradient passes a step at most (default 8)")
+    d.add_argument("--tensor-rtol", type=float, default=None, metavar="R",
+                   help="the certified rule's per-tensor tolerance (default 0.01)")
+    d.add_argument("--pass-dtype", default=None, choices=["float32", "float64"],
+                   help="the precision of the LCA passes (float64 lifts float32's "
+                   "rounding floor)")
     d.add_argument("--no-progress", action="store_true")
     r = sub.add_parser("report", help="(re)build the report of a stored run")
     r.add_argument("run_dir")
@@ -218,6 +228,21 @@ def _default_device() -> str:
     return "cuda" if ok else "cpu"
 
 
+def _pass_dtype(name: Optional[str]):
+    import torch
+    return None if name is None else getattr(torch, name)
+
+
+def _rule(args) -> dict:
+    """The demo's RuleOptions fields from its command-line options (given ones only)."""
+    rule = {}
+    for opt, field in (("method", "method"), ("max_passes", "max_passes"),
+                       ("tensor_rtol", "tensor_rtol")):
+        if getattr(args, opt) is not None:
+            rule[field] = getattr(args, opt)
+    return rule
+
+
 def _summary(run_dir: str, report: str, seconds: Optional[float] = None) -> str:
     from .report import headline
     from .run import load_run
@@ -276,7 +301,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    freeze=args.freeze,
                                    layer_momentum=_layer_momentum(args.layer_momentum),
                                    progress=not args.no_progress,
-                                   tensorboard=args.tensorboard)
+                                   tensorboard=args.tensorboard, rule=_rule(args),
+                                   pass_dtype=_pass_dtype(args.pass_dtype))
                 report = build_report(run_dir, os.path.join(out, "report"))
                 if args.tensorboard:
                     from .tensorboard import add_figures

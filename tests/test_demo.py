@@ -87,6 +87,25 @@ def test_freeze_and_layer_momentum(tmp_path):
     assert "fc1.weight" not in run.names and "fc2.weight" in run.names
 
 
+def test_demo_takes_the_rule_and_precision_options_its_warnings_suggest(tmp_path, capsys):
+    """The warnings say "raise max_passes", "method='certified'", "pass_dtype=
+    torch.float64": lca-ext demo takes each, and the run records them; its
+    summary line names the steps that are not fully certified."""
+    out = str(tmp_path / "opts")
+    assert cli.main(["demo", "--steps", "2", "--out", out, "--no-progress", "--method",
+                     "certified", "--tensor-rtol", "0.02", "--pass-dtype", "float64"]) == 0
+    cfg = lca_ext.load_run(os.path.join(out, "run")).meta["config"]
+    assert cfg["method"] == "certified" and cfg["tensor_rtol"] == 0.02
+    assert cfg["pass_dtype"] == "torch.float64"
+    out2 = str(tmp_path / "capped")
+    assert cli.main(["demo", "--steps", "2", "--out", out2, "--no-progress",
+                     "--max-passes", "3"]) == 0
+    run = lca_ext.load_run(os.path.join(out2, "run"))
+    assert run.meta["config"]["max_passes"] == 3 and (run.grad_passes <= 1 + 3).all()
+    text = capsys.readouterr().out
+    assert "grounded" in text or "not grounded" in text or "pass budget" in text
+
+
 def one_error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lca-ext: error:")

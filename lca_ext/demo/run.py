@@ -35,8 +35,11 @@ def run_demo(out: str, *, model: str = "fc", steps: int = 300, lr: float = 0.05,
              batch_size: int = 100, seed: int = 0, device: str = "cpu",
              freeze: Sequence[str] = (), layer_momentum: Optional[Dict[str, float]] = None,
              progress: bool = True, tensorboard: Optional[str] = None,
-             frame_every: int = 10) -> str:
-    """Trains, tracking LCA into ``out/run``; returns the run directory."""
+             frame_every: int = 10, rule: Optional[dict] = None,
+             pass_dtype="auto") -> str:
+    """Trains, tracking LCA into ``out/run``; returns the run directory.
+    ``rule``: RuleOptions fields (lca_ext.RuleOptions); ``pass_dtype``: the
+    tracker's (None: "auto")."""
     torch.manual_seed(seed)
     x, y = load_mnist_5k()
     xtr, ytr, xv, yv = [t.to(device) for t in train_val_split(x, y, seed=seed)]
@@ -51,7 +54,8 @@ def run_demo(out: str, *, model: str = "fc", steps: int = 300, lr: float = 0.05,
     first = next(n for n, p in net.named_parameters() if p.requires_grad and p.dim() > 1)
     run_dir = os.path.join(out, "run")
     tracker = LCATracker(net, loss_fn, (xtr, ytr), eval_sets={"val": (xv, yv)},
-                         num_classes=10, store=run_dir,
+                         num_classes=10, store=run_dir, rule=rule or None,
+                         pass_dtype="auto" if pass_dtype is None else pass_dtype,
                          frames=[first], frame_every=frame_every,
                          # the per-parameter state every 10 steps and at the end (a
                          # state write costs about as much as a step's passes here)
