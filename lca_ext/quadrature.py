@@ -341,80 +341,132 @@ def rounding_limited(path, history: List[float], verdict, noise: float) -> bool:
 
 # -- certified: local refinement -------------------------------------------------
 
+class LocalSimpson:
+    """Simpson on the step, refined locally: the points evaluated so far (each
+    gradient in its own buffer while ``path_memory_budget`` allows), the
+    intervals, and each interval's Simpson sum and signed error estimate.  The
+    state both the certified and the budget rule (lca_ext.budget_rule) refine;
+    building it costs the end point's and the midpoint's passes."""
+
+    def __init__(self, path, opts: RuleOptions):
+        self.path = path
+        self.held_extra = max(0, opts.path_memory_budget // max(1, path.one_buffer))
+        self.finest = 2.0 / opts.max_splits      # a Simpson interval: two sub-intervals
+        self.pts: Dict[float, _Point] = {
+            0.0: _Point(path.g_start, path.dots(path.g_start), path.loss_start,
+                        path.class_loss_start)}
+        self._evaluate(1.0, True)
+        self._evaluate(0.5, True)
+        first, end = self.pts[0.0], self.pts[1.0]
+        self.d_loss = end.loss - first.loss
+        self.class_d = (None if first.class_loss is None or end.class_loss is None
+                        else end.class_loss - first.class_loss)
+        self.noise = noise_floor(path, (first.loss, end.loss))
+        self.intervals = [(0.0, 1.0)]
+        self.phi = {f: p.phi for f, p in self.pts.items()}
+        self.sums = {(0.0, 1.0): simpson_sum(self.phi, 0.0, 1.0)}
+        self.est = {(0.0, 1.0): embedded_error(self.phi, 0.0, 1.0)}
+
+    def _evaluate(self, f: float, hold: bool) -> None:
+        buf = self.path.buffer()
+        loss = self.path.grad(f, buf)
+        self.pts[f] = _Point(buf, self.path.dots(buf), loss, self.path.last_class_losses)
+        if not hold:
+            self.path.release(buf)
+            self.pts[f].grad = None
+
+    def pairs(self):
+        """(Simpson sum, signed error estimate) of every interval, [C or 1, K] each."""
+        return [(self.sums[iv], self.est[iv]) for iv in self.intervals]
+
+    def judge(self, opts: RuleOptions) -> "_Verdict":
+        pairs = self.pairs()
+        return judge(opts, pairs, sum(s for s, _ in pairs), self.d_loss, self.noise,
+                     self.class_d)
+
+    def splittable(self, badness) -> List[Tuple[float, Tuple[float, float]]]:
+        """(badness, interval) of the intervals wider than the finest."""
+        return [(b, iv) for b, iv in zip(badness, self.intervals)
+                if iv[1] - iv[0] > self.finest]
+
+    @property
+    def unheld(self) -> int:
+        """Points whose gradient was not held: each is recomputed once by form()."""
+        return sum(1 for p in self.pts.values() if p.grad is None)
+
+    @property
+    def held_next(self) -> bool:
+        """Will the next split's two points be held (else they cost a pass more each)?"""
+        return self.held_extra >= 2
+
+    def split(self, chosen) -> None:
+        """The intervals in ``chosen`` get their two quarter points (two passes)."""
+        new = []
+        for a, b in self.intervals:
+            if (a, b) in chosen:
+                m = (a + b) / 2
+                for f in ((a + m) / 2, (m + b) / 2):
+                    self._evaluate(f, hold=self.held_extra > 0)
+                    self.held_extra -= 1
+                    self.phi[f] = self.pts[f].phi
+                left, right = (a, m), (m, b)
+                self.sums[left] = simpson_sum(self.phi, a, m)
+                self.sums[right] = simpson_sum(self.phi, m, b)
+                self.est[left] = self.est[right] = pair_error(
+                    self.sums[(a, b)], self.sums[left], self.sums[right])
+                new += [left, right]
+            else:
+                new.append((a, b))
+        self.intervals = new
+
+    def finish(self):
+        """ḡ (composite Simpson weights of the final intervals) and the weights;
+        the points' buffers other than θ_t's and θ_{t+1}'s go back to the pool."""
+        weights = _weights(self.intervals)
+        avg = _form(self.path, self.pts, weights)
+        for f, p in self.pts.items():
+            if f not in (0.0, 1.0) and p.grad is not None and p.grad is not avg:
+                self.path.release(p.grad)
+        return avg, weights
+
+    def result(self, avg, weights, tensor_error, grounded: bool, noise_limited: bool,
+               **bar_fields) -> PathResult:
+        first, end = self.pts[0.0], self.pts[1.0]
+        return PathResult(avg, sorted(weights.items()), end.loss, end.grad,
+                          2 * len(self.intervals), np.asarray(tensor_error, np.float64),
+                          grounded, noise_limited,
+                          None if self.class_d is None else (first.class_loss, end.class_loss),
+                          **bar_fields)
+
+
 def certified(path, opts: RuleOptions) -> PathResult:
     """Simpson, then local refinement until every certified criterion holds
     (the module docstring)."""
-    one_point = path.one_buffer
-    held_extra = max(0, opts.path_memory_budget // max(1, one_point))
-    pts: Dict[float, _Point] = {
-        0.0: _Point(path.g_start, path.dots(path.g_start), path.loss_start,
-                    path.class_loss_start)}
-
-    def evaluate(f: float, hold: bool) -> None:
-        buf = path.buffer()
-        loss = path.grad(f, buf)
-        pts[f] = _Point(buf, path.dots(buf), loss, path.last_class_losses)
-        if not hold:
-            path.release(buf)
-            pts[f].grad = None
-
-    evaluate(1.0, True)
-    evaluate(0.5, True)
-    d_loss = pts[1.0].loss - pts[0.0].loss
-    class_d = (None if pts[0.0].class_loss is None or pts[1.0].class_loss is None
-               else pts[1.0].class_loss - pts[0.0].class_loss)
-    noise = noise_floor(path, (pts[0.0].loss, pts[1.0].loss))
-    intervals = [(0.0, 1.0)]
-    phi = {f: p.phi for f, p in pts.items()}
-    sums = {(0.0, 1.0): simpson_sum(phi, 0.0, 1.0)}
-    est = {(0.0, 1.0): embedded_error(phi, 0.0, 1.0)}
+    rule = LocalSimpson(path, opts)
     history: List[float] = []
-    finest = 2.0 / opts.max_splits       # a Simpson interval: two sub-intervals
     noise_limited = False
     while True:
-        pairs = [(sums[iv], est[iv]) for iv in intervals]
-        verdict = judge(opts, pairs, sum(s for s, _ in pairs), d_loss, noise, class_d)
+        verdict = rule.judge(opts)
         history.append(verdict.excess)
         if verdict.ok:
             # a total inside the rounding floor only: ΔL itself is rounding
             noise_limited = verdict.within_noise_only
             break
-        if rounding_limited(path, history, verdict, noise):
+        if rounding_limited(path, history, verdict, rule.noise):
             noise_limited = True
             break
-        worst = max(b for b, (a, z) in zip(verdict.badness, intervals) if z - a > finest) \
-            if any(z - a > finest for a, z in intervals) else None
-        if worst is None:
+        splittable = rule.splittable(verdict.badness)
+        if not splittable:
             break                                  # max_splits everywhere
-        new = []
-        for bad, (a, b) in zip(verdict.badness, intervals):
-            if b - a > finest and bad >= 0.5 * worst:
-                m = (a + b) / 2
-                for f in ((a + m) / 2, (m + b) / 2):
-                    evaluate(f, hold=held_extra > 0)
-                    held_extra -= 1
-                    phi[f] = pts[f].phi
-                left, right = (a, m), (m, b)
-                sums[left], sums[right] = simpson_sum(phi, a, m), simpson_sum(phi, m, b)
-                est[left] = est[right] = pair_error(sums[(a, b)], sums[left], sums[right])
-                new += [left, right]
-            else:
-                new.append((a, b))
-        intervals = new
-    weights = _weights(intervals)
-    avg = _form(path, pts, weights)
-    for f, p in pts.items():
-        if f not in (0.0, 1.0) and p.grad is not None and p.grad is not avg:
-            path.release(p.grad)
+        worst = max(b for b, _ in splittable)
+        rule.split({iv for b, iv in splittable if b >= 0.5 * worst})
+    avg, weights = rule.finish()
     # the stored bar is the honest one (one more pass), the stop above the
     # calibrated estimate's (lca_ext.bars)
-    honest = bars.honest_bars(path, opts.seed, intervals, phi) if opts.bars else None
+    honest = bars.honest_bars(path, opts.seed, rule.intervals, rule.phi) if opts.bars else None
     bar_k, e_hat, sd, dof = honest or (verdict.tensor_error, None, None, 0)
-    return PathResult(avg, sorted(weights.items()), pts[1.0].loss, pts[1.0].grad,
-                      2 * len(intervals), bar_k,
-                      verdict.ok and not noise_limited, noise_limited,
-                      None if class_d is None else (pts[0.0].class_loss, pts[1.0].class_loss),
-                      tensor_bias=e_hat, tensor_sd=sd, bar_dof=dof)
+    return rule.result(avg, weights, bar_k, verdict.ok and not noise_limited, noise_limited,
+                       tensor_bias=e_hat, tensor_sd=sd, bar_dof=dof)
 
 
 def _weights(intervals) -> Dict[float, float]:
