@@ -297,7 +297,37 @@ def gpt2(seed: int = 0) -> Family:
                   (lca_ids, lca_ids.clone()), None, _lm_batch_loss, None, 16)
 
 
-FAMILIES: Dict[str, Callable[..., Family]] = dict(mlp=mlp, cnn_bn=cnn_bn, vit=vit, gpt2=gpt2)
+class RowLSTM(nn.Module):
+    """A digit read row by row: an LSTM (28 inputs, 32 hidden) over the 28 rows,
+    a linear head on the last hidden state."""
+
+    def __init__(self, hidden=32):
+        super().__init__()
+        self.lstm = nn.LSTM(28, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.reshape(-1, 28, 28))
+        return self.head(out[:, -1])
+
+
+def lstm(seed: int = 0) -> Family:
+    """RowLSTM on the digits, Adam lr 1e-2, batch 100; LCA set: 500 digits in
+    one batch (a recurrent family: smooth, tanh and sigmoid gates)."""
+    xtr, ytr = _digits()
+
+    def make_model():
+        torch.manual_seed(seed)
+        return RowLSTM()
+
+    def make_optimizer(model, steps):
+        return torch.optim.Adam(model.parameters(), lr=1e-2), None
+    return Family("lstm", make_model, make_optimizer, _index_batches(xtr, ytr, 100, seed + 1),
+                  (xtr[:500], ytr[:500]), F.cross_entropy, _xent_batch_loss, 10, 500)
+
+
+FAMILIES: Dict[str, Callable[..., Family]] = dict(mlp=mlp, cnn_bn=cnn_bn, vit=vit, gpt2=gpt2,
+                                                  lstm=lstm)
 
 
 # -- the float64 reference -------------------------------------------------------------
