@@ -192,6 +192,16 @@ def _sorted_pairs(ev, classes):
         yield x, y, [(j, slice(a, b)) for j, (a, b) in enumerate(zip(lo, hi)) if b > a]
 
 
+def _masked_pairs(ev, classes):
+    """(x, y, [(slot, mask)]) per batch, in the batch's own order: one boolean
+    mask per class present (one host sync per batch)."""
+    for batch in ev.batches():
+        x, y = batch
+        t = _class_targets(ev, x, targets_of(ev, batch))
+        present = set(torch.unique(t).tolist())
+        yield x, y, [(j, t == c) for j, c in enumerate(classes) if c in present]
+
+
 def _per_batch(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
     need = grad_out is not None or probe is not None
@@ -216,8 +226,9 @@ def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
     need = grad_out is not None or probe is not None
     with ev._quiet_model(), torch.set_grad_enabled(need):
-        for x, y, parts in _sorted_pairs(ev, classes):
-            # fresh buffer copies per batch: BatchNorm runs once on each
+        for x, y, parts in _masked_pairs(ev, classes):
+            # fresh buffer copies per batch: BatchNorm runs once on each; the
+            # batch in its own order (a graph's nodes must not be permuted)
             tensors, leaves = ev._tensors(point, need)
             out = functional_call(ev.model, _strip(tensors), (x,), tie_weights=True)
             for i, (j, s) in enumerate(parts):

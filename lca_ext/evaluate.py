@@ -306,24 +306,27 @@ class Evaluator:
         random.seed(0x1CA)
         np.random.seed(0x1CA)
 
-    def check_mean(self) -> None:
-        """Once, when the tracker is built: with ``loss_fn``, the first batch's
-        loss must equal the size-weighted mean of its two halves' losses (one
-        forward of one batch, every module in eval mode so that BatchNorm
-        does not couple the halves).  A ``reduction='sum'`` loss is refused,
-        saying so; a model whose batch cannot be halved (examples that
-        interact, e.g. a graph over the whole batch) is not checked, nor a set
-        that is not a tensor pair."""
+    def check_examples(self) -> None:
+        """Once, when the tracker is built, on a tensor-pair set with ``loss_fn``
+        (forwards of one batch and of its parts, every module in eval mode so that
+        BatchNorm does not couple examples; the training is not touched):
+
+        * do the examples interact (a graph network over the whole set: the
+          first rows' outputs differ when they run alone, or cannot run
+          alone)?  Then the set is not cut into groups for the bars
+          (``LCASet.uncut``) and per-class passes keep every batch whole;
+        * is ``loss_fn`` a mean of per-example terms?  The batch's loss must
+          equal the size-weighted mean of its first third's and the rest's; a
+          ``reduction='sum'`` loss is refused, saying so.  A random loss is
+          left to the first pass's clear error."""
+        self.examples_interact = False
         if not getattr(self.batch_loss, "classic", False) or self.ctx.sharded or \
                 not self.data.pair:
             return          # (other sets: reading a batch here would read the set once more)
-        batch = to_device(self.data.pair[0], self.device)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2) or \
-                not isinstance(batch[1], torch.Tensor) or batch[1].dim() == 0 or \
-                batch[1].shape[0] < 2:
-            return
-        x, y = batch
-        if not (isinstance(x, torch.Tensor) and x.shape[:1] == y.shape[:1]):
+        x, y = to_device(self.data._whole, self.device)
+        x, y = x[:1024], y[:1024]
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and
+                y.dim() >= 1 and x.shape[:1] == y.shape[:1] and y.shape[0] >= 2):
             return
         h = y.shape[0] // 2
         loss_fn = self.batch_loss.loss_fn
@@ -331,30 +334,48 @@ class Evaluator:
             for m in self.model.modules():
                 m.training = False
             try:
-                whole = float(loss_fn(self.model(x), y))
-                again = float(loss_fn(self.model(x), y))
-                a = float(loss_fn(self.model(x[:h]), y[:h]))
-                b = float(loss_fn(self.model(x[h:]), y[h:]))
-            except Exception:        # the batch cannot be halved: nothing to check
+                out = self.model(x)
+                again = self.model(x)
+            except Exception:        # (the first pass will say what is wrong)
                 return
-        if whole != again:           # a random loss: the first pass says so, clearly
-            return
-        n = y.shape[0]
-        mean = (a * h + b * (n - h)) / n
+            tensor = isinstance(out, torch.Tensor) and out.shape[:1] == x.shape[:1]
+            if tensor and not torch.equal(out, again):
+                return               # a random model: the first pass says so, clearly
+            try:
+                first = self.model(x[:h])
+                alone = not tensor or torch.allclose(
+                    first, out[:h], rtol=1e-4, atol=1e-6 * float(out.abs().max()))
+            except Exception:        # the first rows cannot run alone
+                alone = False
+            if not alone:
+                self.examples_interact = True
+                self.data.uncut()
+                return
+            # a third and the rest (halves can weigh alike by chance: a
+            # class-weighted loss with equal class counts in each half)
+            n = y.shape[0]
+            k = max(1, n // 3)
+            try:
+                whole = float(loss_fn(out, y))
+                a = float(loss_fn(self.model(x[:k]), y[:k]))
+                b = float(loss_fn(self.model(x[k:]), y[k:]))
+            except Exception:
+                return
+        mean = (a * k + b * (n - k)) / n
         scale = max(abs(whole), abs(mean), 1e-6)
         # rounding: 16-bit forwards differ by ~1e-2 (a sum is off by >= 2x)
         low = any(p.dtype in HALF for p in self.params.params) or self.autocast is not None
         if abs(whole - mean) > (5e-2 if low else 1e-3) * scale:
-            looks = (" It behaves as a sum (the halves' losses add up to it): "
+            looks = (" It behaves as a sum (the parts' losses add up to it): "
                      "reduction='sum'." if abs(whole - (a + b)) <= 1e-3 * max(abs(whole), 1e-6)
                      else "")
             raise ValueError(
                 f"lca_ext: loss_fn is not a mean of per-example terms over the batch: on "
-                f"the first {self.data.name} "
-                f"batch it gives {whole:.6g}, while its two halves, weighted by their sizes, "
-                f"give {mean:.6g}.{looks} The LCA loss is the mean over the set: use a mean "
-                "loss (reduction='mean', torch's default) or pass batch_loss=f returning "
-                "(mean loss, weight)")
+                f"the first {self.data.name} examples it gives {whole:.6g}, while its first "
+                f"third and the rest, weighted by their sizes, give {mean:.6g}.{looks} The "
+                "LCA loss is "
+                "the mean over the set: use a mean loss (reduction='mean', torch's default) "
+                "or pass batch_loss=f returning (mean loss, weight)")
 
     def _first_pass(self, point) -> None:
         """The total weight, and the check that the loss is deterministic."""
@@ -592,9 +613,11 @@ class Evaluator:
     # -- per-class passes (lca_ext.classes) ---------------------------------------
 
     def _batch_coupled(self) -> bool:
-        """Do samples of a batch affect each other's outputs here?"""
-        return self.batchnorm == "batch" and any(
-            isinstance(m, _BATCHNORM) for m in self.model.modules())
+        """Do samples of a batch affect each other's outputs here (BatchNorm on
+        batch statistics, or examples that interact: ``check_examples``)?"""
+        return getattr(self, "examples_interact", False) or (
+            self.batchnorm == "batch" and any(
+                isinstance(m, _BATCHNORM) for m in self.model.modules()))
 
     def class_grads(self, point: Sequence[torch.Tensor], classes: Sequence[int],
                     grad_out: Sequence[torch.Tensor], weight: float = 1.0) -> float:

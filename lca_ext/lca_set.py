@@ -96,6 +96,7 @@ class LCASet:
                  rank: int = 0, world: int = 1, cache: bool = False, min_batches: int = 1):
         self.name = name
         self.pair = None
+        self.cut_for_groups = False
         self.rank, self.world = rank, world
         self.cache = cache
         self._cached: Optional[List] = None
@@ -106,13 +107,14 @@ class LCASet:
                 raise ValueError(f"lca_ext: {name} inputs have {x.shape[0]} rows but "
                                  f"targets have {y.shape[0]}; expected the same count")
             x, y = x[rank::world], y[rank::world]   # example i -> rank i mod world
+            self._whole = (x, y)
+            # cut for the error bars' groups (lca_ext.bars), undone by uncut()
+            # for a model whose examples interact
+            self.cut_for_groups = batch_size is None and min_batches > 1
             if batch_size is None:
                 # at most 1024 examples a batch, and at least min_batches batches
-                # (independent groups for the error bars: lca_ext.bars)
                 batch_size = max(1, min(1024, -(-x.shape[0] // max(1, min_batches))))
-            self.pair = [(x[i:i + batch_size], y[i:i + batch_size])
-                         for i in range(0, x.shape[0], batch_size)]
-            self.source = self.pair
+            self._cut(batch_size)
         elif isinstance(data, DataLoader):
             if _shuffles(data):
                 raise ValueError(f"lca_ext: {name} is a DataLoader whose sampler shuffles; "
@@ -136,6 +138,19 @@ class LCASet:
 
         if isinstance(self.source, abc.Sized) and len(self.source) == 0 and world == 1:
             raise ValueError(f"lca_ext: {name} is empty; expected at least one batch")
+
+    def _cut(self, batch_size: int) -> None:
+        x, y = self._whole
+        self.pair = [(x[i:i + batch_size], y[i:i + batch_size])
+                     for i in range(0, x.shape[0], batch_size)]
+        self.source = self.pair
+
+    def uncut(self) -> None:
+        """Back to batches of 1024 examples (the set was cut for the bars'
+        groups, but its examples interact: a graph over the whole set)."""
+        if self.cut_for_groups:
+            self._cut(1024)
+            self.cut_for_groups = False
 
     def batches(self, device: Optional[torch.device] = None) -> Iterator:
         """This rank's batches, in order, moved to ``device``."""

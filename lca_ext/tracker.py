@@ -252,7 +252,7 @@ class LCATracker:
                 num_classes=num_classes if name == "train" else None))  # (eval sets: unsplit)
             for name, data in sets.items()]
         for obj in self.objectives:
-            obj.evaluator.check_mean()      # reduction='sum' refused here, not later
+            obj.evaluator.check_examples()  # interacting examples; reduction='sum' refused
         self.schedule = schedule if schedule is None or isinstance(schedule, int) \
             else frozenset(schedule)
         self.num_classes = num_classes

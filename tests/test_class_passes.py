@@ -290,3 +290,46 @@ def test_bfloat16_parameters_in_per_class_mode_match_recomputing():
     np.testing.assert_allclose(a.class_sums.sum(1), a.tensor_sums, rtol=1e-5, atol=1e-9)
     scale = np.abs(b.class_sums).max()
     np.testing.assert_allclose(a.class_sums, b.class_sums, rtol=0, atol=2e-2 * scale)
+
+
+def test_a_full_graph_network_keeps_its_batch_whole():
+    """A graph network over the whole LCA set (a fixed N x N adjacency: nodes
+    interact) failed inside its forward with a shape error: per-class LCA
+    regrouped its nodes into class-pure batches (and the default cut the set
+    into groups for the bars).  Now the interaction is detected when the
+    tracker is built, the set stays whole, per-class passes run the whole
+    graph once per batch, and the class LCA adds up to the total, which
+    matches the same tracker without classes."""
+    torch.manual_seed(0)
+    n = 120
+    adj = (torch.rand(n, n) < 0.05).float()
+    adj = adj + adj.T + torch.eye(n)
+    adj = adj / adj.sum(1, keepdim=True)
+
+    class GCN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = torch.nn.Linear(6, 16), torch.nn.Linear(16, C)
+            self.register_buffer("adj", adj)
+
+        def forward(self, x):
+            return self.adj @ self.l2(torch.tanh(self.adj @ self.l1(x)))
+
+    x, y = torch.randn(n, 6), torch.randint(0, C, (n,))
+    model = GCN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    per_class = lca_ext.LCATracker(model, xent, (x, y), num_classes=C)
+    plain = lca_ext.LCATracker(model, xent, (x, y))
+    for _ in range(2):
+        opt.zero_grad()
+        xent(model(x), y).backward()
+        with per_class.step(), plain.step():
+            opt.step()
+    a, b = per_class.result(), plain.result()
+    assert a.grounded().all() and b.grounded().all()
+    np.testing.assert_allclose(a.class_sums.sum(1), a.tensor_sums, rtol=1e-6, atol=1e-10)
+    # (each within its rule's estimate: no groups, so the estimate is the bar)
+    assert (np.abs(a.tensor_sums - b.tensor_sums)
+            <= a.tensor_error + b.tensor_error + 1e-9).all()
+    np.testing.assert_allclose(a.class_error(), 0, atol=1e-4)
+    assert (b.bar_dof == 0).all()            # no independent groups: documented
