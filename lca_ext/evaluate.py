@@ -152,8 +152,9 @@ class Evaluator:
                 "model itself, in FSDP's precision (its MixedPrecisionPolicy); use "
                 "pass_dtype='auto' or None")
         self.pass_dtype = pass_dtype
-        # the arithmetic a pass runs in (its rounding sets the noise floor)
-        self.compute_dtype = autocast or pass_dtype or max(
+        # the arithmetic a pass runs in (its rounding sets the noise floor): with
+        # mixed parameter dtypes, the least precise one's
+        self.compute_dtype = autocast or pass_dtype or min(
             (p.dtype for p in params.params), key=lambda d: torch.finfo(d).bits)
         self.last_class_losses = None   # [C] each class's share at the last class pass
         self.model = model
@@ -260,7 +261,17 @@ class Evaluator:
 
     def _batch_loss(self, tensors, batch):
         """(mean loss, weight) of one batch at the point in ``tensors``."""
-        out = functional_call(self._bound, tensors, (batch,), tie_weights=True)
+        try:
+            out = functional_call(self._bound, tensors, (batch,), tie_weights=True)
+        except RuntimeError as e:
+            if self.pass_dtype is None or "dtype" not in str(e).lower():
+                raise
+            raise RuntimeError(
+                f"lca_ext: the model failed in an LCA pass with its 16-bit parameters cast "
+                f"up to {self.pass_dtype} (pass_dtype='auto' does so, for exact losses): "
+                f"{e}. A model that casts to a fixed dtype itself (x.bfloat16()) cannot "
+                "take that: pass pass_dtype=None to run the passes in the parameters' own "
+                "precision (or cast to the weight's dtype in forward)") from e
         loss, weight = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

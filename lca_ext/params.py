@@ -58,3 +58,19 @@ class ParameterSet:
         for k, layer in enumerate(self.layer_of):
             m[layer, k] = 1.0
         return m
+
+
+def refuse_new_trainables(model: nn.Module, tracked_ids: frozenset) -> None:
+    """Raise if ``model`` has trainable parameters outside the tracked set (a
+    module added, or a frozen tensor unfrozen, after the tracker was built):
+    their updates would be in ΔL with no LCA to match (an ungrounded step that
+    names no cause)."""
+    new = [name for name, p in model.named_parameters()
+           if p.requires_grad and id(p) not in tracked_ids]
+    if new:
+        listed = ", ".join(repr(n) for n in new[:6]) + (" …" if len(new) > 6 else "")
+        raise RuntimeError(
+            f"lca_ext.LCATracker: the model has trainable parameters the tracker was not "
+            f"built with: {listed} (added, or unfrozen, after LCATracker(...)). Their "
+            "updates would change the loss with no LCA to account for them. Build a new "
+            "LCATracker for the changed model (or keep those parameters frozen)")

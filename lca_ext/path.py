@@ -32,6 +32,12 @@ UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
                  torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
+_PARAMETER_ADVICE = (
+    "A NaN/Inf parameter element gives NaN LCA even where the LCA set never reads it "
+    "(NaN·0); fix the parameter (or exclude the tensor from tracking with "
+    "requires_grad=False) before tracking this step")
+
+
 class BufferPool:
     """Gradient-sized buffers of one parameter list (float32, float64 for
     float64 parameters), with an optional leading class dimension, recycled."""
@@ -206,8 +212,30 @@ class StepPath:
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"lca_ext: the {self.name!r} loss is {loss} at step {self.step} "
-                f"(path point {f:g} of θ_t → θ_(t+1)); steps before it are kept")
+                f"(path point {f:g} of θ_t → θ_(t+1)): {self._nonfinite_cause(f)}. "
+                "Steps before it are kept")
         return loss
+
+    def _nonfinite_cause(self, f: float) -> str:
+        """Why a loss is NaN/Inf: the first non-finite tracked parameter element,
+        or (none) the data, the loss function or an overflow along the step."""
+        for what, ends in (("θ_t (before the step)", self.theta_t),
+                           ("θ_(t+1) (after the step)", self.after)):
+            for k, t in enumerate(ends):
+                bad = torch.nonzero(~torch.isfinite(t))
+                if bad.numel():
+                    idx = tuple(int(i) for i in bad[0].tolist())
+                    name = self._names[k] if self._names else f"tensor {k}"
+                    return (f"parameter {name!r} holds {t[idx].item()} at index {idx} in "
+                            f"{what}; fix the parameter (or the step that wrote it) before "
+                            "tracking this step")
+        if 0.0 < f < 1.0:
+            return ("every tracked parameter is finite at both ends of the step, so the "
+                    "loss overflows between them (a huge step: check the learning rate, or "
+                    "run the passes in float64 with pass_dtype=torch.float64)")
+        return ("every tracked parameter is finite, so the LCA set's data or the loss "
+                "function produce it (a NaN/Inf input, log(0), an overflow in 16-bit): "
+                "check the batches of the set and the loss")
 
     @property
     def last_class_losses(self) -> Optional[np.ndarray]:
@@ -242,20 +270,24 @@ class StepPath:
         k = int(np.nonzero(~np.isfinite(out).all(0))[0][0])
         name = self._names[k] if self._names else f"tensor {k}"
         where = "the product Δθ·g overflowed"
-        for what, t in (("θ_t (before the step)", self.theta_t[k]),
-                        ("θ_(t+1) (after the step)", self.after[k]),
-                        ("the LCA set's gradient", buf[k])):
+        advice = ("Run the passes in float64 (pass_dtype=torch.float64) or take a "
+                  "smaller step")
+        for what, t, why in (
+                ("θ_t (before the step)", self.theta_t[k], _PARAMETER_ADVICE),
+                ("θ_(t+1) (after the step)", self.after[k], _PARAMETER_ADVICE),
+                ("the LCA set's gradient", buf[k],
+                 "The loss is finite but its gradient is not at this point of the step "
+                 "(a non-differentiable point such as sqrt or norm at 0, or an overflow "
+                 "in the backward pass); make the loss differentiable there")):
             bad = torch.nonzero(~torch.isfinite(t))
             if bad.numel():
                 idx = tuple(int(i) for i in bad[0].tolist())
                 where = f"{what} holds {t[idx].item()} at index {idx}"
+                advice = why
                 break
         raise FloatingPointError(
             f"lca_ext: step {self.step} ({self.name!r}): the LCA of parameter {name!r} is "
-            f"not finite: {where}. A NaN/Inf parameter element gives NaN LCA even where "
-            "the LCA set never reads it (NaN·0); fix the parameter (or exclude the tensor "
-            "from tracking with requires_grad=False) before tracking this step. Steps "
-            "before it are kept")
+            f"not finite: {where}. {advice}. Steps before it are kept")
 
     def group_dots(self, f: float) -> np.ndarray:
         """[G, K] the groups' samples at a point already evaluated (f > 0;

@@ -17,18 +17,18 @@ One tracked step:
           step's end point (computed afresh only after an untracked step, or
           when θ was written outside a tracked step).
   end     ḡ, the average gradient along θ_t → θ_{t+1} over the whole LCA set, by
-          the rule of ``rule`` (lca_ext.quadrature: by default Simpson refined
-          locally until the total, every tensor's estimated error and every
-          class total are within tolerance; the samples it judges are per-tensor
-          sums of the fused op, LCA being linear in ḡ); passes through
+          the rule of ``rule`` (lca_ext.rules: by default Simpson, one pass for 95%
+          error bars, refined locally within a pass budget, lca_ext.budget_rule;
+          the samples it judges are per-tensor sums of the fused op, LCA being
+          linear in ḡ); passes through
           lca_ext.evaluate (no side effects on the training).  Then one fused
           pass (lca_ext.allocate) gives the per-tensor sums, sign counts,
           per-neuron sums, histogram and per-parameter state.
 
 Memory beyond the model, optimiser and .grad, in fp32 values per tracked
-parameter (autograd's transient per-batch gradient aside): the certified rule
-holds θ_t 1, the path point 1 and the gradients at θ_t, the midpoint and
-θ_{t+1} (= 5), plus one per refined point while ``path_memory_budget`` allows
+parameter (autograd's transient per-batch gradient aside): the default and
+certified rules hold θ_t 1, the path point 1 and the gradients at θ_t, the
+midpoint and θ_{t+1} (= 5), plus one per refined point while ``path_memory_budget`` allows
 (points beyond it are recomputed once); the total-only rules ("adaptive",
 "simpson") hold 4 (θ_t, Q, O and one that holds the midpoint, then g(θ_{t+1}));
 a refined step there lends that buffer to its points, so the next step
@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
-import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -61,8 +59,9 @@ from . import distributed as dist_support
 from . import kernels
 from . import quadrature, rules
 from .evaluate import Evaluator, classic_batch_loss
+from .flags import StepFlags
 from .lca_set import LCASet
-from .params import ParameterSet
+from .params import ParameterSet, refuse_new_trainables
 from .path import BufferPool, StepPath
 from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
 from .statistics import Statistics, StatsOptions, stats_options
@@ -118,9 +117,10 @@ class LCATracker:
                 own precision otherwise), None (always their own) or a dtype;
                 see lca_ext.evaluate
     rule:       a lca_ext.RuleOptions (or a dict of its fields): the path rule
-                and its tolerances.  The default, "certified", refines each step
-                until the total, every tensor's estimated error (``tensor_error``)
-                and each class total are within tolerance; see lca_ext.quadrature.
+                and its tolerances.  The default, "budget", is Simpson with 95%
+                error bars (``tensor_error``), refined within ``max_passes`` a
+                step (lca_ext.budget_rule); "certified" refines until every
+                tensor's estimated error is within tolerance (lca_ext.quadrature).
     method, rtol, atol, max_splits: shorthands for the same RuleOptions fields
                 (give these or ``rule``, not both).  method="adaptive" is the
                 cheaper total-only rule (trapezoid, Simpson, composite Simpson,
@@ -233,6 +233,7 @@ class LCATracker:
             raise NotImplementedError("lca_ext.LCATracker: num_classes with FSDP2 is not "
                                       "supported yet; use DDP or num_classes=None")
         params = ParameterSet.from_model(model)
+        self._tracked_ids = frozenset(id(p) for p in params.params)
         self._shapes = [list(p.shape) for p in params.params]    # whole tensors
         # FSDP2: from here on the tracker sees this rank's shards only
         self.params = dataclasses.replace(params, params=self.ctx.local(params.params))
@@ -287,12 +288,7 @@ class LCATracker:
         # parameters' in-place versions at the last end(): a reused start
         # gradient is valid only if nobody wrote θ in between
         self._end_versions: Optional[List[int]] = None
-        #: (objective, step) of every step that missed its rule's criteria
-        #: (run.grounded() is False for them; only the first of each cause warns)
-        self.ungrounded_steps: List[tuple] = []
-        self._warned_causes: List[bool] = []      # noise_limited values warned about
-        self._budget_steps: List[tuple] = []      # steps stopped at max_passes
-        self._budget_reported = 0
+        self.flags = StepFlags(self.rule)   # steps that missed the rule's criteria
         self.store_link: Optional[StoreLink] = None   # the run directory, if any
         if store_opts is not None:
             self.store_link = StoreLink(self, store_opts)
@@ -328,7 +324,18 @@ class LCATracker:
         if self._open:
             raise RuntimeError("lca_ext.LCATracker.begin: the previous step was not "
                                "ended; call end() after the optimiser step")
+        if not self.ctx.sharded:    # (FSDP2 swaps its parameters in and out)
+            refuse_new_trainables(self.model, self._tracked_ids)
         self._open = True
+        try:
+            self._begin()
+        except BaseException:
+            self._open = False   # nothing begun; a half-made start gradient is dropped
+            for obj in self.objectives:
+                self._drop_start(obj)
+            raise
+
+    def _begin(self) -> None:
         self._current = self._step
         self._tracked = self.tracks(self._step)
         if self._end_versions != [p._version for p in self.params.params]:
@@ -368,8 +375,11 @@ class LCATracker:
             after = [p.detach() for p in self.params.params]
             record = {"step": np.int64(step)}
             self._pending_frames = None
+            # the training set last: a failure before it leaves its state untouched
+            parts = {id(obj): self._allocate_objective(obj, step, after)
+                     for obj in self.objectives[1:] + self.objectives[:1]}
             for obj in self.objectives:
-                record.update(self._allocate_objective(obj, step, after))
+                record.update(parts[id(obj)])
             frames = self._pending_frames
             self._tracked_count += 1
         self.last = record
@@ -417,19 +427,7 @@ class LCATracker:
         per-step records they kept in memory, without state or frames (those are
         in the store).  Warns once, in one line, when steps stopped at the pass
         budget since the last call."""
-        if len(self._budget_steps) > self._budget_reported:
-            self._budget_reported = len(self._budget_steps)
-            per = {}
-            for name, _ in self._budget_steps:
-                per[name] = per.get(name, 0) + 1
-            counts = ", ".join(f"{n} of {self._tracked_count} tracked steps" + (
-                f" ({name!r})" if len(self.objectives) > 1 else "") for name, n in per.items())
-            warnings.warn(
-                f"lca_ext: {counts} stopped at the pass budget (RuleOptions.max_passes="
-                f"{self.rule.max_passes}) with error bars above their target (bar_rtol); "
-                "their bars (run.tensor_error) say what is left and run.get('budget_limited') "
-                "lists them; raise max_passes to refine them further", RuntimeWarning,
-                stacklevel=2)
+        self.flags.summary(self._tracked_count, len(self.objectives) > 1)
         link = self.store_link
         if link is not None:
             link.flush_state(self._tracked_count, self._step)   # (collective under FSDP2)
@@ -503,6 +501,12 @@ class LCATracker:
                         num_classes=self.num_classes or 0, classes=obj.classes,
                         names=self.params.names)
 
+    @property
+    def ungrounded_steps(self) -> List[tuple]:
+        """(objective, step) of every step that missed its rule's criteria
+        (run.grounded() is False for them; only the first of each cause warns)."""
+        return self.flags.ungrounded_steps
+
     # the rule's options, readable as before (lca_ext.quadrature.RuleOptions)
     method = property(lambda self: self.rule.method, doc="the rule's method (RuleOptions.method)")
     rtol = property(lambda self: self.rule.rtol, doc="RuleOptions.rtol of the rule")
@@ -514,11 +518,6 @@ class LCATracker:
         ev = obj.evaluator
         passes0 = ev.passes
         is_train = obj is self.objectives[0]
-        if is_train and self.stats.options.oscillation:
-            g0 = self._pool.class_total(obj.g_start) if obj.classes else obj.g_start
-            self.stats.count_oscillations(self._theta_t, after, g0)
-            if obj.classes:
-                self._release(g0)
         step_path = self._path(obj, after)
         path = rules.integrate(step_path, self.rule, self.reuse_gradients)
         avg, loss_after = path.avg, path.loss_after
@@ -526,16 +525,18 @@ class LCATracker:
         stacked = avg if obj.classes else None     # per-class ḡ, [C, *shape]
         if stacked is not None:
             avg = self._pool.class_total(stacked)
-
+        elif is_train and self.num_classes:      # (its passes may fail: before any state)
+            sums, counts, *class_loss = quadrature.recomputed_classes(
+                step_path, path.points, self.class_memory_budget)
+        if is_train and self.stats.options.oscillation:
+            g0 = self._pool.class_total(obj.g_start) if obj.classes else obj.g_start
+            self.stats.count_oscillations(self._theta_t, after, g0)
+            if obj.classes:
+                self._release(g0)
         res = self.stats.allocate(self._theta_t, after, avg, update_state=is_train)
         lca_sum = res.sums.sum().item()
-        if path.budget_limited:
-            self._budget_steps.append((obj.name, step))   # one summary line: result()
-        if path.budget_limited and not path.grounded and not path.noise_limited:
-            self.ungrounded_steps.append((obj.name, step))   # (in the summary line)
-        elif self.rule.method != "first_order" and not path.grounded:
-            self._ungrounded(obj.name, step, path, abs(lca_sum - d_loss),
-                             step_path.unit_roundoff())
+        self.flags.record(obj.name, step, path, abs(lca_sum - d_loss),
+                          step_path.unit_roundoff())
         p = obj.name + "/"
         record = {p + "loss_before": np.float64(obj.loss_start),
                   p + "loss_after": np.float64(loss_after),
@@ -553,13 +554,10 @@ class LCATracker:
                   p + "counts": res.counts.cpu().numpy(),
                   p + "row_sums": res.row_sums.cpu().numpy(),
                   p + "histogram": res.histogram.cpu().numpy()}
-        class_loss = path.class_loss
         if stacked is not None:
             res_c = self.kernels.allocate_classes(self._theta_t, after, stacked)
             sums, counts = res_c.sums.cpu().numpy(), res_c.counts.cpu().numpy()
-        elif is_train and self.num_classes:
-            sums, counts, *class_loss = quadrature.recomputed_classes(
-                step_path, path.points, self.class_memory_budget)
+            class_loss = path.class_loss
         if is_train and self.num_classes:
             record.update({p + "class_sums": sums, p + "class_counts": counts,
                            p + "class_loss_before": np.asarray(class_loss[0], np.float64),
@@ -579,18 +577,6 @@ class LCATracker:
         if not self.reuse_gradients:
             self._pool.clear()  # hold no gradient buffer between steps
         return record
-
-    def _ungrounded(self, name: str, step: int, path, error: float,
-                    unit_roundoff: float) -> None:
-        """A step that missed the rule's criteria: warned once per cause
-        (rounding or curvature), then counted in ``ungrounded_steps``
-        ((objective, step) pairs)."""
-        if path.noise_limited not in self._warned_causes:
-            self._warned_causes.append(path.noise_limited)
-            warnings.warn(quadrature.ungrounded_message(self.rule, unit_roundoff, name, step,
-                                                        path, error),
-                          RuntimeWarning, stacklevel=4)
-        self.ungrounded_steps.append((name, step))
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Tracks every ``optimizer.step()`` (torch's step pre/post hooks), with no

@@ -1,0 +1,54 @@
+"""Which tracked steps missed their rule's criteria, and the warnings that say so.
+
+A step that is not grounded warns once per cause (the passes' rounding, or
+curvature the rule could not resolve); later ones are only counted.  Steps the
+default rule stopped at its pass budget are not warned one by one: ``summary``
+gives one line for all of them (LCATracker.result calls it).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, Tuple
+
+from . import quadrature
+
+
+class StepFlags:
+    def __init__(self, rule: quadrature.RuleOptions):
+        self.rule = rule
+        #: (objective, step) of every step that missed its rule's criteria
+        self.ungrounded_steps: List[Tuple[str, int]] = []
+        self.budget_steps: List[Tuple[str, int]] = []   # stopped at max_passes
+        self._warned_causes: List[bool] = []            # noise_limited values warned
+        self._reported = 0
+
+    def record(self, name: str, step: int, path, error: float, unit_roundoff: float) -> None:
+        """Note one finished step (``path``: its rule's PathResult)."""
+        if path.budget_limited:
+            self.budget_steps.append((name, step))
+        if path.budget_limited and not path.grounded and not path.noise_limited:
+            self.ungrounded_steps.append((name, step))   # (in the summary line)
+        elif self.rule.method != "first_order" and not path.grounded:
+            if path.noise_limited not in self._warned_causes:
+                self._warned_causes.append(path.noise_limited)
+                warnings.warn(quadrature.ungrounded_message(
+                    self.rule, unit_roundoff, name, step, path, error),
+                    RuntimeWarning, stacklevel=5)
+            self.ungrounded_steps.append((name, step))
+
+    def summary(self, tracked: int, several_objectives: bool) -> None:
+        """One warning line for the budget-limited steps since the last call."""
+        if len(self.budget_steps) <= self._reported:
+            return
+        self._reported = len(self.budget_steps)
+        per = {}
+        for name, _ in self.budget_steps:
+            per[name] = per.get(name, 0) + 1
+        counts = ", ".join(f"{n} of {tracked} tracked steps" + (
+            f" ({name!r})" if several_objectives else "") for name, n in per.items())
+        warnings.warn(
+            f"lca_ext: {counts} stopped at the pass budget (RuleOptions.max_passes="
+            f"{self.rule.max_passes}) with error bars above their target (bar_rtol); "
+            "their bars (run.tensor_error) say what is left and run.get('budget_limited') "
+            "lists them; raise max_passes to refine them further", RuntimeWarning,
+            stacklevel=3)
