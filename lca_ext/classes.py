@@ -38,9 +38,9 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
-from torch.func import functional_call
 
 from .lca_set import at_least_float32, cast_up
+from .params import call_at
 
 
 def targets_of(ev, batch) -> torch.Tensor:
@@ -120,7 +120,7 @@ def _class_targets(ev, x, t) -> torch.Tensor:
 def _share(ev, tensors, x, y):
     """loss_fn's mean over (x, y) x the example count (``tensors``: the model's
     own names)."""
-    out = functional_call(ev.model, tensors, (x,), tie_weights=True)
+    out = call_at(ev.model, ev.model_ties, tensors, (x,))
     return at_least_float32(ev.batch_loss.loss_fn(out, y)) * y.shape[0]
 
 
@@ -230,7 +230,7 @@ def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
             # fresh buffer copies per batch: BatchNorm runs once on each; the
             # batch in its own order (a graph's nodes must not be permuted)
             tensors, leaves = ev._tensors(point, need)
-            out = functional_call(ev.model, _strip(tensors), (x,), tie_weights=True)
+            out = call_at(ev.model, ev.model_ties, _strip(tensors), (x,))
             for i, (j, s) in enumerate(parts):
                 share = at_least_float32(ev.batch_loss.loss_fn(out[s], y[s])) * y[s].shape[0]
                 total[j] += share.detach().double()

@@ -51,13 +51,12 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from . import classes as per_class
 from . import kernels
 from .distributed import Context
 from .lca_set import HALF, LCASet, at_least_float32, cast_up, first_tensor, to_device
-from .params import ParameterSet
+from .params import ParameterSet, call_at, tied_slots
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 # same loss at the same θ up to this relative difference, else the loss is random
@@ -169,6 +168,8 @@ class Evaluator:
         self.kernels = kernels.kernels_for(params.params[0].device)
         self.device = params.params[0].device
         self._bound = _Bound(model, batch_loss)
+        self._bound_ties = tied_slots(self._bound)   # (names prefixed "model.")
+        self.model_ties = tied_slots(model)
         self.count: Optional[float] = None    # Σ weight over the set (all ranks)
         self._check_loss: Optional[float] = None   # the first pass's loss, without gradients
         if getattr(batch_loss, "classic", False) and self.data.pair is not None:
@@ -262,7 +263,7 @@ class Evaluator:
     def _batch_loss(self, tensors, batch):
         """(mean loss, weight) of one batch at the point in ``tensors``."""
         try:
-            out = functional_call(self._bound, tensors, (batch,), tie_weights=True)
+            out = call_at(self._bound, self._bound_ties, tensors, (batch,))
         except RuntimeError as e:
             if self.pass_dtype is None or "dtype" not in str(e).lower():
                 raise

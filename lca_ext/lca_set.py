@@ -81,6 +81,20 @@ def first_tensor(batch) -> Optional[torch.Tensor]:
     return None
 
 
+def nonfinite_in(batches) -> Optional[str]:
+    """Where the first NaN/Inf floating element of ``batches`` is ("batch 3,
+    tensor 0, index (2, 1): inf"), or None (read on an error path only)."""
+    for i, batch in enumerate(batches):
+        found = []
+        map_tensors(batch, lambda t: found.append(t) if t.is_floating_point() else None)
+        for j, t in enumerate(found):
+            bad = torch.nonzero(~torch.isfinite(t))
+            if bad.numel():
+                idx = tuple(int(k) for k in bad[0].tolist())
+                return f"batch {i}, its floating tensor {j}, index {idx}: {t[idx].item()}"
+    return None
+
+
 def _shuffles(loader: DataLoader) -> bool:
     samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
     for s in samplers:

@@ -7,11 +7,13 @@ bias); a *neuron* is a row of dim 0 of a tensor (an output unit / channel).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 
 @dataclass
@@ -74,3 +76,34 @@ def refuse_new_trainables(model: nn.Module, tracked_ids: frozenset) -> None:
             f"built with: {listed} (added, or unfrozen, after LCATracker(...)). Their "
             "updates would change the loss with no LCA to account for them. Build a new "
             "LCATracker for the changed model (or keep those parameters frozen)")
+
+
+def tied_slots(module: nn.Module) -> Dict[str, List[str]]:
+    """{first name: the other names of the same tensor} over the parameters and
+    buffers of ``module``, one name per distinct (owning module, attribute).
+
+    functional_call(tie_weights=True) swaps a tensor in once per *name*: for a
+    module registered at two paths (``nn.Sequential(lin, act, lin)``) the second
+    swap undoes the first, so the pass ran at the live θ and the model kept the
+    point's tensor afterwards.  :func:`call_at` sets each slot exactly once."""
+    names: Dict[int, List[str]] = {}
+    seen = set()
+    for name, t in itertools.chain(module.named_parameters(remove_duplicate=False),
+                                   module.named_buffers(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        slot = (id(module.get_submodule(owner)), attr)
+        if slot not in seen:
+            seen.add(slot)
+            names.setdefault(id(t), []).append(name)
+    return {n[0]: n[1:] for n in names.values() if len(n) > 1}
+
+
+def call_at(module: nn.Module, ties: Dict[str, List[str]], tensors: Dict[str, torch.Tensor],
+            args: tuple):
+    """``module(*args)`` with ``tensors`` ({first name: tensor}) in place of its
+    own, every tied slot included (``ties``: :func:`tied_slots`)."""
+    full = dict(tensors)
+    for name, value in tensors.items():
+        for other in ties.get(name, ()):
+            full.setdefault(other, value)
+    return functional_call(module, full, args, tie_weights=False)

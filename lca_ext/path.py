@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .lca_set import nonfinite_in
+
 # unit roundoff of a pass's arithmetic (bf16/fp16 only under autocast or 16-bit passes)
 UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
                  torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -229,13 +231,16 @@ class StepPath:
                     return (f"parameter {name!r} holds {t[idx].item()} at index {idx} in "
                             f"{what}; fix the parameter (or the step that wrote it) before "
                             "tracking this step")
+        data = nonfinite_in(self._ev.batches())
+        if data is not None:
+            return (f"every tracked parameter is finite; the LCA set's data is not "
+                    f"({data}): clean or drop that example")
         if 0.0 < f < 1.0:
             return ("every tracked parameter is finite at both ends of the step, so the "
                     "loss overflows between them (a huge step: check the learning rate, or "
                     "run the passes in float64 with pass_dtype=torch.float64)")
-        return ("every tracked parameter is finite, so the LCA set's data or the loss "
-                "function produce it (a NaN/Inf input, log(0), an overflow in 16-bit): "
-                "check the batches of the set and the loss")
+        return ("every tracked parameter and the LCA set's data are finite, so the loss "
+                "function produces it (log(0), an overflow in 16-bit): check the loss")
 
     @property
     def last_class_losses(self) -> Optional[np.ndarray]:
@@ -284,6 +289,10 @@ class StepPath:
                 idx = tuple(int(i) for i in bad[0].tolist())
                 where = f"{what} holds {t[idx].item()} at index {idx}"
                 advice = why
+                data = nonfinite_in(self._ev.batches()) if t is buf[k] else None
+                if data is not None:
+                    advice = (f"The LCA set's data holds a NaN/Inf ({data}); clean or "
+                              "drop that example")
                 break
         raise FloatingPointError(
             f"lca_ext: step {self.step} ({self.name!r}): the LCA of parameter {name!r} is "
