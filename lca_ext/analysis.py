@@ -116,9 +116,14 @@ def doubtful_steps(run, objective: str = "train") -> Dict[str, List[int]]:
 
 def describe_doubtful(run, objective: str = "train") -> str:
     """One line naming every step that is not fully certified (or saying none is)."""
-    d = doubtful_steps(run, objective)
+    return format_doubtful(doubtful_steps(run, objective), len(run))
+
+
+def format_doubtful(d: Dict[str, List[int]], tracked: int) -> str:
+    """The line of :func:`describe_doubtful` for ``d`` (:func:`doubtful_steps`'
+    form) out of ``tracked`` steps."""
     if not any(d.values()):
-        return f"every one of the {len(run)} tracked steps is grounded"
+        return f"every one of the {tracked} tracked steps is grounded"
 
     def listed(steps):
         return ", ".join(map(str, steps[:12])) + (f", … ({len(steps)} in all)"
@@ -131,7 +136,7 @@ def describe_doubtful(run, objective: str = "train") -> str:
     if d["budget_limited"]:
         parts.append(f"stopped at the pass budget (bars above target): "
                      f"{listed(d['budget_limited'])}")
-    return f"of {len(run)} tracked steps, " + "; ".join(parts)
+    return f"of {tracked} tracked steps, " + "; ".join(parts)
 
 
 def neuron_heatmap(run, tensor: int = 0, objective: str = "train") -> np.ndarray:

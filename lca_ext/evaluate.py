@@ -319,8 +319,9 @@ class Evaluator:
         np.random.seed(0x1CA)
 
     def check_examples(self) -> None:
-        """Once, when the tracker is built, on a tensor-pair set with ``loss_fn``
-        (forwards of one batch and of its parts, every module in eval mode so that
+        """Once, when the tracker is built, with ``loss_fn``, on the first 1024
+        examples of a tensor pair or the first batch of any other set (forwards
+        of that batch and of its parts, every module in eval mode so that
         BatchNorm does not couple examples; the training is not touched):
 
         * do the examples interact (a graph network over the whole set: the
@@ -332,11 +333,18 @@ class Evaluator:
           ``reduction='sum'`` loss is refused, saying so.  A random loss is
           left to the first pass's clear error."""
         self.examples_interact = False
-        if not getattr(self.batch_loss, "classic", False) or self.ctx.sharded or \
-                not self.data.pair:
-            return          # (other sets: reading a batch here would read the set once more)
-        x, y = to_device(self.data._whole, self.device)
-        x, y = x[:1024], y[:1024]
+        if not getattr(self.batch_loss, "classic", False) or self.ctx.sharded:
+            return
+        if self.data.pair:
+            x, y = to_device(self.data._whole, self.device)
+            x, y = x[:1024], y[:1024]
+        else:           # a DataLoader or batches: its first batch (read once more)
+            batches = self.batches()
+            first = next(batches, None)
+            batches.close()
+            if not (isinstance(first, (tuple, list)) and len(first) == 2):
+                return
+            x, y = first
         if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and
                 y.dim() >= 1 and x.shape[:1] == y.shape[:1] and y.shape[0] >= 2):
             return
@@ -361,7 +369,8 @@ class Evaluator:
                 alone = False
             if not alone:
                 self.examples_interact = True
-                self.data.uncut()
+                if self.data.pair:
+                    self.data.uncut()
                 return
             # a third and the rest (halves can weigh alike by chance: a
             # class-weighted loss with equal class counts in each half)
@@ -380,14 +389,16 @@ class Evaluator:
         if abs(whole - mean) > (5e-2 if low else 1e-3) * scale:
             looks = (" It behaves as a sum (the parts' losses add up to it): "
                      "reduction='sum'." if abs(whole - (a + b)) <= 1e-3 * max(abs(whole), 1e-6)
-                     else "")
+                     else " A loss over pairs or sets of a batch's examples (contrastive, "
+                     "triplet, a class-weighted mean) is not one either.")
             raise ValueError(
                 f"lca_ext: loss_fn is not a mean of per-example terms over the batch: on "
                 f"the first {self.data.name} examples it gives {whole:.6g}, while its first "
                 f"third and the rest, weighted by their sizes, give {mean:.6g}.{looks} The "
-                "LCA loss is "
-                "the mean over the set: use a mean loss (reduction='mean', torch's default) "
-                "or pass batch_loss=f returning (mean loss, weight)")
+                "LCA loss is the mean over the set: use a mean loss (reduction='mean', "
+                "torch's default), or pass batch_loss=f returning (mean loss, weight) over "
+                "fixed LCA batches, which keeps each batch whole (per-class LCA then masks "
+                "the other classes' targets with -100)")
 
     def _first_pass(self, point) -> None:
         """The total weight, and the check that the loss is deterministic."""

@@ -7,10 +7,12 @@ gives one line for all of them (LCATracker.result calls it).
 """
 from __future__ import annotations
 
+import logging
 import warnings
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from . import quadrature
+from .analysis import format_doubtful
 
 
 class StepFlags:
@@ -19,11 +21,16 @@ class StepFlags:
         #: (objective, step) of every step that missed its rule's criteria
         self.ungrounded_steps: List[Tuple[str, int]] = []
         self.budget_steps: List[Tuple[str, int]] = []   # stopped at max_passes
+        self.noise_steps: List[Tuple[str, int]] = []    # at the rounding floor
+        self.seen: dict = {}                            # objective -> steps recorded
         self._warned_causes: List[bool] = []            # noise_limited values warned
         self._reported = 0
 
     def record(self, name: str, step: int, path, error: float, unit_roundoff: float) -> None:
         """Note one finished step (``path``: its rule's PathResult)."""
+        self.seen[name] = self.seen.get(name, 0) + 1
+        if path.noise_limited:
+            self.noise_steps.append((name, step))
         if path.budget_limited:
             self.budget_steps.append((name, step))
         if path.budget_limited and not path.grounded and not path.noise_limited:
@@ -52,3 +59,23 @@ class StepFlags:
             "their bars (run.tensor_error) say what is left and run.get('budget_limited') "
             "lists them; raise max_passes to refine them further", RuntimeWarning,
             stacklevel=3)
+
+    def doubtful(self, name: str) -> Dict[str, List[int]]:
+        """The steps of objective ``name`` recorded here that are not fully
+        certified, as lca_ext.analysis.doubtful_steps gives them for a run."""
+        pick = lambda pairs: [s for n, s in pairs if n == name]   # noqa: E731
+        return dict(ungrounded=pick(self.ungrounded_steps), noise_limited=pick(self.noise_steps),
+                    budget_limited=pick(self.budget_steps))
+
+    def end_of_run(self, name: str) -> None:
+        """The line a framework callback gives at the end of training: a warning
+        naming the doubtful steps, or an info log line when every step is
+        grounded."""
+        d = self.doubtful(name)
+        line = "lca_ext: " + format_doubtful(d, self.seen.get(name, 0))
+        if any(d.values()):
+            warnings.warn(line + " (run.get('grounded'), run.get('budget_limited') and "
+                          "run.tensor_error say which and by how much)", RuntimeWarning,
+                          stacklevel=3)
+        else:
+            logging.getLogger("lca_ext").info(line)

@@ -156,6 +156,7 @@ class PageData:
     layer_lca: np.ndarray            # [S, G]
     class_rows: List[str]            # class row labels (empty without num_classes)
     class_lca: np.ndarray            # [S, rows, G]
+    frame_lims: List[float]          # [F] each kept frame's colour limit (±)
 
 
 def page_data(run: Run, bounds: Bounds) -> PageData:
@@ -180,8 +181,11 @@ def page_data(run: Run, bounds: Bounds) -> PageData:
     if run.meta.get("num_classes"):
         class_rows, by_class = top_classes(run.class_layer_sums()[rows], bounds.max_classes)
         class_lca = sum_groups(by_class, group_of, len(groups)).astype(np.float32)
+    # a colour scale per frame: one fixed for the run left the early, small
+    # frames nearly blank
+    lims = [symmetric_limit([per[f] for per in frames]) for f in range(len(frame_steps))]
     return PageData(steps, rows, tensors, sides, frame_steps, frames, shown, groups,
-                    layer_lca, class_rows, class_lca)
+                    layer_lca, class_rows, class_lca, lims)
 
 
 # ---------------------------------------------------------------------------
@@ -252,7 +256,7 @@ def _figure(run: Run, data: PageData):
     bar_id, class_id = _add_layers(fig, go, data, row=nt + 2)
     fig.frames = [_step_frame(go, data, j, heat_ids, markers, bar_id, class_id,
                               run.loss_after, run.error) for j in range(len(data.steps))]
-    lim = symmetric_limit([z for per in data.frames for z in per])
+    lim = data.frame_lims[data.shown_frame[0]] if data.frame_lims else 1.0
     _layout(fig, data, lim, nt, height)
     return fig
 
@@ -279,20 +283,38 @@ def _add_curves(fig, go, run: Run, data: PageData, row: int) -> List[int]:
     for col, values, name, color in ((1, loss, "loss after step", "#444"),
                                      (2, err, "|ΣLCA − ΔL|", "#1f77b4")):
         fig.add_trace(go.Scatter(x=run.steps, y=values.astype(np.float32), mode="lines",
-                                 name=name, line=dict(color=color)), row=row, col=col)
-        if col == 2 and not run.grounded().all():
-            bad = ~run.grounded()
-            fig.add_trace(go.Scatter(x=run.steps[bad], y=err[bad].astype(np.float32),
-                                     mode="markers", name="outside tolerance",
-                                     marker=dict(symbol="x", color="red")), row=row, col=col)
+                                 name=name, line=dict(color=color), showlegend=False),
+                      row=row, col=col)
+        if col == 2:
+            _add_flags(fig, go, run, row, col)
         markers.append(len(fig.data))
         fig.add_trace(go.Scatter(x=[s0], y=[float(values[row0])], mode="markers",
-                                 name="this step", marker=dict(size=11, color="#ff7f0e")),
-                      row=row, col=col)
+                                 name="this step", marker=dict(size=11, color="#ff7f0e"),
+                                 showlegend=False), row=row, col=col)
     fig.update_xaxes(title_text="step", row=row)
     if np.all(err > 0):
         fig.update_yaxes(type="log", row=row, col=2)
     return markers
+
+
+# the doubtful steps' markers (lca_ext.analysis.doubtful_steps), in the legend
+FLAG_MARKERS = (("ungrounded", "not grounded", dict(symbol="x", color="red", size=9)),
+                ("budget_limited", "stopped at the pass budget",
+                 dict(symbol="diamond-open", color="#9467bd", size=11)),
+                ("noise_limited", "at the rounding floor",
+                 dict(symbol="circle-open", color="#8c564b", size=13)))
+
+
+def _add_flags(fig, go, run: Run, row: int, col: int) -> None:
+    """One marker trace per kind of doubtful step on the error curve, each a
+    legend entry with its count (the only entries of the page's legend)."""
+    flagged = analysis.doubtful_steps(run)
+    for key, label, marker in FLAG_MARKERS:
+        at = np.isin(run.steps, flagged[key])
+        if at.any():
+            fig.add_trace(go.Scatter(x=run.steps[at], y=run.error[at].astype(np.float32),
+                                     mode="markers", name=f"{label} ({int(at.sum())})",
+                                     marker=marker, showlegend=True), row=row, col=col)
 
 
 def _add_layers(fig, go, data: PageData, row: int) -> Tuple[int, Optional[int]]:
@@ -301,6 +323,7 @@ def _add_layers(fig, go, data: PageData, row: int) -> Tuple[int, Optional[int]]:
     bar_id = len(fig.data)
     fig.add_trace(go.Bar(x=data.groups, y=data.layer_lca[0],
                          marker_color=_bar_colors(data.layer_lca[0]), name="LCA per layer",
+                         showlegend=False,
                          hovertemplate="%{x}<br>LCA %{y:.4g}<extra></extra>"), row=row, col=1)
     # a fixed range: bars of different steps compare by height
     span = np.abs(data.layer_lca).max(initial=0.0) * 1.05 or 1.0
@@ -329,7 +352,9 @@ def _step_frame(go, data: PageData, j: int, heat_ids, markers, bar_id, class_id,
     if class_id is not None:
         traces.append(go.Heatmap(z=data.class_lca[j]))
         ids.append(class_id)
-    return go.Frame(name=str(step), data=traces, traces=ids)
+    lim = data.frame_lims[shown] if data.frame_lims else 1.0
+    return go.Frame(name=str(step), data=traces, traces=ids,
+                    layout=dict(coloraxis=dict(cmin=-lim, cmax=lim)))
 
 
 def _layout(fig, data: PageData, lim: float, nt: int, height: int) -> None:
@@ -338,10 +363,16 @@ def _layout(fig, data: PageData, lim: float, nt: int, height: int) -> None:
                      fig.get_subplot(1, 1).yaxis.domain[1]) if nt else (0, 1))
     class_domain = fig.get_subplot(nt + 2, 2).yaxis.domain if data.class_rows else (0, 1)
     class_lim = float(np.abs(data.class_lca).max(initial=0.0)) or 1.0
+    curves = fig.get_subplot(nt + 1, 2)
+    curves_x, curves_y = curves.xaxis.domain, curves.yaxis.domain
     fig.update_layout(
         height=height, template="plotly_white",
         margin=dict(t=130, b=60, l=70, r=40),
-        showlegend=False,   # every panel is titled; a legend would sit on the slider
+        # every panel is titled; the legend lists only the doubtful steps' markers,
+        # inside the error panel (at the top it would sit on the slider)
+        showlegend=True,
+        legend=dict(x=curves_x[1], y=curves_y[1], xanchor="right", yanchor="top",
+                    bgcolor="rgba(255,255,255,0.8)", font=dict(size=10)),
         coloraxis=dict(colorscale=COLORSCALE, cmin=-lim, cmax=lim,
                        colorbar=dict(title="LCA", len=frame_domain[1] - frame_domain[0],
                                      y=frame_domain[0], yanchor="bottom")),
@@ -378,7 +409,9 @@ def _notes(run: Run, data: PageData) -> str:
         "Drag the slider or press play: every panel shows the selected step. Negative LCA "
         "(green) = the parameter helped lower the loss; positive (red) = it hurt; the "
         "colour scales are symmetric around 0 and saturate at a high quantile of |LCA| "
-        "(hover shows the exact value).",
+        "(the parameter frames' scale is each step's own; hover shows the exact value).",
+        "Steps not fully certified: " + analysis.describe_doubtful(run) + " (marked on "
+        "the |ΣLCA − ΔL| curve; the legend names each kind).",
         f"Slider: {len(data.steps)} of the run's {len(run)} tracked steps"
         + (" (evenly spaced)" if len(data.steps) < len(run) else "") + ". "
         + (f"Parameter frames: {len(data.frame_steps)} of {len(run.frames['step'])} stored "

@@ -170,9 +170,27 @@ def grounding(run, out_dir: str) -> str:
     err = np.maximum(run.error, 1e-16)
     b.semilogy(steps, err, color="k")
     b.set_ylim(err.min() / 3, err.max() * 3)     # a range even when every error is 0
+    flagged = analysis.doubtful_steps(run)
+    for key, label, marker in FLAG_MARKERS:
+        at = np.isin(steps, flagged[key])
+        if at.any():
+            b.plot(steps[at], err[at], ls="none", label=f"{label} ({int(at.sum())})",
+                   **marker)
     b.set(xlabel="iteration", ylabel="|ΣLCA − ΔL| (loss units)",
-          title=f"Per-step error: max {np.max(run.error):.1e}")
+          title=f"Per-step error: max {np.max(run.error):.1e}" + (
+              "" if any(flagged.values()) else "\nevery step grounded"))
+    if any(flagged.values()):
+        _legend_outside(b, fontsize=8)
     return _save(fig, os.path.join(out_dir, "grounding.png"))
+
+
+# the doubtful steps' markers (lca_ext.analysis.doubtful_steps), as on the
+# interactive page
+FLAG_MARKERS = (("ungrounded", "not grounded", dict(marker="x", color=RED, ms=7)),
+                ("budget_limited", "stopped at the pass budget",
+                 dict(marker="D", mfc="none", mec="#9467bd", ms=8)),
+                ("noise_limited", "at the rounding floor",
+                 dict(marker="o", mfc="none", mec="#8c564b", ms=10)))
 
 
 def helped_fraction(run, out_dir: str) -> str:

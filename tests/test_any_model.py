@@ -412,8 +412,11 @@ def trainer_run(tmp_path, with_lca: bool):
     return model, lca, snaps, trainer
 
 
-def test_trainer_callback_tracks_every_step_exactly(tmp_path):
-    model, lca, snaps, trainer = trainer_run(tmp_path, True)
+def test_trainer_callback_tracks_every_step_exactly(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lca_ext"):
+        model, lca, snaps, trainer = trainer_run(tmp_path, True)
+    # the end-of-run line (a warning instead if a step were doubtful)
+    assert "lca_ext: every one of the 3 tracked steps is grounded" in caplog.text
     plain, _, _, _ = trainer_run(tmp_path, False)
     for a, b in zip(model.parameters(), plain.parameters()):
         assert torch.equal(a, b)                   # bit-identical training

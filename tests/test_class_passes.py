@@ -292,14 +292,17 @@ def test_bfloat16_parameters_in_per_class_mode_match_recomputing():
     np.testing.assert_allclose(a.class_sums, b.class_sums, rtol=0, atol=2e-2 * scale)
 
 
-def test_a_full_graph_network_keeps_its_batch_whole():
+@pytest.mark.parametrize("form", ["pair", "batches"])
+def test_a_full_graph_network_keeps_its_batch_whole(form):
     """A graph network over the whole LCA set (a fixed N x N adjacency: nodes
     interact) failed inside its forward with a shape error: per-class LCA
     regrouped its nodes into class-pure batches (and the default cut the set
     into groups for the bars).  Now the interaction is detected when the
     tracker is built, the set stays whole, per-class passes run the whole
     graph once per batch, and the class LCA adds up to the total, which
-    matches the same tracker without classes."""
+    matches the same tracker without classes.  As a list of batches (one batch,
+    the whole graph) the first batch is checked the same way (it failed in the
+    model's forward too: per-batch class passes ran each class's nodes alone)."""
     torch.manual_seed(0)
     n = 120
     adj = (torch.rand(n, n) < 0.05).float()
@@ -318,8 +321,10 @@ def test_a_full_graph_network_keeps_its_batch_whole():
     x, y = torch.randn(n, 6), torch.randint(0, C, (n,))
     model = GCN()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    per_class = lca_ext.LCATracker(model, xent, (x, y), num_classes=C)
-    plain = lca_ext.LCATracker(model, xent, (x, y))
+    lca_data = (x, y) if form == "pair" else [(x, y)]
+    per_class = lca_ext.LCATracker(model, xent, lca_data, num_classes=C)
+    plain = lca_ext.LCATracker(model, xent, lca_data)
+    assert per_class.objectives[0].evaluator.examples_interact
     for _ in range(2):
         opt.zero_grad()
         xent(model(x), y).backward()
@@ -333,3 +338,83 @@ def test_a_full_graph_network_keeps_its_batch_whole():
             <= a.tensor_error + b.tensor_error + 1e-9).all()
     np.testing.assert_allclose(a.class_error(), 0, atol=1e-4)
     assert (b.bar_dof == 0).all()            # no independent groups: documented
+
+
+def supcon(z, y, tau=0.5):
+    """A supervised contrastive loss (a loss over pairs of a batch's examples):
+    each anchor with a label >= 0 and at least one positive scores its
+    positives against every other example of the batch.  Returns (mean over
+    those anchors, their number): other classes' targets set to -100 change no
+    anchor's term, so the classes' shares add up to the batch's loss."""
+    z = nn.functional.normalize(z, dim=1)
+    n = y.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+    sim = (z @ z.T / tau).masked_fill(eye, float("-inf"))
+    logprob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (y[:, None] == y[None, :]) & ~eye & (y[:, None] >= 0)
+    anchors = pos.any(1)
+    per_anchor = -(logprob.masked_fill(~pos, 0.0).sum(1) / pos.sum(1).clamp(min=1))
+    count = anchors.sum()
+    return per_anchor[anchors].sum() / count.clamp(min=1), count
+
+
+def _contrastive_reference(model, theta_t, theta_next, batches, intervals=64):
+    """[C, K] per-class, per-tensor LCA of the contrastive loss by composite
+    Simpson on float64 autograd (class c's share: its anchors' terms over the
+    set's anchor count, every batch whole)."""
+    m = copy.deepcopy(model).double()
+    params = list(m.parameters())
+    weight = sum(float(supcon(m(x.double()), y)[1]) for x, y in batches)
+    w = np.ones(intervals + 1)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    w /= 3 * intervals
+    out = np.zeros((C, len(params)))
+    for i, wi in enumerate(w):
+        with torch.no_grad():
+            for p, a, b in zip(params, theta_t, theta_next):
+                p.copy_(a + (i / intervals) * (b - a))
+        for c in range(C):
+            total = 0.0
+            for x, y in batches:
+                loss, cnt = supcon(m(x.double()), torch.where(y == c, y, -100))
+                total = total + loss * cnt
+            grads = torch.autograd.grad(total / weight, params, allow_unused=True)
+            out[c] += wi * np.array([0.0 if g is None else float(((b - a) * g).sum())
+                                     for g, a, b in zip(grads, theta_t, theta_next)])
+    return out
+
+
+def test_a_contrastive_loss_is_refused_as_loss_fn_and_works_per_class_as_batch_loss():
+    """A loss over pairs of a batch's examples is not a mean of per-example
+    terms: as loss_fn it is refused when the tracker is built, naming
+    contrastive losses and batch_loss.  As batch_loss (mean, anchor count) with
+    num_classes, per-class LCA keeps every batch whole (other classes' targets
+    masked, never regrouped) and each class's LCA per tensor matches a float64
+    reference of its share of the loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 4))
+    x, y = data(48)
+    x = x.float()
+    with pytest.raises(ValueError, match=r"not a mean of per-example terms.*pairs.*"
+                                         r"batch_loss"):
+        lca_ext.LCATracker(model, lambda out, t: supcon(out, t)[0], (x, y))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)]
+    tracker = lca_ext.LCATracker(model, lca_data=batches, num_classes=C,
+                                 batch_loss=lambda m, b: supcon(m(b[0]), b[1]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    theta = [[p.detach().double().clone() for p in model.parameters()]]
+    for t in range(2):
+        opt.zero_grad()
+        supcon(model(x[t::2]), y[t::2])[0].backward()
+        with tracker.step():
+            opt.step()
+        theta.append([p.detach().double().clone() for p in model.parameters()])
+    run = tracker.result()
+    assert run.grounded().all()
+    np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-6, atol=1e-10)
+    for t in range(2):
+        ref = _contrastive_reference(model, theta[t], theta[t + 1], batches)
+        scale = np.abs(ref).sum()
+        np.testing.assert_allclose(run.class_sums[t], ref, rtol=0, atol=2e-3 * scale)
+        np.testing.assert_allclose(run.tensor_sums[t], ref.sum(0), rtol=0,
+                                   atol=2e-3 * scale)

@@ -225,6 +225,44 @@ def test_page_embeds_the_runs_pooled_frames_and_sums(tmp_path):
 
 
 @needs_plotly
+def test_doubtful_steps_are_marked_with_a_legend_and_each_frame_has_its_scale(tmp_path):
+    """Ungrounded and budget-limited steps get their own marker traces on the
+    error curve, named with their counts in the legend (the page's only legend
+    entries); every slider step sets the frames' colour scale to its own frame's
+    symmetric limit (a fixed scale left the early frames nearly blank)."""
+    run = tracked_run()
+    grounded = np.ones(len(run), bool)
+    grounded[[2, 5]] = False
+    budget = np.zeros(len(run), bool)
+    budget[[5, 7]] = True
+    run.arrays["train/grounded"] = grounded
+    run.arrays["train/budget_limited"] = budget
+    page = write_page(run, tmp_path / "page.html", Bounds(max_cells=100, max_steps=9))
+    data, layout, frames = embedded(page)
+    legend = {t["name"]: t for t in data if t.get("showlegend")}
+    assert set(legend) == {"not grounded (2)", "stopped at the pass budget (2)"}
+    assert list(decode(legend["not grounded (2)"]["x"])) == [int(run.steps[2]),
+                                                             int(run.steps[5])]
+    assert list(decode(legend["stopped at the pass budget (2)"]["x"])) == [
+        int(run.steps[5]), int(run.steps[7])]
+    assert layout["showlegend"] is True
+    assert "not grounded: step 2, 5" in page
+    raw = run.frames[str(run.names.index("0.weight"))]
+    lims = []
+    for frame in frames:
+        step = int(frame["name"])
+        f = max(k for k, s in enumerate(run.frames["step"]) if s <= step)
+        pooled = raw[f].astype(np.float32).reshape(8, 4, 10, 4).sum(axis=(1, 3))
+        want = float(np.quantile(np.abs(pooled), 0.995))
+        scale = frame["layout"]["coloraxis"]
+        assert scale["cmin"] == -scale["cmax"]
+        assert scale["cmax"] == pytest.approx(want, rel=1e-5)
+        lims.append(scale["cmax"])
+    assert layout["coloraxis"]["cmax"] == pytest.approx(lims[0])
+    assert max(lims) > 1.5 * min(lims)        # the frames' scales do differ here
+
+
+@needs_plotly
 def test_big_run_is_bounded(tmp_path):
     from plotly.offline import get_plotlyjs
 

@@ -292,3 +292,22 @@ def test_falls_back_to_pytorch_lightning(monkeypatch):
     ptl = pytest.importorskip("pytorch_lightning")
     load = _block(monkeypatch, "lightning", "lightning.pytorch")
     assert issubclass(load().LCACallback, ptl.Callback)
+
+
+def test_end_of_fit_line_names_the_doubtful_steps(caplog):
+    """At the end of fit the callback gives one line: a warning naming the
+    steps that are not fully certified (here a pass budget of 3 stops every
+    refinement), or an info line saying every step is grounded."""
+    cb = LCACallback(xent, TRAIN, rule=dict(max_passes=3, bar_rtol=1e-9))
+    with pytest.warns(RuntimeWarning, match=r"lca_ext: of 4 tracked steps") as caught:
+        fit(MLP(), [cb], max_steps=4)
+    run = cb.result()
+    budget = [int(s) for s in run.steps[run.get("budget_limited")]]
+    assert len(budget) >= 2
+    line = next(str(w.message) for w in caught if "of 4 tracked steps" in str(w.message))
+    assert "stopped at the pass budget (bars above target): " + \
+        ", ".join(map(str, budget)) + " (" in line
+    cb = LCACallback(xent, TRAIN)
+    with caplog.at_level("INFO", logger="lca_ext"):
+        fit(MLP(), [cb], max_steps=3)
+    assert "lca_ext: every one of the 3 tracked steps is grounded" in caplog.text

@@ -443,3 +443,41 @@ def test_report_of_edge_runs_says_n_a_not_nan(case, tmp_path, checked_figures):
     assert cells and not any(re.search(r"\b(nan|inf)\b", c, re.I) for c in cells), cells
     for fig in checked_figures.values():
         assert not any(re.search(r"\bnan\b", t, re.I) for t in fig["titles"]), fig["titles"]
+
+
+def test_grounding_figure_marks_every_doubtful_step_in_its_legend(tmp_path, monkeypatch):
+    """The static report's per-step error panel: ungrounded, budget-limited and
+    rounding-floor steps each get a marker series at exactly their steps, named
+    with its count in a legend that is legible (outside the data)."""
+    from lca_ext import plots
+
+    run = synthetic_run(["fc1", "fc2"], steps=30)
+    grounded = np.ones(30, bool)
+    grounded[[3, 17, 25]] = False
+    budget, noise = np.zeros(30, bool), np.zeros(30, bool)
+    budget[[17, 20]] = True
+    noise[[25]] = True
+    run.arrays.update({"train/grounded": grounded, "train/budget_limited": budget,
+                       "train/noise_limited": noise})
+    seen = {}
+
+    def save(fig, path):
+        seen["fig"] = fig
+        check_legible(fig, os.path.basename(path))
+
+    monkeypatch.setattr(plots, "_write", save)
+    plots.grounding(run, str(tmp_path))
+    err_ax = seen["fig"].axes[1]
+    series = {line.get_label(): line.get_xdata().tolist() for line in err_ax.get_lines()}
+    assert series["not grounded (3)"] == [3, 17, 25]
+    assert series["stopped at the pass budget (2)"] == [17, 20]
+    assert series["at the rounding floor (1)"] == [25]
+    legend = [t.get_text() for t in err_ax.get_legend().get_texts()]
+    assert legend == ["not grounded (3)", "stopped at the pass budget (2)",
+                      "at the rounding floor (1)"]
+    # a run with no doubtful step says so in the title, with no legend
+    run.arrays.update({"train/grounded": np.ones(30, bool), "train/budget_limited": 0 * budget,
+                       "train/noise_limited": 0 * noise})
+    plots.grounding(run, str(tmp_path))
+    assert seen["fig"].axes[1].get_legend() is None
+    assert "every step grounded" in seen["fig"].axes[1].get_title()

@@ -234,6 +234,10 @@ class LCACallback(pl.Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._close(record=False)
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.tracker is not None:      # the end-of-run line: the doubtful steps
+            self.tracker.flags.end_of_run(self.tracker.objectives[0].name)
+
     def teardown(self, trainer, pl_module, stage) -> None:
         self._close(record=False)
         for handle in self._hooks.values():

@@ -329,6 +329,8 @@ class LCACallback(TrainerCallback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self.tracker is not None:      # the end-of-run line: the doubtful steps
+            self.tracker.flags.end_of_run(self.tracker.objectives[0].name)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         last = self.tracker.last if self.tracker is not None else None
