@@ -101,6 +101,19 @@ def layer_totals(run, objective: str = "train") -> Dict[str, np.ndarray]:
                 cumulative=np.cumsum(per_step, axis=0), sizes=sizes, error=error)
 
 
+def cumulative_layer_error(run, at: np.ndarray, objective: str = "train") -> np.ndarray:
+    """[len(at), L]: the 95% bar of each layer's cumulative LCA through step row
+    ``at[i]`` (its tensors' ``run.sum_error`` over steps 0..at[i], added: an
+    upper bar); ``at``: rows of the run's tracked steps (thin a long run)."""
+    out = np.zeros((len(at), len(run.layer_names)))
+    layer_of = np.asarray(run.layer_of)
+    for i, row in enumerate(at):
+        bars = run.sum_error(steps=slice(0, int(row) + 1), objective=objective)
+        out[i] = np.bincount(layer_of, weights=np.nan_to_num(bars),
+                             minlength=len(run.layer_names))
+    return out
+
+
 def doubtful_steps(run, objective: str = "train") -> Dict[str, List[int]]:
     """The tracked steps (their labels) that are not fully certified: ``ungrounded``
     (ΣLCA misses ΔL beyond the rule's tolerance, for any reason), of which

@@ -341,6 +341,9 @@ class Evaluator:
         else:           # a DataLoader or batches: its first batch (read once more)
             batches = self.batches()
             first = next(batches, None)
+            if self.data.cache:     # read on to the end: the read fills the cache
+                for _ in batches:
+                    pass
             batches.close()
             if not (isinstance(first, (tuple, list)) and len(first) == 2):
                 return

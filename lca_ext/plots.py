@@ -251,7 +251,9 @@ def layers(run, out_dir: str, top_k: int = 6) -> str:
     names = groups["names"]
     n = len(names)
     fig, (a, b) = _figure(12, max(3.8, 0.3 * n + 1.5), ncols=2, width_ratios=[1, 1.4])
-    a.barh(np.arange(n), total, color=[GREEN if v < 0 else RED for v in total])
+    error = analysis.group_sum(lt["error"], groups)
+    a.barh(np.arange(n), total, color=[GREEN if v < 0 else RED for v in total],
+           xerr=np.nan_to_num(error), error_kw=dict(ecolor="k", lw=0.8, capsize=2))
     a.axvline(0, color="k", lw=0.5)
     a.invert_yaxis()                                   # model order, top to bottom
     hurt = int((lt["total"] > 0).sum())
@@ -261,14 +263,19 @@ def layers(run, out_dir: str, top_k: int = 6) -> str:
     _category_ticks(fig, a, names, axis="y")
     top = np.argsort(-np.abs(total))[:top_k] if n > top_k else np.arange(n)
     colours, _ = _series_colours(len(top))
+    # the cumulative values' 95% bars as bands (at up to 200 steps of a long run)
+    at = _thin(len(run), 200) if len(run) else np.zeros(0, int)
+    band = analysis.group_sum(analysis.cumulative_layer_error(run, at), groups)
     for c, i in zip(colours, sorted(top)):
         b.plot(run.steps, cumulative[:, i], color=c, label=_short(names[i]))
+        b.fill_between(run.steps[at], cumulative[at, i] - band[:, i],
+                       cumulative[at, i] + band[:, i], color=c, alpha=0.2, lw=0)
     rest = np.setdiff1d(np.arange(n), top)
     if rest.size:
         b.plot(run.steps, cumulative[:, rest].sum(1), color=GREY, ls="--",
                label=f"rest ({rest.size} groups)")
     b.axhline(0, color="k", lw=0.5)
-    b.set(xlabel="iteration", ylabel="cumulative LCA",
+    b.set(xlabel="iteration", ylabel="cumulative LCA (bands: 95% bars)",
           title=f"Cumulative LCA, top {len(top)} of {n} by |total|")
     _legend_outside(b)
     return _save(fig, os.path.join(out_dir, "layers.png"))

@@ -300,3 +300,15 @@ def test_layer_groups():
     assert summed[0] == 0 + 1 + 2 + 3 + 4 and summed.sum() == np.arange(60.0).sum()
     with pytest.raises(ValueError, match="max_groups"):
         analysis.layer_groups(["a"], max_groups=0)
+
+
+def test_cumulative_layer_error_adds_steps_and_tensors_by_hand():
+    """Steps without bars (bar_dof 0) add their tensor_error linearly, and a
+    layer's bar is its tensors' sum: through step 0, 1, 2 by hand; the last
+    equals layer_totals' error."""
+    err = np.array([[0.1, 0.2, 0.4], [0.01, 0.02, 0.04], [1.0, 2.0, 4.0]])
+    run = make_run(np.ones((3, 3)), layer_of=[0, 0, 1],
+                   extra={"train/tensor_error": err, "train/bar_dof": np.zeros(3, np.int64)})
+    got = analysis.cumulative_layer_error(run, np.array([0, 1, 2]))
+    np.testing.assert_allclose(got, [[0.3, 0.4], [0.33, 0.44], [3.33, 4.44]])
+    np.testing.assert_allclose(got[-1], analysis.layer_totals(run)["error"])
