@@ -160,7 +160,7 @@ def _regrouped(ev, point, classes, grad_out, weight, probe=None):
     slot = {c: j for j, c in enumerate(classes)}
     total, wsum = _zeros(ev, classes)
     need = grad_out is not None or probe is not None
-    with ev._quiet_model(), torch.set_grad_enabled(need):
+    with ev.quiet_model(), torch.set_grad_enabled(need):
         if point is not None:
             tensors, leaves = ev._tensors(point, need)
             tensors = _strip(tensors)
@@ -205,7 +205,7 @@ def _masked_pairs(ev, classes):
 def _per_batch(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
     need = grad_out is not None or probe is not None
-    with ev._quiet_model(), torch.set_grad_enabled(need):
+    with ev.quiet_model(), torch.set_grad_enabled(need):
         if point is not None:
             tensors, leaves = ev._tensors(point, need)
             tensors = _strip(tensors)
@@ -225,7 +225,7 @@ def _per_batch(ev, point, classes, grad_out, weight, probe=None):
 def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
     need = grad_out is not None or probe is not None
-    with ev._quiet_model(), torch.set_grad_enabled(need):
+    with ev.quiet_model(), torch.set_grad_enabled(need):
         for x, y, parts in _masked_pairs(ev, classes):
             # fresh buffer copies per batch: BatchNorm runs once on each; the
             # batch in its own order (a graph's nodes must not be permuted)
@@ -243,7 +243,7 @@ def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
 def _masked(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
     need = grad_out is not None or probe is not None
-    with ev._quiet_model(), torch.set_grad_enabled(need):
+    with ev.quiet_model(), torch.set_grad_enabled(need):
         for batch in ev.batches():
             t = targets_of(ev, batch)
             if point is not None:

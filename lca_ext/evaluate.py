@@ -55,6 +55,7 @@ from torch import nn
 from . import classes as per_class
 from . import kernels
 from .distributed import Context
+from .example_check import check_examples
 from .lca_set import HALF, LCASet, at_least_float32, cast_up, first_tensor, to_device
 from .params import ParameterSet, call_at, tied_slots
 
@@ -153,8 +154,8 @@ class Evaluator:
         self.pass_dtype = pass_dtype
         # the arithmetic a pass runs in (its rounding sets the noise floor): with
         # mixed parameter dtypes, the least precise one's
-        self.compute_dtype = autocast or pass_dtype or min(
-            (p.dtype for p in params.params), key=lambda d: torch.finfo(d).bits)
+        self.compute_dtype = autocast or pass_dtype or max(
+            (p.dtype for p in params.params), key=lambda d: torch.finfo(d).eps)
         self.last_class_losses = None   # [C] each class's share at the last class pass
         self.model = model
         self.batch_loss = batch_loss
@@ -207,7 +208,7 @@ class Evaluator:
         return [b.detach().clone() for b in self.model.buffers() if id(b) not in skip]
 
     @contextlib.contextmanager
-    def _quiet_model(self):
+    def quiet_model(self):
         """Eval mode (BatchNorm as chosen), no surrounding autocast, RNG streams
         forked; all restored."""
         flags = [(m, m.training) for m in self.model.modules()]
@@ -268,11 +269,12 @@ class Evaluator:
             if self.pass_dtype is None or "dtype" not in str(e).lower():
                 raise
             raise RuntimeError(
-                f"lca_ext: the model failed in an LCA pass with its 16-bit parameters cast "
-                f"up to {self.pass_dtype} (pass_dtype='auto' does so, for exact losses): "
-                f"{e}. A model that casts to a fixed dtype itself (x.bfloat16()) cannot "
-                "take that: pass pass_dtype=None to run the passes in the parameters' own "
-                "precision (or cast to the weight's dtype in forward)") from e
+                f"lca_ext: the model failed in an LCA pass with its parameters cast to "
+                f"pass_dtype={self.pass_dtype} ('auto' casts 16-bit parameters to float32, "
+                f"for exact losses): {e}. A model that casts to a fixed dtype itself "
+                "(x.bfloat16()) cannot take that: pass pass_dtype=None to run the passes in "
+                "the parameters' own precision (or cast to the weight's dtype in forward)"
+            ) from e
         loss, weight = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -308,7 +310,7 @@ class Evaluator:
         return t.to(pd)
 
     def _reseed(self) -> None:
-        """Other random streams than a pass sees (inside _quiet_model, which
+        """Other random streams than a pass sees (inside quiet_model, which
         restores them): randomness that ignores module.training then shows as a
         difference between two passes at the same point."""
         torch.default_generator.manual_seed(0x1CA)
@@ -318,94 +320,28 @@ class Evaluator:
         random.seed(0x1CA)
         np.random.seed(0x1CA)
 
-    def check_examples(self) -> None:
-        """Once, when the tracker is built, with ``loss_fn``, on the first 1024
-        examples of a tensor pair or the first batch of any other set (forwards
-        of that batch and of its parts, every module in eval mode so that
-        BatchNorm does not couple examples; the training is not touched):
+    def nonfinite_untracked(self) -> Optional[str]:
+        """The first NaN/Inf in a frozen parameter or a floating buffer of the
+        model ("buffer 'bn.running_var' holds nan at index (3,)"), or None."""
+        tracked = {id(p) for p in self.params.params}
+        named = [("parameter", n, p) for n, p in self.model.named_parameters()
+                 if id(p) not in tracked] + \
+            [("buffer", n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        for kind, name, t in named:
+            bad = torch.nonzero(~torch.isfinite(t.detach()))
+            if bad.numel():
+                idx = tuple(int(i) for i in bad[0].tolist())
+                return f"{kind} {name!r} (not tracked) holds {t[idx].item()} at index {idx}"
+        return None
 
-        * do the examples interact (a graph network over the whole set: the
-          first rows' outputs differ when they run alone, or cannot run
-          alone)?  Then the set is not cut into groups for the bars
-          (``LCASet.uncut``) and per-class passes keep every batch whole;
-        * is ``loss_fn`` a mean of per-example terms?  The batch's loss must
-          equal the size-weighted mean of its first third's and the rest's; a
-          ``reduction='sum'`` loss is refused, saying so.  A random loss is
-          left to the first pass's clear error."""
-        self.examples_interact = False
-        if not getattr(self.batch_loss, "classic", False) or self.ctx.sharded:
-            return
-        if self.data.pair:
-            x, y = to_device(self.data._whole, self.device)
-            x, y = x[:1024], y[:1024]
-        else:           # a DataLoader or batches: its first batch (read once more)
-            batches = self.batches()
-            first = next(batches, None)
-            if self.data.cache:     # read on to the end: the read fills the cache
-                for _ in batches:
-                    pass
-            batches.close()
-            if not (isinstance(first, (tuple, list)) and len(first) == 2):
-                return
-            x, y = first
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and
-                y.dim() >= 1 and x.shape[:1] == y.shape[:1] and y.shape[0] >= 2):
-            return
-        h = y.shape[0] // 2
-        loss_fn = self.batch_loss.loss_fn
-        with self._quiet_model(), torch.no_grad():
-            for m in self.model.modules():
-                m.training = False
-            try:
-                out = self.model(x)
-                again = self.model(x)
-            except Exception:        # (the first pass will say what is wrong)
-                return
-            tensor = isinstance(out, torch.Tensor) and out.shape[:1] == x.shape[:1]
-            if tensor and not torch.equal(out, again):
-                return               # a random model: the first pass says so, clearly
-            try:
-                first = self.model(x[:h])
-                alone = not tensor or torch.allclose(
-                    first, out[:h], rtol=1e-4, atol=1e-6 * float(out.abs().max()))
-            except Exception:        # the first rows cannot run alone
-                alone = False
-            if not alone:
-                self.examples_interact = True
-                if self.data.pair:
-                    self.data.uncut()
-                return
-            # a third and the rest (halves can weigh alike by chance: a
-            # class-weighted loss with equal class counts in each half)
-            n = y.shape[0]
-            k = max(1, n // 3)
-            try:
-                whole = float(loss_fn(out, y))
-                a = float(loss_fn(self.model(x[:k]), y[:k]))
-                b = float(loss_fn(self.model(x[k:]), y[k:]))
-            except Exception:
-                return
-        mean = (a * k + b * (n - k)) / n
-        scale = max(abs(whole), abs(mean), 1e-6)
-        # rounding: 16-bit forwards differ by ~1e-2 (a sum is off by >= 2x)
-        low = any(p.dtype in HALF for p in self.params.params) or self.autocast is not None
-        if abs(whole - mean) > (5e-2 if low else 1e-3) * scale:
-            looks = (" It behaves as a sum (the parts' losses add up to it): "
-                     "reduction='sum'." if abs(whole - (a + b)) <= 1e-3 * max(abs(whole), 1e-6)
-                     else " A loss over pairs or sets of a batch's examples (contrastive, "
-                     "triplet, a class-weighted mean) is not one either.")
-            raise ValueError(
-                f"lca_ext: loss_fn is not a mean of per-example terms over the batch: on "
-                f"the first {self.data.name} examples it gives {whole:.6g}, while its first "
-                f"third and the rest, weighted by their sizes, give {mean:.6g}.{looks} The "
-                "LCA loss is the mean over the set: use a mean loss (reduction='mean', "
-                "torch's default), or pass batch_loss=f returning (mean loss, weight) over "
-                "fixed LCA batches, which keeps each batch whole (per-class LCA then masks "
-                "the other classes' targets with -100)")
+    def check_examples(self) -> None:
+        """Once, when the tracker is built: interacting examples, a loss_fn that is
+        not a mean (lca_ext.example_check)."""
+        check_examples(self)
 
     def _first_pass(self, point) -> None:
         """The total weight, and the check that the loss is deterministic."""
-        with self._quiet_model():
+        with self.quiet_model():
             self._reseed()
             run = self._pass_sharded if self.ctx.sharded else self._pass_local
             self._check_batches()
@@ -507,7 +443,7 @@ class Evaluator:
         need_grad = grad_out is not None or probe is not None
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=True)
-        with self._quiet_model():
+        with self.quiet_model():
             # one set of leaves (and buffer copies) for the whole pass: each
             # batch's graph is freed by its autograd.grad
             if point is not None:
@@ -596,7 +532,7 @@ class Evaluator:
         try:
             for p in dtensors:
                 p.grad = None
-            with self._quiet_model():
+            with self.quiet_model():
                 batches = self.batches()
                 first = None
                 for r in range(self.rounds):
@@ -661,7 +597,7 @@ class Evaluator:
         if not self._split_checked and len(classes) == self.num_classes:
             # once: the same split forward only (randomness), and the plain loss
             # (is the loss a sum of per-target terms?), both at this point
-            with self._quiet_model():
+            with self.quiet_model():
                 self._reseed()
                 again = self._class_loss(point, classes)
             checks = (again, self._pass_local(point, None, 1.0)[0] / self.count)
@@ -691,7 +627,7 @@ class Evaluator:
         """Each class's share of the mean loss at ``point`` (forward only) [len]."""
         if self._check_loss is None:
             self._first_pass(point)
-        with self._quiet_model():
+        with self.quiet_model():
             self._class_loss(point, classes)
         return self.last_class_losses
 

@@ -7,12 +7,10 @@ gives one line for all of them (LCATracker.result calls it).
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Dict, List, Tuple
 
 from . import quadrature
-from .analysis import format_doubtful
 
 
 class StepFlags:
@@ -66,16 +64,3 @@ class StepFlags:
         pick = lambda pairs: [s for n, s in pairs if n == name]   # noqa: E731
         return dict(ungrounded=pick(self.ungrounded_steps), noise_limited=pick(self.noise_steps),
                     budget_limited=pick(self.budget_steps))
-
-    def end_of_run(self, name: str) -> None:
-        """The line a framework callback gives at the end of training: a warning
-        naming the doubtful steps, or an info log line when every step is
-        grounded."""
-        d = self.doubtful(name)
-        line = "lca_ext: " + format_doubtful(d, self.seen.get(name, 0))
-        if any(d.values()):
-            warnings.warn(line + " (run.get('grounded'), run.get('budget_limited') and "
-                          "run.tensor_error say which and by how much)", RuntimeWarning,
-                          stacklevel=3)
-        else:
-            logging.getLogger("lca_ext").info(line)

@@ -159,6 +159,10 @@ class LCASet:
                      for i in range(0, x.shape[0], batch_size)]
         self.source = self.pair
 
+    def whole_pair(self) -> tuple:
+        """This rank's (inputs, targets) of a tensor-pair set, uncut."""
+        return self._whole
+
     def uncut(self) -> None:
         """Back to batches of 1024 examples (the set was cut for the bars'
         groups, but its examples interact: a graph over the whole set)."""

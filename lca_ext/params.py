@@ -62,13 +62,24 @@ class ParameterSet:
         return m
 
 
-def refuse_new_trainables(model: nn.Module, tracked_ids: frozenset) -> None:
-    """Raise if ``model`` has trainable parameters outside the tracked set (a
-    module added, or a frozen tensor unfrozen, after the tracker was built):
-    their updates would be in ΔL with no LCA to match (an ungrounded step that
-    names no cause)."""
-    new = [name for name, p in model.named_parameters()
-           if p.requires_grad and id(p) not in tracked_ids]
+def layout(model: nn.Module) -> List[tuple]:
+    """(name, tensor id, requires_grad) of every parameter slot of ``model``."""
+    return [(n, id(p), p.requires_grad)
+            for n, p in model.named_parameters(remove_duplicate=False)]
+
+
+def check_layout(model: nn.Module, built: List[tuple], tracked_ids: frozenset) -> List[tuple]:
+    """Raise if ``model``'s parameters changed since the tracker was built in a
+    way LCA cannot follow: trainable tensors outside the tracked set (a module
+    added, a frozen tensor unfrozen: their updates would be in ΔL with no LCA
+    for them), or slots that now hold other tensors (weights re-tied or
+    replaced: the passes would run at the wrong values).  A tracked tensor
+    frozen later is fine (it stays tracked, its Δθ is 0).  Returns the current
+    layout (one traversal of the parameters a step)."""
+    now = layout(model)
+    if now == built:
+        return now
+    new = [n for n, i, grad in now if grad and i not in tracked_ids]
     if new:
         listed = ", ".join(repr(n) for n in new[:6]) + (" …" if len(new) > 6 else "")
         raise RuntimeError(
@@ -76,6 +87,17 @@ def refuse_new_trainables(model: nn.Module, tracked_ids: frozenset) -> None:
             f"built with: {listed} (added, or unfrozen, after LCATracker(...)). Their "
             "updates would change the loss with no LCA to account for them. Build a new "
             "LCATracker for the changed model (or keep those parameters frozen)")
+    before = {n: i for n, i, _ in built}
+    moved = [n for n, i, _ in now if before.get(n, i) != i] + \
+        [n for n in before if n not in {m for m, _, _ in now}]
+    if moved:
+        listed = ", ".join(repr(n) for n in moved[:6]) + (" …" if len(moved) > 6 else "")
+        raise RuntimeError(
+            f"lca_ext.LCATracker: parameter slots of the model hold other tensors than "
+            f"when the tracker was built: {listed} (weights re-tied, replaced or "
+            "removed after LCATracker(...)). The passes would run at the wrong values. "
+            "Build a new LCATracker after changing the model")
+    return now
 
 
 def tied_slots(module: nn.Module) -> Dict[str, List[str]]:

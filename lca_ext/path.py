@@ -231,6 +231,9 @@ class StepPath:
                     return (f"parameter {name!r} holds {t[idx].item()} at index {idx} in "
                             f"{what}; fix the parameter (or the step that wrote it) before "
                             "tracking this step")
+        frozen = self._ev.nonfinite_untracked()
+        if frozen is not None:
+            return f"the model's {frozen}; fix it before tracking this step"
         data = nonfinite_in(self._ev.batches())
         if data is not None:
             return (f"every tracked parameter is finite; the LCA set's data is not "

@@ -24,6 +24,11 @@ RULES = {"budget": budget_rule.budget, "certified": quadrature.certified, "adapt
          "simpson": uniform_rules.simpson, "first_order": first_order}
 
 
+# the rules that leave g(θ_t)'s buffer (path.g_start) as it was (the others
+# build ḡ inside it)
+KEEP_START = frozenset({"budget", "certified", "first_order"})
+
+
 def integrate(path, opts: RuleOptions, reuse_gradients: bool = True) -> PathResult:
     """The path integral of one step by the rule of ``opts`` (the low-memory
     variant for ``reuse_gradients=False``)."""

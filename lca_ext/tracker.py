@@ -61,7 +61,7 @@ from . import quadrature, rules
 from .evaluate import Evaluator, classic_batch_loss
 from .flags import StepFlags
 from .lca_set import LCASet
-from .params import ParameterSet, refuse_new_trainables
+from .params import ParameterSet, check_layout, layout
 from .path import BufferPool, StepPath
 from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
 from .statistics import Statistics, StatsOptions, stats_options
@@ -234,6 +234,7 @@ class LCATracker:
                                       "supported yet; use DDP or num_classes=None")
         params = ParameterSet.from_model(model)
         self._tracked_ids = frozenset(id(p) for p in params.params)
+        self._layout = layout(model)    # checked at every step (lca_ext.params)
         self._shapes = [list(p.shape) for p in params.params]    # whole tensors
         # FSDP2: from here on the tracker sees this rank's shards only
         self.params = dataclasses.replace(params, params=self.ctx.local(params.params))
@@ -325,7 +326,7 @@ class LCATracker:
             raise RuntimeError("lca_ext.LCATracker.begin: the previous step was not "
                                "ended; call end() after the optimiser step")
         if not self.ctx.sharded:    # (FSDP2 swaps its parameters in and out)
-            refuse_new_trainables(self.model, self._tracked_ids)
+            self._layout = check_layout(self.model, self._layout, self._tracked_ids)
         self._open = True
         try:
             self._begin()
@@ -378,8 +379,10 @@ class LCATracker:
             # the training set last: a failure before it leaves its state untouched
             parts = {id(obj): self._allocate_objective(obj, step, after)
                      for obj in self.objectives[1:] + self.objectives[:1]}
-            for obj in self.objectives:
-                record.update(parts[id(obj)])
+            for obj in self.objectives:     # (flags only for steps that are recorded)
+                part, flag = parts[id(obj)]
+                record.update(part)
+                self.flags.record(*flag)
             frames = self._pending_frames
             self._tracked_count += 1
         self.last = record
@@ -501,6 +504,12 @@ class LCATracker:
                         num_classes=self.num_classes or 0, classes=obj.classes,
                         names=self.params.names)
 
+    def _count_oscillations(self, obj: _Objective, after) -> None:
+        g0 = self._pool.class_total(obj.g_start) if obj.classes else obj.g_start
+        self.stats.count_oscillations(self._theta_t, after, g0)
+        if obj.classes:
+            self._release(g0)
+
     @property
     def ungrounded_steps(self) -> List[tuple]:
         """(objective, step) of every step that missed its rule's criteria
@@ -514,10 +523,18 @@ class LCATracker:
     max_splits = property(lambda self: self.rule.max_splits,
                           doc="RuleOptions.max_splits of the rule")
 
-    def _allocate_objective(self, obj: _Objective, step: int, after) -> dict:
+    def _allocate_objective(self, obj: _Objective, step: int, after) -> tuple:
+        """(the objective's part of the step's record, its flags' arguments)."""
         ev = obj.evaluator
         passes0 = ev.passes
         is_train = obj is self.objectives[0]
+        # the gradient signs are g(θ_t)'s: read them after the rule (a failure in
+        # it leaves the counters as they were) where it keeps g(θ_t)'s buffer,
+        # before it where it builds ḡ inside that buffer (simpson, adaptive, low memory)
+        count = is_train and self.stats.options.oscillation
+        keeps_start = self.reuse_gradients and self.rule.method in rules.KEEP_START
+        if count and not keeps_start:
+            self._count_oscillations(obj, after)
         step_path = self._path(obj, after)
         path = rules.integrate(step_path, self.rule, self.reuse_gradients)
         avg, loss_after = path.avg, path.loss_after
@@ -528,15 +545,11 @@ class LCATracker:
         elif is_train and self.num_classes:      # (its passes may fail: before any state)
             sums, counts, *class_loss = quadrature.recomputed_classes(
                 step_path, path.points, self.class_memory_budget)
-        if is_train and self.stats.options.oscillation:
-            g0 = self._pool.class_total(obj.g_start) if obj.classes else obj.g_start
-            self.stats.count_oscillations(self._theta_t, after, g0)
-            if obj.classes:
-                self._release(g0)
+        if count and keeps_start:
+            self._count_oscillations(obj, after)
         res = self.stats.allocate(self._theta_t, after, avg, update_state=is_train)
         lca_sum = res.sums.sum().item()
-        self.flags.record(obj.name, step, path, abs(lca_sum - d_loss),
-                          step_path.unit_roundoff())
+        flag = (obj.name, step, path, abs(lca_sum - d_loss), step_path.unit_roundoff())
         p = obj.name + "/"
         record = {p + "loss_before": np.float64(obj.loss_start),
                   p + "loss_after": np.float64(loss_after),
@@ -576,7 +589,7 @@ class LCATracker:
             obj.class_loss_start = None if path.class_loss is None else path.class_loss[1]
         if not self.reuse_gradients:
             self._pool.clear()  # hold no gradient buffer between steps
-        return record
+        return record, flag
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Tracks every ``optimizer.step()`` (torch's step pre/post hooks), with no

@@ -50,7 +50,7 @@ def embedder():
 
 def dataset(model, n=48, seed=0):
     g = torch.Generator().manual_seed(seed)
-    if isinstance(model[0], nn.Embedding):
+    if isinstance(model, TwoHeads) or isinstance(model[0], nn.Embedding):
         x = torch.randint(0, 9, (n, 3), generator=g)
     else:
         x = torch.randn(n, 6, generator=g)
@@ -346,8 +346,30 @@ def frozen_bias_mlp():
     return model
 
 
-@pytest.mark.parametrize("change", ["added", "unfrozen"])
+class TwoHeads(nn.Module):
+    """An embedding and an output layer of the same shape, separate at first."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+
+    def forward(self, x):
+        return self.head(self.wte(x).mean(1))[:, :3]
+
+
+@pytest.mark.parametrize("change", ["added", "unfrozen", "retied"])
 def test_parameter_set_changing_between_steps_is_refused(tmp_path, change):
+    """Trainable tensors added or unfrozen, or slots re-tied after the tracker
+    was built: refused by name (re-tied weights made the passes run at the
+    old head's values, silently)."""
+    if change == "retied":
+        case = Case(tmp_path, make=TwoHeads)
+        case.model.head.weight = case.model.wte.weight
+        named = "'head.weight'"
+        with pytest.raises(RuntimeError, match=rf"hold other tensors.*{named}.*new LCATracker"):
+            case.step()
+        case.store_intact()
+        return
     if change == "added":
         case = Case(tmp_path)
         case.model.add_module("3", nn.Linear(3, 3))
@@ -405,3 +427,29 @@ def test_loss_that_raises_midway_leaves_the_tracker_usable(tmp_path, seed):
     np.testing.assert_allclose(results[0].tensor_sums[-1], results[1].tensor_sums[0],
                                rtol=1e-6, atol=1e-9)
     assert results[0].grounded()[-1]
+
+
+@pytest.mark.parametrize("where", ["buffer", "frozen"])
+def test_non_finite_untracked_tensor_is_named(tmp_path, where):
+    """A NaN in what the passes read but LCA does not track (an eval-mode
+    BatchNorm's running variance, a frozen weight): named, not blamed on the
+    data or the loss function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = dataset(mlp())
+    if where == "frozen":
+        model[3].weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), batchnorm="eval")
+    opt.zero_grad()
+    xent(model(x), y).backward()
+    with torch.no_grad():
+        if where == "buffer":
+            model[1].running_var[3] = float("nan")
+            named = r"buffer '1.running_var' \(not tracked\) holds nan at index \(3,\)"
+        else:
+            model[3].weight[1, 2] = float("inf")
+            named = r"parameter '3.weight' \(not tracked\) holds inf at index \(1, 2\)"
+    with time_limit(), pytest.raises(FloatingPointError, match=named):
+        with tracker.step():
+            opt.step()

@@ -79,12 +79,17 @@ def test_eval_sets_use_the_same_step():
     assert not np.allclose(run.get("lca_sum", "val"), run.lca_sum)
 
 
-def test_oscillation_counters_match_a_direct_count():
+@pytest.mark.parametrize("rule", ["budget", "certified", "simpson", "adaptive",
+                                  "low-memory"])
+def test_oscillation_counters_match_a_direct_count(rule):
+    """Every rule: the gradient signs are g(θ_t)'s (simpson, adaptive and the
+    low-memory rule build ḡ inside g(θ_t)'s buffer: the counters read it first)."""
     torch.manual_seed(3)
     model = mlp()
     x, y = data(40, seed=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
-    tracker = lca_ext.LCATracker(model, xent, (x, y), atol=1e9)
+    kw = dict(reuse_gradients=False) if rule == "low-memory" else dict(method=rule)
+    tracker = lca_ext.LCATracker(model, xent, (x, y), atol=1e9, **kw)
     thetas = [[p.detach().clone() for p in model.parameters()]]
     gen = torch.Generator().manual_seed(0)
     for _ in range(6):

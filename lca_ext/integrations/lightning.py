@@ -33,7 +33,7 @@ if int(pl.__version__.split(".")[0]) < 2:
                       f"{pl.__name__} {pl.__version__} (pip install -U lightning)")
 
 from ..tracker import LCATracker, Run
-from .metrics import step_metrics
+from .metrics import end_of_run, step_metrics
 from .resume import resumed, start_new_run_at, tracker_on_resume
 
 __all__ = ["LCACallback"]
@@ -236,7 +236,7 @@ class LCACallback(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.tracker is not None:      # the end-of-run line: the doubtful steps
-            self.tracker.flags.end_of_run(self.tracker.objectives[0].name)
+            end_of_run(self.tracker)
 
     def teardown(self, trainer, pl_module, stage) -> None:
         self._close(record=False)

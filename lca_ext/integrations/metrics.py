@@ -7,9 +7,14 @@ as 0/1 (grounded, noise_limited, budget_limited), and with layers
 record of the step, already on the host."""
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from .. import analysis
+from ..run import load_run
 
 
 def step_metrics(record: dict, objectives: Sequence[str],
@@ -36,3 +41,26 @@ def step_metrics(record: dict, objectives: Sequence[str],
         for layer, value in zip(layer_names, sums):
             metrics[f"lca/train/layer/{layer}"] = float(value)
     return metrics
+
+
+def end_of_run(tracker) -> None:
+    """The line a framework callback gives when training ends (rank 0 only): a
+    warning naming the training set's steps that are not fully certified, or
+    an info log line when every step is grounded.  With a store, the whole
+    stored run's steps (a resumed run's earlier ones too)."""
+    if tracker.ctx.rank != 0:
+        return
+    name = tracker.objectives[0].name
+    link = tracker.store_link
+    if link is not None and link.writer is not None:
+        run = load_run(link.path)
+        doubtful, count = analysis.doubtful_steps(run, name), len(run)
+    else:
+        doubtful, count = tracker.flags.doubtful(name), tracker.flags.seen.get(name, 0)
+    line = "lca_ext: " + analysis.format_doubtful(doubtful, count)
+    if any(doubtful.values()):
+        warnings.warn(line + " (run.get('grounded'), run.get('budget_limited') and "
+                      "run.tensor_error say which and by how much)", RuntimeWarning,
+                      stacklevel=3)
+    else:
+        logging.getLogger("lca_ext").info(line)

@@ -68,7 +68,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..tracker import LCATracker
-from .metrics import step_metrics
+from .metrics import end_of_run, step_metrics
 from .resume import resumed as resume_store
 from .resume import start_new_run_at, tracker_on_resume
 
@@ -330,7 +330,7 @@ class LCACallback(TrainerCallback):
             self._handle.remove()
             self._handle = None
         if self.tracker is not None:      # the end-of-run line: the doubtful steps
-            self.tracker.flags.end_of_run(self.tracker.objectives[0].name)
+            end_of_run(self.tracker)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         last = self.tracker.last if self.tracker is not None else None
