@@ -145,8 +145,12 @@ class RecordedPath:
     must lie on the recorded grid.  ``unit_roundoff`` sets the noise floor the
     rules see (float64 samples: 2^-53)."""
 
-    def __init__(self, rec: Recorded, unit_roundoff: float = 2.0 ** -53):
+    def __init__(self, rec: Recorded, unit_roundoff: float = 2.0 ** -53,
+                 known_start: bool = False):
         self.rec = rec
+        # the groups' gradients at θ_t held (the tracker's steps after the first
+        # while 2·G buffers fit path_memory_budget): the two-pass stage
+        self.group_start_known = known_start
         self.name, self.step = rec.family, rec.step
         self.g_start = {0.0: 1.0}
         self.loss_start = float(rec.loss[0].sum())
@@ -194,28 +198,43 @@ class RecordedPath:
         return self._buffer_groups(buf).sum(0, keepdims=True)
 
     def _buffer_groups(self, buf) -> np.ndarray:
-        """[G, K] the groups' samples of a buffer."""
+        """[G, K] the groups' samples of a buffer (a key f: the whole set's
+        gradient at f; a key ("g", g, f): group g's alone)."""
         out = np.zeros(self.rec.phi.shape[1:])
         for f, w in buf.items():
-            out += w * self.rec.phi[self._index(f)]
+            if isinstance(f, tuple):
+                _, g, at = f
+                out[g] += w * self._at(g, at)
+            else:
+                out += w * self.rec.phi[self._index(f)]
         return out
+
+    def _at(self, g: int, u: float) -> np.ndarray:
+        """Group g's samples at u (between grid points: linear interpolation,
+        which the grid's spacing makes a small smoothing of any jump)."""
+        S = self.rec.grid
+        x = u * S
+        i = min(int(x), S - 1)
+        w = x - i
+        return (1 - w) * self.rec.phi[i, g] + w * self.rec.phi[i + 1, g]
 
     def group_dots(self, f: float) -> np.ndarray:
         """[G, K] the groups' samples at a grid point."""
         return self.rec.phi[self._index(f)].copy()
 
-    def mixed(self, points: np.ndarray) -> np.ndarray:
-        """Group g at points[g] (between grid points: linear interpolation,
-        which the grid's spacing makes a small smoothing of any jump)."""
+    def mixed(self, points: np.ndarray, out=None) -> np.ndarray:
+        """Group g at points[g]; ``out``: a buffer the pass's gradient is added to."""
         self.passes += 1
-        S = self.rec.grid
-        out = np.empty(self.rec.phi.shape[1:])
         for g, u in enumerate(points):
-            x = u * S
-            i = min(int(x), S - 1)
-            w = x - i
-            out[g] = (1 - w) * self.rec.phi[i, g] + w * self.rec.phi[i + 1, g]
-        return out
+            if out is not None:
+                key = ("g", g, float(u))
+                out[key] = out.get(key, 0.0) + 1.0
+        return np.stack([self._at(g, float(u)) for g, u in enumerate(points)])
+
+    def group_correction(self, out, points: np.ndarray) -> None:
+        for g, u in enumerate(points):
+            for key, w in ((("g", g, 0.0), float(u) - 0.5), (("g", g, 1.0), 0.5 - float(u))):
+                out[key] = out.get(key, 0.0) + w
 
     def class_loss(self):
         return None
@@ -246,9 +265,12 @@ class Score:
 
 
 def replay(rule, opts, recs: Sequence[Recorded], label: str = "",
-           since: int = 0, seeds: int = 1) -> Score:
+           since: int = 0, seeds: int = 1, known_start: bool = True) -> Score:
     """Run ``rule(path, opts)`` on every recorded step (step >= since), with
-    ``seeds`` different seeds of the bars' random points, and score it."""
+    ``seeds`` different seeds of the bars' random points, and score it.
+    ``known_start``: the groups' gradients at θ_t are held, as the tracker
+    holds them from its second step on (False: as at a run's first step, or
+    past path_memory_budget)."""
     from lca_ext import bars as lca_bars
     rels, cover, bar_rel, passes = [], [], [], []
     conv = 0.0
@@ -256,7 +278,7 @@ def replay(rule, opts, recs: Sequence[Recorded], label: str = "",
     for rec, seed in [(r, s) for r in recs for s in range(seeds)]:
         if rec.step < since:
             continue
-        path = RecordedPath(rec)
+        path = RecordedPath(rec, known_start=known_start)
         res = rule(path, dataclasses.replace(opts, seed=seed))
         sums = path.dots(res.avg)[0]
         truth = rec.truth()

@@ -116,6 +116,20 @@ def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.nda
     return e_hat, np.sqrt(var), G - 1
 
 
+def monte_carlo(g0: np.ndarray, g1: np.ndarray, u: np.ndarray,
+                at_u: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
+    """The two-pass estimate (value [K], √V̂ [K], degrees of freedom) from each
+    group's samples at θ_t and θ_{t+1} ([G, K]) and at its random point u_g:
+    c_g = φ_g(u_g) − ℓ_g(u_g) (ℓ_g the group's line) has expectation
+    ∫φ_g − ∫ℓ_g, so the trapezoid + Σ c_g is unbiased for the integral, and
+    V̂ = G/(G−1)·Σ (c_g − c̄)² estimates its variance."""
+    G = len(u)
+    c = at_u - ((1 - u)[:, None] * g0 + u[:, None] * g1)
+    value = 0.5 * (g0 + g1).sum(0) + c.sum(0)
+    var = G / (G - 1) * ((c - c.mean(0)) ** 2).sum(0)
+    return value, np.sqrt(var), G - 1
+
+
 def bar(e_hat: np.ndarray, sd: np.ndarray, dof: int) -> np.ndarray:
     """The 95% half-width for |E|: |Ê| + t·√V̂."""
     return np.abs(e_hat) + t975(dof) * sd
@@ -143,7 +157,8 @@ def group_samples(path, phi) -> Dict[float, np.ndarray]:
     samples themselves, θ_t's included; otherwise every point but θ_t)."""
     if path.groups_are_classes:
         return dict(phi)
-    return {f: path.group_dots(f) for f in phi if f > 0.0}
+    known = getattr(path, "group_start_known", False)
+    return {f: path.group_dots(f) for f in phi if f > 0.0 or known}
 
 
 def honest_bars(path, seed: int, intervals, phi):

@@ -38,17 +38,52 @@ from __future__ import annotations
 import numpy as np
 
 from . import bars
-from .quadrature import ROUNDING_MARGIN, LocalSimpson, PathResult, RuleOptions
+from .quadrature import (ROUNDING_MARGIN, LocalSimpson, PathResult, RuleOptions,
+                         noise_floor)
+
+
+def two_pass(path, opts: RuleOptions):
+    """The two-pass stage: the end point and one mixed pass, each group's
+    trapezoid corrected by its random sample (unbiased, lca_ext.bars.monte_carlo).
+    Returns (result or None, the end point (buffer, loss), u, the groups'
+    samples at u): None when a bar or the total misses its target (the caller
+    goes on to Simpson, reusing the end point and the mixed samples)."""
+    end = path.buffer()
+    loss_after = path.grad(1.0, end)
+    u = bars.draw_points(bars.rng_for(opts.seed, path.name, path.step), path.groups)
+    mix = path.buffer()
+    at_u = path.mixed(u, out=mix)
+    g0, g1 = path.group_dots(0.0), path.group_dots(1.0)
+    value, sd, dof = bars.monte_carlo(g0, g1, u, at_u)
+    bar = bars.t975(dof) * sd
+    gross = float(np.abs(value).sum())
+    tol_k = opts.bar_rtol * np.maximum(np.abs(value), opts.bar_share * gross)
+    d_loss = loss_after - path.loss_start
+    noise = noise_floor(path, (path.loss_start, loss_after))
+    total_ok = abs(float(value.sum()) - d_loss) <= opts.total_tolerance(d_loss, gross, noise)
+    if not ((bar <= tol_k).all() and total_ok):
+        path.release(mix)
+        return None, (end, loss_after), u, at_u
+    path.group_correction(mix, u)                 # ḡ per element: Σ φ = value
+    return PathResult(mix, [(0.0, 0.5), (1.0, 0.5)], loss_after, end, 1, bar, True, False,
+                      None, tensor_bias=np.zeros_like(value), tensor_sd=sd,
+                      bar_dof=dof), None, u, at_u
 
 
 def budget(path, opts: RuleOptions) -> PathResult:
-    """The default rule on one step's ``path`` (lca_ext.path): Simpson, one
-    mixed pass for the 95% bars, local refinement within ``opts.max_passes``
-    (the module docstring says how it decides)."""
+    """The default rule on one step's ``path`` (lca_ext.path): the two-pass
+    stage where the groups' gradients at θ_t are held, else (or where its bars
+    miss) Simpson, one mixed pass for the 95% bars, local refinement within
+    ``opts.max_passes`` (the module docstring says how it decides)."""
     max_passes = opts.max_passes if opts.max_passes is not None else 1 << 30
-    rule = LocalSimpson(path, opts)              # the end point and the midpoint
     grouped = opts.bars and path.groups >= 2
-    if grouped:
+    end = None
+    if grouped and getattr(path, "group_start_known", False) and not path.groups_are_classes:
+        done, end, u, at_u = two_pass(path, opts)
+        if done is not None:
+            return done
+    rule = LocalSimpson(path, opts, end)         # the end point and the midpoint
+    if grouped and end is None:
         u = bars.draw_points(bars.rng_for(opts.seed, path.name, path.step), path.groups)
         at_u = path.mixed(u)
     noise_limited = budget_limited = False

@@ -86,11 +86,19 @@ class GroupProbe:
     mixed pass also gives each batch its own point (``points[i]``: a fraction
     of the step)."""
 
-    def __init__(self, path: "StepPath", groups: int, points: Optional[np.ndarray] = None):
+    def __init__(self, path: "StepPath", groups: int, points: Optional[np.ndarray] = None,
+                 keep: int = 0, total: Optional[List[torch.Tensor]] = None,
+                 samples: bool = True):
         self._path = path
         self._points = points
         self.samples: Dict[int, torch.Tensor] = {}
         self.groups = groups
+        # each group's gradient, kept while at most ``keep`` groups come (None:
+        # not kept, or more came: given back)
+        self.kept: Optional[List[List[torch.Tensor]]] = [] if keep else None
+        self._keep = keep
+        self._total = total         # the pass's whole gradient (a mixed pass's)
+        self._with_samples = samples
 
     def point(self, i: int) -> List[torch.Tensor]:
         if i >= len(self._points):
@@ -100,8 +108,20 @@ class GroupProbe:
 
     def add(self, i: int, grads: List[torch.Tensor], scale: float) -> None:
         p = self._path
-        part = p._kernels.allocate(p.theta_t, p.after, grads).sums * scale
-        self.samples[i] = part if i not in self.samples else self.samples[i] + part
+        if self._with_samples:
+            part = p._kernels.allocate(p.theta_t, p.after, grads).sums * scale
+            self.samples[i] = part if i not in self.samples else self.samples[i] + part
+        if self.kept is not None:
+            while len(self.kept) <= i and len(self.kept) < self._keep:
+                self.kept.append(p._pool.take())
+            if i < len(self.kept):
+                p._kernels.accumulate_(self.kept[i], grads, scale)
+            else:                   # more groups than the memory allows: keep none
+                for buf in self.kept:
+                    p._pool.give(buf)
+                self.kept = None
+        if self._total is not None:
+            p._kernels.accumulate_(self._total, grads, scale)
 
     def array(self) -> np.ndarray:
         """[G, K] float64 (one host copy)."""
@@ -125,8 +145,15 @@ class StepPath:
     def __init__(self, *, name: str, step: int, evaluator, kernels, ctx, pool: BufferPool,
                  theta_t: List[torch.Tensor], after: List[torch.Tensor],
                  g_start, loss_start: float, class_loss_start, num_classes: int,
-                 classes: bool, names: Optional[Sequence[str]] = None):
+                 classes: bool, names: Optional[Sequence[str]] = None,
+                 group_start: Optional[List[List[torch.Tensor]]] = None,
+                 keep_groups: int = 0):
         self.name, self.step = name, step
+        # each group's gradient at θ_t (kept from the previous step's end point,
+        # or from the start pass), and how many groups' gradients a pass at θ_{t+1}
+        # (or the start pass) may keep in group_end (0: none; more groups: none)
+        self.group_start, self.keep_groups = group_start, keep_groups
+        self.group_end: Optional[List[List[torch.Tensor]]] = None
         self._names = list(names) if names is not None else None
         self._ev, self._kernels, self._ctx, self._pool = evaluator, kernels, ctx, pool
         self.theta_t, self.after = theta_t, after
@@ -205,10 +232,20 @@ class StepPath:
         elif self._classes:        # the class gradients, adding up to the gradient
             loss = self._ev.class_grads(x, range(self.num_classes), out, weight)
         else:
-            probe = GroupProbe(self, self.groups) if self.groups >= 2 and f > 0.0 else None
+            keep = self.keep_groups > 0 and f in (0.0, 1.0) and self.group_end is None
+            probe = GroupProbe(self, self.groups, keep=self.keep_groups if keep else 0,
+                               samples=f > 0.0) \
+                if (self.groups >= 2 and f > 0.0) or keep else None
             loss = self._ev.loss_and_grad(x, out, weight, probe=probe)
-            if probe is not None:
+            if probe is not None and f > 0.0:
                 self._group_phi[f] = probe.array()
+            if keep:
+                kept = probe.kept
+                if kept is not None and len(kept) == self.groups >= 2:
+                    self.group_end = kept
+                else:
+                    for buf in kept or ():
+                        self._pool.give(buf)
         if out is not None:
             self.passes += 1
         if not math.isfinite(loss):
@@ -302,14 +339,31 @@ class StepPath:
             f"not finite: {where}. {advice}. Steps before it are kept")
 
     def group_dots(self, f: float) -> np.ndarray:
-        """[G, K] the groups' samples at a point already evaluated (f > 0;
-        per-class mode: the rule's own class samples, see groups_are_classes)."""
+        """[G, K] the groups' samples at a point already evaluated (f > 0, or
+        0 where ``group_start_known``; per-class mode: the rule's own class
+        samples, see groups_are_classes)."""
+        if f == 0.0 and f not in self._group_phi and self.group_start is not None:
+            self._group_phi[0.0] = np.concatenate([self.dots(b) for b in self.group_start])
         return self._group_phi[f]
 
-    def mixed(self, points: np.ndarray) -> np.ndarray:
+    @property
+    def group_start_known(self) -> bool:
+        """Are the groups' gradients at θ_t held (group_dots(0.0), group_correction)?"""
+        return self.group_start is not None and len(self.group_start) == self.groups
+
+    def group_correction(self, out, points: np.ndarray) -> None:
+        """out += Σ_g (u_g − ½)(g_g(θ_t) − g_g(θ_{t+1})): with a mixed pass's
+        whole gradient in ``out`` this forms the two-pass rule's ḡ
+        (lca_ext.budget_rule); needs group_start and group_end."""
+        for g, u in enumerate(points):
+            self.accumulate(out, self.group_start[g], float(u) - 0.5)
+            self.accumulate(out, self.group_end[g], 0.5 - float(u))
+
+    def mixed(self, points: np.ndarray, out=None) -> np.ndarray:
         """One pass with group i at fraction ``points[i]`` of the step: [G, K]
-        the groups' samples there (lca_ext.bars)."""
-        probe = GroupProbe(self, self.groups, points)
+        the groups' samples there (lca_ext.bars); ``out``: a buffer the pass's
+        whole gradient is added to."""
+        probe = GroupProbe(self, self.groups, points, total=out)
         if self.groups_are_classes:
             self._ev.class_probe_pass(probe)
         else:

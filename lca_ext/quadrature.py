@@ -348,14 +348,18 @@ class LocalSimpson:
     state both the certified and the budget rule (lca_ext.budget_rule) refine;
     building it costs the end point's and the midpoint's passes."""
 
-    def __init__(self, path, opts: RuleOptions):
+    def __init__(self, path, opts: RuleOptions, end=None):
+        """``end``: (buffer, loss) of θ_{t+1} already evaluated (its pass made)."""
         self.path = path
         self.held_extra = max(0, opts.path_memory_budget // max(1, path.one_buffer))
         self.finest = 2.0 / opts.max_splits      # a Simpson interval: two sub-intervals
         self.pts: Dict[float, _Point] = {
             0.0: _Point(path.g_start, path.dots(path.g_start), path.loss_start,
                         path.class_loss_start)}
-        self._evaluate(1.0, True)
+        if end is None:
+            self._evaluate(1.0, True)
+        else:
+            self.pts[1.0] = _Point(end[0], path.dots(end[0]), end[1], path.last_class_losses)
         self._evaluate(0.5, True)
         first, end = self.pts[0.0], self.pts[1.0]
         self.d_loss = end.loss - first.loss

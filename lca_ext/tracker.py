@@ -91,6 +91,9 @@ class _Objective:
         self.start_passes = 0
         self.classes = False    # per-class mode: buffers [C, *shape], class passes
         self.class_loss_start: Optional[np.ndarray] = None   # [C] at θ_t (per-class mode)
+        # each group's (LCA batch's) gradient at θ_t, for the default rule's two-pass
+        # stage (lca_ext.budget_rule), when 2 x groups buffers fit path_memory_budget
+        self.group_start: Optional[List[List[torch.Tensor]]] = None
 
 
 class LCATracker:
@@ -487,6 +490,19 @@ class LCATracker:
         if obj.g_start is not None:
             self._release(obj.g_start)
             obj.g_start = None
+        for buf in obj.group_start or ():
+            self._release(buf)
+        obj.group_start = None
+
+    def _keeps_groups(self, obj: _Objective) -> int:
+        """How many groups' gradients this objective's start and end passes may
+        keep (the default rule's two-pass stage; 0: none): half of
+        path_memory_budget in gradient buffers (the step holds two sets)."""
+        if not (self.rule.method == "budget" and self.rule.bars and self.reuse_gradients
+                and not obj.classes and not (self.num_classes and obj is self.objectives[0])
+                and self.ctx.world == 1):
+            return 0
+        return self.rule.path_memory_budget // (2 * self._pool.one_buffer)
 
     def _start_pass(self, obj: _Objective) -> None:
         """g(θ_t), the loss and the class losses there, computed afresh."""
@@ -495,6 +511,9 @@ class LCATracker:
         obj.loss_start = path.grad(0.0, obj.g_start)
         obj.class_loss_start = path.last_class_losses
         obj.start_passes = 1
+        # the groups' gradients at θ_t too (as the previous end point keeps them):
+        # a step's rule does not depend on where tracking began (resume, offline)
+        obj.group_start = path.group_end
 
     def _path(self, obj: _Objective, after) -> StepPath:
         return StepPath(name=obj.name, step=self._current, evaluator=obj.evaluator,
@@ -502,7 +521,8 @@ class LCATracker:
                         theta_t=self._theta_t, after=after, g_start=obj.g_start,
                         loss_start=obj.loss_start, class_loss_start=obj.class_loss_start,
                         num_classes=self.num_classes or 0, classes=obj.classes,
-                        names=self.params.names)
+                        names=self.params.names, group_start=obj.group_start,
+                        keep_groups=self._keeps_groups(obj))
 
     def _count_oscillations(self, obj: _Objective, after) -> None:
         g0 = self._pool.class_total(obj.g_start) if obj.classes else obj.g_start
@@ -584,9 +604,16 @@ class LCATracker:
                                     if b is not None and b is not obj.g_start]:
             self._release(buf)
         obj.g_start = None
+        for buf in obj.group_start or ():
+            self._release(buf)
+        obj.group_start = None
         if path.g_end is not None and self.reuse_gradients:
             obj.g_start, obj.loss_start = path.g_end, loss_after
             obj.class_loss_start = None if path.class_loss is None else path.class_loss[1]
+            obj.group_start = step_path.group_end
+        else:
+            for buf in step_path.group_end or ():
+                self._release(buf)
         if not self.reuse_gradients:
             self._pool.clear()  # hold no gradient buffer between steps
         return record, flag
