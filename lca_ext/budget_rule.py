@@ -38,8 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import bars
-from .quadrature import (ROUNDING_MARGIN, LocalSimpson, PathResult, RuleOptions,
-                         noise_floor)
+from .quadrature import ROUNDING_MARGIN, LocalSimpson, PathResult, RuleOptions
 
 
 def two_pass(path, opts: RuleOptions):
@@ -59,8 +58,9 @@ def two_pass(path, opts: RuleOptions):
     gross = float(np.abs(value).sum())
     tol_k = opts.bar_rtol * np.maximum(np.abs(value), opts.bar_share * gross)
     d_loss = loss_after - path.loss_start
-    noise = noise_floor(path, (path.loss_start, loss_after))
-    total_ok = abs(float(value.sum()) - d_loss) <= opts.total_tolerance(d_loss, gross, noise)
+    # (without the rounding floor: a total that needs it goes on to Simpson, which
+    # flags the step noise_limited)
+    total_ok = abs(float(value.sum()) - d_loss) <= opts.total_tolerance(d_loss, gross, 0.0)
     if not ((bar <= tol_k).all() and total_ok):
         path.release(mix)
         return None, (end, loss_after), u, at_u
@@ -78,7 +78,11 @@ def budget(path, opts: RuleOptions) -> PathResult:
     max_passes = opts.max_passes if opts.max_passes is not None else 1 << 30
     grouped = opts.bars and path.groups >= 2
     end = None
-    if grouped and getattr(path, "group_start_known", False) and not path.groups_are_classes:
+    # (at least `groups` groups: with fewer, V̂ has too few degrees of freedom for
+    # a stop decided by the bars' size; not per-class mode, whose class groups
+    # covered 44 of 48 pairs in a first measurement: not yet shown to hold)
+    if grouped and path.groups >= opts.groups and not path.groups_are_classes and \
+            getattr(path, "group_start_known", False):
         done, end, u, at_u = two_pass(path, opts)
         if done is not None:
             return done

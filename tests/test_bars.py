@@ -352,3 +352,41 @@ def test_tracker_two_pass_steps_against_a_float64_reference():
         warnings.simplefilter("ignore", RuntimeWarning)
         small, _ = _two_pass_run(budget_bytes=2 * 8 * one_buffer - 1, steps=3)
     assert (small.grad_passes[1:] >= 3).all()
+
+
+@pytest.mark.parametrize("classes", [3, 10])
+def test_per_class_mode_keeps_the_three_pass_rule_against_a_float64_reference(classes):
+    """Per-class mode (the classes are the groups) keeps Simpson + the bars'
+    pass.  The tensors are within 2% of a float64 reference and the class
+    shares add up to the tensors exactly.  The bars on class groups are a
+    known gap (docs/guides/accuracy.md): classes differ in their error's
+    spread, so a sum of 10 class terms is further from normal than one of 8
+    random batches; measured here (3 seeds, 10 classes) 44 of 48 pairs
+    covered, also by the two-pass stage (which per-class mode does not use
+    for that reason).  The assertion guards that level, not 95%."""
+    from test_fuzz import _reference_lca
+    torch.manual_seed(2)
+    x = torch.randn(300, 12)
+    y = (x[:, :classes] + 0.3 * torch.randn(300, classes)).argmax(1)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, classes))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y),
+                                 num_classes=classes)
+    assert tracker.objectives[0].classes
+    refs = []
+    for t in range(4):
+        before = [p.detach().double().clone() for p in model.parameters()]
+        opt.zero_grad()
+        idx = torch.arange(t * 60, t * 60 + 60)
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        with tracker.step():
+            opt.step()
+        refs.append(_reference_lca(model, before, x, y, intervals=256))
+    run = tracker.result()
+    refs = np.array(refs)
+    assert (run.grad_passes[1:] >= 3).all()
+    err = np.abs(run.tensor_sums - refs)
+    big = np.abs(refs) >= 0.01 * np.abs(refs).sum(1, keepdims=True)
+    assert (err[big] / np.abs(refs[big])).max() <= 0.02
+    assert (run.tensor_error[big] >= err[big]).mean() >= (0.95 if classes < 8 else 0.85)
+    np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-6, atol=1e-10)

@@ -143,8 +143,8 @@ def test_non_finite_update_is_named_after_the_step(tmp_path, seed):
     case.opt.zero_grad()
     xent(case.model(case.x), case.y).backward()
     idx = _poke(case.model[2].bias.grad, rng, _bad_value(rng))
-    with time_limit(), pytest.raises(FloatingPointError,
-                                     match=rf"'2.bias'.*θ_\(t\+1\).*index \({idx[0]},\)"):
+    where = rf"(θ_\(t\+1\).*index \({idx[0]},\)|index \({idx[0]},\) in θ_\(t\+1\))"
+    with time_limit(), pytest.raises(FloatingPointError, match=rf"'2.bias'.*{where}"):
         with case.tracker.step():
             case.opt.step()
     case.store_intact()
