@@ -1,9 +1,11 @@
-"""Candidate rules measured on the rule lab's recordings, before any is built.
+"""Candidate rules measured on the rule lab's recordings (the measurement that
+chose the default rule's two-pass stage, lca_ext/budget_rule.py, and why it
+needs the groups' gradients at θ_t).
 
-Each candidate here is an experiment, not product code: it reads the recorded
-dense per-group samples (benchmarks/rule_lab.py: record first) and reports what
-the rule would cost and how often its bars would hold.  The accuracy guide
-quotes its numbers; rerun to reproduce them:
+Each candidate here is an experiment written apart from the product code: it
+reads the recorded dense per-group samples (benchmarks/rule_lab.py: record
+first) and reports what the rule would cost and how often its bars would hold.
+The accuracy guide quotes its numbers; rerun to reproduce them:
 
     python benchmarks/rule_lab_candidates.py [family ...]
 

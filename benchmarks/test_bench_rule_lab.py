@@ -32,6 +32,9 @@ import rule_lab
 FAMILIES = os.environ.get("LCA_LAB_FAMILIES", "mlp,cnn_bn").split(",")
 RULE_ROWS = {
     "budget (default)": lca_ext.RuleOptions(),
+    # the same rule without the groups' gradients at θ_t (past path_memory_budget,
+    # or per-class mode): no two-pass stage
+    "budget, groups' θ_t not held": lca_ext.RuleOptions(),
     "certified": lca_ext.RuleOptions(method="certified"),
     "certified, no bars": lca_ext.RuleOptions(method="certified", bars=False),
     "adaptive (total-only)": lca_ext.RuleOptions(method="adaptive"),
@@ -57,9 +60,11 @@ def test_rule_lab(benchmark, family, label):
     opts = RULE_ROWS[label]
     seeds = 20 if opts.method == "budget" or (opts.method == "certified" and opts.bars) else 1
     rule = RULES[opts.method]
+    known = "not held" not in label
     score = benchmark.pedantic(rule_lab.replay, args=(rule, opts, recs, label),
-                               kwargs=dict(seeds=seeds), rounds=1, iterations=1)
-    late = rule_lab.replay(rule, opts, recs, label, since=5, seeds=seeds)
+                               kwargs=dict(seeds=seeds, known_start=known), rounds=1,
+                               iterations=1)
+    late = rule_lab.replay(rule, opts, recs, label, since=5, seeds=seeds, known_start=known)
     row = dict(dataclasses.asdict(score), passes_from_step_5=late.passes,
                rel_p95_from_step_5=late.rel_p95, sum_rel_p95_from_step_5=late.sum_rel_p95,
                sum_coverage_from_step_5=late.sum_coverage)

@@ -1,12 +1,22 @@
-"""The default rule, ``method="budget"``: Simpson refined locally within a pass
-budget, with 95% error bars from randomised group samples (lca_ext.bars).
+"""The default rule, ``method="budget"``: a two-pass Monte Carlo-corrected
+trapezoid where its bars hold, else Simpson refined locally within a pass budget,
+with 95% error bars from randomised group samples (lca_ext.bars).
 
 One step:
 
+0. where each group's gradient at θ_t is held (path.group_start_known: the
+   tracker keeps them while 2 x groups buffers fit path_memory_budget; at least
+   ``groups`` groups; not per-class mode), the *two-pass stage*: the end point
+   and one mixed pass, each group's trapezoid corrected by its random sample
+   (:func:`two_pass`, lca_ext.bars.monte_carlo: unbiased for any integrand,
+   bar t·√V̂).  It ends the step when every tensor's bar is within its target
+   and the total matches ΔL (without the rounding floor); else the step goes
+   on, the end point and the mixed samples reused;
 1. the end point θ_{t+1} and the midpoint (2 passes; g(θ_t) is reused from the
    previous step): Simpson, each group's samples kept;
 2. one *mixed* pass, each group (LCA batch) at its own random point of the
-   step (1 pass): the bars, Ê and √V̂ per tensor (lca_ext.bars);
+   step (1 pass; the two-pass stage's, if it ran): the bars, Ê and √V̂ per
+   tensor (lca_ext.bars);
 3. while a tensor's bar exceeds its tolerance, bar_rtol·max(|LCA_k|,
    bar_share·G) (2% of the tensors carrying >= 5% of the step's gross
    movement G = Σ_k |LCA_k|, 0.1% of G for the others), or the total misses |ΣLCA − ΔL| ≤ rtol·max(|ΔL|,

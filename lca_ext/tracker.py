@@ -28,7 +28,9 @@ One tracked step:
 Memory beyond the model, optimiser and .grad, in fp32 values per tracked
 parameter (autograd's transient per-batch gradient aside): the default and
 certified rules hold θ_t 1, the path point 1 and the gradients at θ_t, the
-midpoint and θ_{t+1} (= 5), plus one per refined point while ``path_memory_budget`` allows
+midpoint and θ_{t+1} (= 5); the default rule also holds each LCA group's
+gradient at θ_t (G, 8 by default, between steps; 2G at a step's end point) for
+its two-pass stage, while 2G buffers fit ``path_memory_budget``, plus one per refined point while ``path_memory_budget`` allows
 (points beyond it are recomputed once); the total-only rules ("adaptive",
 "simpson") hold 4 (θ_t, Q, O and one that holds the midpoint, then g(θ_{t+1}));
 a refined step there lends that buffer to its points, so the next step
