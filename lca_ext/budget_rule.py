@@ -51,6 +51,11 @@ from . import bars
 from .quadrature import ROUNDING_MARGIN, LocalSimpson, PathResult, RuleOptions
 
 
+# the two-pass stage needs this many groups at least (V̂'s degrees of freedom: the
+# rule lab measured it with 8), whatever RuleOptions.groups says
+MIN_GROUPS = 8
+
+
 def two_pass(path, opts: RuleOptions):
     """The two-pass stage: the end point and one mixed pass, each group's
     trapezoid corrected by its random sample (unbiased, lca_ext.bars.monte_carlo).
@@ -91,8 +96,8 @@ def budget(path, opts: RuleOptions) -> PathResult:
     # (at least `groups` groups: with fewer, V̂ has too few degrees of freedom for
     # a stop decided by the bars' size; not per-class mode, whose class groups
     # covered 44 of 48 pairs in a first measurement: not yet shown to hold)
-    if grouped and path.groups >= opts.groups and not path.groups_are_classes and \
-            getattr(path, "group_start_known", False):
+    if grouped and path.groups >= max(opts.groups, MIN_GROUPS) and \
+            not path.groups_are_classes and getattr(path, "group_start_known", False):
         done, end, u, at_u = two_pass(path, opts)
         if done is not None:
             return done

@@ -232,12 +232,15 @@ class StepPath:
         elif self._classes:        # the class gradients, adding up to the gradient
             loss = self._ev.class_grads(x, range(self.num_classes), out, weight)
         else:
-            keep = self.keep_groups > 0 and f in (0.0, 1.0) and self.group_end is None
+            # (groups unknown before a DataLoader set's first pass: tried, and given
+            # back if more come than keep_groups; known and too many: not tried)
+            keep = self.keep_groups > 0 and f in (0.0, 1.0) and self.group_end is None \
+                and not self._ctx.sharded and self.groups <= self.keep_groups
             probe = GroupProbe(self, self.groups, keep=self.keep_groups if keep else 0,
                                samples=f > 0.0) \
                 if (self.groups >= 2 and f > 0.0) or keep else None
             loss = self._ev.loss_and_grad(x, out, weight, probe=probe)
-            if probe is not None and f > 0.0:
+            if probe is not None and f > 0.0 and self.groups >= 2:
                 self._group_phi[f] = probe.array()
             if keep:
                 kept = probe.kept

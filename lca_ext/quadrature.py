@@ -126,10 +126,14 @@ class RuleOptions:
                  budget rule refines on that estimate (tensor_rtol, min_share)
     seed:        seeds the bars' random points (with the step and the
                  objective; never the global random streams)
-    path_memory_budget: bytes of point gradients the certified rule may hold
-                 beyond the three it always holds (θ_t's, the midpoint's and
-                 θ_{t+1}'s); points beyond the budget are recomputed once, with
-                 their final weight, when ḡ is formed
+    path_memory_budget: bytes of gradients the rules may hold beyond the three
+                 they always hold (θ_t's, the midpoint's and θ_{t+1}'s): the
+                 default rule's groups' gradients at θ_t and θ_{t+1} first (its
+                 two-pass stage, lca_ext.budget_rule; 2 x groups buffers, kept
+                 only if they fit, shared by the objectives), then refined
+                 points; points beyond it are recomputed once, with their final
+                 weight, when ḡ is formed.  0: no group gradients (Simpson on
+                 every step, deterministic per-element values)
     """
 
     method: str = "budget"
@@ -351,7 +355,9 @@ class LocalSimpson:
     def __init__(self, path, opts: RuleOptions, end=None):
         """``end``: (buffer, loss) of θ_{t+1} already evaluated (its pass made)."""
         self.path = path
-        self.held_extra = max(0, opts.path_memory_budget // max(1, path.one_buffer))
+        # (the groups' gradients the default rule keeps count against the budget)
+        kept = 2 * len(getattr(path, "group_start", None) or ())
+        self.held_extra = max(0, opts.path_memory_budget // max(1, path.one_buffer) - kept)
         self.finest = 2.0 / opts.max_splits      # a Simpson interval: two sub-intervals
         self.pts: Dict[float, _Point] = {
             0.0: _Point(path.g_start, path.dots(path.g_start), path.loss_start,

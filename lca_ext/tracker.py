@@ -28,9 +28,10 @@ One tracked step:
 Memory beyond the model, optimiser and .grad, in fp32 values per tracked
 parameter (autograd's transient per-batch gradient aside): the default and
 certified rules hold θ_t 1, the path point 1 and the gradients at θ_t, the
-midpoint and θ_{t+1} (= 5); the default rule also holds each LCA group's
-gradient at θ_t (G, 8 by default, between steps; 2G at a step's end point) for
-its two-pass stage, while 2G buffers fit ``path_memory_budget``, plus one per refined point while ``path_memory_budget`` allows
+midpoint and θ_{t+1} (= 5); the default rule also keeps each LCA group's
+gradient at θ_t and θ_{t+1} for its two-pass stage (2G resident, 16 for the
+default 8 groups), while they fit the objective's share of
+``path_memory_budget`` (refined points get what is left), plus one per refined point while ``path_memory_budget`` allows
 (points beyond it are recomputed once); the total-only rules ("adaptive",
 "simpson") hold 4 (θ_t, Q, O and one that holds the midpoint, then g(θ_{t+1}));
 a refined step there lends that buffer to its points, so the next step
@@ -498,13 +499,15 @@ class LCATracker:
 
     def _keeps_groups(self, obj: _Objective) -> int:
         """How many groups' gradients this objective's start and end passes may
-        keep (the default rule's two-pass stage; 0: none): half of
-        path_memory_budget in gradient buffers (the step holds two sets)."""
+        keep (the default rule's two-pass stage; 0: none): its share of
+        path_memory_budget (shared by the objectives) in gradient buffers, two
+        sets of them (θ_t's and θ_{t+1}'s) resident."""
         if not (self.rule.method == "budget" and self.rule.bars and self.reuse_gradients
                 and not obj.classes and not (self.num_classes and obj is self.objectives[0])
-                and self.ctx.world == 1):
+                and self.ctx.world == 1 and not self.ctx.sharded):
             return 0
-        return self.rule.path_memory_budget // (2 * self._pool.one_buffer)
+        return self.rule.path_memory_budget // (
+            2 * self._pool.one_buffer * len(self.objectives))
 
     def _start_pass(self, obj: _Objective) -> None:
         """g(θ_t), the loss and the class losses there, computed afresh."""

@@ -232,3 +232,16 @@ def test_a_batch_refused_on_one_rank_raises_on_every_rank(tmp_path):
     said = [open(tmp_path / f"bad_target_rank{r}.txt").read() for r in (0, 1)]
     assert "rank 1" in said[1] and "class target 7" in said[1], said[1]
     assert "rank 1 refused one of its batches" in said[0], said[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_rank_runs_like_many(tmp_path, kind):
+    """One process that is still under torch.distributed (a fully_shard model
+    in a one-rank group): tracked and grounded (the default rule's two-pass
+    stage, which keeps per-group gradients, is off for sharded models; it made
+    every step fail there)."""
+    out = str(tmp_path)
+    mp.spawn(cases.run, args=(1, cases.free_port(), out, kind, True), nprocs=1)
+    arrays = dict(np.load(os.path.join(out, f"{kind}_1_rank0.npz")))
+    assert len(arrays["a/step"]) == cases.STEPS
+    assert arrays["a/train/grounded"].all()
