@@ -13,10 +13,11 @@ The estimate.  Let the step's rule be composite Simpson on intervals
 [a_j, b_j] (midpoints m_j sampled), S its per-tensor value and E = I − S its
 error.  For group g let P_g be its piecewise interpolant of φ_g: on an
 interval with a_j > 0, the quadratic through its three points; on the first
-interval [0, b_1], the line through m_1 and b_1 plus 1/G of the whole set's
-curvature there (the whole quadratic minus its line through m_1 and b_1: the
-groups' values at θ_t are not known separately, g(θ_t) being reused from the
-previous step as a whole).  The P_g add up to the whole set's interpolant,
+interval [0, b_1] too where the groups' gradients at θ_t are held (the
+default rule's, lca_ext.budget_rule), else the line through m_1 and b_1 plus
+1/G of the whole set's curvature there (the whole quadratic minus its line
+through m_1 and b_1: g(θ_t) is then known only as a whole).  (The two-pass
+stage's estimate is :func:`monte_carlo`.)  The P_g add up to the whole set's interpolant,
 whose integral is S.  So c_g = φ_g(U_g) − P_g(U_g), with expectation
 ∫φ_g − ∫P_g, gives
 
