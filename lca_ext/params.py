@@ -80,23 +80,21 @@ def check_layout(model: nn.Module, built: List[tuple], tracked_ids: frozenset) -
     if now == built:
         return now
     new = [n for n, i, grad in now if grad and i not in tracked_ids]
-    if new:
-        listed = ", ".join(repr(n) for n in new[:6]) + (" …" if len(new) > 6 else "")
-        raise RuntimeError(
-            f"lca_ext.LCATracker: the model has trainable parameters the tracker was not "
-            f"built with: {listed} (added, or unfrozen, after LCATracker(...)). Their "
-            "updates would change the loss with no LCA to account for them. Build a new "
-            "LCATracker for the changed model (or keep those parameters frozen)")
     before = {n: i for n, i, _ in built}
     moved = [n for n, i, _ in now if before.get(n, i) != i] + \
         [n for n in before if n not in {m for m, _, _ in now}]
-    if moved:
-        listed = ", ".join(repr(n) for n in moved[:6]) + (" …" if len(moved) > 6 else "")
-        raise RuntimeError(
-            f"lca_ext.LCATracker: parameter slots of the model hold other tensors than "
-            f"when the tracker was built: {listed} (weights re-tied, replaced or "
-            "removed after LCATracker(...)). The passes would run at the wrong values. "
-            "Build a new LCATracker after changing the model")
+    for names, what in (
+            (new, "has trainable parameters the tracker was not built with: {} (added, or "
+                  "unfrozen, after LCATracker(...)). Their updates would change the loss "
+                  "with no LCA to account for them. Build a new LCATracker for the changed "
+                  "model (or keep those parameters frozen)"),
+            (moved, "has parameter slots that hold other tensors than when the tracker was "
+                    "built: {} (weights re-tied, replaced or removed after LCATracker(...)). "
+                    "The passes would run at the wrong values. Build a new LCATracker after "
+                    "changing the model")):
+        if names:
+            listed = ", ".join(repr(n) for n in names[:6]) + (" …" if len(names) > 6 else "")
+            raise RuntimeError("lca_ext.LCATracker: the model " + what.format(listed))
     return now
 
 

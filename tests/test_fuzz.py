@@ -366,7 +366,8 @@ def test_parameter_set_changing_between_steps_is_refused(tmp_path, change):
         case = Case(tmp_path, make=TwoHeads)
         case.model.head.weight = case.model.wte.weight
         named = "'head.weight'"
-        with pytest.raises(RuntimeError, match=rf"hold other tensors.*{named}.*new LCATracker"):
+        with pytest.raises(RuntimeError, match=rf"slots that hold other tensors.*{named}.*"
+                                               r"new LCATracker"):
             case.step()
         case.store_intact()
         return
