@@ -30,9 +30,9 @@ parameter (autograd's transient per-batch gradient aside): the default and
 certified rules hold θ_t 1, the path point 1 and the gradients at θ_t, the
 midpoint and θ_{t+1} (= 5); the default rule also keeps each LCA group's
 gradient at θ_t and θ_{t+1} for its two-pass stage (2G resident, 16 for the
-default 8 groups), while they fit the objective's share of
-``path_memory_budget`` (refined points get what is left), plus one per refined point while ``path_memory_budget`` allows
-(points beyond it are recomputed once); the total-only rules ("adaptive",
+default 8 groups) while they fit the objective's share of
+``path_memory_budget``, and both rules one per refined point in what is left
+of it (points beyond it are recomputed once); the total-only rules ("adaptive",
 "simpson") hold 4 (θ_t, Q, O and one that holds the midpoint, then g(θ_{t+1}));
 a refined step there lends that buffer to its points, so the next step
 recomputes its start gradient.  ``reuse_gradients=False`` is the low-memory mode:
@@ -64,6 +64,7 @@ from . import quadrature, rules
 from .evaluate import Evaluator, classic_batch_loss
 from .flags import StepFlags
 from .lca_set import LCASet
+from .objective import Objective
 from .params import ParameterSet, check_layout, layout
 from .path import BufferPool, StepPath
 from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
@@ -80,23 +81,6 @@ STATE_FIELDS = ("cum_lca", "helped_steps", "direction_changes", "grad_sign_chang
 def _or_nan(values, k: int) -> np.ndarray:
     """[K] float64, NaN where the rule gave none (no bars: lca_ext.bars)."""
     return np.full(k, np.nan) if values is None else np.asarray(values, dtype=np.float64)
-
-
-class _Objective:
-    """One loss whose change is allocated: the LCA set, or a named eval set."""
-
-    def __init__(self, name: str, evaluator: Evaluator):
-        self.name = name
-        self.evaluator = evaluator
-        self.g_start: Optional[List[torch.Tensor]] = None   # g(θ_t), when valid
-        self.loss_start = float("nan")
-        self.start_buffers: List[torch.Tensor] = []
-        self.start_passes = 0
-        self.classes = False    # per-class mode: buffers [C, *shape], class passes
-        self.class_loss_start: Optional[np.ndarray] = None   # [C] at θ_t (per-class mode)
-        # each group's (LCA batch's) gradient at θ_t, for the default rule's two-pass
-        # stage (lca_ext.budget_rule), when 2 x groups buffers fit path_memory_budget
-        self.group_start: Optional[List[List[torch.Tensor]]] = None
 
 
 class LCATracker:
@@ -248,7 +232,7 @@ class LCATracker:
         bl = batch_loss if batch_loss is not None else classic_batch_loss(loss_fn)
         share = dict(rank=self.ctx.rank, world=self.ctx.world) if shard_lca_data else {}
         self.objectives = [
-            _Objective(name, Evaluator(
+            Objective(name, Evaluator(
                 model, bl,
                 LCASet(data, batch_size=batch_size, cache=cache,
                        min_batches=self.rule.groups if self.rule.bars and
@@ -482,22 +466,17 @@ class LCATracker:
         return {name: [self.ctx.full(k, t).cpu().numpy().copy() for k, t in enumerate(tensors)]
                 for name, tensors in self.state.items()}
 
-    def _buffer(self, obj: Optional[_Objective] = None) -> List[torch.Tensor]:
+    def _buffer(self, obj: Optional[Objective] = None) -> List[torch.Tensor]:
         """A zeroed gradient buffer for ``obj`` (class-stacked in per-class mode)."""
         return self._pool.take(self.num_classes if obj is not None and obj.classes else 0)
 
     def _release(self, buf: List[torch.Tensor]) -> None:
         self._pool.give(buf)
 
-    def _drop_start(self, obj: _Objective) -> None:
-        if obj.g_start is not None:
-            self._release(obj.g_start)
-            obj.g_start = None
-        for buf in obj.group_start or ():
-            self._release(buf)
-        obj.group_start = None
+    def _drop_start(self, obj: Objective) -> None:
+        obj.drop_start(self._pool)
 
-    def _keeps_groups(self, obj: _Objective) -> int:
+    def _keeps_groups(self, obj: Objective) -> int:
         """How many groups' gradients this objective's start and end passes may
         keep (the default rule's two-pass stage; 0: none): its share of
         path_memory_budget (shared by the objectives) in gradient buffers, two
@@ -509,7 +488,7 @@ class LCATracker:
         return self.rule.path_memory_budget // (
             2 * self._pool.one_buffer * len(self.objectives))
 
-    def _start_pass(self, obj: _Objective) -> None:
+    def _start_pass(self, obj: Objective) -> None:
         """g(θ_t), the loss and the class losses there, computed afresh."""
         path = self._path(obj, self._theta_t)
         obj.g_start = self._buffer(obj)
@@ -520,7 +499,7 @@ class LCATracker:
         # a step's rule does not depend on where tracking began (resume, offline)
         obj.group_start = path.group_end
 
-    def _path(self, obj: _Objective, after) -> StepPath:
+    def _path(self, obj: Objective, after) -> StepPath:
         return StepPath(name=obj.name, step=self._current, evaluator=obj.evaluator,
                         kernels=self.kernels, ctx=self.ctx, pool=self._pool,
                         theta_t=self._theta_t, after=after, g_start=obj.g_start,
@@ -529,7 +508,7 @@ class LCATracker:
                         names=self.params.names, group_start=obj.group_start,
                         keep_groups=self._keeps_groups(obj))
 
-    def _count_oscillations(self, obj: _Objective, after) -> None:
+    def _count_oscillations(self, obj: Objective, after) -> None:
         g0 = self._pool.class_total(obj.g_start) if obj.classes else obj.g_start
         self.stats.count_oscillations(self._theta_t, after, g0)
         if obj.classes:
@@ -548,7 +527,7 @@ class LCATracker:
     max_splits = property(lambda self: self.rule.max_splits,
                           doc="RuleOptions.max_splits of the rule")
 
-    def _allocate_objective(self, obj: _Objective, step: int, after) -> tuple:
+    def _allocate_objective(self, obj: Objective, step: int, after) -> tuple:
         """(the objective's part of the step's record, its flags' arguments)."""
         ev = obj.evaluator
         passes0 = ev.passes
@@ -608,17 +587,7 @@ class LCATracker:
         for buf in [obj.g_start] + [b for b in (avg, stacked)
                                     if b is not None and b is not obj.g_start]:
             self._release(buf)
-        obj.g_start = None
-        for buf in obj.group_start or ():
-            self._release(buf)
-        obj.group_start = None
-        if path.g_end is not None and self.reuse_gradients:
-            obj.g_start, obj.loss_start = path.g_end, loss_after
-            obj.class_loss_start = None if path.class_loss is None else path.class_loss[1]
-            obj.group_start = step_path.group_end
-        else:
-            for buf in step_path.group_end or ():
-                self._release(buf)
+        obj.start_from_end(path, step_path, self.reuse_gradients, self._pool)
         if not self.reuse_gradients:
             self._pool.clear()  # hold no gradient buffer between steps
         return record, flag
