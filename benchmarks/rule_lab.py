@@ -161,7 +161,6 @@ class RecordedPath:
         self._u = unit_roundoff
         self.last_class_losses = None
         self.groups = rec.phi.shape[1]
-        self.groups_are_classes = False
 
     def _index(self, f: float) -> int:
         s = f * self.rec.grid

@@ -103,7 +103,7 @@ def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.nda
     """
     G = len(u)
     c = np.empty_like(at_u)
-    known_start = 0.0 in groups        # per-class mode: the classes' values at θ_t too
+    known_start = 0.0 in groups        # the groups' gradients at θ_t held
     for g in range(G):
         a, b = _interval_of(float(u[g]), intervals)
         c[g] = at_u[g] - control(float(u[g]), a, b, lambda f: groups[f][g], known_start,
@@ -154,10 +154,8 @@ def rng_for(seed: int, name: str, step: int) -> np.random.Generator:
 
 
 def group_samples(path, phi) -> Dict[float, np.ndarray]:
-    """The groups' samples at the rule's points (per-class mode: the class
-    samples themselves, θ_t's included; otherwise every point but θ_t)."""
-    if path.groups_are_classes:
-        return dict(phi)
+    """The groups' samples at the rule's points (θ_t's only where the groups'
+    gradients there are held)."""
     known = getattr(path, "group_start_known", False)
     return {f: path.group_dots(f) for f in phi if f > 0.0 or known}
 

@@ -64,6 +64,7 @@ def two_pass(path, opts: RuleOptions):
     goes on to Simpson, reusing the end point and the mixed samples)."""
     end = path.buffer()
     loss_after = path.grad(1.0, end)
+    class_loss = path.class_loss()        # (per-class mode; before the mixed pass)
     u = bars.draw_points(bars.rng_for(opts.seed, path.name, path.step), path.groups)
     mix = path.buffer()
     at_u = path.mixed(u, out=mix)
@@ -81,7 +82,7 @@ def two_pass(path, opts: RuleOptions):
         return None, (end, loss_after), u, at_u
     path.group_correction(mix, u)                 # ḡ per element: Σ φ = value
     return PathResult(mix, [(0.0, 0.5), (1.0, 0.5)], loss_after, end, 1, bar, True, False,
-                      None, tensor_bias=np.zeros_like(value), tensor_sd=sd,
+                      class_loss, tensor_bias=np.zeros_like(value), tensor_sd=sd,
                       bar_dof=dof), None, u, at_u
 
 
@@ -94,10 +95,9 @@ def budget(path, opts: RuleOptions) -> PathResult:
     grouped = opts.bars and path.groups >= 2
     end = None
     # (at least `groups` groups: with fewer, V̂ has too few degrees of freedom for
-    # a stop decided by the bars' size; not per-class mode, whose class groups
-    # covered 44 of 48 pairs in a first measurement: not yet shown to hold)
+    # a stop decided by the bars' size)
     if grouped and path.groups >= max(opts.groups, MIN_GROUPS) and \
-            not path.groups_are_classes and getattr(path, "group_start_known", False):
+            getattr(path, "group_start_known", False):
         done, end, u, at_u = two_pass(path, opts)
         if done is not None:
             return done

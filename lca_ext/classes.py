@@ -12,10 +12,10 @@ How a pass splits the set by class, chosen per set:
   samples are independent (no BatchNorm on batch statistics).  Batch
   composition then does not change any example's loss, so the set is re-cut
   once into class-pure batches (each class's examples in set order, in chunks
-  of the set's batch size) and kept: one more copy of this rank's set in
-  memory.  A class pass is a plain pass over those batches, each batch's
-  gradient going to its class: about C more (partial) batches than a plain
-  pass, and no other cost.
+  of the set's batch size, at least UNITS_PER_CLASS chunks a class) and kept:
+  one more copy of this rank's set in memory.  A class pass is a plain pass
+  over those batches, each batch's gradient going to its class: up to 4C
+  (smaller) batches where a plain pass has its own, and no other cost.
 * ``per batch``: other (x, y) sets with ``loss_fn`` (a DataLoader, or
   BatchNorm on batch statistics).  Independent samples: each class's examples
   of a batch run on their own.  BatchNorm on batch statistics: one forward of
@@ -26,7 +26,11 @@ How a pass splits the set by class, chosen per set:
   batch_loss must return (mean, weight) with the weight counting the targets
   the mean is over, so that the class shares add up (checked over the set).
 
-Cost, in plain passes: regrouped about 1 (plus per-call overhead for the C
+Each class part of a batch (a *unit*) is an independent group of the default
+rule's error bars: a mixed pass runs unit i at its own point, and every pass
+over all classes records the units' classes (``ev.class_unit_slots``).
+
+Cost, in plain passes: regrouped about 1 (plus per-call overhead for the
 extra batches); per batch and masked about C small forward/backward calls per
 batch (masked: C full forwards).  Each function adds ``weight / W`` x the
 class gradients into ``grad_out[k][j]`` for ``classes[j]`` and returns
@@ -41,6 +45,12 @@ import torch
 
 from .lca_set import at_least_float32, cast_up
 from .params import call_at
+
+# the regrouped set cuts each class into at least this many batches: with the
+# other modes' (batch, class) parts, the independent groups of the error bars
+# (lca_ext.bars) are these units, not the classes (a sum of a few unequal class
+# terms is far from normal)
+UNITS_PER_CLASS = 4
 
 
 def targets_of(ev, batch) -> torch.Tensor:
@@ -81,9 +91,9 @@ def mixed_points_supported(ev) -> bool:
     return not (getattr(ev.batch_loss, "classic", False) and ev._batch_coupled())
 
 
-def _leaves(ev, point, probe, j, need_grad):
-    """The pass's tensors at ``point``, or class j's own point in a mixed pass."""
-    return ev._tensors(probe.point(j) if point is None else point, need_grad)
+def _leaves(ev, point, probe, unit, need_grad):
+    """The pass's tensors at ``point``, or the unit's own point in a mixed pass."""
+    return ev._tensors(probe.point(unit) if point is None else point, need_grad)
 
 
 def _zeros(ev, classes):
@@ -92,7 +102,8 @@ def _zeros(ev, classes):
             torch.zeros((), dtype=torch.float64, device=ev.device))
 
 
-def _add_grads(ev, leaves, value, out_j, scale, retain=False, probe=None, j=0) -> None:
+def _add_grads(ev, leaves, value, out_j, scale, retain=False, probe=None, j=0,
+               unit=0) -> None:
     if out_j is None and probe is None:                   # forward only
         return
     grads = torch.autograd.grad(value, leaves, allow_unused=True, retain_graph=retain)
@@ -100,7 +111,7 @@ def _add_grads(ev, leaves, value, out_j, scale, retain=False, probe=None, j=0) -
     if out_j is not None:
         ev.kernels.accumulate_(out_j, grads, scale)
     if probe is not None:
-        probe.add(j, grads, scale)
+        probe.add(unit, grads, scale, slot=j)
 
 
 def _slot(grad_out, j):
@@ -126,7 +137,8 @@ def _share(ev, tensors, x, y):
 
 def class_batches(ev) -> List[tuple]:
     """The regrouped set: [(class, x, y)], class-pure batches of at most the
-    set's batch size, each class's examples in set order (built once)."""
+    set's batch size and at least UNITS_PER_CLASS a class (where it has that
+    many examples), each class's examples in set order (built once)."""
     if ev._class_batches is None:
         # (under DDP a rank may hold no example of a small set)
         pair = [(x.to(ev.device), y.to(ev.device)) for x, y in ev.data.pair if x.shape[0]]
@@ -149,8 +161,10 @@ def class_batches(ev) -> List[tuple]:
         batches, start = [], 0
         for c, n in enumerate(counts):
             idx = order[start:start + n]
-            for i in range(0, n, size):
-                batches.append((c, x[idx[i:i + size]], y[idx[i:i + size]]))
+            # at least UNITS_PER_CLASS batches a class: the error bars' groups
+            step = max(1, min(size, -(-n // UNITS_PER_CLASS)))
+            for i in range(0, n, step):
+                batches.append((c, x[idx[i:i + step]], y[idx[i:i + step]]))
             start += n
         ev._class_batches = batches
     return ev._class_batches
@@ -159,6 +173,7 @@ def class_batches(ev) -> List[tuple]:
 def _regrouped(ev, point, classes, grad_out, weight, probe=None):
     slot = {c: j for j, c in enumerate(classes)}
     total, wsum = _zeros(ev, classes)
+    units: List[int] = []
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         if point is not None:
@@ -167,14 +182,16 @@ def _regrouped(ev, point, classes, grad_out, weight, probe=None):
         for c, x, y in class_batches(ev):
             if c not in slot:
                 continue
+            unit = _unit(units, slot[c])
             if point is None:
-                tensors, leaves = _leaves(ev, point, probe, slot[c], True)
+                tensors, leaves = _leaves(ev, point, probe, unit, True)
                 tensors = _strip(tensors)
             share = _share(ev, tensors, x, y)
             total[slot[c]] += share.detach().double()
             wsum += y.shape[0]
             _add_grads(ev, leaves, share, _slot(grad_out, slot[c]),
-                       weight / ev.count, probe=probe, j=slot[c])
+                       weight / ev.count, probe=probe, j=slot[c], unit=unit)
+    _count_units(ev, classes, units)
     return total, wsum
 
 
@@ -204,6 +221,7 @@ def _masked_pairs(ev, classes):
 
 def _per_batch(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
+    units: List[int] = []
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         if point is not None:
@@ -211,19 +229,22 @@ def _per_batch(ev, point, classes, grad_out, weight, probe=None):
             tensors = _strip(tensors)
         for x, y, parts in _sorted_pairs(ev, classes):
             for j, s in parts:
+                unit = _unit(units, j)
                 if point is None:
-                    tensors, leaves = _leaves(ev, point, probe, j, True)
+                    tensors, leaves = _leaves(ev, point, probe, unit, True)
                     tensors = _strip(tensors)
                 share = _share(ev, tensors, x[s], y[s])
                 total[j] += share.detach().double()
                 wsum += y[s].shape[0]
                 _add_grads(ev, leaves, share, _slot(grad_out, j),
-                           weight / ev.count, probe=probe, j=j)
+                           weight / ev.count, probe=probe, j=j, unit=unit)
+    _count_units(ev, classes, units)
     return total, wsum
 
 
 def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
+    units: List[int] = []
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         for x, y, parts in _masked_pairs(ev, classes):
@@ -232,16 +253,19 @@ def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
             tensors, leaves = ev._tensors(point, need)
             out = call_at(ev.model, ev.model_ties, _strip(tensors), (x,))
             for i, (j, s) in enumerate(parts):
+                unit = _unit(units, j)
                 share = at_least_float32(ev.batch_loss.loss_fn(out[s], y[s])) * y[s].shape[0]
                 total[j] += share.detach().double()
                 wsum += y[s].shape[0]
-                _add_grads(ev, leaves, share, _slot(grad_out, j),
-                           weight / ev.count, retain=i + 1 < len(parts), probe=probe, j=j)
+                _add_grads(ev, leaves, share, _slot(grad_out, j), weight / ev.count,
+                           retain=i + 1 < len(parts), probe=probe, j=j, unit=unit)
+    _count_units(ev, classes, units)
     return total, wsum
 
 
 def _masked(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
+    units: List[int] = []
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         for batch in ev.batches():
@@ -252,17 +276,33 @@ def _masked(ev, point, classes, grad_out, weight, probe=None):
             for j, c in enumerate(classes):
                 if c not in present:
                     continue
+                unit = len(units)
                 if point is None:
-                    tensors, leaves = _leaves(ev, point, probe, j, True)
+                    tensors, leaves = _leaves(ev, point, probe, unit, True)
                 loss, w = ev._batch_loss(tensors, _keep_targets(batch, t == c, ev.targets))
                 if float(w) == 0:   # class c only where no loss is taken (e.g. the
                     continue        # first token, before the shift): a 0/0 mean
+                units.append(j)
                 share = at_least_float32(loss) * w
                 total[j] += loss.detach().double() * w
                 wsum += w
                 _add_grads(ev, leaves, share, _slot(grad_out, j),
-                           weight / ev.count, probe=probe, j=j)
+                           weight / ev.count, probe=probe, j=j, unit=unit)
+    _count_units(ev, classes, units)
     return total, wsum
+
+
+def _unit(units: List[int], j: int) -> int:
+    """The next unit's index (a class's part of a batch), its class slot noted."""
+    units.append(j)
+    return len(units) - 1
+
+
+def _count_units(ev, classes, units: List[int]) -> None:
+    """After a pass over every class: each unit's class slot, in pass order
+    (the same at every point of a step: the bars' groups, lca_ext.bars)."""
+    if len(classes) == ev.num_classes:
+        ev.class_unit_slots = list(units)
 
 
 def _keep_targets(batch, keep: torch.Tensor, custom_targets):

@@ -191,6 +191,9 @@ class Evaluator:
         self._groups: Optional[int] = None   # batches, counted once (groups)
         self._batches_seen = 0
         self._class_batches = None   # the set regrouped by class (lca_ext.classes)
+        # the class slot of each unit (a class's part of a batch) of a pass over
+        # every class, in pass order: per-class mode's error-bar groups
+        self.class_unit_slots: List[int] = []
         self._split_checked = False  # class shares checked against the plain loss
 
     def buffers_that_matter(self) -> List[torch.Tensor]:
@@ -479,14 +482,14 @@ class Evaluator:
         self.passes += 1
 
     def class_probe_pass(self, probe) -> None:
-        """A mixed class pass: class j's examples at ``probe.point(j)``, their
-        gradients to ``probe.add`` only (one gradient pass)."""
+        """A mixed class pass: unit i (a class's part of a batch) at
+        ``probe.point(i)``, its gradient to ``probe.add`` only (one gradient pass)."""
         per_class.class_pass(self, None, range(self.num_classes), None, 1.0, probe)
         self.passes += 1
 
     def class_groups_supported(self) -> bool:
-        """Classes as the bars' groups: each class's examples can run at a point
-        of their own (not with BatchNorm on batch statistics), one process."""
+        """Class units as the bars' groups: each can run at a point of its own
+        (not with BatchNorm on batch statistics), one process."""
         return not (self.ctx.world > 1 or self.ctx.sharded) and \
             per_class.mixed_points_supported(self)
 
@@ -582,12 +585,14 @@ class Evaluator:
                 isinstance(m, _BATCHNORM) for m in self.model.modules()))
 
     def class_grads(self, point: Sequence[torch.Tensor], classes: Sequence[int],
-                    grad_out: Sequence[torch.Tensor], weight: float = 1.0) -> float:
+                    grad_out: Sequence[torch.Tensor], weight: float = 1.0,
+                    probe=None) -> float:
         """For each class c = classes[j]: ``grad_out[k][j] += weight * d/dθ_k`` of
         class c's share of the mean loss, (1/W) Σ w·loss over class c's targets
         (lca_ext.classes says how the set is split).  Returns the classes' part
         of the mean loss: over every class, the whole-set loss, and the class
-        gradients add up to its gradient."""
+        gradients add up to its gradient.  ``probe`` (lca_ext.path.GroupProbe):
+        each unit's gradient is handed to it too (lca_ext.classes)."""
         if self.ctx.sharded:
             raise NotImplementedError("lca_ext: per-class LCA is not supported with FSDP2 "
                                       "yet (use DDP, or num_classes=None)")
@@ -602,7 +607,8 @@ class Evaluator:
                 again = self._class_loss(point, classes)
             checks = (again, self._pass_local(point, None, 1.0)[0] / self.count)
         self.ctx.replicated_grads_(grad_out, before=True)
-        loss, wsum = self._class_loss(point, classes, grad_out, weight, with_weight=True)
+        loss, wsum = self._class_loss(point, classes, grad_out, weight, with_weight=True,
+                                      probe=probe)
         self.ctx.replicated_grads_(grad_out, before=False)
         self.passes += 1
         if len(classes) == self.num_classes:
@@ -612,10 +618,11 @@ class Evaluator:
             self.check_split_once(checks[1], loss)
         return loss
 
-    def _class_loss(self, point, classes, grad_out=None, weight=1.0, with_weight=False):
+    def _class_loss(self, point, classes, grad_out=None, weight=1.0, with_weight=False,
+                    probe=None):
         """The classes' part of the mean loss; each class's share is kept in
         ``last_class_losses`` ([len(classes)], summed over ranks)."""
-        total, wsum = per_class.class_pass(self, point, classes, grad_out, weight)
+        total, wsum = per_class.class_pass(self, point, classes, grad_out, weight, probe)
         both = torch.cat([total.double().reshape(-1), torch.as_tensor(
             wsum, dtype=torch.float64, device=total.device).reshape(1)])
         vals = np.array([self.ctx.sum_float(v) for v in both.tolist()])

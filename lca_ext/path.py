@@ -82,9 +82,10 @@ class BufferPool:
 
 
 class GroupProbe:
-    """Collects each group's (batch's) samples Δθ·g_i during a pass; for a
-    mixed pass also gives each batch its own point (``points[i]``: a fraction
-    of the step)."""
+    """Collects each group's samples Δθ·g_i during a pass (a group: a batch of
+    the LCA set, or in per-class mode a class's part of a batch); for a mixed
+    pass also gives each group its own point (``points[i]``: a fraction of the
+    step)."""
 
     def __init__(self, path: "StepPath", groups: int, points: Optional[np.ndarray] = None,
                  keep: int = 0, total: Optional[List[torch.Tensor]] = None,
@@ -106,7 +107,10 @@ class GroupProbe:
                                "step began; it must be the same at every point of a step")
         return self._path.point(float(self._points[i]))
 
-    def add(self, i: int, grads: List[torch.Tensor], scale: float) -> None:
+    def add(self, i: int, grads: List[torch.Tensor], scale: float,
+            slot: Optional[int] = None) -> None:
+        """Group i's gradient part (x ``scale``); ``slot``: its class, where the
+        pass's whole gradient is class-stacked (per-class mode)."""
         p = self._path
         if self._with_samples:
             part = p._kernels.allocate(p.theta_t, p.after, grads).sums * scale
@@ -121,7 +125,8 @@ class GroupProbe:
                     p._pool.give(buf)
                 self.kept = None
         if self._total is not None:
-            p._kernels.accumulate_(self._total, grads, scale)
+            total = self._total if slot is None else [t[slot] for t in self._total]
+            p._kernels.accumulate_(total, grads, scale)
 
     def array(self) -> np.ndarray:
         """[G, K] float64 (one host copy)."""
@@ -164,16 +169,15 @@ class StepPath:
         self._point: Optional[List[torch.Tensor]] = None
         self.passes = 0            # gradient passes this step (the start's not counted)
         # independent groups whose samples the rules may ask for (lca_ext.bars):
-        # the LCA set's batches, or in per-class mode the classes (their samples
-        # are the class stacks' own, at every point); 0 where they cannot be
-        # had (torch.distributed; per-class mode with BatchNorm on batch statistics)
-        self.groups_are_classes = bool(classes)
+        # the LCA set's batches, or in per-class mode each class's part of a
+        # batch (lca_ext.classes); 0 where they cannot be had (torch.distributed;
+        # per-class mode with BatchNorm on batch statistics)
         self._group_phi: Dict[float, np.ndarray] = {}
 
     @property
     def groups(self) -> int:
         if self._classes:
-            return self.num_classes if self._ev.class_groups_supported() else 0
+            return len(self._ev.class_unit_slots) if self._ev.class_groups_supported() else 0
         return self._ev.groups
 
     # -- buffers ---------------------------------------------------------------------
@@ -229,17 +233,21 @@ class StepPath:
         x = self.point(f, at)
         if out is None:
             loss = self._ev.loss_and_grad(x, None)
-        elif self._classes:        # the class gradients, adding up to the gradient
-            loss = self._ev.class_grads(x, range(self.num_classes), out, weight)
         else:
-            # (groups unknown before a DataLoader set's first pass: tried, and given
-            # back if more come than keep_groups; known and too many: not tried)
+            # (groups unknown before the first pass: tried, and given back if more
+            # come than keep_groups; known and too many: not tried)
             keep = self.keep_groups > 0 and f in (0.0, 1.0) and self.group_end is None \
                 and not self._ctx.sharded and self.groups <= self.keep_groups
             probe = GroupProbe(self, self.groups, keep=self.keep_groups if keep else 0,
                                samples=f > 0.0) \
                 if (self.groups >= 2 and f > 0.0) or keep else None
-            loss = self._ev.loss_and_grad(x, out, weight, probe=probe)
+            if self._classes:      # the class gradients, adding up to the gradient
+                loss = self._ev.class_grads(x, range(self.num_classes), out, weight, probe)
+            else:
+                loss = self._ev.loss_and_grad(x, out, weight, probe=probe)
+            if probe is not None:
+                # (per-class mode: the units are counted by the pass itself)
+                probe.groups = self.groups
             if probe is not None and f > 0.0 and self.groups >= 2:
                 self._group_phi[f] = probe.array()
             if keep:
@@ -343,8 +351,7 @@ class StepPath:
 
     def group_dots(self, f: float) -> np.ndarray:
         """[G, K] the groups' samples at a point already evaluated (f > 0, or
-        0 where ``group_start_known``; per-class mode: the rule's own class
-        samples, see groups_are_classes)."""
+        0 where ``group_start_known``)."""
         if f == 0.0 and f not in self._group_phi and self.group_start is not None:
             self._group_phi[0.0] = np.concatenate([self.dots(b) for b in self.group_start])
         return self._group_phi[f]
@@ -357,17 +364,20 @@ class StepPath:
     def group_correction(self, out, points: np.ndarray) -> None:
         """out += Σ_g (u_g − ½)(g_g(θ_t) − g_g(θ_{t+1})): with a mixed pass's
         whole gradient in ``out`` this forms the two-pass rule's ḡ
-        (lca_ext.budget_rule); needs group_start and group_end."""
+        (lca_ext.budget_rule); needs group_start and group_end.  Per-class
+        mode: each unit's term goes to its class's slot of the stacked ``out``."""
+        slots = self._ev.class_unit_slots if self._classes else None
         for g, u in enumerate(points):
-            self.accumulate(out, self.group_start[g], float(u) - 0.5)
-            self.accumulate(out, self.group_end[g], 0.5 - float(u))
+            dst = out if slots is None else [t[slots[g]] for t in out]
+            self.accumulate(dst, self.group_start[g], float(u) - 0.5)
+            self.accumulate(dst, self.group_end[g], 0.5 - float(u))
 
     def mixed(self, points: np.ndarray, out=None) -> np.ndarray:
         """One pass with group i at fraction ``points[i]`` of the step: [G, K]
         the groups' samples there (lca_ext.bars); ``out``: a buffer the pass's
         whole gradient is added to."""
         probe = GroupProbe(self, self.groups, points, total=out)
-        if self.groups_are_classes:
+        if self._classes:
             self._ev.class_probe_pass(probe)
         else:
             self._ev.probe_pass(probe)

@@ -2,6 +2,7 @@
 integrands whose integral is exact, and on a ReLU network against a float64
 autograd reference.  The rule code runs unchanged on a synthetic path: rules are
 functions of a path (lca_ext.path), not of the tracker."""
+import copy
 import time
 import warnings
 
@@ -27,7 +28,7 @@ class SyntheticPath:
                  known_start=False):
         G, K = groups, tensors
         self.group_start_known = known_start     # the two-pass stage (budget_rule)
-        self.groups, self.groups_are_classes = G, False
+        self.groups = G
         self.coef = rng.normal(size=(4, G, K)) * np.array([1.0, 0.5, curve, curve])[:, None, None]
         self.coef[0] += 3.0 * rng.choice([-1, 1], size=K)       # every tensor's own sign
         self.pos = rng.uniform(size=(G, K, jumps))
@@ -103,16 +104,12 @@ class SyntheticPath:
         return 2.0 ** -53
 
 
-def test_bars_cover_jumpy_integrands_95_percent_and_never_pass_the_budget():
-    """400 synthetic steps with 40 random gradient jumps per group and tensor
-    on a curved smooth part: the stored bar holds the exact error in >= 95% of
-    (step, tensor) pairs, the budget is never exceeded, and the bars stay
-    informative (median well under the values)."""
+def _synthetic_runs(**options):
     rng = np.random.default_rng(1)
     cover, rel_bar, passes = [], [], []
     for i in range(400):
         path = SyntheticPath(rng, jump=0.01 if i % 2 else 0.05)
-        opts = lca_ext.RuleOptions(seed=i, max_passes=7)
+        opts = lca_ext.RuleOptions(seed=i, max_passes=7, **options)
         res = budget(path, opts)
         err = np.abs(path.dots(res.avg)[0] - path.truth())
         cover += list(res.tensor_error >= err)
@@ -120,9 +117,25 @@ def test_bars_cover_jumpy_integrands_95_percent_and_never_pass_the_budget():
         passes.append(path.passes)
         assert path.passes <= 7
         assert res.bar_dof == 7
-    assert np.mean(cover) >= 0.95, np.mean(cover)
-    assert np.median(rel_bar) < 0.03, np.median(rel_bar)
-    assert max(passes) <= 7 and min(passes) < 7
+    return np.array(cover), np.array(rel_bar), np.array(passes)
+
+
+def test_bars_cover_jumpy_integrands_95_percent_and_never_pass_the_budget():
+    """400 synthetic steps with 40 random gradient jumps per group and tensor
+    on a curved smooth part: the stored bar holds the exact error in >= 95% of
+    (step, tensor) pairs, the budget is never exceeded, and the bars stay
+    informative (median well under the values).  refine_sd trades passes for
+    bar width: the default (2, refine where Ê is nonzero at about 95%)
+    measured 4.07 passes and a median bar of 5.7% here, refine_sd=1 6.16 passes
+    and 1.5%; both cover."""
+    cover, rel_bar, passes = _synthetic_runs()
+    assert cover.mean() >= 0.95, cover.mean()
+    assert np.median(rel_bar) < 0.08, np.median(rel_bar)
+    assert passes.max() <= 7 and passes.min() < 7
+    cover1, rel_bar1, passes1 = _synthetic_runs(refine_sd=1.0)
+    assert cover1.mean() >= 0.95, cover1.mean()
+    assert np.median(rel_bar1) < 0.03 and np.median(rel_bar1) < 0.5 * np.median(rel_bar)
+    assert passes1.mean() > passes.mean() + 1
 
 
 def test_the_plain_estimate_does_not_cover_jumps_which_is_why_bars_exist():
@@ -354,39 +367,71 @@ def test_tracker_two_pass_steps_against_a_float64_reference():
     assert (small.grad_passes[1:] >= 3).all()
 
 
+def _class_reference(model, before, x, y, classes, intervals=128):
+    """[C, K] per-class per-tensor LCA by composite Simpson in float64 (autograd,
+    no lca_ext): class c's share is (1/N) Σ_{i: y_i = c} loss_i."""
+    m = copy.deepcopy(model).double()
+    after = [p.detach().double().clone() for p in model.parameters()]
+    w = np.ones(intervals + 1)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    w /= 3 * intervals
+    out = np.zeros((classes, len(after)))
+    for i, wi in enumerate(w):
+        with torch.no_grad():
+            for p, a, b in zip(m.parameters(), before, after):
+                p.copy_(a + (i / intervals) * (b - a))
+        losses = nn.functional.cross_entropy(m(x.double()), y, reduction="none") / len(y)
+        for c in range(classes):
+            grads = torch.autograd.grad(losses[y == c].sum(), list(m.parameters()),
+                                        retain_graph=True)
+            out[c] += wi * np.array([float(((b - a) * g).sum())
+                                     for g, a, b in zip(grads, before, after)])
+    return out
+
+
 @pytest.mark.parametrize("classes", [3, 10])
-def test_per_class_mode_keeps_the_three_pass_rule_against_a_float64_reference(classes):
-    """Per-class mode (the classes are the groups) keeps Simpson + the bars'
-    pass.  The tensors are within 2% of a float64 reference and the class
-    shares add up to the tensors exactly.  The bars on class groups are a
-    known gap (docs/guides/accuracy.md): classes differ in their error's
-    spread, so a sum of 10 class terms is further from normal than one of 8
-    random batches; measured here (3 seeds, 10 classes) 44 of 48 pairs
-    covered, also by the two-pass stage (which per-class mode does not use
-    for that reason).  The assertion guards that level, not 95%."""
-    from test_fuzz import _reference_lca
-    torch.manual_seed(2)
-    x = torch.randn(300, 12)
-    y = (x[:, :classes] + 0.3 * torch.randn(300, classes)).argmax(1)
-    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, classes))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y),
-                                 num_classes=classes)
-    assert tracker.objectives[0].classes
-    refs = []
-    for t in range(4):
-        before = [p.detach().double().clone() for p in model.parameters()]
-        opt.zero_grad()
-        idx = torch.arange(t * 60, t * 60 + 60)
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        with tracker.step():
-            opt.step()
-        refs.append(_reference_lca(model, before, x, y, intervals=256))
-    run = tracker.result()
-    refs = np.array(refs)
-    assert (run.grad_passes[1:] >= 3).all()
-    err = np.abs(run.tensor_sums - refs)
-    big = np.abs(refs) >= 0.01 * np.abs(refs).sum(1, keepdims=True)
-    assert (err[big] / np.abs(refs[big])).max() <= 0.02
-    assert (run.tensor_error[big] >= err[big]).mean() >= (0.95 if classes < 8 else 0.85)
-    np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-6, atol=1e-10)
+def test_per_class_mode_two_pass_steps_against_a_float64_reference(classes):
+    """Per-class mode: the bars' groups are the units (each class's part of a
+    batch, at least 4 a class), so the two-pass stage runs there too: from the
+    second step on most steps cost 2 passes.  Against a float64 reference
+    (3 seeds, 6 steps, a ReLU MLP at two learning rates): the tensors carrying
+    >= 1% of a step are within 3% and inside their bars >= 95% of the time, the
+    class x tensor values within 5% of the step's gross movement, the class
+    shares add up to the tensors, and each class total's error is what
+    class_error() says."""
+    cover, passes = [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(300, 12)
+        y = (x[:, :classes] + 0.3 * torch.randn(300, classes)).argmax(1)
+        model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, classes))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1 * (1 + seed))
+        tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y),
+                                     num_classes=classes)
+        assert tracker.objectives[0].classes
+        refs = []
+        for t in range(6):
+            before = [p.detach().double().clone() for p in model.parameters()]
+            opt.zero_grad()
+            idx = torch.arange(t * 50, t * 50 + 50)
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            with tracker.step():
+                opt.step()
+            refs.append(_class_reference(model, before, x, y, classes))
+        run = tracker.result()
+        refs = np.array(refs)                                   # [T, C, K]
+        tensor_ref = refs.sum(1)
+        err = np.abs(run.tensor_sums - tensor_ref)
+        big = np.abs(tensor_ref) >= 0.01 * np.abs(tensor_ref).sum(1, keepdims=True)
+        assert (err[big] / np.abs(tensor_ref[big])).max() <= 0.03
+        cover += list(run.tensor_error[big] >= err[big])
+        passes += list(run.grad_passes[1:])
+        gross = np.abs(tensor_ref).sum(1)[:, None, None]
+        assert (np.abs(run.class_sums - refs) <= 0.05 * gross).all()
+        np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-5,
+                                   atol=1e-7 * gross.max())
+        d_class = refs.sum(2)                                   # the reference's ΔL_c
+        np.testing.assert_allclose(np.abs(run.class_sums.sum(2) - d_class),
+                                   np.abs(run.class_error()), atol=1e-5 * gross.max())
+    assert np.mean(cover) >= 0.95, np.mean(cover)
+    assert np.mean(np.array(passes) == 2) >= 0.6, passes
