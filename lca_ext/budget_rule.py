@@ -6,7 +6,7 @@ One step:
 
 0. where each group's gradient at θ_t is held (path.group_start_known: the
    tracker keeps them while 2 x groups buffers fit path_memory_budget; at least
-   ``groups`` groups; not per-class mode), the *two-pass stage*: the end point
+   ``groups`` groups), the *two-pass stage*: the end point
    and one mixed pass, each group's trapezoid corrected by its random sample
    (:func:`two_pass`, lca_ext.bars.monte_carlo: unbiased for any integrand,
    bar t·√V̂).  It ends the step when every tensor's bar is within its target
@@ -37,7 +37,9 @@ rounding floor (float32 or 16-bit passes) is not refined for the total: its
 ``noise_limited`` at once (the tensors' bars still decide on refinement).
 
 The groups are the LCA set's batches (the tracker cuts a tensor pair into at
-least ``groups``), or in per-class mode the classes.  Where no groups can be
+least ``groups``), or in per-class mode the units: each class's part of a batch
+(lca_ext.classes; the classes themselves, unequal and few, gave too short an
+interval).  Where no groups can be
 had (fewer than two, torch.distributed, or per-class mode with BatchNorm on
 batch statistics), the step keeps the certified rule's own estimate as its
 ``tensor_error`` (not an interval: lca_ext.quadrature) and the run says so
@@ -123,7 +125,7 @@ def budget(path, opts: RuleOptions) -> PathResult:
             np.abs(total), (opts.bar_share if grouped else opts.min_share) * gross) + 1e-300
         over = bar > tol_k
         # refining narrows a bar where Simpson's error is systematic (curvature:
-        # |Ê| beyond its own noise); where it is the jumps' noise, a finer rule
+        # |Ê| beyond refine_sd x its noise, 2: about 95%); where it is the jumps' noise, a finer rule
         # narrows it only like √h, not worth the passes: stop, the bar says it
         worth = over & (np.abs(e_hat) > opts.refine_sd * sd) if grouped else over
         total_err = verdict.total_error

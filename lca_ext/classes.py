@@ -12,7 +12,7 @@ How a pass splits the set by class, chosen per set:
   samples are independent (no BatchNorm on batch statistics).  Batch
   composition then does not change any example's loss, so the set is re-cut
   once into class-pure batches (each class's examples in set order, in chunks
-  of the set's batch size, at least UNITS_PER_CLASS chunks a class) and kept:
+  of the set's batch size, up to UNITS_PER_CLASS chunks a class) and kept:
   one more copy of this rank's set in memory.  A class pass is a plain pass
   over those batches, each batch's gradient going to its class: up to 4C
   (smaller) batches where a plain pass has its own, and no other cost.
@@ -46,11 +46,12 @@ import torch
 from .lca_set import at_least_float32, cast_up
 from .params import call_at
 
-# the regrouped set cuts each class into at least this many batches: with the
-# other modes' (batch, class) parts, the independent groups of the error bars
-# (lca_ext.bars) are these units, not the classes (a sum of a few unequal class
-# terms is far from normal)
-UNITS_PER_CLASS = 4
+# the regrouped set cuts each class into up to UNITS_PER_CLASS batches, enough
+# for about TARGET_UNITS in all (4 a class for 10 classes, 1 from 40 classes on):
+# with the other modes' (batch, class) parts, the independent groups of the error
+# bars (lca_ext.bars) are these units, not the classes (a sum of a few unequal
+# class terms is far from normal); more units cost small batches and samples
+UNITS_PER_CLASS, TARGET_UNITS = 4, 40
 
 
 def targets_of(ev, batch) -> torch.Tensor:
@@ -137,8 +138,9 @@ def _share(ev, tensors, x, y):
 
 def class_batches(ev) -> List[tuple]:
     """The regrouped set: [(class, x, y)], class-pure batches of at most the
-    set's batch size and at least UNITS_PER_CLASS a class (where it has that
-    many examples), each class's examples in set order (built once)."""
+    set's batch size, cut into up to UNITS_PER_CLASS a class (about
+    TARGET_UNITS in all, where the classes have the examples), each class's
+    examples in set order (built once)."""
     if ev._class_batches is None:
         # (under DDP a rank may hold no example of a small set)
         pair = [(x.to(ev.device), y.to(ev.device)) for x, y in ev.data.pair if x.shape[0]]
@@ -159,10 +161,11 @@ def class_batches(ev) -> List[tuple]:
                              f"0..{ev.num_classes - 1} (num_classes={ev.num_classes}); "
                              f"got values from {int(t.min())} to {int(t.max())}")
         batches, start = [], 0
+        parts = min(UNITS_PER_CLASS, -(-TARGET_UNITS // ev.num_classes))
         for c, n in enumerate(counts):
             idx = order[start:start + n]
-            # at least UNITS_PER_CLASS batches a class: the error bars' groups
-            step = max(1, min(size, -(-n // UNITS_PER_CLASS)))
+            # up to `parts` batches a class: the error bars' groups
+            step = max(1, min(size, -(-n // parts)))
             for i in range(0, n, step):
                 batches.append((c, x[idx[i:i + step]], y[idx[i:i + step]]))
             start += n
