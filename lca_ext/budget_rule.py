@@ -39,9 +39,9 @@ rounding floor (float32 or 16-bit passes) is not refined for the total: its
 The groups are the LCA set's batches (the tracker cuts a tensor pair into at
 least ``groups``), or in per-class mode the units: each class's part of a batch
 (lca_ext.classes; the classes themselves, unequal and few, gave too short an
-interval).  Where no groups can be
-had (fewer than two, torch.distributed, or per-class mode with BatchNorm on
-batch statistics), the step keeps the certified rule's own estimate as its
+interval; with BatchNorm on batch statistics, the batches: bars, but no
+two-pass stage).  Where no groups can be had (fewer than two, or
+torch.distributed), the step keeps the certified rule's own estimate as its
 ``tensor_error`` (not an interval: lca_ext.quadrature) and the run says so
 (``run.get("bars")`` False).
 """

@@ -28,7 +28,9 @@ How a pass splits the set by class, chosen per set:
 
 Each class part of a batch (a *unit*) is an independent group of the default
 rule's error bars: a mixed pass runs unit i at its own point, and every pass
-over all classes records the units' classes (``ev.class_unit_slots``).
+over all classes records the units' classes (``ev.class_unit_slots``).  With
+BatchNorm on batch statistics a unit is a whole batch (its classes share one
+forward): bars, but no two-pass stage (whose correction goes to a unit's class).
 
 Cost, in plain passes: regrouped about 1 (plus per-call overhead for the
 extra batches); per batch and masked about C small forward/backward calls per
@@ -39,7 +41,7 @@ tensors, float64 sums of at least float32 values).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -72,23 +74,21 @@ def class_pass(ev, point, classes: Sequence[int], grad_out, weight: float, probe
     classes[j])/dθ_k`` (forward only when grad_out is None); returns
     (Σ w·loss, Σ w) over these classes (tensors).  ``probe``
     (lca_ext.path.GroupProbe, all classes): every class gradient part also goes
-    to ``probe.add(j, grads, weight/W)``; with ``point`` None, class j's
-    examples run at ``probe.point(j)`` (a mixed pass; not with BatchNorm on
-    batch statistics, whose classes share each batch's forward)."""
+    to ``probe.add(unit, grads, weight/W, slot=j)``; with ``point`` None,
+    each unit runs at ``probe.point(unit)`` (a mixed pass)."""
     if not getattr(ev.batch_loss, "classic", False):
         return _masked(ev, point, classes, grad_out, weight, probe)
     if ev._batch_coupled():
-        if point is None:
-            raise NotImplementedError("lca_ext: a mixed class pass with BatchNorm on batch "
-                                      "statistics")
         return _per_batch_coupled(ev, point, classes, grad_out, weight, probe)
     if ev.data.pair is not None:
         return _regrouped(ev, point, classes, grad_out, weight, probe)
     return _per_batch(ev, point, classes, grad_out, weight, probe)
 
 
-def mixed_points_supported(ev) -> bool:
-    """Can class j's examples run at a point of their own (probe.point(j))?"""
+def units_class_pure(ev) -> bool:
+    """Is each unit one class's part of a batch?  Not with BatchNorm on batch
+    statistics (or examples that interact): there a unit is a whole batch, its
+    classes sharing its forward pass (its slot in class_unit_slots is None)."""
     return not (getattr(ev.batch_loss, "classic", False) and ev._batch_coupled())
 
 
@@ -176,7 +176,7 @@ def class_batches(ev) -> List[tuple]:
 def _regrouped(ev, point, classes, grad_out, weight, probe=None):
     slot = {c: j for j, c in enumerate(classes)}
     total, wsum = _zeros(ev, classes)
-    units: List[int] = []
+    units: List[Optional[int]] = []
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         if point is not None:
@@ -224,7 +224,7 @@ def _masked_pairs(ev, classes):
 
 def _per_batch(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
-    units: List[int] = []
+    units: List[Optional[int]] = []
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         if point is not None:
@@ -247,16 +247,17 @@ def _per_batch(ev, point, classes, grad_out, weight, probe=None):
 
 def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
-    units: List[int] = []
+    units: List[Optional[int]] = []
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         for x, y, parts in _masked_pairs(ev, classes):
             # fresh buffer copies per batch: BatchNorm runs once on each; the
-            # batch in its own order (a graph's nodes must not be permuted)
-            tensors, leaves = ev._tensors(point, need)
+            # batch in its own order (a graph's nodes must not be permuted); the
+            # whole batch is the unit (at its own point in a mixed pass)
+            unit = _unit(units, None)
+            tensors, leaves = _leaves(ev, point, probe, unit, need)
             out = call_at(ev.model, ev.model_ties, _strip(tensors), (x,))
             for i, (j, s) in enumerate(parts):
-                unit = _unit(units, j)
                 share = at_least_float32(ev.batch_loss.loss_fn(out[s], y[s])) * y[s].shape[0]
                 total[j] += share.detach().double()
                 wsum += y[s].shape[0]
@@ -268,7 +269,7 @@ def _per_batch_coupled(ev, point, classes, grad_out, weight, probe=None):
 
 def _masked(ev, point, classes, grad_out, weight, probe=None):
     total, wsum = _zeros(ev, classes)
-    units: List[int] = []
+    units: List[Optional[int]] = []
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         for batch in ev.batches():
@@ -295,13 +296,14 @@ def _masked(ev, point, classes, grad_out, weight, probe=None):
     return total, wsum
 
 
-def _unit(units: List[int], j: int) -> int:
-    """The next unit's index (a class's part of a batch), its class slot noted."""
+def _unit(units: List[Optional[int]], j: Optional[int]) -> int:
+    """The next unit's index (a class's part of a batch), its class slot noted
+    (None: a whole batch of several classes)."""
     units.append(j)
     return len(units) - 1
 
 
-def _count_units(ev, classes, units: List[int]) -> None:
+def _count_units(ev, classes, units: List[Optional[int]]) -> None:
     """After a pass over every class: each unit's class slot, in pass order
     (the same at every point of a step: the bars' groups, lca_ext.bars)."""
     if len(classes) == ev.num_classes:

@@ -193,7 +193,7 @@ class Evaluator:
         self._class_batches = None   # the set regrouped by class (lca_ext.classes)
         # the class slot of each unit (a class's part of a batch) of a pass over
         # every class, in pass order: per-class mode's error-bar groups
-        self.class_unit_slots: List[int] = []
+        self.class_unit_slots: List[Optional[int]] = []
         self._split_checked = False  # class shares checked against the plain loss
 
     def buffers_that_matter(self) -> List[torch.Tensor]:
@@ -488,10 +488,13 @@ class Evaluator:
         self.passes += 1
 
     def class_groups_supported(self) -> bool:
-        """Class units as the bars' groups: each can run at a point of its own
-        (not with BatchNorm on batch statistics), one process."""
-        return not (self.ctx.world > 1 or self.ctx.sharded) and \
-            per_class.mixed_points_supported(self)
+        """Class units as the bars' groups (lca_ext.classes): one process."""
+        return not (self.ctx.world > 1 or self.ctx.sharded)
+
+    def class_units_pure(self) -> bool:
+        """Is each unit one class's part of a batch (not a whole batch of several
+        classes: BatchNorm on batch statistics)?  The two-pass stage needs it."""
+        return per_class.units_class_pure(self)
 
     @property
     def groups(self) -> int:

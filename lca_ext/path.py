@@ -170,8 +170,8 @@ class StepPath:
         self.passes = 0            # gradient passes this step (the start's not counted)
         # independent groups whose samples the rules may ask for (lca_ext.bars):
         # the LCA set's batches, or in per-class mode each class's part of a
-        # batch (lca_ext.classes); 0 where they cannot be had (torch.distributed;
-        # per-class mode with BatchNorm on batch statistics)
+        # batch (lca_ext.classes; with BatchNorm on batch statistics, each batch);
+        # 0 where they cannot be had (torch.distributed)
         self._group_phi: Dict[float, np.ndarray] = {}
 
     @property
@@ -237,7 +237,8 @@ class StepPath:
             # (groups unknown before the first pass: tried, and given back if more
             # come than keep_groups; known and too many: not tried)
             keep = self.keep_groups > 0 and f in (0.0, 1.0) and self.group_end is None \
-                and not self._ctx.sharded and self.groups <= self.keep_groups
+                and not self._ctx.sharded and self.groups <= self.keep_groups \
+                and (not self._classes or self._ev.class_units_pure())
             probe = GroupProbe(self, self.groups, keep=self.keep_groups if keep else 0,
                                samples=f > 0.0) \
                 if (self.groups >= 2 and f > 0.0) or keep else None

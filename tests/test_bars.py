@@ -435,3 +435,63 @@ def test_per_class_mode_two_pass_steps_against_a_float64_reference(classes):
                                    np.abs(run.class_error()), atol=1e-5 * gross.max())
     assert np.mean(cover) >= 0.95, np.mean(cover)
     assert np.mean(np.array(passes) == 2) >= 0.6, passes
+
+def _bn_reference(model, before, x, y, batch, intervals=128):
+    """[K] per-tensor LCA of the set's mean loss with BatchNorm on each batch's
+    statistics (train mode, a copy: the running statistics are not touched),
+    composite Simpson in float64."""
+    m = copy.deepcopy(model).double().train()
+    after = [p.detach().double().clone() for p in model.parameters()]
+    w = np.ones(intervals + 1)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    w /= 3 * intervals
+    out = np.zeros(len(after))
+    for i, wi in enumerate(w):
+        with torch.no_grad():
+            for p, a, b in zip(m.parameters(), before, after):
+                p.copy_(a + (i / intervals) * (b - a))
+        loss = sum(nn.functional.cross_entropy(m(x[j:j + batch].double()), y[j:j + batch],
+                                               reduction="sum")
+                   for j in range(0, len(y), batch)) / len(y)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        out += wi * np.array([float(((b - a) * g).sum()) for g, a, b in zip(grads, before, after)])
+    return out
+
+
+def test_per_class_mode_with_batch_statistics_has_bars_against_a_float64_reference():
+    """Per-class mode with BatchNorm on batch statistics: a batch's classes share
+    its forward, so each batch is a unit (no two-pass stage: its correction goes
+    to a unit's class).  The steps get 95% bars (bar_dof = batches - 1) that hold
+    the error against a float64 reference (3 seeds, 5 steps, lr 0.5), and the
+    class shares add up to the tensors."""
+    cover = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(240, 6)
+        y = (x[:, :3] + 0.3 * torch.randn(240, 3)).argmax(1)
+        model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y), batch_size=30,
+                                     num_classes=3)
+        assert tracker.objectives[0].evaluator._batch_coupled()
+        refs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for t in range(5):
+                before = [p.detach().double().clone() for p in model.parameters()]
+                opt.zero_grad()
+                idx = torch.arange(t * 40, t * 40 + 40)
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                with tracker.step():
+                    opt.step()
+                refs.append(_bn_reference(model, before, x, y, 30))
+            run = tracker.result()
+        refs = np.array(refs)
+        assert (run.bar_dof == 7).all() and (run.grad_passes[1:] >= 3).all()
+        err = np.abs(run.tensor_sums - refs)
+        big = np.abs(refs) >= 0.01 * np.abs(refs).sum(1, keepdims=True)
+        assert (err[big] / np.abs(refs[big])).max() <= 0.03
+        cover += list(run.tensor_error[big] >= err[big])
+        np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-5,
+                                   atol=1e-6 * np.abs(refs).max())
+    assert np.mean(cover) >= 0.95, np.mean(cover)
