@@ -116,6 +116,10 @@ class Context:
     def max_int(self, x: int) -> int:
         return x
 
+    def counts(self, n: int) -> List[int]:
+        """Every rank's ``n``, in rank order."""
+        return [n]
+
     def over_shards(self, x: float) -> float:
         """A total over the parameters, from this rank's part of it."""
         return x
@@ -173,6 +177,14 @@ class Replicated(Context):
         t = torch.tensor([x], dtype=torch.int64, device=self._device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t.item())
+
+    def counts(self, n: int) -> List[int]:
+        dist = _dist()
+        out = [torch.zeros(1, dtype=torch.int64, device=self._device())
+               for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor([n], dtype=torch.int64, device=self._device()),
+                        group=self.group)
+        return [int(t.item()) for t in out]
 
     def replicated_grads_(self, grad_out: Sequence[torch.Tensor], before: bool) -> None:
         """Add every rank's gradient contribution into replicated buffers.

@@ -190,6 +190,8 @@ class Evaluator:
         self.passes = 0  # gradient passes run (each = one sweep of the LCA set)
         self._groups: Optional[int] = None   # batches, counted once (groups)
         self._batches_seen = 0
+        self._counted = False                 # a whole pass has run (batches counted)
+        self._group_counts: Optional[List[int]] = None   # every rank's batches (DDP)
         self._class_batches = None   # the set regrouped by class (lca_ext.classes)
         # the class slot of each unit (a class's part of a batch) of a pass over
         # every class, in pass order: per-class mode's error-bar groups
@@ -468,6 +470,7 @@ class Evaluator:
                         self.kernels.accumulate_(list(grad_out), grads, weight / self.count)
                     if probe is not None:
                         probe.add(i, grads, 1.0 / self.count)
+        self._counted = True
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=False)
             self.passes += 1
@@ -497,17 +500,35 @@ class Evaluator:
         return per_class.units_class_pure(self)
 
     @property
-    def groups(self) -> int:
-        """Independent groups a probe sees: the LCA set's batches (0 where
-        probes are not supported: under torch.distributed)."""
-        if self.ctx.world > 1 or self.ctx.sharded:
-            return 0
+    def local_groups(self) -> int:
+        """This rank's batches (0 before a DataLoader set's first pass)."""
         if self._groups is None and self.data.pair is not None:
             self._groups = len(self.data.pair)
         if self._groups is None:
             # counted by the first pass (len() would read an unsized set once more)
             return self._batches_seen
         return self._groups
+
+    @property
+    def groups(self) -> int:
+        """Independent groups a probe sees: the LCA set's batches, every rank's
+        under DDP (group_offset: this rank's first); 0 under FSDP2, whose passes
+        run every rank's batches together."""
+        if self.ctx.sharded:
+            return 0
+        if self.ctx.world == 1:
+            return self.local_groups
+        if self._group_counts is None:
+            if self.data.pair is None and not self._counted:
+                return 0
+            # (collective: every rank reaches here at the same point of a step)
+            self._group_counts = self.ctx.counts(self.local_groups)
+        return sum(self._group_counts)
+
+    @property
+    def group_offset(self) -> int:
+        """The global index of this rank's first batch (its groups follow)."""
+        return sum(self._group_counts[:self.ctx.rank]) if self._group_counts else 0
 
     def _check_weight(self, wsum: float) -> None:
         if abs(wsum - self.count) > 1e-9 * self.count:

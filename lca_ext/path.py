@@ -85,13 +85,15 @@ class GroupProbe:
     """Collects each group's samples Δθ·g_i during a pass (a group: a batch of
     the LCA set, or in per-class mode a class's part of a batch); for a mixed
     pass also gives each group its own point (``points[i]``: a fraction of the
-    step)."""
+    step).  Under DDP it sees this rank's batches, i local: their global index
+    is ``path.group_offset + i``, and :meth:`array` sums every rank's rows."""
 
     def __init__(self, path: "StepPath", groups: int, points: Optional[np.ndarray] = None,
                  keep: int = 0, total: Optional[List[torch.Tensor]] = None,
                  samples: bool = True):
         self._path = path
         self._points = points
+        self._offset = path.group_offset
         self.samples: Dict[int, torch.Tensor] = {}
         self.groups = groups
         # each group's gradient, kept while at most ``keep`` groups come (None:
@@ -102,10 +104,10 @@ class GroupProbe:
         self._with_samples = samples
 
     def point(self, i: int) -> List[torch.Tensor]:
-        if i >= len(self._points):
+        if self._offset + i >= len(self._points):
             raise RuntimeError("lca_ext: the LCA set has more batches now than when the "
                                "step began; it must be the same at every point of a step")
-        return self._path.point(float(self._points[i]))
+        return self._path.point(float(self._points[self._offset + i]))
 
     def add(self, i: int, grads: List[torch.Tensor], scale: float,
             slot: Optional[int] = None) -> None:
@@ -129,15 +131,21 @@ class GroupProbe:
             p._kernels.accumulate_(total, grads, scale)
 
     def array(self) -> np.ndarray:
-        """[G, K] float64 (one host copy)."""
-        if any(i >= self.groups for i in self.samples) or not self.samples:
-            raise RuntimeError(f"lca_ext: a pass saw groups {sorted(self.samples)}, expected "
+        """[G, K] float64 (one host copy; under DDP every rank's rows, summed)."""
+        p = self._path
+        rows = [self._offset + i for i in self.samples]
+        if any(g >= self.groups for g in rows) or not (self.samples or p._ctx.world > 1):
+            raise RuntimeError(f"lca_ext: a pass saw groups {sorted(rows)}, expected "
                                f"0..{self.groups - 1}: the LCA set must be the same batches "
                                "at every point of a step")
-        zero = torch.zeros_like(next(iter(self.samples.values())))
         # (a class with no example in the set has no part: its samples are 0)
-        return torch.stack([self.samples.get(i, zero)
-                            for i in range(self.groups)]).double().cpu().numpy()
+        out = torch.zeros(self.groups, len(p.theta_t), dtype=torch.float64,
+                          device=p.theta_t[0].device)
+        for g, v in zip(rows, self.samples.values()):
+            out[g] = v.double()
+        if p._ctx.world > 1:
+            p._ctx.sum_(out)
+        return out.cpu().numpy()
 
 
 class StepPath:
@@ -179,6 +187,24 @@ class StepPath:
         if self._classes:
             return len(self._ev.class_unit_slots) if self._ev.class_groups_supported() else 0
         return self._ev.groups
+
+    @property
+    def group_offset(self) -> int:
+        """This rank's first group (DDP; 0 in one process)."""
+        return 0 if self._classes else self._ev.group_offset
+
+    @property
+    def _local_groups(self) -> int:
+        return self.groups if self._classes else self._ev.local_groups
+
+    def _most_local_groups(self) -> int:
+        """The most groups one rank holds (what it must keep), 0 before they
+        are counted; the same on every rank."""
+        if self._classes or self._ctx.world == 1:
+            return self.groups
+        self.groups                                # (counts every rank's, once known)
+        counts = self._ev._group_counts
+        return max(counts) if counts else 0
 
     # -- buffers ---------------------------------------------------------------------
 
@@ -237,7 +263,7 @@ class StepPath:
             # (groups unknown before the first pass: tried, and given back if more
             # come than keep_groups; known and too many: not tried)
             keep = self.keep_groups > 0 and f in (0.0, 1.0) and self.group_end is None \
-                and not self._ctx.sharded and self.groups <= self.keep_groups \
+                and not self._ctx.sharded and self._most_local_groups() <= self.keep_groups \
                 and (not self._classes or self._ev.class_units_pure())
             probe = GroupProbe(self, self.groups, keep=self.keep_groups if keep else 0,
                                samples=f > 0.0) \
@@ -253,7 +279,10 @@ class StepPath:
                 self._group_phi[f] = probe.array()
             if keep:
                 kept = probe.kept
-                if kept is not None and len(kept) == self.groups >= 2:
+                ok = kept is not None and len(kept) == self._local_groups and self.groups >= 2
+                if self._ctx.world > 1:             # every rank keeps, or none
+                    ok = self._ctx.max_int(0 if ok else 1) == 0
+                if ok:
                     self.group_end = kept
                 else:
                     for buf in kept or ():
@@ -354,13 +383,20 @@ class StepPath:
         """[G, K] the groups' samples at a point already evaluated (f > 0, or
         0 where ``group_start_known``)."""
         if f == 0.0 and f not in self._group_phi and self.group_start is not None:
-            self._group_phi[0.0] = np.concatenate([self.dots(b) for b in self.group_start])
+            phi = np.zeros((self.groups, len(self.theta_t)))
+            for g, buf in enumerate(self.group_start):
+                phi[self.group_offset + g] = self.dots(buf)[0]
+            if self._ctx.world > 1:
+                phi = self._ctx.sum_(torch.from_numpy(phi).to(self.theta_t[0].device)
+                                     ).cpu().numpy()
+            self._group_phi[0.0] = phi
         return self._group_phi[f]
 
     @property
     def group_start_known(self) -> bool:
         """Are the groups' gradients at θ_t held (group_dots(0.0), group_correction)?"""
-        return self.group_start is not None and len(self.group_start) == self.groups
+        return self.group_start is not None and \
+            len(self.group_start) == self._local_groups and self.groups >= 2
 
     def group_correction(self, out, points: np.ndarray) -> None:
         """out += Σ_g (u_g − ½)(g_g(θ_t) − g_g(θ_{t+1})): with a mixed pass's
@@ -368,20 +404,28 @@ class StepPath:
         (lca_ext.budget_rule); needs group_start and group_end.  Per-class
         mode: each unit's term goes to its class's slot of the stacked ``out``."""
         slots = self._ev.class_unit_slots if self._classes else None
-        for g, u in enumerate(points):
+        # (DDP: each rank adds its own groups' terms, summed over ranks)
+        self._ctx.replicated_grads_(out, before=True)
+        for g, buf in enumerate(self.group_start):
+            u = float(points[self.group_offset + g])
             dst = out if slots is None else [t[slots[g]] for t in out]
-            self.accumulate(dst, self.group_start[g], float(u) - 0.5)
-            self.accumulate(dst, self.group_end[g], 0.5 - float(u))
+            self.accumulate(dst, buf, u - 0.5)
+            self.accumulate(dst, self.group_end[g], 0.5 - u)
+        self._ctx.replicated_grads_(out, before=False)
 
     def mixed(self, points: np.ndarray, out=None) -> np.ndarray:
         """One pass with group i at fraction ``points[i]`` of the step: [G, K]
         the groups' samples there (lca_ext.bars); ``out``: a buffer the pass's
         whole gradient is added to."""
         probe = GroupProbe(self, self.groups, points, total=out)
+        if out is not None:        # (DDP: this rank's groups' part, summed over ranks)
+            self._ctx.replicated_grads_(out, before=True)
         if self._classes:
             self._ev.class_probe_pass(probe)
         else:
             self._ev.probe_pass(probe)
+        if out is not None:
+            self._ctx.replicated_grads_(out, before=False)
         self.passes += 1
         return probe.array()
 

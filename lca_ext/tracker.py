@@ -480,12 +480,11 @@ class LCATracker:
         """How many groups' gradients this objective's start and end passes may
         keep (the default rule's two-pass stage; 0: none): its share of
         path_memory_budget (shared by the objectives) in gradient buffers, two
-        sets of them (θ_t's and θ_{t+1}'s) resident."""
-        # (not where per-class LCA is recomputed at the rule's points: the
-        # stage's ḡ is not a weighted sum of points)
+        sets of them (θ_t's and θ_{t+1}'s) resident.  Not where per-class LCA is
+        recomputed at the rule's points (the stage's ḡ is not a sum of points)."""
         if not (self.rule.method == "budget" and self.rule.bars and self.reuse_gradients
                 and (obj.classes or not (self.num_classes and obj is self.objectives[0]))
-                and self.ctx.world == 1 and not self.ctx.sharded):
+                and not self.ctx.sharded):
             return 0
         return self.rule.path_memory_budget // (
             2 * self._pool.one_buffer * len(self.objectives))

@@ -81,8 +81,11 @@ def _full_params(model) -> dict:
     return out
 
 
-def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool) -> None:
-    """kind: "ddp" or "fsdp"; trains STEPS steps, saves trajectory + results."""
+def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool,
+        default_rule: bool = False) -> None:
+    """kind: "ddp" or "fsdp"; trains STEPS steps, saves trajectory + results
+    (Simpson without bars, or ``default_rule``)."""
+    rule = None if default_rule else dict(bars=False)
     _init(rank, world, port)
     try:
         model = make_model()
@@ -100,7 +103,11 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
             tracker = lca_ext.LCATracker(
                 wrapped, loss_fn, lca_set(), eval_sets={"val": val_set()},
                 batch_size=LCA_BATCH, store=os.path.join(out_dir, f"run_{kind}"),
-                frames=["0.weight"], num_classes=None)
+                frames=["0.weight"], num_classes=None,
+                # Simpson, deterministic: the reference below runs one process on
+                # the whole set, whose batches are not the ranks' (DDP's bars and
+                # two-pass stage: test_ddp_error_bars_...)
+                rule=rule)
         trajectory = [_full_params(model)]
         torch.manual_seed(1234 + rank)          # dropout masks differ per rank
         for step in range(STEPS):
@@ -126,7 +133,7 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
             again = lca_ext.LCATracker(
                 wrapped, loss_fn, lca_set(), eval_sets={"val": val_set()},
                 batch_size=LCA_BATCH, store=os.path.join(out_dir, f"run_{kind}"),
-                frames=["0.weight"], resume=True)
+                frames=["0.weight"], resume=True, rule=rule)
             arrays["resume_ok"] = np.int64(again._step == STEPS and all(
                 torch.equal(a, b) for name in tracker.state
                 for a, b in zip(tracker.state[name], again.state[name])))
@@ -200,6 +207,48 @@ def run_bad_target(rank: int, world: int, port: int, out_dir: str) -> None:
             message = str(err)
         with open(os.path.join(out_dir, f"bad_target_rank{rank}.txt"), "w") as f:
             f.write(message)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _exit_now()
+
+
+def bars_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 1)).double()
+
+
+def bar_batches():
+    """The LCA set as a list of 8 batches (batch i goes to rank i mod world)."""
+    x, y = lca_set()
+    return [(x[i:i + 25], y[i:i + 25]) for i in range(0, 200, 25)]
+
+
+def run_bars(rank: int, world: int, port: int, out_dir: str, form: str = "pair") -> None:
+    """DDP with the default rule (error bars, two-pass stage), the LCA set a
+    tensor pair or a list of batches: saves the trajectory and each rank's
+    records."""
+    _init(rank, world, port)
+    try:
+        model = bars_model()
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.03)
+        data = lca_set() if form == "pair" else bar_batches()
+        tracker = lca_ext.LCATracker(wrapped, loss_fn, data, batch_size=LCA_BATCH)
+        trajectory = [_full_params(model)]
+        for step in range(STEPS):
+            x, y = train_batch(step, rank)
+            opt.zero_grad()
+            loss_fn(wrapped(x), y).backward()
+            with tracker.step():
+                opt.step()
+            trajectory.append(_full_params(model))
+        result = tracker.result()
+        arrays = {f"a/{k}": v for k, v in result.arrays.items()}
+        for t, params in enumerate(trajectory):
+            arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
+        np.savez(os.path.join(out_dir, f"bars_{form}_rank{rank}.npz"), **arrays)
         dist.barrier()
     finally:
         dist.destroy_process_group()

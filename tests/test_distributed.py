@@ -56,7 +56,7 @@ def reference(runs):
                                  eval_sets={"val": cases.val_set()},
                                  batch_size=cases.LCA_BATCH, frames=["0.weight"],
                                  distributed=False,
-                                 # (no bars under torch.distributed yet: the same rule)
+                                 # (the distributed runs' rule: Simpson, no bars)
                                  rule=dict(bars=False))
     params = dict(model.named_parameters())
     for t in range(cases.STEPS):
@@ -227,6 +227,54 @@ def test_ddp_per_class_lca_equals_single_process(tmp_path):
                                got[0]["a/train/tensor_sums"], rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.parametrize("form", ["pair", "batches"])
+def test_ddp_error_bars_and_two_pass_steps_equal_one_process_on_the_same_groups(tmp_path,
+                                                                               form):
+    """Under DDP the groups are every rank's batches (rank 0's first): each rank
+    runs its own at their random points, the samples are summed, and each rank
+    keeps its own groups' gradients for the two-pass stage.  One process whose
+    LCA set is the same batches in that order gives the same values, bars and
+    passes (float64), and every rank the same records."""
+    mp.spawn(cases.run_bars, args=(2, cases.free_port(), str(tmp_path), form), nprocs=2)
+    got = [dict(np.load(tmp_path / f"bars_{form}_rank{r}.npz")) for r in (0, 1)]
+    model = cases.bars_model()
+    if form == "pair":
+        x, y = cases.lca_set()
+        batches = []
+        for r in (0, 1):                # example i -> rank i mod 2, then cut in 32s
+            xr, yr = x[r::2], y[r::2]
+            batches += [(xr[i:i + cases.LCA_BATCH], yr[i:i + cases.LCA_BATCH])
+                        for i in range(0, xr.shape[0], cases.LCA_BATCH)]
+    else:                               # batch i -> rank i mod 2 (counted by a pass)
+        whole = cases.bar_batches()
+        batches = whole[0::2] + whole[1::2]
+    assert len(batches) == 8
+    tracker = lca_ext.LCATracker(model, cases.loss_fn, batches, distributed=False)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    for t in range(cases.STEPS):
+        # (θ_t written only once: the end point's gradients start the next step)
+        with torch.no_grad():
+            for n, v in _theta(got[0], t, names).items():
+                if t == 0:
+                    params[n].copy_(v)
+                else:
+                    assert torch.equal(params[n], v)
+        tracker.begin()
+        with torch.no_grad():
+            for n, v in _theta(got[0], t + 1, names).items():
+                params[n].copy_(v)
+        tracker.end()
+    ref = tracker.result()
+    assert (ref.bar_dof == 7).all() and (ref.grad_passes[1:] == 2).any()
+    for g in got:
+        for key in ("tensor_sums", "tensor_error", "tensor_sd", "bar_dof", "grad_passes",
+                    "row_sums", "counts"):
+            np.testing.assert_allclose(g[f"a/train/{key}"], ref.get(key), rtol=1e-7,
+                                       atol=1e-13, err_msg=key)
+    np.testing.assert_array_equal(got[0]["a/train/tensor_sums"], got[1]["a/train/tensor_sums"])
+
+
 def test_a_batch_refused_on_one_rank_raises_on_every_rank(tmp_path):
     """(Before: rank 1 raised alone and rank 0 waited in the pass's all-reduce
     until gloo's timeout.)"""
@@ -243,7 +291,7 @@ def test_one_rank_runs_like_many(tmp_path, kind):
     stage, which keeps per-group gradients, is off for sharded models; it made
     every step fail there)."""
     out = str(tmp_path)
-    mp.spawn(cases.run, args=(1, cases.free_port(), out, kind, True), nprocs=1)
+    mp.spawn(cases.run, args=(1, cases.free_port(), out, kind, True, True), nprocs=1)
     arrays = dict(np.load(os.path.join(out, f"{kind}_1_rank0.npz")))
     assert len(arrays["a/step"]) == cases.STEPS
     assert arrays["a/train/grounded"].all()
