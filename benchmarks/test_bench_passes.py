@@ -78,6 +78,41 @@ def test_passes_per_step(benchmark, method):
           f"ungrounded {info['ungrounded']}; {seconds:.0f} s")
 
 
+def test_passes_16bit(benchmark):
+    """The issue's 16-bit setting: LeNet (ReLU, max-pool) in bfloat16, float32
+    passes (pass_dtype='auto'), plain SGD lr 0.05, batch 100, the first 1,000
+    digits as the LCA set, 20 steps, the default rule: passes a step (<= 4 is
+    the goal), the most, grounded steps, median bar of the tensors carrying
+    >= 1% of a step."""
+    xtr, ytr = digits()
+    x, y = xtr[:1000].bfloat16(), ytr[:1000]
+
+    def run():
+        torch.manual_seed(0)
+        net = MODELS["lenet"]().bfloat16()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        tracker = lca_ext.LCATracker(net, xent, (x, y))
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            idx = torch.randint(0, xtr.shape[0], (100,), generator=gen)
+            opt.zero_grad()
+            xent(net(xtr[idx].bfloat16()), ytr[idx]).backward()
+            with tracker.step():
+                opt.step()
+        return tracker.result()
+
+    r = benchmark.pedantic(run, rounds=1, iterations=1)
+    big = np.abs(r.tensor_sums) >= 0.01 * np.abs(r.tensor_sums).sum(1, keepdims=True)
+    info = dict(passes=float(r.grad_passes.mean()), passes_max=int(r.grad_passes.max()),
+                grounded=int(r.grounded().sum()),
+                noise_limited=int(r.get("noise_limited").sum()),
+                median_bar=float(np.median((r.tensor_error / np.abs(r.tensor_sums))[big])))
+    benchmark.extra_info.update(info)
+    print(f"\nbf16 LeNet, float32 passes: {info['passes']:.2f} passes a step (max "
+          f"{info['passes_max']}), grounded {info['grounded']}/20 (noise-limited "
+          f"{info['noise_limited']}), median bar {100 * info['median_bar']:.2f}%")
+
+
 def _evaluator(form, classes):
     xtr, ytr = digits()
     torch.manual_seed(0)

@@ -49,11 +49,12 @@ from .lca_set import at_least_float32, cast_up
 from .params import call_at
 
 # the regrouped set cuts each class into up to UNITS_PER_CLASS batches, enough
-# for about TARGET_UNITS in all (4 a class for 10 classes, 1 from 40 classes on):
+# for about TARGET_UNITS in all (4 a class for 2-4 classes, 2 for 10, 1 from 16 on;
+# 4 a class for 10 classes made a class pass 2.6x a plain one on the demo, 2 1.8x):
 # with the other modes' (batch, class) parts, the independent groups of the error
 # bars (lca_ext.bars) are these units, not the classes (a sum of a few unequal
 # class terms is far from normal); more units cost small batches and samples
-UNITS_PER_CLASS, TARGET_UNITS = 4, 40
+UNITS_PER_CLASS, TARGET_UNITS = 4, 16
 
 
 def targets_of(ev, batch) -> torch.Tensor:
