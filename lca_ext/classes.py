@@ -12,10 +12,11 @@ How a pass splits the set by class, chosen per set:
   samples are independent (no BatchNorm on batch statistics).  Batch
   composition then does not change any example's loss, so the set is re-cut
   once into class-pure batches (each class's examples in set order, in chunks
-  of the set's batch size, up to UNITS_PER_CLASS chunks a class) and kept:
-  one more copy of this rank's set in memory.  A class pass is a plain pass
-  over those batches, each batch's gradient going to its class: up to 4C
-  (smaller) batches where a plain pass has its own, and no other cost.
+  of at most the set's batch size, at least min(UNITS_PER_CLASS,
+  ⌈TARGET_UNITS/C⌉) chunks a class) and kept: one more copy of this rank's set
+  in memory.  A class pass is a plain pass over those batches, each batch's
+  gradient going to its class: more, smaller batches than a plain pass's, and
+  no other cost.
 * ``per batch``: other (x, y) sets with ``loss_fn`` (a DataLoader, or
   BatchNorm on batch statistics).  Independent samples: each class's examples
   of a batch run on their own.  BatchNorm on batch statistics: one forward of
@@ -48,8 +49,9 @@ import torch
 from .lca_set import at_least_float32, cast_up
 from .params import call_at
 
-# the regrouped set cuts each class into up to UNITS_PER_CLASS batches, enough
-# for about TARGET_UNITS in all (4 a class for 2-4 classes, 2 for 10, 1 from 16 on;
+# the regrouped set cuts each class into at least min(UNITS_PER_CLASS,
+# ⌈TARGET_UNITS/C⌉) batches (4 a class for 2-4 classes, 2 for 10, 1 from 16 on;
+# more where a class has more than that many batch sizes of examples;
 # 4 a class for 10 classes made a class pass 2.6x a plain one on the demo, 2 1.8x):
 # with the other modes' (batch, class) parts, the independent groups of the error
 # bars (lca_ext.bars) are these units, not the classes (a sum of a few unequal
@@ -139,8 +141,8 @@ def _share(ev, tensors, x, y):
 
 def class_batches(ev) -> List[tuple]:
     """The regrouped set: [(class, x, y)], class-pure batches of at most the
-    set's batch size, cut into up to UNITS_PER_CLASS a class (about
-    TARGET_UNITS in all, where the classes have the examples), each class's
+    set's batch size, at least min(UNITS_PER_CLASS, ⌈TARGET_UNITS/C⌉) a class
+    (where it has the examples), each class's
     examples in set order (built once)."""
     if ev._class_batches is None:
         # (under DDP a rank may hold no example of a small set)
@@ -282,8 +284,10 @@ def _masked(ev, point, classes, grad_out, weight, probe=None):
                 if c not in present:
                     continue
                 unit = len(units)
-                if point is None:
-                    tensors, leaves = _leaves(ev, point, probe, unit, True)
+                if point is None:   # (a part skipped below for its zero weight runs at
+                    # the last unit's point: its result is dropped)
+                    tensors, leaves = _leaves(ev, point, probe, min(unit, probe.groups - 1),
+                                              True)
                 loss, w = ev._batch_loss(tensors, _keep_targets(batch, t == c, ev.targets))
                 if float(w) == 0:   # class c only where no loss is taken (e.g. the
                     continue        # first token, before the shift): a 0/0 mean

@@ -134,7 +134,10 @@ class GroupProbe:
         """[G, K] float64 (one host copy; under DDP every rank's rows, summed)."""
         p = self._path
         rows = [self._offset + i for i in self.samples]
-        if any(g >= self.groups for g in rows) or not (self.samples or p._ctx.world > 1):
+        bad = any(g >= self.groups for g in rows) or not (self.samples or p._ctx.world > 1)
+        if p._ctx.world > 1:        # every rank raises, or none (no rank left waiting)
+            bad = p._ctx.max_int(int(bad)) > 0
+        if bad:
             raise RuntimeError(f"lca_ext: a pass saw groups {sorted(rows)}, expected "
                                f"0..{self.groups - 1}: the LCA set must be the same batches "
                                "at every point of a step")
@@ -179,7 +182,8 @@ class StepPath:
         # independent groups whose samples the rules may ask for (lca_ext.bars):
         # the LCA set's batches, or in per-class mode each class's part of a
         # batch (lca_ext.classes; with BatchNorm on batch statistics, each batch);
-        # 0 where they cannot be had (torch.distributed)
+        # under DDP every rank's batches; 0 where they cannot be had (FSDP2,
+        # per-class mode under DDP)
         self._group_phi: Dict[float, np.ndarray] = {}
 
     @property
@@ -264,7 +268,8 @@ class StepPath:
             # come than keep_groups; known and too many: not tried)
             keep = self.keep_groups > 0 and f in (0.0, 1.0) and self.group_end is None \
                 and not self._ctx.sharded and self._most_local_groups() <= self.keep_groups \
-                and (not self._classes or self._ev.class_units_pure())
+                and (not self._classes or (self._ev.class_groups_supported()
+                                           and self._ev.class_units_pure()))
             probe = GroupProbe(self, self.groups, keep=self.keep_groups if keep else 0,
                                samples=f > 0.0) \
                 if (self.groups >= 2 and f > 0.0) or keep else None
@@ -391,6 +396,14 @@ class StepPath:
                                      ).cpu().numpy()
             self._group_phi[0.0] = phi
         return self._group_phi[f]
+
+    def group_bytes(self) -> int:
+        """Bytes of the groups' gradients held (θ_t's and θ_{t+1}'s: plain buffers,
+        also in per-class mode), as the rank holding the most counts them (DDP:
+        every rank's rule must decide alike)."""
+        if self.group_start is None:
+            return 0
+        return 2 * self._most_local_groups() * self._pool.one_buffer
 
     @property
     def group_start_known(self) -> bool:

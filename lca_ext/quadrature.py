@@ -357,9 +357,11 @@ class LocalSimpson:
     def __init__(self, path, opts: RuleOptions, end=None):
         """``end``: (buffer, loss) of θ_{t+1} already evaluated (its pass made)."""
         self.path = path
-        # (the groups' gradients the default rule keeps count against the budget)
-        kept = 2 * len(getattr(path, "group_start", None) or ())
-        self.held_extra = max(0, opts.path_memory_budget // max(1, path.one_buffer) - kept)
+        # (the groups' gradients the default rule keeps count against the budget;
+        # the same on every DDP rank, whatever its own share of the groups)
+        kept = path.group_bytes() if hasattr(path, "group_bytes") else \
+            2 * len(getattr(path, "group_start", None) or ()) * path.one_buffer
+        self.held_extra = max(0, (opts.path_memory_budget - kept) // max(1, path.one_buffer))
         self.finest = 2.0 / opts.max_splits      # a Simpson interval: two sub-intervals
         self.pts: Dict[float, _Point] = {
             0.0: _Point(path.g_start, path.dots(path.g_start), path.loss_start,

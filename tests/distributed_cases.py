@@ -5,6 +5,7 @@ without an LCATracker, and saves what the test compares: the trajectory (whole
 parameters after every step, from rank 0) and each rank's tracker results."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -61,7 +62,9 @@ def _init(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # (a collective one rank never reaches fails in 2 minutes, not gloo's 30)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
 
 
 def _exit_now() -> None:
@@ -218,10 +221,18 @@ def bars_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 1)).double()
 
 
-def bar_batches():
-    """The LCA set as a list of 8 batches (batch i goes to rank i mod world)."""
+def bar_batches(n: int = 8):
+    """The LCA set as a list of n batches (batch i goes to rank i mod world)."""
     x, y = lca_set()
-    return [(x[i:i + 25], y[i:i + 25]) for i in range(0, 200, 25)]
+    size = 200 // n
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, n * size, size)]
+
+
+# "uneven": 9 batches (5 on rank 0, 4 on rank 1) and a path_memory_budget of 10
+# gradient buffers with refinement forced: each rank's rule must count the groups'
+# buffers alike (it counted its own, and the ranks' recomputed passes diverged)
+UNEVEN_RULE = dict(path_memory_budget=10 * 8 * (6 * 12 + 12 + 12 + 1), bar_rtol=1e-6,
+                   refine_sd=0.0)
 
 
 def run_bars(rank: int, world: int, port: int, out_dir: str, form: str = "pair") -> None:
@@ -234,8 +245,9 @@ def run_bars(rank: int, world: int, port: int, out_dir: str, form: str = "pair")
         from torch.nn.parallel import DistributedDataParallel
         wrapped = DistributedDataParallel(model)
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.03)
-        data = lca_set() if form == "pair" else bar_batches()
-        tracker = lca_ext.LCATracker(wrapped, loss_fn, data, batch_size=LCA_BATCH)
+        data = lca_set() if form == "pair" else bar_batches(9 if form == "uneven" else 8)
+        tracker = lca_ext.LCATracker(wrapped, loss_fn, data, batch_size=LCA_BATCH,
+                                     rule=UNEVEN_RULE if form == "uneven" else None)
         trajectory = [_full_params(model)]
         for step in range(STEPS):
             x, y = train_batch(step, rank)

@@ -392,7 +392,7 @@ def _class_reference(model, before, x, y, classes, intervals=128):
 @pytest.mark.parametrize("classes", [3, 10])
 def test_per_class_mode_two_pass_steps_against_a_float64_reference(classes):
     """Per-class mode: the bars' groups are the units (each class's part of a
-    batch, up to 4 a class), so the two-pass stage runs there too: from the
+    batch, at least 4 a class here), so the two-pass stage runs there too: from the
     second step on most steps cost 2 passes.  Against a float64 reference
     (3 seeds, 6 steps, a ReLU MLP at two learning rates): the tensors carrying
     >= 1% of a step are within 3% and inside their bars >= 95% of the time, the

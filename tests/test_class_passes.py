@@ -219,6 +219,37 @@ def test_masked_class_with_no_loss_term_in_a_batch_is_skipped():
         torch.testing.assert_close(g.sum(0), gp, rtol=1e-10, atol=1e-12)
 
 
+def test_tracked_steps_with_a_zero_weight_class_part_after_the_last_unit():
+    """The same masked split in the tracker's mixed pass (each unit at its own
+    point): a zero-weight part after the last unit (class 2 only at the first
+    position of the last row) is dropped, not given a point of its own (it
+    raised "more batches now" before); the class shares add up to the tensors."""
+    torch.manual_seed(3)
+    emb = nn.Sequential(nn.Embedding(C, 4), nn.Linear(4, C)).double()
+    rows = [[0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 1],
+            [1, 0, 1, 0], [0, 1, 1, 1], [2, 0, 1, 0]]
+    tokens = torch.tensor(rows)
+
+    def shifted(model, batch):
+        logits = model(batch["input_ids"])[:, :-1]
+        labels = batch["labels"][:, 1:]
+        loss = xent(logits.reshape(-1, C), labels.reshape(-1), ignore_index=-100)
+        return loss, (labels != -100).sum()
+
+    batches = [{"input_ids": tokens[i:i + 1], "labels": tokens[i:i + 1]} for i in range(8)]
+    tracker = lca_ext.LCATracker(emb, lca_data=batches, batch_loss=shifted, num_classes=C)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.5)
+    for t in range(3):
+        opt.zero_grad()
+        shifted(emb, batches[t])[0].backward()
+        with tracker.step():
+            opt.step()
+    run = tracker.result()
+    assert len(tracker.objectives[0].evaluator.class_unit_slots) == 15
+    assert (run.bar_dof == 14).all()
+    np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-9, atol=1e-13)
+
+
 def test_a_rank_without_examples_contributes_nothing():
     """Under DDP a rank may hold no example of a small set: its class pass (like
     its plain pass) adds nothing, rather than failing on an empty set."""
