@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .lca_set import at_least_float32, first_tensor
 from .ops import Allocation
 
 
@@ -282,3 +283,87 @@ class Sharded(Replicated):
     def local_part(self, k: int, full: np.ndarray) -> np.ndarray:
         start = self.row_offsets[k]
         return full[start:start + self.local_rows[k]]
+
+
+# -- the FSDP2 gradient pass (lca_ext.evaluate.Evaluator) ---------------------------
+
+def sharded_pass(ev, point, grad_out, weight) -> tuple:
+    """FSDP2: run the sharded model itself at ``point`` (this rank's shards);
+    ``ev`` the LCA set's lca_ext.evaluate.Evaluator.
+
+    The point's values are swapped into the live shards, tensor by tensor,
+    and swapped back afterwards (exact copies, also on error), so FSDP's own
+    all-gathers see the point and its reduce-scatter gives each rank the
+    whole-set gradient of its shard.  The training's ``.grad`` tensors are
+    set aside (not copied) and put back; module buffers are restored."""
+    live = ev.params.params
+    dtensors = ev.ctx.dtensors
+    swapped = [k for k, (a, b) in enumerate(zip(point, live))
+               if a.numel() and a.data_ptr() != b.data_ptr()]
+    saved_grads = [p.grad for p in dtensors]
+    saved_buffers = [b.detach().clone() for b in ev.model.buffers()]
+    total = torch.zeros((), dtype=torch.float64, device=ev.device)
+    wsum = torch.zeros((), dtype=torch.float64, device=ev.device)
+    _reshard(ev.model)   # the shards are what FSDP all-gathers from
+    with torch.no_grad():
+        for k in swapped:
+            _swap(live[k], point[k])
+    try:
+        for p in dtensors:
+            p.grad = None
+        with ev.quiet_model():
+            batches = ev.batches()
+            first = None
+            for r in range(ev.rounds):
+                batch = next(batches, None)
+                real = batch is not None
+                if first is None:
+                    first = batch
+                if not real:      # fewer batches here: a zero-weight forward
+                    batch = first
+                with torch.set_grad_enabled(grad_out is not None):
+                    out = ev.batch_loss(ev.model, batch)
+                    loss, w = out if isinstance(out, tuple) and len(out) == 2 else \
+                        (out, first_tensor(batch).shape[0])
+                    w = w if real else 0.0
+                    batch_sum = at_least_float32(loss) * w
+                    if grad_out is not None:
+                        # FSDP averages gradients over ranks: x world undoes it
+                        scaled = batch_sum * (ev.ctx.world / ev.count)
+                total += loss.detach().double() * w
+                wsum += w
+                if grad_out is not None:
+                    scaled.backward()
+        if grad_out is not None:
+            grads = [torch.zeros_like(b) if p.grad is None else p.grad.to_local()
+                     for p, b in zip(dtensors, live)]
+            ev.kernels.accumulate_(list(grad_out), grads, weight)
+            ev.passes += 1
+    finally:
+        # (reshard_after_forward=False would keep the point's unsharded values)
+        _reshard(ev.model)
+        with torch.no_grad():
+            for k in swapped:
+                _swap(live[k], point[k])
+            for b, v in zip(ev.model.buffers(), saved_buffers):
+                b.copy_(v)
+        for p, g in zip(dtensors, saved_grads):
+            p.grad = g
+    return tuple(ev.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
+
+
+def _swap(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange the values of two same-shape tensors (one tensor's worth of
+    temporary memory)."""
+    tmp = a.clone()
+    a.copy_(b)
+    b.copy_(tmp)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free every FSDP2 unsharded parameter, so the next forward all-gathers
+    the current shards."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -54,7 +54,7 @@ from torch import nn
 
 from . import classes as per_class
 from . import kernels
-from .distributed import Context
+from .distributed import Context, sharded_pass
 from .example_check import check_examples
 from .lca_set import HALF, LCASet, at_least_float32, cast_up, first_tensor, to_device
 from .params import ParameterSet, call_at, tied_slots
@@ -537,67 +537,8 @@ class Evaluator:
                                "must be the same at every point of a step")
 
     def _pass_sharded(self, point, grad_out, weight) -> tuple:
-        """FSDP2: run the sharded model itself at ``point`` (this rank's shards).
-
-        The point's values are swapped into the live shards, tensor by tensor,
-        and swapped back afterwards (exact copies, also on error), so FSDP's own
-        all-gathers see the point and its reduce-scatter gives each rank the
-        whole-set gradient of its shard.  The training's ``.grad`` tensors are
-        set aside (not copied) and put back; module buffers are restored."""
-        live = self.params.params
-        dtensors = self.ctx.dtensors
-        swapped = [k for k, (a, b) in enumerate(zip(point, live))
-                   if a.numel() and a.data_ptr() != b.data_ptr()]
-        saved_grads = [p.grad for p in dtensors]
-        saved_buffers = [b.detach().clone() for b in self.model.buffers()]
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        wsum = torch.zeros((), dtype=torch.float64, device=self.device)
-        _reshard(self.model)   # the shards are what FSDP all-gathers from
-        with torch.no_grad():
-            for k in swapped:
-                _swap(live[k], point[k])
-        try:
-            for p in dtensors:
-                p.grad = None
-            with self.quiet_model():
-                batches = self.batches()
-                first = None
-                for r in range(self.rounds):
-                    batch = next(batches, None)
-                    real = batch is not None
-                    if first is None:
-                        first = batch
-                    if not real:      # fewer batches here: a zero-weight forward
-                        batch = first
-                    with torch.set_grad_enabled(grad_out is not None):
-                        out = self.batch_loss(self.model, batch)
-                        loss, w = out if isinstance(out, tuple) and len(out) == 2 else \
-                            (out, first_tensor(batch).shape[0])
-                        w = w if real else 0.0
-                        batch_sum = at_least_float32(loss) * w
-                        if grad_out is not None:
-                            # FSDP averages gradients over ranks: x world undoes it
-                            scaled = batch_sum * (self.ctx.world / self.count)
-                    total += loss.detach().double() * w
-                    wsum += w
-                    if grad_out is not None:
-                        scaled.backward()
-            if grad_out is not None:
-                grads = [torch.zeros_like(b) if p.grad is None else p.grad.to_local()
-                         for p, b in zip(dtensors, live)]
-                self.kernels.accumulate_(list(grad_out), grads, weight)
-                self.passes += 1
-        finally:
-            # (reshard_after_forward=False would keep the point's unsharded values)
-            _reshard(self.model)
-            with torch.no_grad():
-                for k in swapped:
-                    _swap(live[k], point[k])
-                for b, v in zip(self.model.buffers(), saved_buffers):
-                    b.copy_(v)
-            for p, g in zip(dtensors, saved_grads):
-                p.grad = g
-        return tuple(self.ctx.sum_float(v) for v in torch.stack([total, wsum]).tolist())
+        """FSDP2: the sharded model itself at ``point`` (lca_ext.distributed)."""
+        return sharded_pass(self, point, grad_out, weight)
 
     # -- per-class passes (lca_ext.classes) ---------------------------------------
 
@@ -679,20 +620,3 @@ class Evaluator:
                 "the loss: with loss_fn it must be a mean of per-example terms (no class "
                 "weights, no batch-level terms); otherwise pass batch_loss=f returning "
                 "(mean, weight), or drop num_classes")
-
-
-def _swap(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Exchange the values of two same-shape tensors (one tensor's worth of
-    temporary memory)."""
-    tmp = a.clone()
-    a.copy_(b)
-    b.copy_(tmp)
-
-
-def _reshard(model: nn.Module) -> None:
-    """Free every FSDP2 unsharded parameter, so the next forward all-gathers
-    the current shards."""
-    from torch.distributed.fsdp import FSDPModule
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
