@@ -286,8 +286,8 @@ def _masked(ev, point, classes, grad_out, weight, probe=None):
                 unit = len(units)
                 if point is None:   # (a part skipped below for its zero weight runs at
                     # the last unit's point: its result is dropped)
-                    tensors, leaves = _leaves(ev, point, probe, min(unit, probe.groups - 1),
-                                              True)
+                    last = max(len(ev.class_unit_slots or ()) - 1, 0)
+                    tensors, leaves = _leaves(ev, point, probe, min(unit, last), True)
                 loss, w = ev._batch_loss(tensors, _keep_targets(batch, t == c, ev.targets))
                 if float(w) == 0:   # class c only where no loss is taken (e.g. the
                     continue        # first token, before the shift): a 0/0 mean

@@ -195,7 +195,8 @@ class Evaluator:
         self._class_batches = None   # the set regrouped by class (lca_ext.classes)
         # the class slot of each unit (a class's part of a batch) of a pass over
         # every class, in pass order: per-class mode's error-bar groups
-        self.class_unit_slots: List[Optional[int]] = []
+        self.class_unit_slots: Optional[List[Optional[int]]] = None   # (None: not yet)
+        self._unit_counts: Optional[List[int]] = None    # every rank's units (DDP)
         self._split_checked = False  # class shares checked against the plain loss
 
     def buffers_that_matter(self) -> List[torch.Tensor]:
@@ -491,8 +492,25 @@ class Evaluator:
         self.passes += 1
 
     def class_groups_supported(self) -> bool:
-        """Class units as the bars' groups (lca_ext.classes): one process."""
-        return not (self.ctx.world > 1 or self.ctx.sharded)
+        """Class units as the bars' groups (lca_ext.classes): not under FSDP2."""
+        return not self.ctx.sharded
+
+    @property
+    def class_groups(self) -> int:
+        """Units over every rank (DDP: rank 0's first; 0 before a class pass has
+        counted them, which every rank's start pass does at the same point)."""
+        if self.class_unit_slots is None:
+            return 0
+        if self.ctx.world == 1:
+            return len(self.class_unit_slots)
+        if self._unit_counts is None:
+            self._unit_counts = self.ctx.counts(len(self.class_unit_slots))
+        return sum(self._unit_counts)
+
+    @property
+    def class_group_offset(self) -> int:
+        """The global index of this rank's first unit."""
+        return sum(self._unit_counts[:self.ctx.rank]) if self._unit_counts else 0
 
     def class_units_pure(self) -> bool:
         """Is each unit one class's part of a batch (not a whole batch of several

@@ -182,32 +182,32 @@ class StepPath:
         # independent groups whose samples the rules may ask for (lca_ext.bars):
         # the LCA set's batches, or in per-class mode each class's part of a
         # batch (lca_ext.classes; with BatchNorm on batch statistics, each batch);
-        # under DDP every rank's batches; 0 where they cannot be had (FSDP2,
-        # per-class mode under DDP)
+        # under DDP every rank's; 0 where they cannot be had (FSDP2)
         self._group_phi: Dict[float, np.ndarray] = {}
 
     @property
     def groups(self) -> int:
         if self._classes:
-            return len(self._ev.class_unit_slots) if self._ev.class_groups_supported() else 0
+            return self._ev.class_groups if self._ev.class_groups_supported() else 0
         return self._ev.groups
 
     @property
     def group_offset(self) -> int:
         """This rank's first group (DDP; 0 in one process)."""
-        return 0 if self._classes else self._ev.group_offset
+        return self._ev.class_group_offset if self._classes else self._ev.group_offset
 
     @property
     def _local_groups(self) -> int:
-        return self.groups if self._classes else self._ev.local_groups
+        return len(self._ev.class_unit_slots or ()) if self._classes else \
+            self._ev.local_groups
 
     def _most_local_groups(self) -> int:
         """The most groups one rank holds (what it must keep), 0 before they
         are counted; the same on every rank."""
-        if self._classes or self._ctx.world == 1:
+        if self._ctx.world == 1:
             return self.groups
         self.groups                                # (counts every rank's, once known)
-        counts = self._ev._group_counts
+        counts = self._ev._unit_counts if self._classes else self._ev._group_counts
         return max(counts) if counts else 0
 
     # -- buffers ---------------------------------------------------------------------

@@ -484,7 +484,7 @@ class LCATracker:
         recomputed at the rule's points (the stage's ḡ is not a sum of points)."""
         if not (self.rule.method == "budget" and self.rule.bars and self.reuse_gradients
                 and (obj.classes or not (self.num_classes and obj is self.objectives[0]))
-                and not self.ctx.sharded and not (obj.classes and self.ctx.world > 1)):
+                and not self.ctx.sharded):
             return 0
         return self.rule.path_memory_budget // (
             2 * self._pool.one_buffer * len(self.objectives))

@@ -151,8 +151,11 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
     _exit_now()
 
 
-def run_classes(rank: int, world: int, port: int, out_dir: str) -> None:
-    """DDP with per-class LCA (3 classes): saves the trajectory and the records."""
+def run_classes(rank: int, world: int, port: int, out_dir: str, bars: bool = False) -> None:
+    """DDP with per-class LCA (3 classes): saves the trajectory and the records.
+    Without ``bars``: Simpson on a tensor pair (the reference is one process on
+    the whole set); with them: the default rule on a list of 8 batches (the
+    reference is one process on the same batches in the ranks' order)."""
     _init(rank, world, port)
     try:
         torch.manual_seed(0)
@@ -162,8 +165,14 @@ def run_classes(rank: int, world: int, port: int, out_dir: str) -> None:
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.2)
         x, _ = lca_set()
         y = x[:, :3].argmax(1)
-        tracker = lca_ext.LCATracker(wrapped, nn.functional.cross_entropy, (x, y),
-                                     batch_size=LCA_BATCH, num_classes=3)
+        if bars:
+            data = [(x[i:i + 25], y[i:i + 25]) for i in range(0, 200, 25)]
+            tracker = lca_ext.LCATracker(wrapped, nn.functional.cross_entropy, data,
+                                         num_classes=3)
+        else:
+            tracker = lca_ext.LCATracker(wrapped, nn.functional.cross_entropy, (x, y),
+                                         batch_size=LCA_BATCH, num_classes=3,
+                                         rule=dict(bars=False))
         trajectory = [_full_params(model)]
         for step in range(3):
             xb, _ = train_batch(step, rank)
@@ -176,7 +185,7 @@ def run_classes(rank: int, world: int, port: int, out_dir: str) -> None:
         arrays = {f"a/{k}": v for k, v in result.arrays.items()}
         for t, params in enumerate(trajectory):
             arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
-        np.savez(os.path.join(out_dir, f"classes_rank{rank}.npz"), **arrays)
+        np.savez(os.path.join(out_dir, f"classes_{int(bars)}_rank{rank}.npz"), **arrays)
         dist.barrier()
     finally:
         dist.destroy_process_group()

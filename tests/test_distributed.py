@@ -194,7 +194,7 @@ def test_torchrun_example(tmp_path, fsdp):
 
 def test_ddp_per_class_lca_equals_single_process(tmp_path):
     mp.spawn(cases.run_classes, args=(2, cases.free_port(), str(tmp_path)), nprocs=2)
-    got = [dict(np.load(tmp_path / f"classes_rank{r}.npz")) for r in (0, 1)]
+    got = [dict(np.load(tmp_path / f"classes_0_rank{r}.npz")) for r in (0, 1)]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(),
                                 torch.nn.Linear(7, 3)).double()
@@ -280,6 +280,41 @@ def test_ddp_error_bars_and_two_pass_steps_equal_one_process_on_the_same_groups(
             np.testing.assert_allclose(g[f"a/train/{key}"], ref.get(key), rtol=1e-7,
                                        atol=1e-13, err_msg=key)
     np.testing.assert_array_equal(got[0]["a/train/tensor_sums"], got[1]["a/train/tensor_sums"])
+
+
+def test_ddp_per_class_error_bars_equal_one_process_on_the_same_units(tmp_path):
+    """Per-class mode under DDP: the units (each class's part of a batch) of
+    every rank are the groups, rank 0's first; one process on the same batches
+    in the ranks' order gives the same class and tensor values, bars and passes."""
+    mp.spawn(cases.run_classes, args=(2, cases.free_port(), str(tmp_path), True), nprocs=2)
+    got = [dict(np.load(tmp_path / f"classes_1_rank{r}.npz")) for r in (0, 1)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(),
+                                torch.nn.Linear(7, 3)).double()
+    x, _ = cases.lca_set()
+    y = x[:, :3].argmax(1)
+    whole = [(x[i:i + 25], y[i:i + 25]) for i in range(0, 200, 25)]
+    tracker = lca_ext.LCATracker(model, torch.nn.functional.cross_entropy,
+                                 whole[0::2] + whole[1::2], num_classes=3,
+                                 distributed=False)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    for t in range(3):
+        with torch.no_grad():
+            for n, v in _theta(got[0], t, names).items():
+                if t == 0:
+                    params[n].copy_(v)
+        tracker.begin()
+        with torch.no_grad():
+            for n, v in _theta(got[0], t + 1, names).items():
+                params[n].copy_(v)
+        tracker.end()
+    ref = tracker.result()
+    assert (ref.bar_dof > 8).all() and (ref.grad_passes[1:] == 2).any()
+    for g in got:
+        for key in ("class_sums", "tensor_sums", "tensor_error", "bar_dof", "grad_passes"):
+            np.testing.assert_allclose(g[f"a/train/{key}"], ref.get(key), rtol=1e-7,
+                                       atol=1e-13, err_msg=key)
 
 
 def test_a_batch_refused_on_one_rank_raises_on_every_rank(tmp_path):
