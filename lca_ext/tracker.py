@@ -478,10 +478,9 @@ class LCATracker:
 
     def _keeps_groups(self, obj: Objective) -> int:
         """How many groups' gradients this objective's start and end passes may
-        keep (the default rule's two-pass stage; 0: none): its share of
-        path_memory_budget (shared by the objectives) in gradient buffers, two
-        sets of them (θ_t's and θ_{t+1}'s) resident.  Not where per-class LCA is
-        recomputed at the rule's points (the stage's ḡ is not a sum of points)."""
+        keep (the two-pass stage; 0: none): its share of path_memory_budget in
+        gradient buffers, θ_t's and θ_{t+1}'s resident.  Not where per-class LCA
+        is recomputed at the rule's points (the stage's ḡ is not a sum of points)."""
         if not (self.rule.method == "budget" and self.rule.bars and self.reuse_gradients
                 and (obj.classes or not (self.num_classes and obj is self.objectives[0]))
                 and not self.ctx.sharded):
