@@ -54,12 +54,15 @@ def _first_examples(ev):
     if ev.data.pair:
         x, y = to_device(ev.data.whole_pair(), ev.device)
         return x[:1024], y[:1024]
-    batches = ev.batches()              # a DataLoader or batches: its first batch
-    first = next(batches, None)
-    if ev.data.cache:                   # read on to the end: the read fills the cache
-        for _ in batches:
-            pass
-    batches.close()
+    # (a DataLoader draws its workers' base seed from torch's global generator
+    # when iterated: read outside the training's random stream)
+    with torch.random.fork_rng(devices=[]):
+        batches = ev.batches()          # a DataLoader or batches: its first batch
+        first = next(batches, None)
+        if ev.data.cache:               # read on to the end: the read fills the cache
+            for _ in batches:
+                pass
+        batches.close()
     if not (isinstance(first, (tuple, list)) and len(first) == 2):
         return None
     return first

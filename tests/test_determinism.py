@@ -1,4 +1,6 @@
 """Bit-identical results across repeated runs and thread counts."""
+import warnings
+
 import pytest
 import torch
 
@@ -73,3 +75,51 @@ def test_simd_paths_bit_identical():
     if path_default == path_forced:
         pytest.skip(f"only the {path_default} path exists on this CPU")
     assert res_default == res_forced
+
+
+def test_a_dataloader_lca_set_leaves_the_training_random_stream_alone():
+    """A transformer with attention dropout, per-class LCA on a DataLoader LCA
+    set, AdamW: the training (parameters and the next draw of torch's generator)
+    is bit-identical with and without the tracker.  (Building the tracker read
+    the DataLoader's first batch for the example check, and a DataLoader draws
+    its base seed from torch's generator: the training's dropout masks moved.)"""
+    from torch.utils.data import DataLoader, TensorDataset
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20, (256, 6), generator=gen)
+    y = x[:, 0] % 4
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 16)
+            self.enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(
+                16, 2, 32, dropout=0.1, batch_first=True), 1)
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, t):
+            return self.head(self.enc(self.emb(t)).mean(1))
+
+    def train(track):
+        torch.manual_seed(1)
+        model = Net()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        tracker = lca_ext.LCATracker(
+            model, torch.nn.functional.cross_entropy,
+            DataLoader(TensorDataset(x[:160], y[:160]), batch_size=20),
+            num_classes=4) if track else None
+        for _ in range(4):
+            idx = torch.randint(0, 256, (32,))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            if tracker is None:
+                opt.step()
+            else:
+                with tracker.step():
+                    opt.step()
+        return [p.detach().clone() for p in model.parameters()], torch.rand(3)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracked, plain = train(True), train(False)
+    assert all(torch.equal(a, b) for a, b in zip(tracked[0], plain[0]))
+    assert torch.equal(tracked[1], plain[1])
