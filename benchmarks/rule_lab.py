@@ -221,19 +221,20 @@ class RecordedPath:
         """[G, K] the groups' samples at a grid point."""
         return self.rec.phi[self._index(f)].copy()
 
-    def mixed(self, points: np.ndarray, out=None) -> np.ndarray:
-        """Group g at points[g]; ``out``: a buffer the pass's gradient is added to."""
+    def mixed(self, points: np.ndarray, out=None, weights=None) -> np.ndarray:
+        """Group g at points[g]; ``out``: a buffer the pass's gradient is added
+        to, group g's x weights[g]."""
         self.passes += 1
         for g, u in enumerate(points):
             if out is not None:
                 key = ("g", g, float(u))
-                out[key] = out.get(key, 0.0) + 1.0
+                out[key] = out.get(key, 0.0) + (1.0 if weights is None else float(weights[g]))
         return np.stack([self._at(g, float(u)) for g, u in enumerate(points)])
 
-    def group_correction(self, out, points: np.ndarray) -> None:
-        for g, u in enumerate(points):
-            for key, w in ((("g", g, 0.0), float(u) - 0.5), (("g", g, 1.0), 0.5 - float(u))):
-                out[key] = out.get(key, 0.0) + w
+    def group_correction(self, out, points: np.ndarray, weights: np.ndarray) -> None:
+        for g, (u, w) in enumerate(zip(points, weights)):
+            for key, c in ((("g", g, 0.0), 0.5 - w * (1.0 - u)), (("g", g, 1.0), 0.5 - w * u)):
+                out[key] = out.get(key, 0.0) + float(c)
 
     def class_loss(self):
         return None

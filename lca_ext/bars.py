@@ -6,8 +6,9 @@ is a multiple of one second difference; across ReLU's jumps in the gradient it
 is not a bound (docs/guides/accuracy.md measures 56–88% coverage).  What is
 needed is more than one sample of the error, so the LCA set is split into G
 *groups* (its batches), whose gradients add up to the whole set's, and one
-more pass evaluates each group g at its own random point U_g ~ Uniform(0, 1),
-drawn independently per group and per step.
+more pass evaluates each group g at its own random point U_g, drawn
+independently per group and per step from a density p on (0, 1) (mostly
+Beta(2, 2): :func:`draw_points`).
 
 The estimate.  Let the step's rule be composite Simpson on intervals
 [a_j, b_j] (midpoints m_j sampled), S its per-tensor value and E = I − S its
@@ -18,7 +19,7 @@ default rule's, lca_ext.budget_rule), else the line through m_1 and b_1 plus
 1/G of the whole set's curvature there (the whole quadratic minus its line
 through m_1 and b_1: g(θ_t) is then known only as a whole).  (The two-pass
 stage's estimate is :func:`monte_carlo`.)  The P_g add up to the whole set's interpolant,
-whose integral is S.  So c_g = φ_g(U_g) − P_g(U_g), with expectation
+whose integral is S.  So c_g = (φ_g(U_g) − P_g(U_g))/p(U_g), with expectation
 ∫φ_g − ∫P_g, gives
 
     Ê = Σ_g c_g,    E[Ê] = I − S = E
@@ -57,9 +58,29 @@ def t975(dof: int) -> float:
     return _T975[dof - 1] if dof <= len(_T975) else 1.96
 
 
+# The points' density: 9/10 Beta(2, 2), 1/10 uniform (DEFENSIVE).  Each group's
+# correction is weighted by 1/p(U_g), so Ê stays unbiased for any integrand;
+# p ∝ u(1−u) matches the trapezoid's error shape, which makes a curved, smooth
+# group's weighted correction nearly constant (small V̂), and the uniform share
+# bounds the weights by 1/DEFENSIVE where a jump lands near an end.  The rule lab
+# measured it against uniform points: the two-pass stage ends 76 of 140 ViT
+# steps instead of 43 and 101 of 140 LSTM steps instead of 86, coverage >= 99%.
+DEFENSIVE = 0.1
+
+
 def draw_points(rng: np.random.Generator, groups: int) -> np.ndarray:
-    """One independent uniform point per group, inside (0, 1)."""
-    return rng.uniform(0.0, 1.0, size=groups)
+    """One independent point per group, inside (0, 1), from the density p
+    (:func:`point_weights`)."""
+    uniform = rng.uniform(0.0, 1.0, size=groups)
+    beta = rng.beta(2.0, 2.0, size=groups)
+    pick = rng.uniform(0.0, 1.0, size=groups) < DEFENSIVE
+    return np.where(pick, uniform, beta)
+
+
+def point_weights(u: np.ndarray) -> np.ndarray:
+    """1/p(u): each group's correction weight for the points draw_points gives."""
+    u = np.asarray(u, dtype=np.float64)
+    return 1.0 / (DEFENSIVE + (1.0 - DEFENSIVE) * 6.0 * u * (1.0 - u))
 
 
 def _interval_of(u: float, intervals: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
@@ -104,10 +125,11 @@ def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.nda
     G = len(u)
     c = np.empty_like(at_u)
     known_start = 0.0 in groups        # the groups' gradients at θ_t held
+    w = point_weights(u)
     for g in range(G):
         a, b = _interval_of(float(u[g]), intervals)
-        c[g] = at_u[g] - control(float(u[g]), a, b, lambda f: groups[f][g], known_start,
-                                 whole.__getitem__, G)
+        c[g] = w[g] * (at_u[g] - control(float(u[g]), a, b, lambda f: groups[f][g],
+                                         known_start, whole.__getitem__, G))
     # the controls add up to the whole set's interpolant, whose integral is the
     # rule's value: Ê = Σ c_g is unbiased for E
     e_hat = c.sum(0)
@@ -121,11 +143,11 @@ def monte_carlo(g0: np.ndarray, g1: np.ndarray, u: np.ndarray,
                 at_u: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
     """The two-pass estimate (value [K], √V̂ [K], degrees of freedom) from each
     group's samples at θ_t and θ_{t+1} ([G, K]) and at its random point u_g:
-    c_g = φ_g(u_g) − ℓ_g(u_g) (ℓ_g the group's line) has expectation
+    c_g = (φ_g(u_g) − ℓ_g(u_g))/p(u_g) (ℓ_g the group's line) has expectation
     ∫φ_g − ∫ℓ_g, so the trapezoid + Σ c_g is unbiased for the integral, and
     V̂ = G/(G−1)·Σ (c_g − c̄)² estimates its variance."""
     G = len(u)
-    c = at_u - ((1 - u)[:, None] * g0 + u[:, None] * g1)
+    c = point_weights(u)[:, None] * (at_u - ((1 - u)[:, None] * g0 + u[:, None] * g1))
     value = 0.5 * (g0 + g1).sum(0) + c.sum(0)
     var = G / (G - 1) * ((c - c.mean(0)) ** 2).sum(0)
     return value, np.sqrt(var), G - 1

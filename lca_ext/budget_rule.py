@@ -68,8 +68,9 @@ def two_pass(path, opts: RuleOptions):
     loss_after = path.grad(1.0, end)
     class_loss = path.class_loss()        # (per-class mode; before the mixed pass)
     u = bars.draw_points(bars.rng_for(opts.seed, path.name, path.step), path.groups)
+    w = bars.point_weights(u)
     mix = path.buffer()
-    at_u = path.mixed(u, out=mix)
+    at_u = path.mixed(u, out=mix, weights=w)
     g0, g1 = path.group_dots(0.0), path.group_dots(1.0)
     value, sd, dof = bars.monte_carlo(g0, g1, u, at_u)
     bar = bars.t975(dof) * sd
@@ -82,7 +83,7 @@ def two_pass(path, opts: RuleOptions):
     if not ((bar <= tol_k).all() and total_ok):
         path.release(mix)
         return None, (end, loss_after), u, at_u
-    path.group_correction(mix, u)                 # ḡ per element: Σ φ = value
+    path.group_correction(mix, u, w)              # ḡ per element: Σ φ = value
     return PathResult(mix, [(0.0, 0.5), (1.0, 0.5)], loss_after, end, 1, bar, True, False,
                       class_loss, tensor_bias=np.zeros_like(value), tensor_sd=sd,
                       bar_dof=dof), None, u, at_u

@@ -90,7 +90,7 @@ class GroupProbe:
 
     def __init__(self, path: "StepPath", groups: int, points: Optional[np.ndarray] = None,
                  keep: int = 0, total: Optional[List[torch.Tensor]] = None,
-                 samples: bool = True):
+                 samples: bool = True, weights: Optional[np.ndarray] = None):
         self._path = path
         self._points = points
         self._offset = path.group_offset
@@ -100,7 +100,8 @@ class GroupProbe:
         # not kept, or more came: given back)
         self.kept: Optional[List[List[torch.Tensor]]] = [] if keep else None
         self._keep = keep
-        self._total = total         # the pass's whole gradient (a mixed pass's)
+        self._total = total         # the pass's whole gradient (a mixed pass's),
+        self._weights = weights     # each group's part x its weight (None: 1)
         self._with_samples = samples
 
     def point(self, i: int) -> List[torch.Tensor]:
@@ -128,7 +129,8 @@ class GroupProbe:
                 self.kept = None
         if self._total is not None:
             total = self._total if slot is None else [t[slot] for t in self._total]
-            p._kernels.accumulate_(total, grads, scale)
+            w = 1.0 if self._weights is None else float(self._weights[self._offset + i])
+            p._kernels.accumulate_(total, grads, scale * w)
 
     def array(self) -> np.ndarray:
         """[G, K] float64 (one host copy; under DDP every rank's rows, summed)."""
@@ -411,26 +413,29 @@ class StepPath:
         return self.group_start is not None and \
             len(self.group_start) == self._local_groups and self.groups >= 2
 
-    def group_correction(self, out, points: np.ndarray) -> None:
-        """out += Σ_g (u_g − ½)(g_g(θ_t) − g_g(θ_{t+1})): with a mixed pass's
-        whole gradient in ``out`` this forms the two-pass rule's ḡ
-        (lca_ext.budget_rule); needs group_start and group_end.  Per-class
-        mode: each unit's term goes to its class's slot of the stacked ``out``."""
+    def group_correction(self, out, points: np.ndarray, weights: np.ndarray) -> None:
+        """out += Σ_g (½ − w_g(1 − u_g))·g_g(θ_t) + (½ − w_g·u_g)·g_g(θ_{t+1}):
+        with a mixed pass's weighted gradient Σ_g w_g·g_g(u_g) in ``out`` this
+        forms the two-pass rule's ḡ, the trapezoid plus each group's weighted
+        correction (lca_ext.budget_rule); needs group_start and group_end.
+        Per-class mode: each unit's term goes to its class's slot of ``out``."""
         slots = self._ev.class_unit_slots if self._classes else None
         # (DDP: each rank adds its own groups' terms, summed over ranks)
         self._ctx.replicated_grads_(out, before=True)
         for g, buf in enumerate(self.group_start):
             u = float(points[self.group_offset + g])
+            w = float(weights[self.group_offset + g])
             dst = out if slots is None else [t[slots[g]] for t in out]
-            self.accumulate(dst, buf, u - 0.5)
-            self.accumulate(dst, self.group_end[g], 0.5 - u)
+            self.accumulate(dst, buf, 0.5 - w * (1.0 - u))
+            self.accumulate(dst, self.group_end[g], 0.5 - w * u)
         self._ctx.replicated_grads_(out, before=False)
 
-    def mixed(self, points: np.ndarray, out=None) -> np.ndarray:
+    def mixed(self, points: np.ndarray, out=None,
+              weights: Optional[np.ndarray] = None) -> np.ndarray:
         """One pass with group i at fraction ``points[i]`` of the step: [G, K]
         the groups' samples there (lca_ext.bars); ``out``: a buffer the pass's
-        whole gradient is added to."""
-        probe = GroupProbe(self, self.groups, points, total=out)
+        gradient is added to, group i's x ``weights[i]`` (None: 1)."""
+        probe = GroupProbe(self, self.groups, points, total=out, weights=weights)
         if out is not None:        # (DDP: this rank's groups' part, summed over ranks)
             self._ctx.replicated_grads_(out, before=True)
         if self._classes:
