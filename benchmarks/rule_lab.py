@@ -314,6 +314,22 @@ def replay(rule, opts, recs: Sequence[Recorded], label: str = "",
                  float(np.median(s_bar)))
 
 
+def oracle(recs: Sequence[Recorded], tol: float = 0.01) -> np.ndarray:
+    """Per recorded step, the passes of the cheapest uniform composite-Simpson
+    level that gets every tensor carrying >= 1% of the step within ``tol`` of
+    the truth (fidelity.oracle_passes on the recorded grid: level n, n passes)."""
+    out = []
+    for rec in recs:
+        truth, whole = rec.truth(), rec.phi.sum(1)
+        sig = fidelity.significant(truth)
+        n = 2
+        while n < rec.grid and not (np.abs(fidelity.simpson_level(whole, n) - truth)[sig]
+                                    <= tol * np.abs(truth)[sig]).all():
+            n *= 2
+        out.append(n)
+    return np.asarray(out)
+
+
 def _main(argv):
     import lca_ext
     from lca_ext.rules import RULES

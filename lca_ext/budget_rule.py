@@ -20,7 +20,8 @@ One step:
 3. while a tensor's bar exceeds its tolerance, bar_rtol·max(|LCA_k|,
    bar_share·G) (2% of the tensors carrying >= 5% of the step's gross
    movement G = Σ_k |LCA_k|, 0.1% of G for the others), or the total misses |ΣLCA − ΔL| ≤ rtol·max(|ΔL|,
-   total_share·G) + the rounding floor, and the budget allows: the intervals
+   total_share·G) + the rounding floor (rtol: bar_rtol, 2%, unless given), and
+   the budget allows: the intervals
    whose estimate is largest get their two quarter points (2 passes each), and
    the bars are formed again from the same random samples against the finer
    interpolant (no new mixed pass);
@@ -46,6 +47,8 @@ no groups can be had (fewer than two, or FSDP2), the step keeps the certified ru
 (``run.get("bars")`` False).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -96,6 +99,8 @@ def budget(path, opts: RuleOptions) -> PathResult:
     ``opts.max_passes`` (the module docstring says how it decides)."""
     max_passes = opts.max_passes if opts.max_passes is not None else 1 << 30
     grouped = opts.bars and path.groups >= 2
+    if not grouped and opts.rtol is None:     # no bars: the total as the certified rule's
+        opts = dataclasses.replace(opts, rtol=opts.tensor_rtol)
     end = None
     # (at least `groups` groups: with fewer, V̂ has too few degrees of freedom for
     # a stop decided by the bars' size)
