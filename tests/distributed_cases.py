@@ -84,6 +84,24 @@ def _full_params(model) -> dict:
     return out
 
 
+def _train_and_save(model, opt, tracker, rank, steps, loss, path):
+    """Train ``steps`` tracked steps on this rank's batches (``loss(x, y)`` the
+    training loss); save the run's arrays ("a/...") and the trajectory
+    ("theta/<t>/<name>", full parameters) to ``path``."""
+    trajectory = [_full_params(model)]
+    for step in range(steps):
+        x, y = train_batch(step, rank)
+        opt.zero_grad()
+        loss(x, y).backward()
+        with tracker.step():
+            opt.step()
+        trajectory.append(_full_params(model))
+    arrays = {f"a/{k}": v for k, v in tracker.result().arrays.items()}
+    for t, params in enumerate(trajectory):
+        arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
+    np.savez(path, **arrays)
+
+
 def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool,
         default_rule: bool = False) -> None:
     """kind: "ddp" or "fsdp"; trains STEPS steps, saves trajectory + results
@@ -173,19 +191,9 @@ def run_classes(rank: int, world: int, port: int, out_dir: str, bars: bool = Fal
             tracker = lca_ext.LCATracker(wrapped, nn.functional.cross_entropy, (x, y),
                                          batch_size=LCA_BATCH, num_classes=3,
                                          rule=dict(bars=False))
-        trajectory = [_full_params(model)]
-        for step in range(3):
-            xb, _ = train_batch(step, rank)
-            opt.zero_grad()
-            nn.functional.cross_entropy(wrapped(xb), xb[:, :3].argmax(1)).backward()
-            with tracker.step():
-                opt.step()
-            trajectory.append(_full_params(model))
-        result = tracker.result()
-        arrays = {f"a/{k}": v for k, v in result.arrays.items()}
-        for t, params in enumerate(trajectory):
-            arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
-        np.savez(os.path.join(out_dir, f"classes_{int(bars)}_rank{rank}.npz"), **arrays)
+        _train_and_save(model, opt, tracker, rank, 3,
+                        lambda x, y: nn.functional.cross_entropy(wrapped(x), x[:, :3].argmax(1)),
+                        os.path.join(out_dir, f"classes_{int(bars)}_rank{rank}.npz"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -257,19 +265,9 @@ def run_bars(rank: int, world: int, port: int, out_dir: str, form: str = "pair")
         data = lca_set() if form == "pair" else bar_batches(9 if form == "uneven" else 8)
         tracker = lca_ext.LCATracker(wrapped, loss_fn, data, batch_size=LCA_BATCH,
                                      rule=UNEVEN_RULE if form == "uneven" else None)
-        trajectory = [_full_params(model)]
-        for step in range(STEPS):
-            x, y = train_batch(step, rank)
-            opt.zero_grad()
-            loss_fn(wrapped(x), y).backward()
-            with tracker.step():
-                opt.step()
-            trajectory.append(_full_params(model))
-        result = tracker.result()
-        arrays = {f"a/{k}": v for k, v in result.arrays.items()}
-        for t, params in enumerate(trajectory):
-            arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
-        np.savez(os.path.join(out_dir, f"bars_{form}_rank{rank}.npz"), **arrays)
+        _train_and_save(model, opt, tracker, rank, STEPS,
+                        lambda x, y: loss_fn(wrapped(x), y),
+                        os.path.join(out_dir, f"bars_{form}_rank{rank}.npz"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

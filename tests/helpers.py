@@ -1,4 +1,8 @@
-"""Input makers shared by the op tests."""
+"""Input makers shared by the op tests, and the float64 path reference shared by
+the accuracy tests."""
+import copy
+
+import numpy as np
 import torch
 
 from lca_ext.ops import Allocation
@@ -62,3 +66,35 @@ def fake_cuda_tensor(n=3):
     """A CPU tensor that says it is on CUDA: reaches the Python-side CUDA guard
     (lca_ext.ops._guard_cuda) on a machine without a GPU."""
     return torch.zeros(n).as_subclass(_FakeCuda)
+
+
+def simpson_lca(model, before, after, losses_of, intervals=128, train=None):
+    """The independent reference of LCA (no lca_ext code): each of the losses
+    ``losses_of(m)`` integrated along θ_t → θ_{t+1} (``before``, ``after``) by
+    composite Simpson over ``intervals`` intervals, in float64 by direct autograd
+    on a float64 copy ``m`` of ``model`` (put in train mode if ``train``, eval
+    mode if False, left as it is if None).  Returns ([S, K] each loss's
+    per-tensor Δθ·ḡ, [2, S] each loss at θ_t and θ_{t+1})."""
+    m = copy.deepcopy(model).double()
+    if train is not None:
+        m.train(train)
+    params = list(m.parameters())
+    b64 = [b.detach().double() for b in before]
+    d = [a.detach().double() - b for a, b in zip(after, b64)]
+    out = ends = None
+    for j in range(intervals + 1):
+        w = (1 if j in (0, intervals) else (4 if j % 2 else 2)) / (3 * intervals)
+        with torch.no_grad():
+            for p, b0, dd in zip(params, b64, d):
+                p.copy_(b0 + (j / intervals) * dd)
+        losses = list(losses_of(m))
+        if out is None:
+            out, ends = np.zeros((len(losses), len(params))), np.zeros((2, len(losses)))
+        for s, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, params, retain_graph=s + 1 < len(losses),
+                                        allow_unused=True)
+            out[s] += w * np.array([0.0 if g is None else float((g * dd).sum())
+                                    for g, dd in zip(grads, d)])
+            if j in (0, intervals):
+                ends[0 if j == 0 else 1, s] = float(loss.detach())
+    return out, ends

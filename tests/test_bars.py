@@ -2,7 +2,6 @@
 integrands whose integral is exact, and on a ReLU network against a float64
 autograd reference.  The rule code runs unchanged on a synthetic path: rules are
 functions of a path (lca_ext.path), not of the tracker."""
-import copy
 import time
 import warnings
 
@@ -16,6 +15,7 @@ from lca_ext import bars
 from lca_ext.budget_rule import budget
 from lca_ext.quadrature import certified
 
+from helpers import simpson_lca
 from test_fidelity import C, reference
 
 
@@ -421,23 +421,11 @@ def test_tracker_two_pass_steps_against_a_float64_reference():
 def _class_reference(model, before, x, y, classes, intervals=128):
     """[C, K] per-class per-tensor LCA by composite Simpson in float64 (autograd,
     no lca_ext): class c's share is (1/N) Σ_{i: y_i = c} loss_i."""
-    m = copy.deepcopy(model).double()
-    after = [p.detach().double().clone() for p in model.parameters()]
-    w = np.ones(intervals + 1)
-    w[1:-1:2], w[2:-1:2] = 4, 2
-    w /= 3 * intervals
-    out = np.zeros((classes, len(after)))
-    for i, wi in enumerate(w):
-        with torch.no_grad():
-            for p, a, b in zip(m.parameters(), before, after):
-                p.copy_(a + (i / intervals) * (b - a))
+    def shares(m):
         losses = nn.functional.cross_entropy(m(x.double()), y, reduction="none") / len(y)
-        for c in range(classes):
-            grads = torch.autograd.grad(losses[y == c].sum(), list(m.parameters()),
-                                        retain_graph=True)
-            out[c] += wi * np.array([float(((b - a) * g).sum())
-                                     for g, a, b in zip(grads, before, after)])
-    return out
+        return [losses[y == c].sum() for c in range(classes)]
+    return simpson_lca(model, before, [p.detach() for p in model.parameters()], shares,
+                       intervals)[0]
 
 
 @pytest.mark.parametrize("classes", [3, 10])
@@ -491,22 +479,12 @@ def _bn_reference(model, before, x, y, batch, intervals=128):
     """[K] per-tensor LCA of the set's mean loss with BatchNorm on each batch's
     statistics (train mode, a copy: the running statistics are not touched),
     composite Simpson in float64."""
-    m = copy.deepcopy(model).double().train()
-    after = [p.detach().double().clone() for p in model.parameters()]
-    w = np.ones(intervals + 1)
-    w[1:-1:2], w[2:-1:2] = 4, 2
-    w /= 3 * intervals
-    out = np.zeros(len(after))
-    for i, wi in enumerate(w):
-        with torch.no_grad():
-            for p, a, b in zip(m.parameters(), before, after):
-                p.copy_(a + (i / intervals) * (b - a))
-        loss = sum(nn.functional.cross_entropy(m(x[j:j + batch].double()), y[j:j + batch],
-                                               reduction="sum")
-                   for j in range(0, len(y), batch)) / len(y)
-        grads = torch.autograd.grad(loss, list(m.parameters()))
-        out += wi * np.array([float(((b - a) * g).sum()) for g, a, b in zip(grads, before, after)])
-    return out
+    def loss(m):
+        return [sum(nn.functional.cross_entropy(m(x[j:j + batch].double()), y[j:j + batch],
+                                                reduction="sum")
+                    for j in range(0, len(y), batch)) / len(y)]
+    return simpson_lca(model, before, [p.detach() for p in model.parameters()], loss,
+                       intervals, train=True)[0][0]
 
 
 def test_per_class_mode_with_batch_statistics_has_bars_against_a_float64_reference():

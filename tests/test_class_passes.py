@@ -13,6 +13,8 @@ from lca_ext.evaluate import Evaluator, classic_batch_loss
 from lca_ext.lca_set import LCASet
 from lca_ext.params import ParameterSet
 
+from helpers import simpson_lca
+
 xent = nn.functional.cross_entropy
 C = 3
 
@@ -393,26 +395,19 @@ def _contrastive_reference(model, theta_t, theta_next, batches, intervals=64):
     """[C, K] per-class, per-tensor LCA of the contrastive loss by composite
     Simpson on float64 autograd (class c's share: its anchors' terms over the
     set's anchor count, every batch whole)."""
-    m = copy.deepcopy(model).double()
-    params = list(m.parameters())
-    weight = sum(float(supcon(m(x.double()), y)[1]) for x, y in batches)
-    w = np.ones(intervals + 1)
-    w[1:-1:2], w[2:-1:2] = 4, 2
-    w /= 3 * intervals
-    out = np.zeros((C, len(params)))
-    for i, wi in enumerate(w):
-        with torch.no_grad():
-            for p, a, b in zip(params, theta_t, theta_next):
-                p.copy_(a + (i / intervals) * (b - a))
+    m0 = copy.deepcopy(model).double()          # (the anchor count needs labels only)
+    weight = sum(float(supcon(m0(x.double()), y)[1]) for x, y in batches)
+
+    def shares(m):
+        out = []
         for c in range(C):
             total = 0.0
             for x, y in batches:
                 loss, cnt = supcon(m(x.double()), torch.where(y == c, y, -100))
                 total = total + loss * cnt
-            grads = torch.autograd.grad(total / weight, params, allow_unused=True)
-            out[c] += wi * np.array([0.0 if g is None else float(((b - a) * g).sum())
-                                     for g, a, b in zip(grads, theta_t, theta_next)])
-    return out
+            out.append(total / weight)
+        return out
+    return simpson_lca(model, theta_t, theta_next, shares, intervals)[0]
 
 
 def test_a_contrastive_loss_is_refused_as_loss_fn_and_works_per_class_as_batch_loss():

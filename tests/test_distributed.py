@@ -45,6 +45,26 @@ def _theta(npz, t, names):
     return {n: torch.from_numpy(npz[f"theta/{t}/{n}"]) for n in names}
 
 
+def _replay(tracker, model, npz, steps):
+    """Track the saved trajectory's first ``steps`` steps θ_t → θ_{t+1} in one
+    process (θ_t written once: each end point starts the next step); the Run."""
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    for t in range(steps):
+        with torch.no_grad():
+            for n, v in _theta(npz, t, names).items():
+                if t == 0:
+                    params[n].copy_(v)
+                else:
+                    assert torch.equal(params[n], v)
+        tracker.begin()
+        with torch.no_grad():
+            for n, v in _theta(npz, t + 1, names).items():
+                params[n].copy_(v)
+        tracker.end()
+    return tracker.result()
+
+
 @pytest.fixture(scope="module")
 def reference(runs):
     """One process, whole LCA set, the DDP run's trajectory (saved by rank 0)."""
@@ -204,18 +224,7 @@ def test_ddp_per_class_lca_equals_single_process(tmp_path):
                                  num_classes=3, distributed=False,
                                  # (ranks have no groups, so no bars and no two-pass stage)
                                  rule=dict(bars=False))
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    for t in range(3):
-        with torch.no_grad():
-            for n, v in _theta(got[0], t, names).items():
-                params[n].copy_(v)
-        tracker.begin()
-        with torch.no_grad():
-            for n, v in _theta(got[0], t + 1, names).items():
-                params[n].copy_(v)
-        tracker.end()
-    ref = tracker.result()
+    ref = _replay(tracker, model, got[0], 3)
     for g in got:
         np.testing.assert_allclose(g["a/train/class_sums"], ref.get("class_sums"),
                                    rtol=1e-6, atol=1e-13)
@@ -254,22 +263,7 @@ def test_ddp_error_bars_and_two_pass_steps_equal_one_process_on_the_same_groups(
     rule = dict(cases.UNEVEN_RULE, path_memory_budget=cases.UNEVEN_RULE[
         "path_memory_budget"] + 8 * 8 * 97) if form == "uneven" else None
     tracker = lca_ext.LCATracker(model, cases.loss_fn, batches, distributed=False, rule=rule)
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    for t in range(cases.STEPS):
-        # (θ_t written only once: the end point's gradients start the next step)
-        with torch.no_grad():
-            for n, v in _theta(got[0], t, names).items():
-                if t == 0:
-                    params[n].copy_(v)
-                else:
-                    assert torch.equal(params[n], v)
-        tracker.begin()
-        with torch.no_grad():
-            for n, v in _theta(got[0], t + 1, names).items():
-                params[n].copy_(v)
-        tracker.end()
-    ref = tracker.result()
+    ref = _replay(tracker, model, got[0], cases.STEPS)
     if form == "uneven":                # refined within a small budget: 9 groups
         assert (ref.bar_dof == 8).all() and (ref.grad_passes[1:] > 3).all()
     else:
@@ -297,19 +291,7 @@ def test_ddp_per_class_error_bars_equal_one_process_on_the_same_units(tmp_path):
     tracker = lca_ext.LCATracker(model, torch.nn.functional.cross_entropy,
                                  whole[0::2] + whole[1::2], num_classes=3,
                                  distributed=False)
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    for t in range(3):
-        with torch.no_grad():
-            for n, v in _theta(got[0], t, names).items():
-                if t == 0:
-                    params[n].copy_(v)
-        tracker.begin()
-        with torch.no_grad():
-            for n, v in _theta(got[0], t + 1, names).items():
-                params[n].copy_(v)
-        tracker.end()
-    ref = tracker.result()
+    ref = _replay(tracker, model, got[0], 3)
     assert (ref.bar_dof > 8).all() and (ref.grad_passes[1:] == 2).any()
     for g in got:
         for key in ("class_sums", "tensor_sums", "tensor_error", "bar_dof", "grad_passes"):

@@ -3,7 +3,6 @@ LCA of the certified rule (lca_ext.quadrature) against an independent float64
 reference (direct autograd along the step, composite Simpson with 256
 intervals), the stored error estimates against the actual errors, the class
 losses, and the rule's options."""
-import copy
 import warnings
 
 import numpy as np
@@ -12,6 +11,8 @@ import torch
 from torch import nn
 
 import lca_ext
+
+from helpers import simpson_lca
 
 xent = nn.functional.cross_entropy
 C = 4
@@ -40,26 +41,10 @@ def reference(model, x, y, before, after, intervals=128):
     """Per-tensor [K] and per-class [C, K] LCA of θ_t → θ_{t+1}, and each class's
     share of the loss at both ends, in float64 by direct autograd: composite
     Simpson over ``intervals`` intervals (no lca_ext code involved)."""
-    m = copy.deepcopy(model).double().eval()
-    params = [p for p in m.parameters()]
-    x = x.double()
-    b64 = [b.double() for b in before]
-    d = [a.double() - b for a, b in zip(after, b64)]
-    per_class = np.zeros((C, len(params)))
-    class_loss = np.zeros((2, C))
-    for j in range(intervals + 1):
-        f = j / intervals
-        w = (1 if j in (0, intervals) else (4 if j % 2 else 2)) / (3 * intervals)
-        with torch.no_grad():
-            for p, b0, dd in zip(params, b64, d):
-                p.copy_(b0 + f * dd)
-        terms = xent(m(x), y, reduction="none") / len(y)
-        for c in range(C):
-            share = terms[y == c].sum()
-            grads = torch.autograd.grad(share, params, retain_graph=c + 1 < C)
-            per_class[c] += w * np.array([float((g * dd).sum()) for g, dd in zip(grads, d)])
-            if j in (0, intervals):
-                class_loss[0 if j == 0 else 1, c] = float(share.detach())
+    def shares(m):
+        terms = xent(m(x.double()), y, reduction="none") / len(y)
+        return [terms[y == c].sum() for c in range(C)]
+    per_class, class_loss = simpson_lca(model, before, after, shares, intervals, train=False)
     return per_class.sum(0), per_class, class_loss
 
 

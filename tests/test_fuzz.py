@@ -21,6 +21,8 @@ from torch import nn
 
 import lca_ext
 
+from helpers import simpson_lca
+
 xent = nn.functional.cross_entropy
 LIMIT_S = 60
 SEEDS = range(3)
@@ -213,19 +215,8 @@ def test_single_example_set_is_grounded_without_bars(tmp_path):
 
 def _reference_lca(model, before, x, y, intervals=256):
     """Per-tensor LCA by composite Simpson in float64 (autograd, no lca_ext)."""
-    m = copy.deepcopy(model).double()
-    after = [p.detach().double().clone() for p in model.parameters()]
-    w = np.ones(intervals + 1)
-    w[1:-1:2], w[2:-1:2] = 4, 2
-    w /= 3 * intervals
-    out = np.zeros(len(after))
-    for i, wi in enumerate(w):
-        with torch.no_grad():
-            for p, a, b in zip(m.parameters(), before, after):
-                p.copy_(a + (i / intervals) * (b - a))
-        grads = torch.autograd.grad(xent(m(x.double()), y), list(m.parameters()))
-        out += wi * np.array([float(((b - a) * g).sum()) for g, a, b in zip(grads, before, after)])
-    return out
+    after = [p.detach() for p in model.parameters()]
+    return simpson_lca(model, before, after, lambda m: [xent(m(x.double()), y)], intervals)[0][0]
 
 
 def test_zero_step_allocates_zero_and_is_grounded(tmp_path):
