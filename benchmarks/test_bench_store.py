@@ -40,11 +40,11 @@ def step(tmp_path_factory):
     loss_fn(model(x), y).backward()
     with tracker.step():
         opt.step()
-    return tracker, dict(tracker.last), tracker._state_numpy(), store_link.fingerprint(tracker)
+    return tracker, dict(tracker.last), tracker.state_arrays(), store_link.fingerprint(tracker)
 
 
 def _writer(tmp_path, tracker, flat=True):
-    w = run_store.RunWriter(str(tmp_path / "run"), tracker._meta())
+    w = run_store.RunWriter(str(tmp_path / "run"), tracker.run_meta())
     if not flat:
         w.meta.pop("state_layout")      # the per-tensor layout of older runs
     return w

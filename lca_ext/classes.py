@@ -81,7 +81,7 @@ def class_pass(ev, point, classes: Sequence[int], grad_out, weight: float, probe
     each unit runs at ``probe.point(unit)`` (a mixed pass)."""
     if not getattr(ev.batch_loss, "classic", False):
         return _masked(ev, point, classes, grad_out, weight, probe)
-    if ev._batch_coupled():
+    if ev.batch_coupled():
         return _per_batch_coupled(ev, point, classes, grad_out, weight, probe)
     if ev.data.pair is not None:
         return _regrouped(ev, point, classes, grad_out, weight, probe)
@@ -92,12 +92,12 @@ def units_class_pure(ev) -> bool:
     """Is each unit one class's part of a batch?  Not with BatchNorm on batch
     statistics (or examples that interact): there a unit is a whole batch, its
     classes sharing its forward pass (its slot in class_unit_slots is None)."""
-    return not (getattr(ev.batch_loss, "classic", False) and ev._batch_coupled())
+    return not (getattr(ev.batch_loss, "classic", False) and ev.batch_coupled())
 
 
 def _leaves(ev, point, probe, unit, need_grad):
     """The pass's tensors at ``point``, or the unit's own point in a mixed pass."""
-    return ev._tensors(probe.point(unit) if point is None else point, need_grad)
+    return ev.tensors_at(probe.point(unit) if point is None else point, need_grad)
 
 
 def _zeros(ev, classes):
@@ -144,14 +144,14 @@ def class_batches(ev) -> List[tuple]:
     set's batch size, at least min(UNITS_PER_CLASS, ⌈TARGET_UNITS/C⌉) a class
     (where it has the examples), each class's
     examples in set order (built once)."""
-    if ev._class_batches is None:
+    if ev.class_batches is None:
         # (under DDP a rank may hold no example of a small set)
         pair = [(x.to(ev.device), y.to(ev.device)) for x, y in ev.data.pair if x.shape[0]]
         if ev.pass_dtype is not None:
             pair = [cast_up(p, ev.pass_dtype) for p in pair]
         if not pair:
-            ev._class_batches = []
-            return ev._class_batches
+            ev.class_batches = []
+            return ev.class_batches
         x = torch.cat([p[0] for p in pair])
         y = torch.cat([p[1] for p in pair])
         t = _class_targets(ev, x, targets_of(ev, (x, y)))
@@ -172,8 +172,8 @@ def class_batches(ev) -> List[tuple]:
             for i in range(0, n, step):
                 batches.append((c, x[idx[i:i + step]], y[idx[i:i + step]]))
             start += n
-        ev._class_batches = batches
-    return ev._class_batches
+        ev.class_batches = batches
+    return ev.class_batches
 
 
 def _regrouped(ev, point, classes, grad_out, weight, probe=None):
@@ -183,7 +183,7 @@ def _regrouped(ev, point, classes, grad_out, weight, probe=None):
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         if point is not None:
-            tensors, leaves = ev._tensors(point, need)
+            tensors, leaves = ev.tensors_at(point, need)
             tensors = _strip(tensors)
         for c, x, y in class_batches(ev):
             if c not in slot:
@@ -231,7 +231,7 @@ def _per_batch(ev, point, classes, grad_out, weight, probe=None):
     need = grad_out is not None or probe is not None
     with ev.quiet_model(), torch.set_grad_enabled(need):
         if point is not None:
-            tensors, leaves = ev._tensors(point, need)
+            tensors, leaves = ev.tensors_at(point, need)
             tensors = _strip(tensors)
         for x, y, parts in _sorted_pairs(ev, classes):
             for j, s in parts:
@@ -278,7 +278,7 @@ def _masked(ev, point, classes, grad_out, weight, probe=None):
         for batch in ev.batches():
             t = targets_of(ev, batch)
             if point is not None:
-                tensors, leaves = ev._tensors(point, need)
+                tensors, leaves = ev.tensors_at(point, need)
             present = torch.unique(t).tolist()          # one host sync per batch
             for j, c in enumerate(classes):
                 if c not in present:
@@ -288,7 +288,7 @@ def _masked(ev, point, classes, grad_out, weight, probe=None):
                     # the last unit's point: its result is dropped)
                     last = max(len(ev.class_unit_slots or ()) - 1, 0)
                     tensors, leaves = _leaves(ev, point, probe, min(unit, last), True)
-                loss, w = ev._batch_loss(tensors, _keep_targets(batch, t == c, ev.targets))
+                loss, w = ev.batch_loss_at(tensors, _keep_targets(batch, t == c, ev.targets))
                 if float(w) == 0:   # class c only where no loss is taken (e.g. the
                     continue        # first token, before the shift): a 0/0 mean
                 units.append(j)

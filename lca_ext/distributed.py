@@ -93,6 +93,30 @@ def context(model: nn.Module, distributed) -> "Context":
     return Sharded(group) if sharded else Replicated(group)
 
 
+
+class RankCounts:
+    """Every rank's count of something (the LCA set's batches, or per-class
+    units), gathered once, collectively, the first time it is asked for."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self._counts: Optional[List[int]] = None
+
+    def gather(self, local: int) -> List[int]:
+        """Every rank's count, rank 0's first (the first call: a collective that
+        every rank reaches at the same point of a step)."""
+        if self._counts is None:
+            self._counts = self._ctx.counts(local)
+        return self._counts
+
+    def offset(self) -> int:
+        """The global index of this rank's first item (0 before gathered)."""
+        return sum(self._counts[:self._ctx.rank]) if self._counts else 0
+
+    def most(self) -> int:
+        """The most any one rank holds (0 before gathered)."""
+        return max(self._counts) if self._counts else 0
+
 class Context:
     """One process: every reduction is the identity."""
 

@@ -54,7 +54,7 @@ from torch import nn
 
 from . import classes as per_class
 from . import kernels
-from .distributed import Context, sharded_pass
+from .distributed import Context, RankCounts, sharded_pass
 from .example_check import check_examples
 from .lca_set import HALF, LCASet, at_least_float32, cast_up, first_tensor, to_device
 from .params import ParameterSet, call_at, tied_slots
@@ -191,12 +191,12 @@ class Evaluator:
         self._groups: Optional[int] = None   # batches, counted once (groups)
         self._batches_seen = 0
         self._counted = False                 # a whole pass has run (batches counted)
-        self._group_counts: Optional[List[int]] = None   # every rank's batches (DDP)
-        self._class_batches = None   # the set regrouped by class (lca_ext.classes)
+        self.batch_counts = RankCounts(self.ctx)      # every rank's batches (DDP)
+        self.class_batches = None   # the set regrouped by class (lca_ext.classes)
         # the class slot of each unit (a class's part of a batch) of a pass over
         # every class, in pass order: per-class mode's error-bar groups
         self.class_unit_slots: Optional[List[Optional[int]]] = None   # (None: not yet)
-        self._unit_counts: Optional[List[int]] = None    # every rank's units (DDP)
+        self.unit_counts = RankCounts(self.ctx)       # every rank's units (DDP)
         self._split_checked = False  # class shares checked against the plain loss
 
     def buffers_that_matter(self) -> List[torch.Tensor]:
@@ -267,7 +267,7 @@ class Evaluator:
         for batch in self.data.batches(self.device):
             yield batch if self.pass_dtype is None else cast_up(batch, self.pass_dtype)
 
-    def _batch_loss(self, tensors, batch):
+    def batch_loss_at(self, tensors, batch):
         """(mean loss, weight) of one batch at the point in ``tensors``."""
         try:
             out = call_at(self._bound, self._bound_ties, tensors, (batch,))
@@ -296,7 +296,10 @@ class Evaluator:
             weight = t.shape[0]
         return loss, weight
 
-    def _tensors(self, point, requires_grad: bool):
+    def tensors_at(self, point, requires_grad: bool):
+        """The model's tensors with the tracked parameters at ``point`` (in the
+        pass precision; buffers copied, so a pass never updates the model's):
+        (name -> tensor for batch_loss_at, the point's leaves)."""
         names = self.params.names
         up = self._up
         leaves = [up(t.detach()).requires_grad_(requires_grad) for t in point]
@@ -453,12 +456,12 @@ class Evaluator:
             # one set of leaves (and buffer copies) for the whole pass: each
             # batch's graph is freed by its autograd.grad
             if point is not None:
-                tensors, leaves = self._tensors(point, need_grad)
+                tensors, leaves = self.tensors_at(point, need_grad)
             for i, batch in enumerate(self.batches()):
                 if point is None:
-                    tensors, leaves = self._tensors(probe.point(i), True)
+                    tensors, leaves = self.tensors_at(probe.point(i), True)
                 with torch.set_grad_enabled(need_grad):
-                    loss, w = self._batch_loss(tensors, batch)
+                    loss, w = self.batch_loss_at(tensors, batch)
                     batch_sum = at_least_float32(loss) * w   # its share x the set's weight
                 total += loss.detach().double() * w
                 wsum += w
@@ -503,14 +506,12 @@ class Evaluator:
             return 0
         if self.ctx.world == 1:
             return len(self.class_unit_slots)
-        if self._unit_counts is None:
-            self._unit_counts = self.ctx.counts(len(self.class_unit_slots))
-        return sum(self._unit_counts)
+        return sum(self.unit_counts.gather(len(self.class_unit_slots)))
 
     @property
     def class_group_offset(self) -> int:
         """The global index of this rank's first unit."""
-        return sum(self._unit_counts[:self.ctx.rank]) if self._unit_counts else 0
+        return self.unit_counts.offset()
 
     def class_units_pure(self) -> bool:
         """Is each unit one class's part of a batch (not a whole batch of several
@@ -536,17 +537,14 @@ class Evaluator:
             return 0
         if self.ctx.world == 1:
             return self.local_groups
-        if self._group_counts is None:
-            if self.data.pair is None and not self._counted:
-                return 0
-            # (collective: every rank reaches here at the same point of a step)
-            self._group_counts = self.ctx.counts(self.local_groups)
-        return sum(self._group_counts)
+        if self.data.pair is None and not self._counted:
+            return 0
+        return sum(self.batch_counts.gather(self.local_groups))
 
     @property
     def group_offset(self) -> int:
         """The global index of this rank's first batch (its groups follow)."""
-        return sum(self._group_counts[:self.ctx.rank]) if self._group_counts else 0
+        return self.batch_counts.offset()
 
     def _check_weight(self, wsum: float) -> None:
         if abs(wsum - self.count) > 1e-9 * self.count:
@@ -560,7 +558,7 @@ class Evaluator:
 
     # -- per-class passes (lca_ext.classes) ---------------------------------------
 
-    def _batch_coupled(self) -> bool:
+    def batch_coupled(self) -> bool:
         """Do samples of a batch affect each other's outputs here (BatchNorm on
         batch statistics, or examples that interact: ``check_examples``)?"""
         return getattr(self, "examples_interact", False) or (

@@ -448,8 +448,7 @@ def compute(model: nn.Module, loss_fn, lca_data, trajectory, out_dir: Optional[s
             loader.load(current, params=True)  # not rewritten, so the tracker reuses g(θ_t))
         # the tracker numbers steps itself; offline they are the trajectory's, and
         # frame_every counts from the trajectory's start so that parts agree
-        tracker._step = traj.steps[i]
-        tracker._tracked_count = i
+        tracker.position(traj.steps[i], i)
         if i == stop - 1 and tracker.store_link is not None:
             tracker.store_link.state_every = 1   # the range's final state is always stored
         tracker.begin()
@@ -464,7 +463,11 @@ def compute(model: nn.Module, loss_fn, lca_data, trajectory, out_dir: Optional[s
 class _OfflineTracker(LCATracker):
     """The tracker offline LCA drives: it loads θ itself before each step, so a
     resumed part is not checked against the model it was built with."""
-    _verify_resume = False
+    verify_resume = False
+
+    def position(self, step: int, tracked: int) -> None:
+        """The next step's label (the trajectory's) and how many came before."""
+        self._step, self._tracked_count = step, tracked
 
 
 def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, start: int,

@@ -209,8 +209,7 @@ class StepPath:
         if self._ctx.world == 1:
             return self.groups
         self.groups                                # (counts every rank's, once known)
-        counts = self._ev._unit_counts if self._classes else self._ev._group_counts
-        return max(counts) if counts else 0
+        return (self._ev.unit_counts if self._classes else self._ev.batch_counts).most()
 
     # -- buffers ---------------------------------------------------------------------
 

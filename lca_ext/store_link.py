@@ -100,7 +100,7 @@ class StoreLink:
         self.steps_committed = 0
         ctx = tracker.ctx
         if ctx.is_writer:
-            self.writer = run_store.RunWriter(path, tracker._meta(), resume=resume)
+            self.writer = run_store.RunWriter(path, tracker.run_meta(), resume=resume)
         ctx.barrier()
         if resume:
             self._resume()
@@ -109,7 +109,7 @@ class StoreLink:
         """Append one tracked step (its rows, the state every ``state_every``
         commits, θ_{t+1}'s fingerprint).  False on ranks that do not write."""
         # (FSDP2: gathering the state is collective, so every rank takes part)
-        state = self.tracker._state_numpy() if tracked_count % self.state_every == 0 else {}
+        state = self.tracker.state_arrays() if tracked_count % self.state_every == 0 else {}
         if self.writer is None and not getattr(self.tracker.ctx, "sharded", False):
             return False                 # (only FSDP2's fingerprint is collective)
         fp = fingerprint(self.tracker)   # θ_{t+1}: the store checks a resume against it
@@ -123,7 +123,7 @@ class StoreLink:
                    pinned: bool = True, keep: Optional[int] = None) -> None:
         """Write the per-parameter state as of the last commit (collective);
         ``keep``: then drop all but the latest ``keep`` pinned states."""
-        state, fp = self.tracker._state_numpy(), fingerprint(self.tracker)
+        state, fp = self.tracker.state_arrays(), fingerprint(self.tracker)
         if self.writer is None:
             return
         self.writer.write_state(state, next_step=next_step, fingerprint=fp,
@@ -142,14 +142,14 @@ class StoreLink:
 
     def _resume(self) -> None:
         tracker, path, ctx = self.tracker, self.path, self.tracker.ctx
-        fp = fingerprint(tracker) if tracker._verify_resume else None
-        if tracker._resume_cuts_back and fp is not None:
+        fp = fingerprint(tracker) if tracker.verify_resume else None
+        if tracker.resume_cuts_back and fp is not None:
             # the framework callbacks: a resume from an older checkpoint first
             # cuts the run back to the state saved with it
             if self.writer is not None:
                 cut = run_store.cut_back_to(path, self.writer.meta, fp)
                 if cut:
-                    self.writer = run_store.RunWriter(path, tracker._meta(), resume=True)
+                    self.writer = run_store.RunWriter(path, tracker.run_meta(), resume=True)
                     warnings.warn(f"lca_ext: training resumed from a checkpoint taken after "
                                   f"{cut[1]} committed steps of {path!r}; the run is cut back "
                                   f"from {cut[0]} to {cut[1]} steps (lca_ext.truncate_run) and "
@@ -158,7 +158,7 @@ class StoreLink:
             ctx.barrier()
         meta = self.writer.meta if self.writer else run_store.read_meta(path)
         point = run_store.resume_point(path, meta, fp)   # RunStoreError if θ is not it
-        if tracker._verify_resume and point is not None and point.get("next_step") is None:
+        if tracker.verify_resume and point is not None and point.get("next_step") is None:
             warnings.warn(f"lca_ext: {path!r} was written before runs recorded parameter "
                           "fingerprints; resuming without checking that the model is at "
                           "its last committed step", RuntimeWarning, stacklevel=5)

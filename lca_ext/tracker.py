@@ -428,7 +428,7 @@ class LCATracker:
                 return load_run(link.path)
             arrays = {key: np.stack([np.asarray(r[key]) for r in self._records])
                       for key in (self._records[0] if self._records else ())}
-            return Run(self._meta(), arrays)
+            return Run(self.run_meta(), arrays)
         arrays = {}
         if self._records:
             for key in self._records[0]:
@@ -437,11 +437,11 @@ class LCATracker:
         if self._frames:
             for key in self._frames[0]:
                 frames[key] = np.stack([np.asarray(f[key]) for f in self._frames])
-        return Run(self._meta(), arrays, self._state_numpy(), frames)
+        return Run(self.run_meta(), arrays, self.state_arrays(), frames)
 
-    # -- internals -------------------------------------------------------------
+    # -- what the run store reads (lca_ext.store_link), then internals ----------
 
-    def _meta(self) -> dict:
+    def run_meta(self) -> dict:
         return dict(
             names=list(self.params.names), shapes=[list(s) for s in self._shapes],
             layer_names=list(self.params.layer_names), layer_of=list(self.params.layer_of),
@@ -459,10 +459,10 @@ class LCATracker:
     # positions θ itself, step by step, and resumes its parts without the
     # fingerprint check; the framework callbacks first cut the run back to the
     # state saved with the checkpoint the training resumed from
-    _verify_resume = True
-    _resume_cuts_back = False
+    verify_resume = True
+    resume_cuts_back = False
 
-    def _state_numpy(self) -> Dict[str, List[np.ndarray]]:
+    def state_arrays(self) -> Dict[str, List[np.ndarray]]:
         return {name: [self.ctx.full(k, t).cpu().numpy().copy() for k, t in enumerate(tensors)]
                 for name, tensors in self.state.items()}
 

@@ -502,7 +502,7 @@ def test_per_class_mode_with_batch_statistics_has_bars_against_a_float64_referen
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y), batch_size=30,
                                      num_classes=3)
-        assert tracker.objectives[0].evaluator._batch_coupled()
+        assert tracker.objectives[0].evaluator.batch_coupled()
         refs = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

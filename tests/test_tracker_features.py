@@ -173,7 +173,7 @@ def test_per_class_with_batchnorm_uses_whole_batch_statistics():
     x, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = lca_ext.LCATracker(model, xent, (x, y), batch_size=30, num_classes=3)
-    assert tracker.objectives[0].evaluator._batch_coupled()
+    assert tracker.objectives[0].evaluator.batch_coupled()
     train(model, opt, x, y, xent, 2, tracker)
     run = tracker.result()
     np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-5, atol=1e-8)

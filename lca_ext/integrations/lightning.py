@@ -41,7 +41,7 @@ __all__ = ["LCACallback"]
 
 class _CheckpointTracker(LCATracker):
     """The callback's tracker: a resume cuts the store back to the checkpoint."""
-    _resume_cuts_back = True
+    resume_cuts_back = True
 
 
 class _StepSkipped(Exception):

@@ -251,7 +251,7 @@ def trainer_loader(data, args, model, collator=None, *, name: str = "lca_data",
 
 class _CheckpointTracker(LCATracker):
     """The callback's tracker: a resume cuts the store back to the checkpoint."""
-    _resume_cuts_back = True
+    resume_cuts_back = True
 
 
 class LCACallback(TrainerCallback):
