@@ -467,7 +467,7 @@ class _OfflineTracker(LCATracker):
 
     def position(self, step: int, tracked: int) -> None:
         """The next step's label (the trajectory's) and how many came before."""
-        self._step, self._tracked_count = step, tracked
+        self.next_step, self._tracked_count = step, tracked
 
 
 def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, start: int,

@@ -268,11 +268,11 @@ class LCATracker:
         self.bin_edges = self.stats.bin_edges   # the histogram's edges, on the CPU
         self._records: List[dict] = []
         self._frames: List[dict] = []
-        self._step = 0
+        self.next_step = 0          # the label the next optimizer step gets
         self._tracked_count = 0
-        self._open = False
+        self.step_open = False      # between begin() and end()
         self._tracked = False
-        self._attached = False     # set by tracker.attach (lca_ext.integrations.optimizer)
+        self.attached = False     # set by tracker.attach (lca_ext.integrations.optimizer)
         #: the last tracked step's record (a dict of its per-step values), or None
         self.last: Optional[dict] = None
         self.last_frames: Optional[dict] = None   # and its frames, if it stored any
@@ -285,7 +285,7 @@ class LCATracker:
             self.store_link = StoreLink(self, store_opts)
             self._tracked_count = self.store_link.steps_committed
             if self.store_link.next_step is not None:
-                self._step = self.store_link.next_step   # labels go on from the state's
+                self.next_step = self.store_link.next_step   # labels go on from the state's
 
     # -- the loop-facing API -------------------------------------------------
 
@@ -297,7 +297,7 @@ class LCATracker:
     @contextlib.contextmanager
     def step(self):
         """``with tracker.step(): opt.step()`` — one optimiser step."""
-        if self._attached:
+        if self.attached:
             raise RuntimeError(
                 "lca_ext.LCATracker.step: this tracker is attached to an optimizer "
                 "(tracker.attach), whose hooks already track every optimizer.step(); "
@@ -306,29 +306,29 @@ class LCATracker:
         try:
             yield self
         except BaseException:
-            self._open = False  # the step did not complete: record nothing
+            self.step_open = False  # the step did not complete: record nothing
             raise
         self.end()
 
     def begin(self) -> None:
         """Before the optimiser step: snapshot θ_t (and g(θ_t) if not cached)."""
-        if self._open:
+        if self.step_open:
             raise RuntimeError("lca_ext.LCATracker.begin: the previous step was not "
                                "ended; call end() after the optimiser step")
         if not self.ctx.sharded:    # (FSDP2 swaps its parameters in and out)
             self._layout = check_layout(self.model, self._layout, self._tracked_ids)
-        self._open = True
+        self.step_open = True
         try:
             self._begin()
         except BaseException:
-            self._open = False   # nothing begun; a half-made start gradient is dropped
+            self.step_open = False   # nothing begun; a half-made start gradient is dropped
             for obj in self.objectives:
                 self._drop_start(obj)
             raise
 
     def _begin(self) -> None:
-        self._current = self._step
-        self._tracked = self.tracks(self._step)
+        self._current = self.next_step
+        self._tracked = self.tracks(self.next_step)
         if self._end_versions != [p._version for p in self.params.params]:
             # θ changed since our last end() without passing through step()
             # (a step outside the tracker, a weight projection): g(θ_t) is stale
@@ -354,11 +354,11 @@ class LCATracker:
 
     def end(self) -> None:
         """After the optimiser step: allocate the loss change of θ_t → θ_{t+1}."""
-        if not self._open:
+        if not self.step_open:
             raise RuntimeError("lca_ext.LCATracker.end: no step was begun")
-        self._open = False
-        step = self._step
-        self._step += 1
+        self.step_open = False
+        step = self.next_step
+        self.next_step += 1
         if not self._tracked:
             self._end_versions = None
             return
@@ -379,7 +379,7 @@ class LCATracker:
         self.last_frames = frames
         self._end_versions = [p._version for p in self.params.params]
         if self.store_link is not None:
-            if not self.store_link.commit(record, frames, self._tracked_count, self._step):
+            if not self.store_link.commit(record, frames, self._tracked_count, self.next_step):
                 self._records.append(record)   # the other ranks: in memory, for result()
         else:
             self._records.append(record)
@@ -407,10 +407,10 @@ class LCATracker:
         if self.store_link is None:
             raise ValueError("lca_ext.LCATracker.save_state: this tracker has no store "
                              "(store=PATH); the per-parameter state is in tracker.state")
-        if self._open:
+        if self.step_open:
             raise RuntimeError("lca_ext.LCATracker.save_state: a step is open; call it "
                                "between steps (after end() / the `with` block)")
-        self.store_link.save_state(self._step, tag, keep=keep)
+        self.store_link.save_state(self.next_step, tag, keep=keep)
         writer = self.store_link.writer
         return writer.steps_committed if writer is not None else self._tracked_count
 
@@ -423,7 +423,7 @@ class LCATracker:
         self.flags.summary(self._tracked_count, len(self.objectives) > 1)
         link = self.store_link
         if link is not None:
-            link.flush_state(self._tracked_count, self._step)   # (collective under FSDP2)
+            link.flush_state(self._tracked_count, self.next_step)   # (collective under FSDP2)
             if link.writer is not None:
                 return load_run(link.path)
             arrays = {key: np.stack([np.asarray(r[key]) for r in self._records])

@@ -155,7 +155,7 @@ def run(rank: int, world: int, port: int, out_dir: str, kind: str, tracked: bool
                 wrapped, loss_fn, lca_set(), eval_sets={"val": val_set()},
                 batch_size=LCA_BATCH, store=os.path.join(out_dir, f"run_{kind}"),
                 frames=["0.weight"], resume=True, rule=rule)
-            arrays["resume_ok"] = np.int64(again._step == STEPS and all(
+            arrays["resume_ok"] = np.int64(again.next_step == STEPS and all(
                 torch.equal(a, b) for name in tracker.state
                 for a, b in zip(tracker.state[name], again.state[name])))
         if rank == 0:

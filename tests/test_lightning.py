@@ -185,7 +185,7 @@ def test_skipped_optimizer_step_records_nothing():
     run = cb.result()
     assert trainer.global_step == 6 and len(run) == 5
     assert cb.trainer_steps == [0, 1, 2, 4, 5]
-    assert cb._step_cm is None and not cb.tracker._open
+    assert cb._step_cm is None and not cb.tracker.step_open
     ref_module, ref = replay(6, skip_call=3)
     assert_same_params(module, ref_module)
     assert_same_run(run, ref)   # incl. grad_passes: g(θ_t) survived the skipped step

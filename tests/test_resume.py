@@ -168,7 +168,7 @@ def test_resume_with_a_schedule_continues_the_labels(tmp_path, reference):
         tracker_for(model, x, y, path, resume=True, schedule=2)
     lca_ext.truncate_run(path, 5)
     tracker = tracker_for(model, x, y, path, resume=True, schedule=2)
-    assert tracker._step == 10
+    assert tracker.next_step == 10
     train(model, opt, tracker, x, y, 10, STEPS)
     assert_same_run(tracker.result(), reference(schedule=2), resumed_at=5)
 
@@ -182,7 +182,7 @@ def test_a_model_that_matches_no_step_is_refused(tmp_path):
                        r"start a new store"):
         tracker_for(other, x, y, path, resume=True)
     # the model of the last commit resumes (labels continue at 4)
-    assert tracker_for(model, x, y, path, resume=True)._step == 4
+    assert tracker_for(model, x, y, path, resume=True).next_step == 4
 
 
 def test_truncate_run_errors_name_the_argument_and_the_steps_it_can_cut_to(tmp_path):
@@ -442,4 +442,4 @@ def test_runs_written_before_fingerprints_resume_with_a_warning(tmp_path):
     lca_ext.truncate_run(path, 3)
     with pytest.warns(RuntimeWarning, match="before runs recorded parameter fingerprints"):
         resumed = tracker_for(model, x, y, path, resume=True, state_every=3)
-    assert resumed._step == 3
+    assert resumed.next_step == 3

@@ -86,7 +86,7 @@ def test_state_every_keeps_the_last_written_state(tmp_path):
     for key in want:
         for a, b in zip(resumed.state[key], want[key]):
             assert np.array_equal(a.numpy(), b), key
-    assert resumed._step == 2 and len(lca_ext.load_run(stale)) == 2
+    assert resumed.next_step == 2 and len(lca_ext.load_run(stale)) == 2
     # result() stores the state as of the last step
     final = tracker.result()
     assert final.meta["state_steps"] == 3
@@ -94,7 +94,7 @@ def test_state_every_keeps_the_last_written_state(tmp_path):
         for a, t in zip(final.state[key], tracker.state[key]):
             assert np.array_equal(a, t.numpy()), key
     again = lca_ext.LCATracker(model, xent, (x, y), store=str(tmp_path / "run"), resume=True)
-    assert again._step == 3
+    assert again.next_step == 3
 
 
 def test_store_refuses_to_overwrite_and_checks_resume(tmp_path):

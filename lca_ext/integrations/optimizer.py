@@ -25,7 +25,7 @@ class AttachedHandle:
             h.remove()
         self._handles = []
         if self._tracker is not None:
-            self._tracker._attached = False
+            self._tracker.attached = False
             self._tracker = None
 
 
@@ -40,13 +40,13 @@ def attach(tracker, optimizer: torch.optim.Optimizer) -> AttachedHandle:
                         "in .optimizer)")
 
     def before(opt, args, kwargs):
-        if tracker._open:          # the last step raised inside optimizer.step()
-            tracker._open = False
+        if tracker.step_open:      # the last step raised inside optimizer.step()
+            tracker.step_open = False
         tracker.begin()
 
     def after(opt, args, kwargs):
         tracker.end()
 
-    tracker._attached = True      # (a `with tracker.step():` block is then refused)
+    tracker.attached = True      # (a `with tracker.step():` block is then refused)
     return AttachedHandle([optimizer.register_step_pre_hook(before),
                            optimizer.register_step_post_hook(after)], tracker)

@@ -28,10 +28,10 @@ def tracker_on_resume(tracker, store: Optional[str], global_step: int, who: str)
     went past the checkpoint, which cannot be cut back (refused)."""
     if tracker is None:
         return None
-    if store is None and tracker._step > global_step:
+    if store is None and tracker.next_step > global_step:
         raise RuntimeError(
             f"{who}: training resumed from a checkpoint at global step {global_step}, but "
-            f"this callback's in-memory run already tracked {tracker._step} optimizer "
+            f"this callback's in-memory run already tracked {tracker.next_step} optimizer "
             "steps; it cannot be cut back (use store=PATH, which is cut back to the "
             "checkpoint, or a new LCACallback)")
     return None if store is not None else tracker
@@ -44,7 +44,7 @@ def start_new_run_at(tracker, global_step: int, who: str) -> None:
     link = tracker.store_link
     if link is not None and (link.steps_committed or link.next_step is not None):
         return
-    tracker._step = global_step
+    tracker.next_step = global_step
     where = "a new, empty store" if link is not None else "no store="
     warnings.warn(f"{who}: training resumed at global step {global_step} with {where}; "
                   "the LCA run starts there (per-parameter statistics from zero)",
