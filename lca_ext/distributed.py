@@ -311,7 +311,7 @@ class Sharded(Replicated):
 
 # -- the FSDP2 gradient pass (lca_ext.evaluate.Evaluator) ---------------------------
 
-def sharded_pass(ev, point, grad_out, weight) -> tuple:
+def sharded_pass(ev, point, grad_out, weight, probe=None) -> tuple:
     """FSDP2: run the sharded model itself at ``point`` (this rank's shards);
     ``ev`` the LCA set's lca_ext.evaluate.Evaluator.
 
@@ -319,19 +319,43 @@ def sharded_pass(ev, point, grad_out, weight) -> tuple:
     and swapped back afterwards (exact copies, also on error), so FSDP's own
     all-gathers see the point and its reduce-scatter gives each rank the
     whole-set gradient of its shard.  The training's ``.grad`` tensors are
-    set aside (not copied) and put back; module buffers are restored."""
+    set aside (not copied) and put back; module buffers are restored.
+
+    ``probe`` (lca_ext.path.GroupProbe): the bars' groups are the *rounds*
+    (round r: every rank's r-th batch, one forward together); each round's
+    gradient shard goes to ``probe.add(r, ...)`` (the probe sums the shards'
+    samples over the ranks); with ``point`` None, round r runs at
+    ``probe.point(r)`` (a mixed pass: one point per round, the same on
+    every rank)."""
     live = ev.params.params
     dtensors = ev.ctx.dtensors
-    swapped = [k for k, (a, b) in enumerate(zip(point, live))
-               if a.numel() and a.data_ptr() != b.data_ptr()]
+    need_grad = grad_out is not None or probe is not None
     saved_grads = [p.grad for p in dtensors]
     saved_buffers = [b.detach().clone() for b in ev.model.buffers()]
     total = torch.zeros((), dtype=torch.float64, device=ev.device)
     wsum = torch.zeros((), dtype=torch.float64, device=ev.device)
-    _reshard(ev.model)   # the shards are what FSDP all-gathers from
-    with torch.no_grad():
-        for k in swapped:
-            _swap(live[k], point[k])
+    swapped: List[tuple] = []       # (k, the tensor now holding live[k]'s values)
+
+    def move_to(x) -> None:
+        _reshard(ev.model)   # the shards are what FSDP all-gathers from
+        with torch.no_grad():
+            for k, t in swapped:                   # back to the live values first
+                _swap(live[k], t)
+            swapped.clear()
+            if x is None:
+                return
+            x = x() if callable(x) else x          # (a probe point: after the swap back)
+            swapped.extend((k, a) for k, (a, b) in enumerate(zip(x, live))
+                           if a.numel() and a.data_ptr() != b.data_ptr())
+            for k, t in swapped:
+                _swap(live[k], t)
+
+    def shard_grads() -> List[torch.Tensor]:
+        return [torch.zeros_like(b) if p.grad is None else p.grad.to_local()
+                for p, b in zip(dtensors, live)]
+
+    if point is not None:
+        move_to(point)
     try:
         for p in dtensors:
             p.grad = None
@@ -339,36 +363,45 @@ def sharded_pass(ev, point, grad_out, weight) -> tuple:
             batches = ev.batches()
             first = None
             for r in range(ev.rounds):
+                if point is None:
+                    move_to(lambda: probe.point(r))
                 batch = next(batches, None)
                 real = batch is not None
                 if first is None:
                     first = batch
                 if not real:      # fewer batches here: a zero-weight forward
                     batch = first
-                with torch.set_grad_enabled(grad_out is not None):
+                with torch.set_grad_enabled(need_grad):
                     out = ev.batch_loss(ev.model, batch)
                     loss, w = out if isinstance(out, tuple) and len(out) == 2 else \
                         (out, first_tensor(batch).shape[0])
                     w = w if real else 0.0
                     batch_sum = at_least_float32(loss) * w
-                    if grad_out is not None:
+                    if need_grad:
                         # FSDP averages gradients over ranks: x world undoes it
                         scaled = batch_sum * (ev.ctx.world / ev.count)
                 total += loss.detach().double() * w
                 wsum += w
-                if grad_out is not None:
+                if need_grad:
                     scaled.backward()
+                if probe is not None:      # this round's gradient shard
+                    grads = shard_grads()
+                    # (the live shards hold the point now: θ_{t+1} is where they
+                    # were swapped to)
+                    held = dict(swapped)
+                    probe.add(r, grads, 1.0, after=[held.get(k, t) for k, t in enumerate(live)])
+                    if grad_out is not None:
+                        ev.kernels.accumulate_(list(grad_out), grads, weight)
+                    for p in dtensors:
+                        p.grad = None
         if grad_out is not None:
-            grads = [torch.zeros_like(b) if p.grad is None else p.grad.to_local()
-                     for p, b in zip(dtensors, live)]
-            ev.kernels.accumulate_(list(grad_out), grads, weight)
+            if probe is None:
+                ev.kernels.accumulate_(list(grad_out), shard_grads(), weight)
             ev.passes += 1
     finally:
         # (reshard_after_forward=False would keep the point's unsharded values)
-        _reshard(ev.model)
+        move_to(None)
         with torch.no_grad():
-            for k in swapped:
-                _swap(live[k], point[k])
             for b, v in zip(ev.model.buffers(), saved_buffers):
                 b.copy_(v)
         for p, g in zip(dtensors, saved_grads):

@@ -352,9 +352,9 @@ class Evaluator:
         """The total weight, and the check that the loss is deterministic."""
         with self.quiet_model():
             self._reseed()
-            run = self._pass_sharded if self.ctx.sharded else self._pass_local
             self._check_batches()
-            total, wsum = run(point, None, 1.0)      # forward only
+            total, wsum = (sharded_pass(self, point, None, 1.0) if self.ctx.sharded
+                           else self._pass_local(point, None, 1.0))     # forward only
         if wsum <= 0:
             raise ValueError(f"lca_ext: the {self.data.name} set has total weight {wsum}; "
                              "expected a positive number of examples (or tokens)")
@@ -372,7 +372,7 @@ class Evaluator:
             self._first_pass(point)
             check = self._check_loss
         if self.ctx.sharded:
-            total, wsum = self._pass_sharded(point, grad_out, weight)
+            total, wsum = sharded_pass(self, point, grad_out, weight, probe)
         else:
             total, wsum = self._pass_local(point, grad_out, weight, probe)
         self._check_weight(wsum)
@@ -485,7 +485,10 @@ class Evaluator:
         ``probe.add`` only (one gradient pass; no loss is returned)."""
         if self._check_loss is None:
             raise RuntimeError("lca_ext: probe_pass before any pass at a point")
-        self._pass_local(None, None, 1.0, probe)
+        if self.ctx.sharded:
+            sharded_pass(self, None, None, 1.0, probe)
+        else:
+            self._pass_local(None, None, 1.0, probe)
         self.passes += 1
 
     def class_probe_pass(self, probe) -> None:
@@ -531,10 +534,10 @@ class Evaluator:
     @property
     def groups(self) -> int:
         """Independent groups a probe sees: the LCA set's batches, every rank's
-        under DDP (group_offset: this rank's first); 0 under FSDP2, whose passes
-        run every rank's batches together."""
+        under DDP (group_offset: this rank's first); under FSDP2, whose passes
+        run every rank's r-th batch together, the rounds (lca_ext.distributed)."""
         if self.ctx.sharded:
-            return 0
+            return self.rounds
         if self.ctx.world == 1:
             return self.local_groups
         if self.data.pair is None and not self._counted:
@@ -551,10 +554,6 @@ class Evaluator:
             raise RuntimeError(f"lca_ext: the {self.data.name} set changed between passes "
                                f"(total weight {wsum} now, {self.count} before); the LCA set "
                                "must be the same at every point of a step")
-
-    def _pass_sharded(self, point, grad_out, weight) -> tuple:
-        """FSDP2: the sharded model itself at ``point`` (lca_ext.distributed)."""
-        return sharded_pass(self, point, grad_out, weight)
 
     # -- per-class passes (lca_ext.classes) ---------------------------------------
 

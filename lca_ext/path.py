@@ -111,12 +111,14 @@ class GroupProbe:
         return self._path.point(float(self._points[self._offset + i]))
 
     def add(self, i: int, grads: List[torch.Tensor], scale: float,
-            slot: Optional[int] = None) -> None:
+            slot: Optional[int] = None, after: Optional[List[torch.Tensor]] = None) -> None:
         """Group i's gradient part (x ``scale``); ``slot``: its class, where the
-        pass's whole gradient is class-stacked (per-class mode)."""
+        pass's whole gradient is class-stacked (per-class mode); ``after``: where
+        θ_{t+1}'s values are while a pass has swapped the point into the live
+        parameters (FSDP2, lca_ext.distributed.sharded_pass)."""
         p = self._path
         if self._with_samples:
-            part = p._kernels.allocate(p.theta_t, p.after, grads).sums * scale
+            part = p._kernels.allocate(p.theta_t, after or p.after, grads).sums * scale
             self.samples[i] = part if i not in self.samples else self.samples[i] + part
         if self.kept is not None:
             while len(self.kept) <= i and len(self.kept) < self._keep:

@@ -85,18 +85,21 @@ def _full_params(model) -> dict:
 
 
 def _train_and_save(model, opt, tracker, rank, steps, loss, path):
-    """Train ``steps`` tracked steps on this rank's batches (``loss(x, y)`` the
-    training loss); save the run's arrays ("a/...") and the trajectory
-    ("theta/<t>/<name>", full parameters) to ``path``."""
+    """Train ``steps`` steps on this rank's batches (``loss(x, y)`` the training
+    loss), tracked unless ``tracker`` is None; save the run's arrays ("a/...")
+    and the trajectory ("theta/<t>/<name>", full parameters) to ``path``."""
     trajectory = [_full_params(model)]
     for step in range(steps):
         x, y = train_batch(step, rank)
         opt.zero_grad()
         loss(x, y).backward()
-        with tracker.step():
+        if tracker is None:
             opt.step()
+        else:
+            with tracker.step():
+                opt.step()
         trajectory.append(_full_params(model))
-    arrays = {f"a/{k}": v for k, v in tracker.result().arrays.items()}
+    arrays = {} if tracker is None else {f"a/{k}": v for k, v in tracker.result().arrays.items()}
     for t, params in enumerate(trajectory):
         arrays.update({f"theta/{t}/{n}": v.numpy() for n, v in params.items()})
     np.savez(path, **arrays)
@@ -248,6 +251,34 @@ def bar_batches(n: int = 8):
 # "uneven": 9 batches (5 on rank 0, 4 on rank 1) and a path_memory_budget of 10
 # gradient buffers with refinement forced: each rank's rule must count the groups'
 # buffers alike (it counted its own, and the ranks' recomputed passes diverged)
+# FSDP2 with bars: groups are rounds (every rank's r-th batch); no group gradients
+# held anywhere (the one-process reference would hold them), so Simpson + bars
+FSDP_BARS_RULE = dict(path_memory_budget=0)
+FSDP_BARS_BATCH = 16
+
+
+def run_fsdp_bars(rank: int, world: int, port: int, out_dir: str, tracked: bool = True) -> None:
+    """FSDP2 with the default rule's error bars on a tensor pair: saves the
+    trajectory and each rank's records (``tracked`` False: the same training
+    untracked, its trajectory only)."""
+    _init(rank, world, port)
+    try:
+        model = bars_model()
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model[0])
+        wrapped = fully_shard(model)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.03)
+        tracker = lca_ext.LCATracker(wrapped, loss_fn, lca_set(), batch_size=FSDP_BARS_BATCH,
+                                     rule=FSDP_BARS_RULE) if tracked else None
+        _train_and_save(model, opt, tracker, rank, STEPS,
+                        lambda x, y: loss_fn(wrapped(x), y),
+                        os.path.join(out_dir, f"fsdp_bars_{int(tracked)}_rank{rank}.npz"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _exit_now()
+
+
 UNEVEN_RULE = dict(path_memory_budget=10 * 8 * (6 * 12 + 12 + 12 + 1), bar_rtol=1e-6,
                    refine_sd=0.0)
 

@@ -236,6 +236,39 @@ def test_ddp_per_class_lca_equals_single_process(tmp_path):
                                got[0]["a/train/tensor_sums"], rtol=1e-9, atol=1e-13)
 
 
+def test_fsdp_error_bars_equal_one_process_on_the_rounds(tmp_path):
+    """Under FSDP2 a pass runs every rank's r-th batch together (one point for
+    all ranks), so the bars' groups are the rounds: a mixed pass moves the
+    shards to round r's point before its forward, and each round's gradient
+    shard gives its samples (summed over ranks).  One process whose batches are
+    the rounds (rank 0's r-th batch and rank 1's, joined) gives the same
+    values, bars and passes; the training is bit-identical to untracked FSDP2
+    training (every mixed pass swaps the shards back exactly)."""
+    for tracked in (True, False):
+        mp.spawn(cases.run_fsdp_bars, args=(2, cases.free_port(), str(tmp_path), tracked),
+                 nprocs=2)
+    got = [dict(np.load(tmp_path / f"fsdp_bars_1_rank{r}.npz")) for r in (0, 1)]
+    plain = dict(np.load(tmp_path / "fsdp_bars_0_rank0.npz"))
+    thetas = [k for k in plain if k.startswith("theta/")]
+    assert thetas and all(np.array_equal(got[0][k], plain[k]) for k in thetas)
+    x, y = cases.lca_set()
+    b = cases.FSDP_BARS_BATCH
+    shares = [(x[r::2], y[r::2]) for r in (0, 1)]       # example i -> rank i mod 2
+    rounds = -(-shares[0][0].shape[0] // b)
+    batches = [tuple(torch.cat([s[j][i * b:(i + 1) * b] for s in shares]) for j in (0, 1))
+               for i in range(rounds)]
+    model = cases.bars_model()
+    tracker = lca_ext.LCATracker(model, cases.loss_fn, batches, distributed=False,
+                                 rule=cases.FSDP_BARS_RULE)
+    ref = _replay(tracker, model, got[0], cases.STEPS)
+    assert (ref.bar_dof == rounds - 1).all() and rounds >= 7
+    for g in got:
+        for key in ("tensor_sums", "tensor_error", "tensor_bias", "bar_dof", "grad_passes",
+                    "lca_sum"):
+            np.testing.assert_allclose(g[f"a/train/{key}"], ref.get(key), rtol=1e-7,
+                                       atol=1e-13, err_msg=key)
+
+
 @pytest.mark.parametrize("form", ["pair", "batches", "uneven"])
 def test_ddp_error_bars_and_two_pass_steps_equal_one_process_on_the_same_groups(tmp_path,
                                                                                form):
