@@ -12,9 +12,10 @@ The accuracy guide quotes its numbers; rerun to reproduce them:
 ``two_pass``: the trapezoid plus a Monte Carlo correction from the mixed pass,
 when each group's value at θ_t is known (it needs each group's gradient at θ_t
 held from the previous step: G more gradient buffers).  For group g with its
-random point U_g ~ Uniform(0, 1) and its line ℓ_g through its values at 0 and 1,
+random point U_g (density p: lca_ext.bars.draw_points) and its line ℓ_g through
+its values at 0 and 1,
 
-    c_g = φ_g(U_g) − ℓ_g(U_g),    E[c_g] = ∫φ_g − ∫ℓ_g,
+    c_g = (φ_g(U_g) − ℓ_g(U_g))/p(U_g),    E[c_g] = ∫φ_g − ∫ℓ_g,
 
 so trapezoid + Σ c_g is unbiased for the step's integral, and
 V̂ = G/(G−1) Σ (c_g − c̄)² estimates its variance: bar = t_{G−1}·√V̂.  A step
@@ -50,7 +51,7 @@ def two_pass(rec, seed: int, known_start: bool = True, bar_rtol: float = 0.02,
     g1 = phi[grid]
     u = bars.draw_points(bars.rng_for(seed, rec.family, rec.step), groups)
     at_u = rule_lab.RecordedPath(rec).mixed(u)
-    c = at_u - ((1 - u)[:, None] * g0 + u[:, None] * g1)
+    c = bars.point_weights(u)[:, None] * (at_u - ((1 - u)[:, None] * g0 + u[:, None] * g1))
     est = 0.5 * (g0 + g1).sum(0) + c.sum(0)
     bar = bars.t975(groups - 1) * np.sqrt(groups / (groups - 1) * ((c - c.mean(0)) ** 2).sum(0))
     tol = bar_rtol * np.maximum(np.abs(est), bar_share * np.abs(est).sum())

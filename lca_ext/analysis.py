@@ -285,7 +285,7 @@ def overfitting(run, eval_set: str = "val") -> Dict[str, object]:
 
 # -- the original authors' concentration and oscillation measures -------------------------
 
-def _totals(run) -> np.ndarray:
+def parameter_totals(run) -> np.ndarray:
     """Every parameter's total LCA over the run (state "cum_lca"), flattened."""
     if "cum_lca" not in run.state:
         raise KeyError("lca_ext: this run has no per-parameter state 'cum_lca' (track "
@@ -293,7 +293,7 @@ def _totals(run) -> np.ndarray:
     return np.concatenate([c.ravel() for c in run.state["cum_lca"]]).astype(np.float64)
 
 
-def _layer_slices(run) -> List[np.ndarray]:
+def layer_slices(run) -> List[np.ndarray]:
     """Per layer, the indices of its parameters in the flattened state order."""
     sizes = [int(np.prod(run.meta["shapes"][k])) for k in range(len(run.layer_of))]
     starts = np.r_[0, np.cumsum(sizes)]
@@ -355,10 +355,10 @@ def helped_concentration(run, share: float = 0.9, top: float = 0.01) -> Dict[str
     parameter, overall and per layer: ``helped_hurt_gini``,
     ``top_helpers_share(top)`` and ``helpers_needed(share)``.  Per-layer entries
     are arrays in ``run.layer_names`` order."""
-    total = _totals(run)
+    total = parameter_totals(run)
     out = dict(helpers_needed(total, share), **helped_hurt_gini(total),
                top_share=top_helpers_share(total, top), share=share, top=top)
-    per = [np.take(total, idx) for idx in _layer_slices(run)]
+    per = [np.take(total, idx) for idx in layer_slices(run)]
     g = [helped_hurt_gini(p) for p in per]
     out["per_layer"] = dict(
         names=list(run.layer_names),

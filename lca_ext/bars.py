@@ -74,7 +74,9 @@ def draw_points(rng: np.random.Generator, groups: int) -> np.ndarray:
     uniform = rng.uniform(0.0, 1.0, size=groups)
     beta = rng.beta(2.0, 2.0, size=groups)
     pick = rng.uniform(0.0, 1.0, size=groups) < DEFENSIVE
-    return np.where(pick, uniform, beta)
+    # (an end point itself, drawn with probability ~1e-16, would be θ_t or θ_{t+1}
+    # as a tensor, not a point: kept strictly inside)
+    return np.clip(np.where(pick, uniform, beta), 1e-12, 1.0 - 1e-12)
 
 
 def point_weights(u: np.ndarray) -> np.ndarray:

@@ -337,26 +337,29 @@ def sharded_pass(ev, point, grad_out, weight, probe=None) -> tuple:
     swapped: List[tuple] = []       # (k, the tensor now holding live[k]'s values)
 
     def move_to(x) -> None:
+        # (each pair is listed only once swapped, and unlisted once swapped back:
+        # an error halfway leaves the list true, so the finally restores exactly)
         _reshard(ev.model)   # the shards are what FSDP all-gathers from
         with torch.no_grad():
-            for k, t in swapped:                   # back to the live values first
+            while swapped:                         # back to the live values first
+                k, t = swapped[-1]
                 _swap(live[k], t)
-            swapped.clear()
+                swapped.pop()
             if x is None:
                 return
             x = x() if callable(x) else x          # (a probe point: after the swap back)
-            swapped.extend((k, a) for k, (a, b) in enumerate(zip(x, live))
-                           if a.numel() and a.data_ptr() != b.data_ptr())
-            for k, t in swapped:
-                _swap(live[k], t)
+            for k, (a, b) in enumerate(zip(x, live)):
+                if a.numel() and a.data_ptr() != b.data_ptr():
+                    _swap(b, a)
+                    swapped.append((k, a))
 
     def shard_grads() -> List[torch.Tensor]:
         return [torch.zeros_like(b) if p.grad is None else p.grad.to_local()
                 for p, b in zip(dtensors, live)]
 
-    if point is not None:
-        move_to(point)
     try:
+        if point is not None:
+            move_to(point)
         for p in dtensors:
             p.grad = None
         with ev.quiet_model():

@@ -467,7 +467,7 @@ class _OfflineTracker(LCATracker):
 
     def position(self, step: int, tracked: int) -> None:
         """The next step's label (the trajectory's) and how many came before."""
-        self.next_step, self._tracked_count = step, tracked
+        self.next_step, self.tracked_count = step, tracked
 
 
 def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, start: int,
@@ -500,7 +500,7 @@ def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, star
             f"lca_ext: cannot resume {store!r}: its per-parameter state is as of {at} of "
             f"its {done} committed steps (state_every > 1); {cut}compute the part again")
     if done and oscillation:
-        saved = run_store._read_state(store, meta) or {}
+        saved = run_store.read_state(store, meta) or {}
         if not all(k in saved for k in FIRST_SIGN):
             raise run_store.RunStoreError(
                 f"lca_ext: cannot resume {store!r}: its per-parameter state lacks the "
@@ -512,7 +512,7 @@ def _prepare_store(tracker: LCATracker, store: Optional[str], resume: bool, star
         return done
     if old != info:
         writer.meta["offline"] = info
-        run_store._write_json_atomic(os.path.join(writer.path, run_store.META), writer.meta)
+        run_store.write_json_atomic(os.path.join(writer.path, run_store.META), writer.meta)
     if oscillation:
         commit = writer.commit
 

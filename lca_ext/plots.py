@@ -354,7 +354,7 @@ def concentration(run, out_dir: str) -> str:
     share of the *helped* total (Σ of negative total LCA; rises to 1 and stays),
     and the share of *net* learning (helped − hurt), which overshoots 1 before the
     hurting parameters at the end pull it back to exactly 1."""
-    total = analysis._totals(run)
+    total = analysis.parameter_totals(run)
     hc = analysis.helped_concentration(run)
     learning = np.sort(-total)[::-1]
     helped = np.clip(learning, 0, None)
@@ -401,8 +401,8 @@ def concentration(run, out_dir: str) -> str:
 def gini_per_layer(run, out_dir: str) -> str:
     """Helped and hurt Gini per layer (group), beside the whole model's."""
     groups = _groups(run)
-    total = analysis._totals(run)
-    slices = analysis._layer_slices(run)
+    total = analysis.parameter_totals(run)
+    slices = analysis.layer_slices(run)
     names = groups["names"]
     helped, hurt = [], []
     for g in range(len(names)):

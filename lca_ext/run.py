@@ -194,5 +194,5 @@ def load_run(path: str) -> Run:
     returned shorter than its commit record says."""
     meta = run_store.read_meta(path)
     return Run(meta, run_store.read_arrays(path, meta),
-               run_store._read_state(path, meta) or {},
+               run_store.read_state(path, meta) or {},
                run_store.read_frames(path, meta))

@@ -81,7 +81,7 @@ def _zarr():
     return zarr
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
+def write_json_atomic(path: str, obj: dict) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -140,7 +140,7 @@ class RunWriter:
             self.meta = dict(meta, format=FORMAT, version=VERSION, steps_committed=0,
                              state_version=None, frames_committed=0, chunks_complete=True,
                              state_layout="flat", states=[])
-            _write_json_atomic(meta_path, self.meta)
+            write_json_atomic(meta_path, self.meta)
         self.data = zarr.open_group(os.path.join(path, "data.zarr"), mode="a")
         self.frames = zarr.open_group(os.path.join(path, "frames.zarr"), mode="a")
         self._open_arrays: Dict[tuple, object] = {}
@@ -150,7 +150,7 @@ class RunWriter:
         return int(self.meta["steps_committed"])
 
     def load_state(self) -> Optional[Dict[str, List[np.ndarray]]]:
-        return _read_state(self.path, self.meta)
+        return read_state(self.path, self.meta)
 
     def _put_row(self, group, key: str, row: np.ndarray, index: int) -> None:
         row = np.asarray(row)
@@ -268,7 +268,7 @@ class RunWriter:
         latest = self._latest()
         self.meta.update(state_version=None if latest is None else latest["version"],
                          state_steps=None if latest is None else latest["steps"])
-        _write_json_atomic(os.path.join(self.path, META), self.meta)   # the commit
+        write_json_atomic(os.path.join(self.path, META), self.meta)   # the commit
         remove_unlisted_states(self.path, self.meta)
 
 
@@ -512,7 +512,7 @@ def truncate_run(path: str, steps: int) -> None:
                 state_steps=None if latest is None else latest["steps"],
                 state_serial=max([p["version"] for p in points]
                                  + [meta.get("state_serial", -1)]))
-    _write_json_atomic(os.path.join(path, META), meta)   # the commit of the cut
+    write_json_atomic(os.path.join(path, META), meta)   # the commit of the cut
     remove_unlisted_states(path, meta)
 
 
@@ -630,11 +630,11 @@ def check_run(path: str, meta: dict) -> None:
     directory is missing (structure and chunk files; values are not decoded)."""
     read_arrays(path, meta, decode=False)
     for point in state_points(meta):
-        _read_state(path, meta, decode=False, point=point)
+        read_state(path, meta, decode=False, point=point)
     read_frames(path, meta, decode=False)
 
 
-def _read_state(path: str, meta: dict, decode: bool = True, point: Optional[dict] = None
+def read_state(path: str, meta: dict, decode: bool = True, point: Optional[dict] = None
                 ) -> Optional[Dict[str, List[np.ndarray]]]:
     """The per-parameter state of a state point (default: the latest, after
     checking that every other kept point is whole too; None if none yet)."""
@@ -642,7 +642,7 @@ def _read_state(path: str, meta: dict, decode: bool = True, point: Optional[dict
         points = state_points(meta)
         for other in points:
             if other["version"] != meta.get("state_version"):
-                _read_state(path, meta, decode=False, point=other)
+                read_state(path, meta, decode=False, point=other)
         point = next((p for p in points if p["version"] == meta.get("state_version")), None)
         if point is None:
             return None

@@ -162,7 +162,7 @@ class StoreLink:
             warnings.warn(f"lca_ext: {path!r} was written before runs recorded parameter "
                           "fingerprints; resuming without checking that the model is at "
                           "its last committed step", RuntimeWarning, stacklevel=5)
-        state = None if point is None else run_store._read_state(path, meta, point=point)
+        state = None if point is None else run_store.read_state(path, meta, point=point)
         for name, arrays in (state or {}).items():
             if name in tracker.state:
                 for k, (t, a) in enumerate(zip(tracker.state[name], arrays)):

@@ -269,7 +269,7 @@ class LCATracker:
         self._records: List[dict] = []
         self._frames: List[dict] = []
         self.next_step = 0          # the label the next optimizer step gets
-        self._tracked_count = 0
+        self.tracked_count = 0
         self.step_open = False      # between begin() and end()
         self._tracked = False
         self.attached = False     # set by tracker.attach (lca_ext.integrations.optimizer)
@@ -283,7 +283,7 @@ class LCATracker:
         self.store_link: Optional[StoreLink] = None   # the run directory, if any
         if store_opts is not None:
             self.store_link = StoreLink(self, store_opts)
-            self._tracked_count = self.store_link.steps_committed
+            self.tracked_count = self.store_link.steps_committed
             if self.store_link.next_step is not None:
                 self.next_step = self.store_link.next_step   # labels go on from the state's
 
@@ -374,12 +374,12 @@ class LCATracker:
                 record.update(part)
                 self.flags.record(*flag)
             frames = self._pending_frames
-            self._tracked_count += 1
+            self.tracked_count += 1
         self.last = record
         self.last_frames = frames
         self._end_versions = [p._version for p in self.params.params]
         if self.store_link is not None:
-            if not self.store_link.commit(record, frames, self._tracked_count, self.next_step):
+            if not self.store_link.commit(record, frames, self.tracked_count, self.next_step):
                 self._records.append(record)   # the other ranks: in memory, for result()
         else:
             self._records.append(record)
@@ -412,7 +412,7 @@ class LCATracker:
                                "between steps (after end() / the `with` block)")
         self.store_link.save_state(self.next_step, tag, keep=keep)
         writer = self.store_link.writer
-        return writer.steps_committed if writer is not None else self._tracked_count
+        return writer.steps_committed if writer is not None else self.tracked_count
 
     def result(self) -> Run:
         """Everything tracked so far, as plain data (the store's, if any).
@@ -420,10 +420,10 @@ class LCATracker:
         per-step records they kept in memory, without state or frames (those are
         in the store).  Warns once, in one line, when steps stopped at the pass
         budget since the last call."""
-        self.flags.summary(self._tracked_count, len(self.objectives) > 1)
+        self.flags.summary(self.tracked_count, len(self.objectives) > 1)
         link = self.store_link
         if link is not None:
-            link.flush_state(self._tracked_count, self.next_step)   # (collective under FSDP2)
+            link.flush_state(self.tracked_count, self.next_step)   # (collective under FSDP2)
             if link.writer is not None:
                 return load_run(link.path)
             arrays = {key: np.stack([np.asarray(r[key]) for r in self._records])
@@ -581,7 +581,7 @@ class LCATracker:
                            p + "class_loss_after": np.asarray(class_loss[1], np.float64)})
         step_path.close()
         record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
-        if is_train and self.stats.wants_frame(self._tracked_count):
+        if is_train and self.stats.wants_frame(self.tracked_count):
             self._pending_frames = self.stats.frame(self._theta_t, after, avg)
         # θ_{t+1} is the next step's θ_t: keep its gradient (or drop it)
         for buf in [obj.g_start] + [b for b in (avg, stacked)

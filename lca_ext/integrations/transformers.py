@@ -334,9 +334,9 @@ class LCACallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         last = self.tracker.last if self.tracker is not None else None
-        if last is None or logs is None or self.tracker._tracked_count == self._logged:
+        if last is None or logs is None or self.tracker.tracked_count == self._logged:
             return
-        self._logged = self.tracker._tracked_count
+        self._logged = self.tracker.tracked_count
         t = self.tracker
         layers = (t.params.layer_of, t.params.layer_names) if self.log_layers else (None, None)
         values = step_metrics(last, [o.name for o in t.objectives], *layers)
