@@ -71,24 +71,13 @@ def reference(runs):
     _, loaded = runs
     traj = loaded["ddp", True, 0]
     model = cases.make_model()
-    names = [n for n, _ in model.named_parameters()]
     tracker = lca_ext.LCATracker(model, cases.loss_fn, cases.lca_set(),
                                  eval_sets={"val": cases.val_set()},
                                  batch_size=cases.LCA_BATCH, frames=["0.weight"],
                                  distributed=False,
                                  # (the distributed runs' rule: Simpson, no bars)
                                  rule=dict(bars=False))
-    params = dict(model.named_parameters())
-    for t in range(cases.STEPS):
-        with torch.no_grad():
-            for n, v in _theta(traj, t, names).items():
-                params[n].copy_(v)
-        tracker.begin()
-        with torch.no_grad():
-            for n, v in _theta(traj, t + 1, names).items():
-                params[n].copy_(v)
-        tracker.end()
-    return tracker.result()
+    return _replay(tracker, model, traj, cases.STEPS)
 
 
 FLOAT_FIELDS = ("loss_before", "loss_after", "lca_sum", "tensor_sums", "row_sums")
