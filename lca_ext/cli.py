@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the path rule (default: budget; see the Accuracy guide)")
     d.add_argument("--max-passes", type=int, default=None, metavar="N",
                    help="the budget rule's gradient passes a step at most (default 8)")
+    d.add_argument("--mean-passes", type=float, default=None, metavar="M",
+                   help="the budget rule's passes a step on average over the run, plus a "
+                   "reserve of 4 (default 3; see the Accuracy guide)")
     d.add_argument("--tensor-rtol", type=float, default=None, metavar="R",
                    help="the certified rule's per-tensor tolerance (default 0.01)")
     d.add_argument("--pass-dtype", default=None, choices=["float32", "float64"],
@@ -237,7 +240,7 @@ def _rule(args) -> dict:
     """The demo's RuleOptions fields from its command-line options (given ones only)."""
     rule = {}
     for opt, field in (("method", "method"), ("max_passes", "max_passes"),
-                       ("tensor_rtol", "tensor_rtol")):
+                       ("mean_passes", "mean_passes"), ("tensor_rtol", "tensor_rtol")):
         if getattr(args, opt) is not None:
             rule[field] = getattr(args, opt)
     return rule

@@ -13,6 +13,15 @@ from typing import Dict, List, Tuple
 from . import quadrature
 
 
+def budget_text(rule: quadrature.RuleOptions) -> str:
+    """The pass budget in words, as the RuleOptions fields that set it."""
+    text = f"RuleOptions.max_passes={rule.max_passes} a step"
+    if rule.mean_passes is not None:
+        text += (f", mean_passes={rule.mean_passes:g} a step over the run with "
+                 f"pass_reserve={rule.pass_reserve}")
+    return text
+
+
 class StepFlags:
     def __init__(self, rule: quadrature.RuleOptions):
         self.rule = rule
@@ -52,10 +61,11 @@ class StepFlags:
         counts = ", ".join(f"{n} of {tracked} tracked steps" + (
             f" ({name!r})" if several_objectives else "") for name, n in per.items())
         warnings.warn(
-            f"lca_ext: {counts} stopped at the pass budget (RuleOptions.max_passes="
-            f"{self.rule.max_passes}) with error bars above their target (bar_rtol); "
-            "their bars (run.tensor_error) say what is left and run.get('budget_limited') "
-            "lists them; raise max_passes to refine them further", RuntimeWarning,
+            f"lca_ext: {counts} stopped at the pass budget ({budget_text(self.rule)}) with "
+            "error bars above their target (bar_rtol); their bars (run.tensor_error) say "
+            "what is left and run.get('budget_limited') lists them; raise " + (
+                "mean_passes or pass_reserve (or max_passes)" if self.rule.mean_passes
+                is not None else "max_passes") + " to refine them further", RuntimeWarning,
             stacklevel=3)
 
     def doubtful(self, name: str) -> Dict[str, List[int]]:

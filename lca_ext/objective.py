@@ -2,7 +2,7 @@
 and what it holds between steps: g(θ_t) and the loss there (reused from the
 previous step's end point), the class losses in per-class mode, and each LCA
 group's gradient at θ_t for the default rule's two-pass stage
-(lca_ext.budget_rule).  Buffers come from and go back to the tracker's
+(lca_ext.budget_rule), and its pass account (lca_ext.pass_account).  Buffers come from and go back to the tracker's
 lca_ext.path.BufferPool."""
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ import numpy as np
 import torch
 
 from .evaluate import Evaluator
+from .pass_account import PassAccount
 from .path import BufferPool
+from .quadrature import RuleOptions
 
 
 class Objective:
-    def __init__(self, name: str, evaluator: Evaluator):
+    def __init__(self, name: str, evaluator: Evaluator, rule: RuleOptions):
         self.name = name
         self.evaluator = evaluator
+        self.account = PassAccount(rule)    # the run's pass budget for this loss
         self.g_start: Optional[List[torch.Tensor]] = None   # g(θ_t), when valid
         self.loss_start = float("nan")
         self.start_buffers: List[torch.Tensor] = []

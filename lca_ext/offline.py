@@ -17,7 +17,9 @@ saved states: for each consecutive pair (θ_t, θ_{t+1}) the model's parameters
 are set to θ_t, ``tracker.begin()``, set to θ_{t+1}, ``tracker.end()``.  So the
 results are those that tracking during training would have given (same
 gradients at the same points, the same adaptive Simpson refinement, the same
-reuse of g(θ_{t+1}) as the next step's start: two new gradient passes per step).
+reuse of g(θ_{t+1}) as the next step's start: two new gradient passes per step),
+except the run's pass account (RuleOptions.mean_passes): offline, each step has
+``max_passes`` alone, so that parts computed apart merge exactly.
 
 Trajectory
   * a **directory**: every ``*.pt`` / ``*.pth`` file in it (dot-files skipped),
@@ -69,6 +71,7 @@ extra cost of a split is the start gradient of each range after the first
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 import os
@@ -83,6 +86,7 @@ import torch
 from torch import nn
 
 from . import store as run_store
+from .quadrature import rule_options
 from .run import Run, load_run
 from .tracker import LCATracker
 
@@ -462,8 +466,16 @@ def compute(model: nn.Module, loss_fn, lca_data, trajectory, out_dir: Optional[s
 
 class _OfflineTracker(LCATracker):
     """The tracker offline LCA drives: it loads θ itself before each step, so a
-    resumed part is not checked against the model it was built with."""
+    resumed part is not checked against the model it was built with.  It keeps
+    no pass account (RuleOptions.mean_passes None): parts run independently and
+    merge exactly, so a step's budget cannot depend on the steps before it."""
     verify_resume = False
+
+    def __init__(self, model, loss_fn, lca_data, rule=None, **kwargs):
+        shorthands = {k: kwargs.pop(k) for k in ("method", "rtol", "atol", "max_splits")
+                      if k in kwargs}
+        rule = dataclasses.replace(rule_options(rule, **shorthands), mean_passes=None)
+        super().__init__(model, loss_fn, lca_data, rule=rule, **kwargs)
 
     def position(self, step: int, tracked: int) -> None:
         """The next step's label (the trajectory's) and how many came before."""

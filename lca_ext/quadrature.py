@@ -111,18 +111,23 @@ class RuleOptions:
                  point's included (the start pass after an untracked step is
                  not); a step that stops there is flagged ``budget_limited``.
                  None: no budget (max_splits still bounds the step)
+    mean_passes, pass_reserve: budget: the run's pass account
+                 (lca_ext.pass_account): each tracked step earns mean_passes,
+                 unspent passes are saved up to pass_reserve, and a step spends
+                 at most what the account holds (at least 3): any n tracked
+                 steps cost at most mean_passes·n + pass_reserve passes (start
+                 passes after untracked steps aside).  None: no account
     groups:      budget: the LCA set is cut into at least this many batches
                  (a tensor pair or Dataset set, when batch_size is not given):
                  the independent groups of the error bars (lca_ext.bars)
     bar_rtol, bar_share: budget: refine while a tensor's 95% bar exceeds
                  bar_rtol·max(|LCA_k|, bar_share·G) ...
-    refine_sd:   ... and its error estimate |Ê| exceeds refine_sd x its standard
-                 error √V̂: 2, an error nonzero at about 95% (a systematic,
-                 curvature error, which a finer rule removes; the jumps' noise
-                 shrinks only like √h: there the step stops and its bar says
-                 what is left; 1 refined on noise a third of the time: the
-                 rule lab measured 5.83 passes a step on the CNN against 4.92).
-                 0: refine on the bar alone
+    refine_level: ... and its error estimate Ê is nonzero at this family-wise
+                 level over the tensors above target (a Student t test of
+                 |Ê| against √V̂, Bonferroni: lca_ext.budget_rule.refine_threshold):
+                 a systematic, curvature error, which a finer rule removes; the
+                 jumps' noise shrinks only like √h: there the step stops and its
+                 bar says what is left.  1: refine on the bar alone
     bars:        budget and certified: the 95% bars (one more pass a step;
                  lca_ext.bars).  False: no mixed pass, tensor_error is the
                  rule's own estimate (the certified rule's, as before), and the
@@ -148,10 +153,12 @@ class RuleOptions:
     max_splits: int = 32
     path_memory_budget: int = 2 << 30
     max_passes: Optional[int] = 8
+    mean_passes: Optional[float] = 3.0
+    pass_reserve: int = 4
     groups: int = 8
     bar_rtol: float = 0.02
     bar_share: float = 0.05
-    refine_sd: float = 2.0
+    refine_level: float = 0.05
     bars: bool = True
     seed: int = 0
 
@@ -163,16 +170,26 @@ class RuleOptions:
         if not (isinstance(m, int) and m >= 2 and m & (m - 1) == 0):
             raise ValueError(f"lca_ext: max_splits={m!r}; expected a power of two >= 2")
         for name in ("tensor_rtol", "min_share", "total_share", "rtol", "atol", "bar_rtol",
-                     "bar_share", "refine_sd"):
+                     "bar_share"):
             v = getattr(self, name)
             if not (v is None and name in ("rtol", "atol")) and not (
                     isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"lca_ext: {name}={v!r}; expected a number >= 0"
                                  + (" or None" if name in ("rtol", "atol") else ""))
+        if not (isinstance(self.refine_level, (int, float)) and 0 < self.refine_level <= 1):
+            raise ValueError(f"lca_ext: refine_level={self.refine_level!r}; expected a "
+                             "family-wise level in (0, 1] (1: refine on the bar alone)")
         if not (self.max_passes is None or (isinstance(self.max_passes, int)
                                              and self.max_passes >= 3)):
             raise ValueError(f"lca_ext: max_passes={self.max_passes!r}; expected None or an "
                              "int >= 3 (the end point, the midpoint and the bars' pass)")
+        if not (self.mean_passes is None or (isinstance(self.mean_passes, (int, float))
+                                              and self.mean_passes >= 3)):
+            raise ValueError(f"lca_ext: mean_passes={self.mean_passes!r}; expected None or a "
+                             "number >= 3 (a step that misses the two-pass stage needs 3)")
+        if not (isinstance(self.pass_reserve, int) and self.pass_reserve >= 0):
+            raise ValueError(f"lca_ext: pass_reserve={self.pass_reserve!r}; expected an int "
+                             ">= 0 (passes the run's account may save up)")
         if not (isinstance(self.groups, int) and self.groups >= 1):
             raise ValueError(f"lca_ext: groups={self.groups!r}; expected an int >= 1")
         if not (isinstance(self.path_memory_budget, int) and self.path_memory_budget >= 0):

@@ -241,7 +241,8 @@ class LCATracker:
                        **share),
                 self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast,
                 targets=targets, pass_dtype=pass_dtype,
-                num_classes=num_classes if name == "train" else None))  # (eval sets: unsplit)
+                num_classes=num_classes if name == "train" else None),  # (eval sets: unsplit)
+                self.rule)
             for name, data in sets.items()]
         for obj in self.objectives:
             obj.evaluator.check_examples()  # interacting examples; reduction='sum' refused
@@ -286,6 +287,10 @@ class LCATracker:
             self.tracked_count = self.store_link.steps_committed
             if self.store_link.next_step is not None:
                 self.next_step = self.store_link.next_step   # labels go on from the state's
+            for obj in self.objectives:     # the pass account goes on from its last balance
+                balance = self.store_link.last_row.get(obj.name + "/pass_credit")
+                if balance is not None:
+                    obj.account.balance = float(balance)
 
     # -- the loop-facing API -------------------------------------------------
 
@@ -540,7 +545,8 @@ class LCATracker:
         if count and not keeps_start:
             self._count_oscillations(obj, after)
         step_path = self._path(obj, after)
-        path = rules.integrate(step_path, self.rule, self.reuse_gradients)
+        path = rules.integrate(step_path, obj.account.step_options(self.rule),
+                               self.reuse_gradients)
         avg, loss_after = path.avg, path.loss_after
         d_loss = loss_after - obj.loss_start
         stacked = avg if obj.classes else None     # per-class ḡ, [C, *shape]
@@ -581,6 +587,9 @@ class LCATracker:
                            p + "class_loss_after": np.asarray(class_loss[1], np.float64)})
         step_path.close()
         record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
+        obj.account.charge(ev.passes - passes0)
+        if obj.account.active:
+            record[p + "pass_credit"] = np.float64(obj.account.balance)
         if is_train and self.stats.wants_frame(self.tracked_count):
             self._pending_frames = self.stats.frame(self._theta_t, after, avg)
         # θ_{t+1} is the next step's θ_t: keep its gradient (or drop it)

@@ -125,15 +125,15 @@ def test_bars_cover_jumpy_integrands_95_percent_and_never_pass_the_budget():
     """400 synthetic steps with 40 random gradient jumps per group and tensor
     on a curved smooth part: the stored bar holds the exact error in >= 95% of
     (step, tensor) pairs, the budget is never exceeded, and the bars stay
-    informative (median well under the values).  refine_sd trades passes for
-    bar width: the default (2, refine where Ê is nonzero at about 95%)
-    measured 3.93 passes and a median bar of 5.0% here, refine_sd=1 6.07 passes
-    and 1.3%; both cover."""
+    informative (median well under the values).  refine_level trades passes
+    for bar width: the default (0.05 family-wise: refine where some tensor's Ê
+    is clearly nonzero) measured 3.14 passes and a median bar of 7.8% here,
+    refine_level=1 (on the bar alone) 6.39 passes and 1.1%; both cover."""
     cover, rel_bar, passes = _synthetic_runs()
     assert cover.mean() >= 0.95, cover.mean()
-    assert np.median(rel_bar) < 0.08, np.median(rel_bar)
+    assert np.median(rel_bar) < 0.1, np.median(rel_bar)
     assert passes.max() <= 7 and passes.min() < 7
-    cover1, rel_bar1, passes1 = _synthetic_runs(refine_sd=1.0)
+    cover1, rel_bar1, passes1 = _synthetic_runs(refine_level=1.0)
     assert cover1.mean() >= 0.95, cover1.mean()
     assert np.median(rel_bar1) < 0.03 and np.median(rel_bar1) < 0.5 * np.median(rel_bar)
     assert passes1.mean() > passes.mean() + 1
@@ -524,3 +524,24 @@ def test_per_class_mode_with_batch_statistics_has_bars_against_a_float64_referen
         np.testing.assert_allclose(run.class_sums.sum(1), run.tensor_sums, rtol=1e-5,
                                    atol=1e-6 * np.abs(refs).max())
     assert np.mean(cover) >= 0.95, np.mean(cover)
+
+
+def test_student_t_quantiles_match_published_tables():
+    """bars.t_two_sided against printed t tables (two-sided 95% from the
+    module's table, 99% and 99.9% from standard tables), and the refine
+    threshold's family-wise correction: more tensors above target need a
+    larger |Ê|/√V̂ before a split is bought; level 1 refines on the bar alone."""
+    from lca_ext.bars import _T975, t_two_sided
+    from lca_ext.budget_rule import refine_threshold
+    for dof, t in enumerate(_T975, start=1):
+        assert abs(t_two_sided(0.05, dof) - t) < 1e-3, (dof, t)
+    for dof, t99, t999 in ((1, 63.657, 636.619), (4, 4.604, 8.610), (7, 3.499, 5.408),
+                           (30, 2.750, 3.646), (120, 2.617, 3.373)):
+        assert abs(t_two_sided(0.01, dof) - t99) < 2e-3 * t99, dof
+        assert abs(t_two_sided(0.001, dof) - t999) < 2e-3 * t999, dof
+    opts = lca_ext.RuleOptions()
+    one, ten = refine_threshold(opts, 1, 7), refine_threshold(opts, 10, 7)
+    assert abs(one - 2.365) < 1e-3 and abs(ten - t_two_sided(0.005, 7)) < 1e-9 and ten > 4
+    assert refine_threshold(lca_ext.RuleOptions(refine_level=1.0), 10, 7) == 0.0
+    with pytest.raises(ValueError, match="refine_level"):
+        lca_ext.RuleOptions(refine_level=0.0)

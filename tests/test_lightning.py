@@ -299,7 +299,7 @@ def test_end_of_fit_line_names_the_doubtful_steps(caplog):
     steps that are not fully certified (here a pass budget of 3 stops every
     refinement the bars' target asks for), or an info line saying every step is
     grounded."""
-    cb = LCACallback(xent, TRAIN, rule=dict(max_passes=3, bar_rtol=1e-9, refine_sd=0.0))
+    cb = LCACallback(xent, TRAIN, rule=dict(max_passes=3, bar_rtol=1e-9, refine_level=1.0))
     with pytest.warns(RuntimeWarning, match=r"lca_ext: of 4 tracked steps") as caught:
         fit(MLP(), [cb], max_steps=4)
     run = cb.result()
