@@ -10,7 +10,8 @@ bar (``tensor_error`` / |value| over the (step, tensor) pairs carrying >= 1% of
 a step).  No reference is computed here: accuracy and coverage are the rule
 lab's (benchmarks/test_bench_rule_lab.py) and tests/test_bars.py's.  Rows are
 appended to ``benchmarks/results/price-<date>.json`` (or
-``$LCA_BENCH_PRICE_OUT``).
+``$LCA_BENCH_PRICE_OUT``).  ``LCA_PRICE_RULE``: RuleOptions fields as JSON
+instead of the defaults (the guide's pass-account rows: '{"mean_passes": 3}').
 
     .venv/bin/python -m pytest benchmarks/test_bench_price.py -q -s
 """
@@ -30,6 +31,7 @@ import fidelity
 FAMILIES = os.environ.get("LCA_PRICE_FAMILIES", "mlp,cnn_bn,vit,gpt2,lstm").split(",")
 SEEDS = range(int(os.environ.get("LCA_PRICE_SEEDS", "5")))
 STEPS = 30
+RULE = json.loads(os.environ.get("LCA_PRICE_RULE", "null"))
 _ROWS = []
 
 
@@ -60,7 +62,8 @@ def test_price_first_30_steps(benchmark, name, seed):
         family = fidelity.FAMILIES[name](seed=seed)
     except fidelity.FamilyUnavailable as e:
         pytest.skip(str(e))
-    run = benchmark.pedantic(tracked_run, args=(family,), rounds=1, iterations=1)
+    run = benchmark.pedantic(tracked_run, args=(family,), kwargs=dict(rule=RULE), rounds=1,
+                             iterations=1)
     p = run.grad_passes
     sums, bars = run.tensor_sums, run.tensor_error
     big = np.abs(sums) >= 0.01 * np.abs(sums).sum(1, keepdims=True)
@@ -70,7 +73,7 @@ def test_price_first_30_steps(benchmark, name, seed):
                median_bar=float(np.median((bars / np.abs(sums))[big])))
     benchmark.extra_info.update(row)
     _ROWS.append(row)
-    assert p.max() <= lca_ext.RuleOptions().max_passes
+    assert p.max() <= lca_ext.RuleOptions(**(RULE or {})).max_passes
 
 
 def teardown_module(module):
@@ -80,7 +83,7 @@ def teardown_module(module):
         os.path.dirname(__file__), "results", f"price-{datetime.date.today().isoformat()}.json")
     entry = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                  machine=f"{platform.machine()} {os.cpu_count()} cores",
-                 rule=str(lca_ext.RuleOptions()), rows=_ROWS)
+                 rule=str(lca_ext.RuleOptions(**(RULE or {}))), rows=_ROWS)
     runs = json.load(open(out)) if os.path.exists(out) else []
     runs.append(entry)
     with open(out, "w") as f:

@@ -71,11 +71,12 @@ def refine_threshold(opts: RuleOptions, over: int, dof: int) -> float:
     nonzero); where it is the jumps' noise, a finer rule narrows it only like
     √h, not worth the passes: the step stops there and the bar says what is
     left.  The test is family-wise over the ``over`` tensors (Bonferroni, at
-    ``opts.refine_level``; Student t with the bars' ``dof``): one test per
-    tensor at 95% refined some tensor of most CNN steps on noise alone (10
-    tensors above target with 7 degrees of freedom: a 59% chance), 3.58 passes
-    a step from step 5 against 3.30 and no per-step accuracy bought (the rule
-    lab: p95 8.9% either way).  ``refine_level`` 1: refine on the bar alone."""
+    ``opts.refine_level``; Student t with the bars' ``dof``).  The test it
+    replaced, |Ê| > 2√V̂ per tensor (about 91% a tensor at 7 degrees of
+    freedom), refined some tensor of most CNN steps on noise alone (10 tensors
+    above target: a 59% chance), 3.58 passes a step from step 5 against 3.30
+    and no per-step accuracy bought (the rule lab: p95 8.9% either way).
+    ``refine_level`` 1: refine on the bar alone."""
     if over < 1 or opts.refine_level >= 1.0:
         return 0.0
     return bars.t_two_sided(opts.refine_level / over, dof)
@@ -167,8 +168,7 @@ def budget(path, opts: RuleOptions) -> PathResult:
             break                                   # max_splits everywhere
         # a point not held (past path_memory_budget) is recomputed once when ḡ
         # is formed: it costs two passes, and the budget counts them
-        per_split = 2 if rule.held_next else 4
-        room = (max_passes - path.passes - rule.unheld) // per_split
+        room = rule.splits_within(max_passes - path.passes - rule.unheld)
         if room < 1:
             budget_limited = True
             break

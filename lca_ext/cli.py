@@ -64,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-passes", type=int, default=None, metavar="N",
                    help="the budget rule's gradient passes a step at most (default 8)")
     d.add_argument("--mean-passes", type=float, default=None, metavar="M",
-                   help="the budget rule's passes a step on average over the run, plus a "
-                   "reserve of 4 (default 3; see the Accuracy guide)")
+                   help="hold the budget rule to M passes a step on average over the "
+                   "run, plus a reserve of 4 (default: no such account; see the "
+                   "Accuracy guide)")
     d.add_argument("--tensor-rtol", type=float, default=None, metavar="R",
                    help="the certified rule's per-tensor tolerance (default 0.01)")
     d.add_argument("--pass-dtype", default=None, choices=["float32", "float64"],

@@ -18,10 +18,11 @@ from .quadrature import RuleOptions
 
 
 class Objective:
-    def __init__(self, name: str, evaluator: Evaluator, rule: RuleOptions):
+    def __init__(self, name: str, evaluator: Evaluator, rule: RuleOptions,
+                 account: bool = True):
         self.name = name
         self.evaluator = evaluator
-        self.account = PassAccount(rule)    # the run's pass budget for this loss
+        self.account = PassAccount(rule, enabled=account)   # the run's pass budget
         self.g_start: Optional[List[torch.Tensor]] = None   # g(θ_t), when valid
         self.loss_start = float("nan")
         self.start_buffers: List[torch.Tensor] = []

@@ -112,11 +112,16 @@ class RuleOptions:
                  not); a step that stops there is flagged ``budget_limited``.
                  None: no budget (max_splits still bounds the step)
     mean_passes, pass_reserve: budget: the run's pass account
-                 (lca_ext.pass_account): each tracked step earns mean_passes,
-                 unspent passes are saved up to pass_reserve, and a step spends
-                 at most what the account holds (at least 3): any n tracked
-                 steps cost at most mean_passes·n + pass_reserve passes (start
-                 passes after untracked steps aside).  None: no account
+                 (lca_ext.pass_account), off by default (None): each tracked step
+                 earns mean_passes (>= 3), unspent passes are saved up to
+                 pass_reserve, and a step spends at most what the account holds
+                 (at least 3): the rule's passes over any n tracked steps are at
+                 most mean_passes·n + pass_reserve (start passes and recomputed
+                 class passes aside; none in the low-memory mode or offline).
+                 The price of that bound: a step it cuts may end with its total
+                 off ΔL (flagged budget_limited, not grounded; its bars say what
+                 is left): 11 of 150 LSTM steps at mean_passes=3 (the accuracy
+                 guide)
     groups:      budget: the LCA set is cut into at least this many batches
                  (a tensor pair or Dataset set, when batch_size is not given):
                  the independent groups of the error bars (lca_ext.bars)
@@ -153,7 +158,7 @@ class RuleOptions:
     max_splits: int = 32
     path_memory_budget: int = 2 << 30
     max_passes: Optional[int] = 8
-    mean_passes: Optional[float] = 3.0
+    mean_passes: Optional[float] = None
     pass_reserve: int = 4
     groups: int = 8
     bar_rtol: float = 0.02
@@ -429,10 +434,16 @@ class LocalSimpson:
         """Points whose gradient was not held: each is recomputed once by form()."""
         return sum(1 for p in self.pts.values() if p.grad is None)
 
-    @property
-    def held_next(self) -> bool:
-        """Will the next split's two points be held (else they cost a pass more each)?"""
-        return self.held_extra >= 2
+    def splits_within(self, passes: int) -> int:
+        """How many splits ``passes`` passes pay for: a point held costs its pass,
+        one past path_memory_budget a second (form() recomputes it), priced
+        point by point as the memory runs out."""
+        held, count = self.held_extra, 0
+        while True:
+            cost = (1 if held > 0 else 2) + (1 if held > 1 else 2)
+            if cost > passes:
+                return count
+            passes, held, count = passes - cost, held - 2, count + 1
 
     def split(self, chosen) -> None:
         """The intervals in ``chosen`` get their two quarter points (two passes)."""

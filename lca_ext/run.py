@@ -31,8 +31,8 @@ class Run:
       noise_limited            refinement stopped at the passes' rounding (bool)
       budget_limited           the default rule stopped at its pass budget (bool):
                                max_passes, or what the run's pass account held
-      pass_credit              the pass account's balance after the step (default
-                               rule with mean_passes; lca_ext.pass_account)
+      pass_credit              the pass account's balance after the step (NaN
+                               without one: RuleOptions.mean_passes, lca_ext.pass_account)
       splits                   intervals of the rule (1 = trapezoid or first order,
                                2 = Simpson, n = composite; certified: local ones)
       grad_passes              whole-set gradient passes spent on the step

@@ -675,6 +675,22 @@ def read_state(path: str, meta: dict, decode: bool = True, point: Optional[dict]
     return {f: [flat[f"{f}/{k}"] for k in range(k_count)] for f in fields} if decode else {}
 
 
+def read_last_row(path: str, meta: dict, keys) -> Dict[str, np.ndarray]:
+    """The last committed step's value of each of ``keys`` ("<objective>/<field>")
+    the run holds (the others left out), without reading the whole arrays."""
+    n = int(meta["steps_committed"])
+    present = [k for k in keys if k in meta.get("arrays", ())]
+    if n == 0 or not present:
+        return {}
+    group = _zarr().open_group(os.path.join(path, "data.zarr"), mode="r")
+    out = {}
+    for key in present:
+        arr = group[key]
+        if arr.shape[0] >= n:
+            out[key] = np.asarray(arr[n - 1])
+    return out
+
+
 def read_arrays(path: str, meta: dict, decode: bool = True) -> Dict[str, np.ndarray]:
     """Every committed per-step array, keyed "<objective>/<field>"."""
     n = int(meta["steps_committed"])

@@ -98,7 +98,6 @@ class StoreLink:
         self.writer: Optional[run_store.RunWriter] = None
         self.next_step: Optional[int] = None
         self.steps_committed = 0
-        self.last_row: dict = {}       # the last committed step's values, on a resume
         ctx = tracker.ctx
         if ctx.is_writer:
             self.writer = run_store.RunWriter(path, tracker.run_meta(), resume=resume)
@@ -168,11 +167,12 @@ class StoreLink:
             if name in tracker.state:
                 for k, (t, a) in enumerate(zip(tracker.state[name], arrays)):
                     t.copy_(torch.from_numpy(np.ascontiguousarray(ctx.local_part(k, a))))
-        if meta["steps_committed"]:
-            arrays = run_store.read_arrays(path, meta)
-            self.last_row = {key: a[-1] for key, a in arrays.items()}
         if point is not None and point.get("next_step") is not None:
             self.next_step = int(point["next_step"])
         elif meta["steps_committed"]:
-            self.next_step = int(self.last_row["step"]) + 1
+            self.next_step = int(run_store.read_arrays(path, meta)["step"][-1]) + 1
+        # the pass accounts go on from their last recorded balances
+        accounts = {o.name + "/pass_credit": o.account for o in tracker.objectives}
+        for key, balance in run_store.read_last_row(path, meta, accounts).items():
+            accounts[key].resume(float(balance))
         self.steps_committed = int(meta["steps_committed"])

@@ -242,7 +242,7 @@ class LCATracker:
                 self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast,
                 targets=targets, pass_dtype=pass_dtype,
                 num_classes=num_classes if name == "train" else None),  # (eval sets: unsplit)
-                self.rule)
+                self.rule, account=reuse_gradients)   # (the low-memory rule has no budget)
             for name, data in sets.items()]
         for obj in self.objectives:
             obj.evaluator.check_examples()  # interacting examples; reduction='sum' refused
@@ -287,10 +287,6 @@ class LCATracker:
             self.tracked_count = self.store_link.steps_committed
             if self.store_link.next_step is not None:
                 self.next_step = self.store_link.next_step   # labels go on from the state's
-            for obj in self.objectives:     # the pass account goes on from its last balance
-                balance = self.store_link.last_row.get(obj.name + "/pass_credit")
-                if balance is not None:
-                    obj.account.balance = float(balance)
 
     # -- the loop-facing API -------------------------------------------------
 
@@ -328,7 +324,7 @@ class LCATracker:
         except BaseException:
             self.step_open = False   # nothing begun; a half-made start gradient is dropped
             for obj in self.objectives:
-                self._drop_start(obj)
+                obj.drop_start(self._pool)
             raise
 
     def _begin(self) -> None:
@@ -338,10 +334,10 @@ class LCATracker:
             # θ changed since our last end() without passing through step()
             # (a step outside the tracker, a weight projection): g(θ_t) is stale
             for obj in self.objectives:
-                self._drop_start(obj)
+                obj.drop_start(self._pool)
         if not self._tracked:
             for obj in self.objectives:
-                self._drop_start(obj)   # θ is about to change without us watching
+                obj.drop_start(self._pool)   # θ is about to change without us watching
             return
         with torch.no_grad():
             for snap, p in zip(self._theta_t, self.params.params):
@@ -351,7 +347,7 @@ class LCATracker:
                 if obj.g_start is not None and not (
                         len(buffers) == len(obj.start_buffers)
                         and all(torch.equal(a, b) for a, b in zip(buffers, obj.start_buffers))):
-                    self._drop_start(obj)  # the loss function moved (eval-mode BN stats)
+                    obj.drop_start(self._pool)  # the loss function moved (eval-mode BN stats)
                 obj.start_buffers = buffers
                 obj.start_passes = 0
                 if obj.g_start is None:
@@ -374,9 +370,12 @@ class LCATracker:
             # the training set last: a failure before it leaves its state untouched
             parts = {id(obj): self._allocate_objective(obj, step, after)
                      for obj in self.objectives[1:] + self.objectives[:1]}
-            for obj in self.objectives:     # (flags only for steps that are recorded)
-                part, flag = parts[id(obj)]
+            for obj in self.objectives:     # (flags and charges only for recorded steps)
+                part, flag, spent = parts[id(obj)]
                 record.update(part)
+                balance = obj.account.charge(spent)     # NaN: no pass account
+                record[obj.name + "/pass_credit"] = np.float64(
+                    np.nan if balance is None else balance)
                 self.flags.record(*flag)
             frames = self._pending_frames
             self.tracked_count += 1
@@ -475,12 +474,6 @@ class LCATracker:
         """A zeroed gradient buffer for ``obj`` (class-stacked in per-class mode)."""
         return self._pool.take(self.num_classes if obj is not None and obj.classes else 0)
 
-    def _release(self, buf: List[torch.Tensor]) -> None:
-        self._pool.give(buf)
-
-    def _drop_start(self, obj: Objective) -> None:
-        obj.drop_start(self._pool)
-
     def _keeps_groups(self, obj: Objective) -> int:
         """How many groups' gradients this objective's start and end passes may
         keep (the two-pass stage; 0: none): its share of path_memory_budget in
@@ -517,7 +510,7 @@ class LCATracker:
         g0 = self._pool.class_total(obj.g_start) if obj.classes else obj.g_start
         self.stats.count_oscillations(self._theta_t, after, g0)
         if obj.classes:
-            self._release(g0)
+            self._pool.give(g0)
 
     @property
     def ungrounded_steps(self) -> List[tuple]:
@@ -533,7 +526,8 @@ class LCATracker:
                           doc="RuleOptions.max_splits of the rule")
 
     def _allocate_objective(self, obj: Objective, step: int, after) -> tuple:
-        """(the objective's part of the step's record, its flags' arguments)."""
+        """(the objective's part of the step's record, its flags' arguments, the
+        passes its rule spent)."""
         ev = obj.evaluator
         passes0 = ev.passes
         is_train = obj is self.objectives[0]
@@ -547,6 +541,7 @@ class LCATracker:
         step_path = self._path(obj, after)
         path = rules.integrate(step_path, obj.account.step_options(self.rule),
                                self.reuse_gradients)
+        spent = ev.passes - passes0     # the rule's: the account's (class passes aside)
         avg, loss_after = path.avg, path.loss_after
         d_loss = loss_after - obj.loss_start
         stacked = avg if obj.classes else None     # per-class ḡ, [C, *shape]
@@ -587,19 +582,16 @@ class LCATracker:
                            p + "class_loss_after": np.asarray(class_loss[1], np.float64)})
         step_path.close()
         record[p + "grad_passes"] = np.int64(ev.passes - passes0 + obj.start_passes)
-        obj.account.charge(ev.passes - passes0)
-        if obj.account.active:
-            record[p + "pass_credit"] = np.float64(obj.account.balance)
         if is_train and self.stats.wants_frame(self.tracked_count):
             self._pending_frames = self.stats.frame(self._theta_t, after, avg)
         # θ_{t+1} is the next step's θ_t: keep its gradient (or drop it)
         for buf in [obj.g_start] + [b for b in (avg, stacked)
                                     if b is not None and b is not obj.g_start]:
-            self._release(buf)
+            self._pool.give(buf)
         obj.start_from_end(path, step_path, self.reuse_gradients, self._pool)
         if not self.reuse_gradients:
             self._pool.clear()  # hold no gradient buffer between steps
-        return record, flag
+        return record, flag, spent
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Tracks every ``optimizer.step()`` (torch's step pre/post hooks), with no

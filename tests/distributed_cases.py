@@ -279,9 +279,8 @@ def run_fsdp_bars(rank: int, world: int, port: int, out_dir: str, tracked: bool 
     _exit_now()
 
 
-# (refinement forced, the run's pass account off: the memory budget is tested)
 UNEVEN_RULE = dict(path_memory_budget=10 * 8 * (6 * 12 + 12 + 12 + 1), bar_rtol=1e-6,
-                   refine_level=1.0, mean_passes=None)
+                   refine_level=1.0)
 
 
 def run_bars(rank: int, world: int, port: int, out_dir: str, form: str = "pair") -> None:

@@ -545,3 +545,17 @@ def test_student_t_quantiles_match_published_tables():
     assert refine_threshold(lca_ext.RuleOptions(refine_level=1.0), 10, 7) == 0.0
     with pytest.raises(ValueError, match="refine_level"):
         lca_ext.RuleOptions(refine_level=0.0)
+
+
+def test_max_passes_holds_when_the_memory_runs_out_within_a_round_of_splits():
+    """A split's points past path_memory_budget cost a second pass each (they are
+    recomputed when ḡ is formed): the budget prices them one by one, so no step
+    passes max_passes whatever the memory (a whole round priced by its first
+    split spent 11 passes under max_passes 9 with 4 buffers)."""
+    rng = np.random.default_rng(7)
+    for memory in (0, 1, 2, 3, 4, 5, 6, 9):
+        for max_passes in (5, 6, 7, 8, 9, 10, 11):
+            path = SyntheticPath(rng, jump=0.05)
+            budget(path, lca_ext.RuleOptions(max_passes=max_passes, path_memory_budget=memory,
+                                             refine_level=1.0, bar_rtol=1e-9))
+            assert path.passes <= max_passes, (memory, max_passes, path.passes)

@@ -167,7 +167,7 @@ MINIMAL = textwrap.dedent("""
     mem = tracker.result()
     run = lca_ext.load_run("run")
     assert len(run) == 4 and sorted(run.arrays) == sorted(mem.arrays)
-    assert all(np.array_equal(run.arrays[k], mem.arrays[k]) for k in mem.arrays)
+    assert all(np.array_equal(run.arrays[k], mem.arrays[k], equal_nan=True) for k in mem.arrays)
     g = analysis.grounding(run)
     assert abs(g["total_lca"] - g["total_loss_change"]) < 1e-3, g
     analysis.helped_fraction(run); analysis.layer_totals(run); analysis.concentration(run)

@@ -1,7 +1,9 @@
 """The run's pass account (lca_ext.pass_account, RuleOptions.mean_passes /
-pass_reserve): any n consecutive tracked steps spend at most mean_passes·n +
-pass_reserve passes, the balance is recorded and survives a resume, and the
-account changes nothing where it has nothing to cut."""
+pass_reserve; off by default): any n consecutive tracked steps spend at most
+mean_passes·n + pass_reserve passes, the balance is recorded and survives a
+resume, and the account changes nothing where it has nothing to cut."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,11 @@ from test_bars import SyntheticPath
 C = 4
 
 
-def _relu_run(steps=16, lr=1.0, rule=None, store=None, resume=None, model_state=None):
+ACCOUNT = dict(mean_passes=3, pass_reserve=4)
+
+
+def _relu_run(steps=16, lr=1.0, rule=ACCOUNT, store=None, resume=None, model_state=None,
+              **kw):
     """A ReLU MLP at a high learning rate: late steps the default rule refines."""
     torch.manual_seed(0)
     x = torch.randn(400, 12)
@@ -28,7 +34,7 @@ def _relu_run(steps=16, lr=1.0, rule=None, store=None, resume=None, model_state=
         model.load_state_dict(model_state[0])
         opt.load_state_dict(model_state[1])
     tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y), rule=rule,
-                                 store=store, resume=resume)
+                                 store=store, resume=resume, **kw)
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -46,7 +52,7 @@ def _windows_hold(spent, mean, reserve):
 @pytest.mark.filterwarnings("ignore:.*stopped at the pass budget")
 def test_the_account_bounds_every_window_of_steps_and_records_its_balance():
     """Every step tracked: only step 0 pays a start pass (g(θ_0)), which the
-    account does not charge.  With the defaults (3 a step, a reserve of 4)
+    account does not charge.  With 3 a step and a reserve of 4
     every window of steps keeps the bound, the recorded balance is the one the
     passes give, and the steps it cut are flagged budget_limited; without the
     account the same training (bit-identical: tracking changes nothing) costs
@@ -54,8 +60,8 @@ def test_the_account_bounds_every_window_of_steps_and_records_its_balance():
     tracker, _, _ = _relu_run()
     with pytest.warns(RuntimeWarning, match="mean_passes=3 a step over the run"):
         run = tracker.result()
-    free = _relu_run(rule=dict(mean_passes=None))[0].result()
-    opts = lca_ext.RuleOptions()
+    free = _relu_run(rule=None)[0].result()             # the default: no account
+    opts = lca_ext.RuleOptions(**ACCOUNT)
     spent = run.grad_passes.astype(float)
     spent[0] -= 1                                      # the start pass
     _windows_hold(spent, opts.mean_passes, opts.pass_reserve)
@@ -68,44 +74,76 @@ def test_the_account_bounds_every_window_of_steps_and_records_its_balance():
     cut = run.grad_passes < free.grad_passes
     assert cut.any() and run.get("budget_limited")[cut].all()
     assert (run.grad_passes <= free.grad_passes).all()
-    assert "train/pass_credit" not in free.arrays
+    assert np.isnan(free.get("pass_credit")).all()          # no account: NaN
     np.testing.assert_array_equal(run.get("loss_after"), free.get("loss_after"))
 
 
 @pytest.mark.filterwarnings("ignore:.*stopped at the pass budget")
 def test_no_reserve_holds_every_step_to_the_mean():
-    run = _relu_run(rule=dict(pass_reserve=0))[0].result()
+    run = _relu_run(rule=dict(ACCOUNT, pass_reserve=0))[0].result()
     spent = run.grad_passes - np.eye(len(run.grad_passes), dtype=int)[0]
-    assert spent.max() == MIN_PASSES and (run.get("pass_credit") <= 0).all()
+    assert spent.max() == MIN_PASSES and (run.get("pass_credit") == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:.*stopped at the pass budget")
+def test_what_the_account_does_not_charge_cannot_drive_it_negative():
+    """Class gradients recomputed at the rule's points (num_classes outside
+    per-class mode) are not the rule's passes: the balance stays >= 0 and the
+    steps keep their refinement.  The low-memory mode keeps no account."""
+    run = _relu_run(rule=dict(ACCOUNT, pass_reserve=0), num_classes=C,
+                    class_memory_budget=1)[0].result()
+    assert (run.grad_passes > 3).all()                   # the class passes are there
+    assert (run.get("pass_credit") == 0).all()
+    low = _relu_run(steps=4, reuse_gradients=False)[0].result()
+    assert np.isnan(low.get("pass_credit")).all()
 
 
 def test_a_resumed_run_goes_on_from_its_last_balance(tmp_path):
     path = str(tmp_path / "run")
     tracker, model, opt = _relu_run(steps=13, store=path)
     balance = tracker.objectives[0].account.balance
-    assert balance < lca_ext.RuleOptions().pass_reserve       # it has spent some
+    assert balance < ACCOUNT["pass_reserve"]                  # it has spent some
     state = (model.state_dict(), opt.state_dict())
     resumed, _, _ = _relu_run(steps=0, store=path, resume=True, model_state=state)
     assert resumed.objectives[0].account.balance == balance
     assert resumed.tracked_count == 13
+    # resumed without the account, and again with it: the run stays readable
+    # (NaN balances where there was none), and the account then starts full
+    again, model, opt = _relu_run(steps=2, rule=None, store=path, resume=True,
+                                  model_state=state)
+    run = lca_ext.load_run(path)
+    assert len(run.steps) == 15 and np.isnan(run.get("pass_credit")[13:]).all()
+    state = (model.state_dict(), opt.state_dict())
+    third, _, _ = _relu_run(steps=0, store=path, resume=True, model_state=state)
+    assert third.objectives[0].account.balance == ACCOUNT["pass_reserve"]
 
 
 def test_budget_rule_under_the_account_on_synthetic_jumpy_steps():
     """The rule and the account together, as the tracker drives them, on 120
-    synthetic curved, jumpy steps: the window bound holds for several means and
-    reserves, and no step is held below the three passes it needs."""
-    for mean, reserve in ((3, 0), (3, 4), (3.5, 2), (4, 8)):
-        rng = np.random.default_rng(5)
-        account = PassAccount(lca_ext.RuleOptions(mean_passes=mean, pass_reserve=reserve))
-        spent = []
-        for i in range(120):
-            path = SyntheticPath(rng, jump=0.05)
-            budget(path, account.step_options(lca_ext.RuleOptions(seed=i)))
-            account.charge(path.passes)
-            spent.append(path.passes)
-        spent = np.array(spent, dtype=float)
-        _windows_hold(spent, mean, reserve)
-        assert spent.min() >= 2 and spent.max() <= max(8, MIN_PASSES)
+    synthetic curved, jumpy steps: the window bound holds for several means,
+    reserves and memory budgets (points past path_memory_budget cost two passes,
+    priced one by one as the memory runs out), it does cut steps (the same steps
+    without it cost more), and no step passes max_passes."""
+    for mean, reserve, memory in ((3, 0, 2 << 30), (3, 4, 2 << 30), (3.5, 2, 4), (4, 8, 4),
+                                  (4, 6, 5)):
+        spent, accounts = {}, {}
+        for on in (True, False):
+            rng = np.random.default_rng(5)
+            rule = lca_ext.RuleOptions(mean_passes=mean if on else None, pass_reserve=reserve,
+                                       max_passes=12, path_memory_budget=memory)
+            accounts[on], spent[on] = PassAccount(rule), []
+            for i in range(120):
+                path = SyntheticPath(rng, jump=0.05)
+                budget(path, accounts[on].step_options(dataclasses.replace(rule, seed=i)))
+                accounts[on].charge(path.passes)
+                spent[on].append(path.passes)
+                assert path.passes <= 12
+        got, free = np.array(spent[True], dtype=float), np.array(spent[False])
+        _windows_hold(got, mean, reserve)
+        assert accounts[True].balance >= 0 and (got <= free).all()
+        if reserve <= 4:                                 # tight enough to cut steps
+            assert got.sum() < free.sum()
+        assert got.min() >= 2 and (got >= MIN_PASSES).mean() > 0.5
 
 
 def test_bad_account_options_name_the_field():
@@ -113,4 +151,5 @@ def test_bad_account_options_name_the_field():
         lca_ext.RuleOptions(mean_passes=2.5)
     with pytest.raises(ValueError, match="pass_reserve=-1"):
         lca_ext.RuleOptions(pass_reserve=-1)
-    assert PassAccount(lca_ext.RuleOptions(method="certified")).active is False
+    assert PassAccount(lca_ext.RuleOptions(method="certified", mean_passes=3)).active is False
+    assert PassAccount(lca_ext.RuleOptions()).active is False      # off by default

@@ -37,7 +37,7 @@ def test_store_round_trip_equals_in_memory(tmp_path):
     mem, disk = runs
     assert sorted(mem.arrays) == sorted(disk.arrays)
     for key in mem.arrays:
-        assert np.array_equal(mem.arrays[key], disk.arrays[key]), key
+        assert np.array_equal(mem.arrays[key], disk.arrays[key], equal_nan=True), key
     for key in mem.state:
         for a, b in zip(mem.state[key], disk.state[key]):
             assert np.array_equal(a, b), key

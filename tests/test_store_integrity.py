@@ -70,7 +70,7 @@ def test_an_intact_copy_loads_whole(stored, tmp_path):
     mem = stored[1]
     assert len(run) == STEPS and sorted(run.arrays) == sorted(mem.arrays)
     for k in mem.arrays:
-        assert np.array_equal(run.arrays[k], mem.arrays[k]), k
+        assert np.array_equal(run.arrays[k], mem.arrays[k], equal_nan=True), k
     assert sorted(run.state) == sorted(mem.state)
     assert sorted(run.frames) == sorted(mem.frames) and len(run.frames["step"]) == STEPS
     meta = json.load(open(os.path.join(stored[0], META)))
