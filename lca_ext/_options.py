@@ -20,7 +20,9 @@ def grouped(cls, arg: str, group, shorthands: dict):
         raise TypeError(f"lca_ext.LCATracker: {arg}={group!r}; expected a "
                         f"lca_ext.{cls.__name__} or a dict of its fields")
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(group or {}) - fields)
+    # (init-only names, e.g. a renamed option, are not fields: cls says what they became)
+    init_only = set(getattr(cls, "__dataclass_fields__", {})) - fields
+    unknown = sorted(set(group or {}) - fields - init_only)
     if unknown:
         raise TypeError(f"lca_ext.LCATracker: {arg} has unknown fields {unknown}; "
                         f"{cls.__name__} has {sorted(fields)}")

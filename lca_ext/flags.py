@@ -15,7 +15,8 @@ from . import quadrature
 
 def budget_text(rule: quadrature.RuleOptions) -> str:
     """The pass budget in words, as the RuleOptions fields that set it."""
-    text = f"RuleOptions.max_passes={rule.max_passes} a step"
+    text = (f"RuleOptions.max_passes={rule.max_passes} a step" if rule.max_passes is not None
+            else "no per-step max_passes")
     if rule.mean_passes is not None:
         text += (f", mean_passes={rule.mean_passes:g} a step over the run with "
                  f"pass_reserve={rule.pass_reserve}")
@@ -58,7 +59,8 @@ class StepFlags:
         per = {}
         for name, _ in self.budget_steps:
             per[name] = per.get(name, 0) + 1
-        counts = ", ".join(f"{n} of {tracked} tracked steps" + (
+        # (of the steps this process tracked: after a resume the run holds more)
+        counts = ", ".join(f"{n} of {self.seen.get(name, tracked)} tracked steps" + (
             f" ({name!r})" if several_objectives else "") for name, n in per.items())
         warnings.warn(
             f"lca_ext: {counts} stopped at the pass budget ({budget_text(self.rule)}) with "

@@ -164,10 +164,17 @@ class RuleOptions:
     bar_rtol: float = 0.02
     bar_share: float = 0.05
     refine_level: float = 0.05
+    # (renamed: refine_sd, a per-tensor threshold, became the family-wise refine_level)
+    refine_sd: dataclasses.InitVar[Optional[float]] = None
     bars: bool = True
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self, refine_sd=None):
+        if refine_sd is not None:
+            raise TypeError(f"lca_ext: refine_sd={refine_sd!r} is no longer an option: the "
+                            "default rule now refines on a family-wise test over the tensors "
+                            "above target, RuleOptions.refine_level (0.05; 1 refines on the "
+                            "bars alone, as refine_sd=0 did)")
         if self.method not in METHODS:
             raise ValueError(f"lca_ext: method={self.method!r}; expected one of "
                              f"{', '.join(repr(m) for m in METHODS)}")
@@ -189,9 +196,14 @@ class RuleOptions:
             raise ValueError(f"lca_ext: max_passes={self.max_passes!r}; expected None or an "
                              "int >= 3 (the end point, the midpoint and the bars' pass)")
         if not (self.mean_passes is None or (isinstance(self.mean_passes, (int, float))
-                                              and self.mean_passes >= 3)):
+                                              and 3 <= self.mean_passes < math.inf)):
             raise ValueError(f"lca_ext: mean_passes={self.mean_passes!r}; expected None or a "
-                             "number >= 3 (a step that misses the two-pass stage needs 3)")
+                             "finite number >= 3 (a step that misses the two-pass stage "
+                             "needs 3)")
+        if self.mean_passes is not None and self.method != "budget":
+            raise ValueError(f"lca_ext: mean_passes={self.mean_passes!r} with method="
+                             f"{self.method!r}: the pass account bounds the default rule "
+                             "only; use method='budget' or drop mean_passes")
         if not (isinstance(self.pass_reserve, int) and self.pass_reserve >= 0):
             raise ValueError(f"lca_ext: pass_reserve={self.pass_reserve!r}; expected an int "
                              ">= 0 (passes the run's account may save up)")
@@ -341,8 +353,9 @@ def ungrounded_message(opts: RuleOptions, unit_roundoff: float, name: str, step:
             cause = ("the rounding of float32 passes limits this step (ΔL is within "
                      f"{ROUNDING_MARGIN}x the loss's float32 noise floor). Run the passes in "
                      "float64 (pass_dtype=torch.float64)")
+        knobs = "bar_rtol, rtol" if opts.method == "budget" else "tensor_rtol, rtol"
         why = (f"the error is at the passes' rounding floor, where refining cannot shrink "
-               f"it: {cause}, or loosen the tolerances (RuleOptions tensor_rtol, rtol)")
+               f"it: {cause}, or loosen the tolerances (RuleOptions {knobs})")
     else:
         why = (f"the finest interval (1/{opts.max_splits} of the step) was reached: the "
                "loss is too curved along this step (large early steps) or not smooth in θ; "

@@ -470,10 +470,6 @@ class LCATracker:
         return {name: [self.ctx.full(k, t).cpu().numpy().copy() for k, t in enumerate(tensors)]
                 for name, tensors in self.state.items()}
 
-    def _buffer(self, obj: Optional[Objective] = None) -> List[torch.Tensor]:
-        """A zeroed gradient buffer for ``obj`` (class-stacked in per-class mode)."""
-        return self._pool.take(self.num_classes if obj is not None and obj.classes else 0)
-
     def _keeps_groups(self, obj: Objective) -> int:
         """How many groups' gradients this objective's start and end passes may
         keep (the two-pass stage; 0: none): its share of path_memory_budget in
@@ -489,7 +485,7 @@ class LCATracker:
     def _start_pass(self, obj: Objective) -> None:
         """g(θ_t), the loss and the class losses there, computed afresh."""
         path = self._path(obj, self._theta_t)
-        obj.g_start = self._buffer(obj)
+        obj.g_start = self._pool.take(self.num_classes if obj.classes else 0)   # zeroed
         obj.loss_start = path.grad(0.0, obj.g_start)
         obj.class_loss_start = path.last_class_losses
         obj.start_passes = 1

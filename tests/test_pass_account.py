@@ -151,5 +151,16 @@ def test_bad_account_options_name_the_field():
         lca_ext.RuleOptions(mean_passes=2.5)
     with pytest.raises(ValueError, match="pass_reserve=-1"):
         lca_ext.RuleOptions(pass_reserve=-1)
-    assert PassAccount(lca_ext.RuleOptions(method="certified", mean_passes=3)).active is False
+    with pytest.raises(ValueError, match="mean_passes=inf; expected None or a finite"):
+        lca_ext.RuleOptions(mean_passes=float("inf"))
+    with pytest.raises(ValueError, match="method='certified': the pass account bounds the "
+                       "default rule only"):
+        lca_ext.RuleOptions(mean_passes=3, method="certified")
+    # the renamed option says what it became, from RuleOptions and from the tracker
+    with pytest.raises(TypeError, match="refine_sd=2 is no longer an option.*refine_level"):
+        lca_ext.RuleOptions(refine_sd=2)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    with pytest.raises(TypeError, match="refine_sd=2 is no longer an option"):
+        lca_ext.LCATracker(nn.Linear(3, 2), nn.functional.cross_entropy, (x, y),
+                           rule=dict(refine_sd=2))
     assert PassAccount(lca_ext.RuleOptions()).active is False      # off by default
