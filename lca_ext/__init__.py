@@ -15,7 +15,7 @@ from .ops import (
     signed_log_edges,
     split_rows,
 )
-from .quadrature import RuleOptions
+from .rule_options import RuleOptions
 from .run import Run, load_run
 from .statistics import StatsOptions
 from .store import truncate_run

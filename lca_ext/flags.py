@@ -11,9 +11,10 @@ import warnings
 from typing import Dict, List, Tuple
 
 from . import quadrature
+from .rule_options import RuleOptions
 
 
-def budget_text(rule: quadrature.RuleOptions) -> str:
+def budget_text(rule: RuleOptions) -> str:
     """The pass budget in words, as the RuleOptions fields that set it."""
     text = (f"RuleOptions.max_passes={rule.max_passes} a step" if rule.max_passes is not None
             else "no per-step max_passes")
@@ -24,7 +25,7 @@ def budget_text(rule: quadrature.RuleOptions) -> str:
 
 
 class StepFlags:
-    def __init__(self, rule: quadrature.RuleOptions):
+    def __init__(self, rule: RuleOptions):
         self.rule = rule
         #: (objective, step) of every step that missed its rule's criteria
         self.ungrounded_steps: List[Tuple[str, int]] = []

@@ -14,7 +14,7 @@ import torch
 from .evaluate import Evaluator
 from .pass_account import PassAccount
 from .path import BufferPool
-from .quadrature import RuleOptions
+from .rule_options import RuleOptions
 
 
 class Objective:

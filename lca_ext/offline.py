@@ -86,7 +86,7 @@ import torch
 from torch import nn
 
 from . import store as run_store
-from .quadrature import rule_options
+from .rule_options import rule_options
 from .run import Run, load_run
 from .tracker import LCATracker
 

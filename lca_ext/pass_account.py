@@ -34,7 +34,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from .quadrature import RuleOptions
+from .rule_options import RuleOptions
 
 # the most a step that misses the two-pass stage cannot do without: the end
 # point, the midpoint and the bars' mixed pass (RuleOptions.max_passes' floor)

@@ -1,5 +1,5 @@
 """Which rule integrates a step: ``integrate(path, opts)`` dispatches on
-``opts.method`` (lca_ext.quadrature.RuleOptions) to a function of the path
+``opts.method`` (lca_ext.rule_options.RuleOptions) to a function of the path
 (lca_ext.path) and the options.  The rules themselves: lca_ext.budget_rule
 (budget, the default), lca_ext.quadrature (certified) and lca_ext.uniform_rules
 (adaptive, simpson, low_memory)."""
@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import budget_rule, quadrature, uniform_rules
-from .quadrature import PathResult, RuleOptions
+from .quadrature import PathResult
+from .rule_options import RuleOptions
 
 
 def first_order(path, opts: RuleOptions) -> PathResult:

@@ -67,6 +67,7 @@ from .lca_set import LCASet
 from .objective import Objective
 from .params import ParameterSet, check_layout, layout
 from .path import BufferPool, StepPath
+from .rule_options import RuleOptions, rule_options
 from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
 from .statistics import Statistics, StatsOptions, stats_options
 from .store_link import StoreLink, StoreOptions, store_options
@@ -186,7 +187,7 @@ class LCATracker:
                  eval_sets: Optional[Dict[str, object]] = None,
                  autocast: Optional[torch.dtype] = None, cache: bool = False,
                  targets: Optional[Callable] = None,
-                 rule: Union[None, quadrature.RuleOptions, dict] = None,
+                 rule: Union[None, RuleOptions, dict] = None,
                  method: Optional[str] = None, rtol: Optional[float] = None,
                  atol: Optional[float] = None, max_splits: Optional[int] = None,
                  pass_dtype="auto", schedule: Union[None, int, Iterable[int]] = None,
@@ -207,7 +208,7 @@ class LCATracker:
             raise ValueError("lca_ext.LCATracker: lca_data is required (the fixed set whose "
                              "loss change is allocated)")
         # the options, grouped by concern: the rule, the statistics, the store
-        self.rule = quadrature.rule_options(rule, method=method, rtol=rtol, atol=atol,
+        self.rule = rule_options(rule, method=method, rtol=rtol, atol=atol,
                                             max_splits=max_splits)
         stats_opts = stats_options(stats, bin_edges=bin_edges, row_sums=row_sums,
                                    oscillation=oscillation, frames=frames,
@@ -514,7 +515,7 @@ class LCATracker:
         (run.grounded() is False for them; only the first of each cause warns)."""
         return self.flags.ungrounded_steps
 
-    # the rule's options, readable as before (lca_ext.quadrature.RuleOptions)
+    # the rule's options, readable as before (lca_ext.rule_options.RuleOptions)
     method = property(lambda self: self.rule.method, doc="the rule's method (RuleOptions.method)")
     rtol = property(lambda self: self.rule.rtol, doc="RuleOptions.rtol of the rule")
     atol = property(lambda self: self.rule.atol, doc="RuleOptions.atol of the rule")
