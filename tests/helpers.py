@@ -98,3 +98,16 @@ def simpson_lca(model, before, after, losses_of, intervals=128, train=None):
             if j in (0, intervals):
                 ends[0 if j == 0 else 1, s] = float(loss.detach())
     return out, ends
+
+
+def relu_classifier(classes=4, dtype=torch.float32):
+    """(x, y, model): 400 float32 examples of 12 features, ``classes`` classes,
+    a ReLU MLP 12-32-16-classes in ``dtype``, seeded 0 (the curved, jumpy steps
+    of the bars and pass account tests at a high learning rate)."""
+    torch.manual_seed(0)
+    x = torch.randn(400, 12)
+    y = (x[:, :classes] + 0.3 * torch.randn(400, classes)).argmax(1)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, classes)).to(dtype)
+    return x, y, model

@@ -15,7 +15,7 @@ from lca_ext import bars
 from lca_ext.budget_rule import budget
 from lca_ext.quadrature import certified
 
-from helpers import simpson_lca
+from helpers import relu_classifier, simpson_lca
 from test_fidelity import C, reference
 
 
@@ -251,11 +251,7 @@ def test_sum_error_covers_sums_over_steps():
 # -- the tracker against a float64 reference -----------------------------------------
 
 def _relu_run(dtype, steps=4, lr=0.4, **kw):
-    torch.manual_seed(0)
-    x = torch.randn(400, 12)
-    y = (x[:, :C] + 0.3 * torch.randn(400, C)).argmax(1)
-    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
-                          nn.Linear(16, C)).to(dtype)
+    x, y, model = relu_classifier(C, dtype)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x.to(dtype), y), **kw)
     refs = []

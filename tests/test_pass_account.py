@@ -13,6 +13,7 @@ import lca_ext
 from lca_ext.budget_rule import budget
 from lca_ext.pass_account import MIN_PASSES, PassAccount
 
+from helpers import relu_classifier
 from test_bars import SyntheticPath
 
 C = 4
@@ -24,11 +25,7 @@ ACCOUNT = dict(mean_passes=3, pass_reserve=4)
 def _relu_run(steps=16, lr=1.0, rule=ACCOUNT, store=None, resume=None, model_state=None,
               **kw):
     """A ReLU MLP at a high learning rate: late steps the default rule refines."""
-    torch.manual_seed(0)
-    x = torch.randn(400, 12)
-    y = (x[:, :C] + 0.3 * torch.randn(400, C)).argmax(1)
-    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
-                          nn.Linear(16, C))
+    x, y, model = relu_classifier(C)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     if model_state is not None:
         model.load_state_dict(model_state[0])
