@@ -96,7 +96,7 @@ def two_pass(path, opts: RuleOptions):
     mix = path.buffer()
     at_u = path.mixed(u, out=mix, weights=w)
     g0, g1 = path.group_dots(0.0), path.group_dots(1.0)
-    value, sd, dof = bars.monte_carlo(g0, g1, u, at_u)
+    value, sd, dof = bars.monte_carlo(g0, g1, u, at_u, getattr(path, "group_strata", None))
     bar = bars.t975(dof) * sd
     gross = float(np.abs(value).sum())
     tol_k = opts.bar_rtol * np.maximum(np.abs(value), opts.bar_share * gross)
@@ -131,6 +131,7 @@ def budget(path, opts: RuleOptions) -> PathResult:
         if done is not None:
             return done
     rule = LocalSimpson(path, opts, end)         # the end point and the midpoint
+    strata = getattr(path, "group_strata", None)
     if grouped and end is None:
         u = bars.draw_points(bars.rng_for(opts.seed, path.name, path.step), path.groups)
         at_u = path.mixed(u)
@@ -144,7 +145,7 @@ def budget(path, opts: RuleOptions) -> PathResult:
         if grouped:
             e_hat, sd, dof = bars.estimate(
                 rule.intervals, {f: v.sum(0) for f, v in rule.phi.items()},
-                bars.group_samples(path, rule.phi), u, at_u)
+                bars.group_samples(path, rule.phi), u, at_u, strata)
             bar = bars.bar(e_hat, sd, dof)
         else:
             e_hat, sd, dof, bar = None, None, 0, verdict.tensor_error

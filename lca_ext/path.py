@@ -188,12 +188,33 @@ class StepPath:
         # batch (lca_ext.classes; with BatchNorm on batch statistics, each batch);
         # under DDP every rank's; 0 where they cannot be had (FSDP2)
         self._group_phi: Dict[float, np.ndarray] = {}
+        self._strata: Optional[np.ndarray] = None
 
     @property
     def groups(self) -> int:
         if self._classes:
             return self._ev.class_groups if self._ev.class_groups_supported() else 0
         return self._ev.groups
+
+    @property
+    def group_strata(self) -> Optional[np.ndarray]:
+        """[G] each group's stratum for the bars' spread (lca_ext.bars.spread):
+        in per-class mode with units of one class each, the unit's class (its
+        units are alike; different classes curve differently); else None (the
+        groups are the set's batches, alike already).  Under DDP every rank's
+        units, gathered once a step (a collective: every rank's rule asks)."""
+        if not self._classes or not self._ev.class_units_pure():
+            return None
+        if self._strata is None:
+            slots = self._ev.class_unit_slots or ()
+            labels = np.zeros(self.groups)
+            labels[self.group_offset:self.group_offset + len(slots)] = \
+                np.asarray(slots, dtype=np.float64) + 1.0
+            if self._ctx.world > 1:
+                labels = self._ctx.sum_(torch.from_numpy(labels).to(self.theta_t[0].device)
+                                        ).cpu().numpy()
+            self._strata = labels.astype(np.int64) - 1
+        return self._strata
 
     @property
     def group_offset(self) -> int:
