@@ -26,7 +26,8 @@ whose integral is S.  So c_g = (φ_g(U_g) − P_g(U_g))/p(U_g), with expectation
 
 for any integrable φ, jumps included: an *unbiased* estimate of the error.
 The c_g are independent, so V̂ = G/(G−1)·Σ_g (c_g − c̄)² estimates Var(Ê)
-(conservatively: groups whose means differ only add to it).  The stored bar
+(conservatively: groups whose means differ only add to it; in per-class mode
+pooled within each class, whose units are alike: :func:`spread`).  The stored bar
 is the half-width of a 95% interval for |E|,
 
     tensor_error = |Ê| + t_{G−1}·√V̂        (t the Student quantile, 0.975)
