@@ -221,6 +221,12 @@ class RecordedPath:
         """[G, K] the groups' samples at a grid point."""
         return self.rec.phi[self._index(f)].copy()
 
+    def group_losses(self, f: float) -> Optional[np.ndarray]:
+        """[G] the groups' shares of the loss at θ_t (where held) or θ_{t+1}."""
+        if f == 1.0 or (f == 0.0 and self.group_start_known):
+            return self.rec.loss[self._index(f)].copy()
+        return None
+
     def mixed(self, points: np.ndarray, out=None, weights=None) -> np.ndarray:
         """Group g at points[g]; ``out``: a buffer the pass's gradient is added
         to, group g's x weights[g]."""

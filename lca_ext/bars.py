@@ -205,7 +205,7 @@ def strata_of(strata, groups: int) -> list:
     return parts
 
 
-def spread(c: np.ndarray, strata=None) -> Tuple[np.ndarray, int]:
+def spread(c: np.ndarray, strata=None, covariate=None) -> Tuple[np.ndarray, int]:
     """(√V̂ [K], degrees of freedom) of Ê = Σ_g c_g from the groups' terms c [G, K].
 
     V̂ pools each stratum's spread about its own mean, Σ_h n_h/(n_h−1)·Σ_{g∈h}
@@ -215,11 +215,25 @@ def spread(c: np.ndarray, strata=None) -> Tuple[np.ndarray, int]:
     one class in per-class mode: lca_ext.path.StepPath.group_strata) keep the
     classes' different curvatures out of the bar, where one stratum counts
     them as noise (the demo: the two-pass stage's bars were 2.3x their target
-    at the median over all units, 0.8x within classes)."""
+    at the median over all units, 0.8x within classes).
+
+    ``covariate`` [G]: a value per group fixed before the points were drawn,
+    which the groups' means follow (the two-pass stage: each group's exact
+    total trapezoid error, lca_ext.budget_rule.two_pass).  Then V̂ is the
+    spread about a regression of c_g on it within the strata, each residual
+    e_g weighted by 1/(1 − h_g)² (h_g its leverage; "HC3"):
+    E[e_g²] ≥ (1 − h_g)²·Var(c_g) for a fixed design, so E[V̂] ≥ Var(Ê)
+    whatever the groups' variances, with one degree of freedom less.  Where a
+    group would carry nearly all of the fit (leverage above MAX_LEVERAGE), or
+    the covariate is not finite, it is left out."""
     G = len(c)
     if G < 2:
         return np.full(c.shape[1:], np.inf), 0
     parts = strata_of(strata, G)
+    if covariate is not None and G - len(parts) >= 2:
+        fitted = _regression_spread(c, parts, np.asarray(covariate, dtype=np.float64))
+        if fitted is not None:
+            return fitted
     var = np.zeros(c.shape[1:])
     for idx in parts:
         ch = c[idx]
@@ -227,16 +241,46 @@ def spread(c: np.ndarray, strata=None) -> Tuple[np.ndarray, int]:
     return np.sqrt(var), G - len(parts)
 
 
+# a covariate that puts a group's leverage above this is left out of the
+# spread (1/(1 − h)² would make V̂ rest on that one group)
+MAX_LEVERAGE = 0.9
+
+
+def _regression_spread(c: np.ndarray, parts, x: np.ndarray):
+    """(√V̂, dof) about c's regression on the strata and ``x`` (HC3), or None
+    where x adds nothing or gives a group too much leverage."""
+    G = len(c)
+    if x.shape != (G,) or not np.isfinite(x).all():
+        return None
+    design = np.zeros((G, len(parts) + 1))
+    for j, idx in enumerate(parts):
+        design[idx, j] = 1.0
+        design[idx, -1] = x[idx] - x[idx].mean()        # (centred within its stratum)
+    scale = np.abs(design[:, -1]).max()
+    if not scale > 0.0:
+        return None
+    design[:, -1] /= scale
+    hat = design @ np.linalg.pinv(design)
+    lev = np.diag(hat)
+    if np.linalg.matrix_rank(design) < design.shape[1] or lev.max() > MAX_LEVERAGE:
+        return None
+    resid = c - hat @ c
+    var = ((resid / (1.0 - lev)[:, None]) ** 2).sum(0)
+    return np.sqrt(var), G - design.shape[1]
+
+
 def monte_carlo(g0: np.ndarray, g1: np.ndarray, u: np.ndarray,
-                at_u: np.ndarray, strata=None) -> Tuple[np.ndarray, np.ndarray, int]:
+                at_u: np.ndarray, strata=None,
+                covariate=None) -> Tuple[np.ndarray, np.ndarray, int]:
     """The two-pass estimate (value [K], √V̂ [K], degrees of freedom) from each
     group's samples at θ_t and θ_{t+1} ([G, K]) and at its random point u_g:
     c_g = (φ_g(u_g) − ℓ_g(u_g))/p(u_g) (ℓ_g the group's line) has expectation
     ∫φ_g − ∫ℓ_g, so the trapezoid + Σ c_g is unbiased for the integral, and
-    V̂ (:func:`spread`, within ``strata``) estimates its variance."""
+    V̂ (:func:`spread`, within ``strata``, about ``covariate``) estimates its
+    variance."""
     c = point_weights(u)[:, None] * (at_u - ((1 - u)[:, None] * g0 + u[:, None] * g1))
     value = 0.5 * (g0 + g1).sum(0) + c.sum(0)
-    sd, dof = spread(c, strata)
+    sd, dof = spread(c, strata, covariate)
     return value, sd, dof
 
 

@@ -115,7 +115,7 @@ def _add_grads(ev, leaves, value, out_j, scale, retain=False, probe=None, j=0,
     if out_j is not None:
         ev.kernels.accumulate_(out_j, grads, scale)
     if probe is not None:
-        probe.add(unit, grads, scale, slot=j)
+        probe.add(unit, grads, scale, slot=j, loss=value)
 
 
 def _slot(grad_out, j):

@@ -473,7 +473,7 @@ class Evaluator:
                     if grad_out is not None:
                         self.kernels.accumulate_(list(grad_out), grads, weight / self.count)
                     if probe is not None:
-                        probe.add(i, grads, 1.0 / self.count)
+                        probe.add(i, grads, 1.0 / self.count, loss=batch_sum)
         self._counted = True
         if grad_out is not None:
             self.ctx.replicated_grads_(grad_out, before=False)

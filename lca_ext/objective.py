@@ -31,6 +31,7 @@ class Objective:
         self.class_loss_start: Optional[np.ndarray] = None   # [C] at θ_t (per-class mode)
         # each group's (LCA batch's) gradient at θ_t, for the two-pass stage
         self.group_start: Optional[List[List[torch.Tensor]]] = None
+        self.group_start_losses = None        # [G] their shares of the loss there
 
     def drop_start(self, pool: BufferPool) -> None:
         """Forget θ_t's gradients (stale, or about to be), buffers back to ``pool``."""
@@ -44,7 +45,7 @@ class Objective:
         for buf in (self.group_start if groups is None else groups) or ():
             pool.give(buf)
         if groups is None:
-            self.group_start = None
+            self.group_start = self.group_start_losses = None
 
     def start_from_end(self, result, step_path, reuse: bool, pool: BufferPool) -> None:
         """After a step (``result``: its rule's PathResult): θ_{t+1}'s gradients,
@@ -58,5 +59,6 @@ class Objective:
             self.class_loss_start = None if result.class_loss is None else \
                 result.class_loss[1]
             self.group_start = step_path.group_end
+            self.group_start_losses = step_path.group_end_losses
         else:
             self.drop_groups(pool, step_path.group_end)

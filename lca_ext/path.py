@@ -103,6 +103,9 @@ class GroupProbe:
         self._total = total         # the pass's whole gradient (a mixed pass's),
         self._weights = weights     # each group's part x its weight (None: 1)
         self._with_samples = samples
+        # each group's share of the set's loss at the pass's point (where the pass
+        # gives it: lca_ext.budget_rule's covariate for the bars' spread)
+        self.losses: Dict[int, torch.Tensor] = {}
 
     def point(self, i: int) -> List[torch.Tensor]:
         if self._offset + i >= len(self._points):
@@ -111,12 +114,17 @@ class GroupProbe:
         return self._path.point(float(self._points[self._offset + i]))
 
     def add(self, i: int, grads: List[torch.Tensor], scale: float,
-            slot: Optional[int] = None, after: Optional[List[torch.Tensor]] = None) -> None:
+            slot: Optional[int] = None, after: Optional[List[torch.Tensor]] = None,
+            loss: Optional[torch.Tensor] = None) -> None:
         """Group i's gradient part (x ``scale``); ``slot``: its class, where the
         pass's whole gradient is class-stacked (per-class mode); ``after``: where
         θ_{t+1}'s values are while a pass has swapped the point into the live
-        parameters (FSDP2, lca_ext.distributed.sharded_pass)."""
+        parameters (FSDP2, lca_ext.distributed.sharded_pass); ``loss``: the value
+        ``grads`` is the gradient of (x ``scale``: the group's share of the loss)."""
         p = self._path
+        if loss is not None:
+            share = loss.detach().double() * scale
+            self.losses[i] = share if i not in self.losses else self.losses[i] + share
         if self._with_samples:
             part = p._kernels.allocate(p.theta_t, after or p.after, grads).sums * scale
             self.samples[i] = part if i not in self.samples else self.samples[i] + part
@@ -154,6 +162,26 @@ class GroupProbe:
             p._ctx.sum_(out)
         return out.cpu().numpy()
 
+    def loss_array(self) -> Optional[np.ndarray]:
+        """[G] each group's share of the set's loss (every rank's), or None
+        where the pass gave none for some group (on any rank)."""
+        p = self._path
+        out = torch.zeros(self.groups, dtype=torch.float64, device=p.theta_t[0].device)
+        have = torch.zeros(self.groups, dtype=torch.float64, device=out.device)
+        # (this rank's first group counted now: a start pass in per-class mode
+        # counts its units as it goes)
+        offset = p.group_offset
+        for i, v in self.losses.items():
+            if offset + i < self.groups:
+                out[offset + i] = v
+                have[offset + i] = 1.0
+        if p._ctx.world > 1:
+            p._ctx.sum_(out)
+            p._ctx.sum_(have)
+        if not bool((have > 0).all()):
+            return None
+        return out.cpu().numpy()
+
 
 class StepPath:
     """One objective's path for one step (built by the tracker at ``end()``).
@@ -167,13 +195,16 @@ class StepPath:
                  g_start, loss_start: float, class_loss_start, num_classes: int,
                  classes: bool, names: Optional[Sequence[str]] = None,
                  group_start: Optional[List[List[torch.Tensor]]] = None,
-                 keep_groups: int = 0):
+                 keep_groups: int = 0, group_start_losses: Optional[np.ndarray] = None):
         self.name, self.step = name, step
         # each group's gradient at θ_t (kept from the previous step's end point,
         # or from the start pass), and how many groups' gradients a pass at θ_{t+1}
         # (or the start pass) may keep in group_end (0: none; more groups: none)
         self.group_start, self.keep_groups = group_start, keep_groups
         self.group_end: Optional[List[List[torch.Tensor]]] = None
+        # each group's share of the loss where its gradient is kept ([G], or None)
+        self.group_start_losses = group_start_losses if group_start is not None else None
+        self.group_end_losses: Optional[np.ndarray] = None
         self._names = list(names) if names is not None else None
         self._ev, self._kernels, self._ctx, self._pool = evaluator, kernels, ctx, pool
         self.theta_t, self.after = theta_t, after
@@ -313,6 +344,7 @@ class StepPath:
                     ok = self._ctx.max_int(0 if ok else 1) == 0
                 if ok:
                     self.group_end = kept
+                    self.group_end_losses = probe.loss_array()
                 else:
                     for buf in kept or ():
                         self._pool.give(buf)
@@ -428,6 +460,13 @@ class StepPath:
         if self.group_start is None:
             return 0
         return 2 * self._most_local_groups() * self._pool.one_buffer
+
+    def group_losses(self, f: float) -> Optional[np.ndarray]:
+        """[G] each group's share of the set's loss at θ_t (f = 0) or θ_{t+1}
+        (f = 1) where the groups' gradients there are held; None elsewhere."""
+        if f == 0.0:
+            return self.group_start_losses if self.group_start_known else None
+        return self.group_end_losses if f == 1.0 else None
 
     @property
     def group_start_known(self) -> bool:

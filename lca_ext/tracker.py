@@ -492,7 +492,7 @@ class LCATracker:
         obj.start_passes = 1
         # the groups' gradients at θ_t too (as the previous end point keeps them):
         # a step's rule does not depend on where tracking began (resume, offline)
-        obj.group_start = path.group_end
+        obj.group_start, obj.group_start_losses = path.group_end, path.group_end_losses
 
     def _path(self, obj: Objective, after) -> StepPath:
         return StepPath(name=obj.name, step=self._current, evaluator=obj.evaluator,
@@ -501,6 +501,7 @@ class LCATracker:
                         loss_start=obj.loss_start, class_loss_start=obj.class_loss_start,
                         num_classes=self.num_classes or 0, classes=obj.classes,
                         names=self.params.names, group_start=obj.group_start,
+                        group_start_losses=obj.group_start_losses,
                         keep_groups=self._keeps_groups(obj))
 
     def _count_oscillations(self, obj: Objective, after) -> None:

@@ -288,8 +288,9 @@ def test_ddp_error_bars_and_two_pass_steps_equal_one_process_on_the_same_groups(
     ref = _replay(tracker, model, got[0], cases.STEPS)
     if form == "uneven":                # refined within a small budget: 9 groups
         assert (ref.bar_dof == 8).all() and (ref.grad_passes[1:] > 3).all()
-    else:
-        assert (ref.bar_dof == 7).all() and (ref.grad_passes[1:] == 2).any()
+    else:   # 8 groups: 7 degrees of freedom (6 about the two-pass stage's covariate)
+        assert np.isin(ref.bar_dof, (6, 7)).all() and (ref.grad_passes[1:] == 2).any()
+        assert (ref.bar_dof == 6).any()         # (the covariate: every rank's losses)
     for g in got:
         for key in ("tensor_sums", "tensor_error", "tensor_sd", "bar_dof", "grad_passes",
                     "row_sums", "counts"):
