@@ -193,16 +193,25 @@ def strata_of(strata, groups: int) -> list:
     if labels.shape != (groups,):
         raise ValueError(f"lca_ext.bars: strata has shape {labels.shape}; expected "
                          f"({groups},), one label a group")
-    parts = [np.flatnonzero(labels == h) for h in np.unique(labels)]
-    single = [p for p in parts if len(p) == 1]
-    parts = [p for p in parts if len(p) > 1]
-    if single:
-        rest = np.concatenate(single)
-        if len(rest) > 1 or not parts:
-            parts.append(rest)
+    parts, small = [], []
+    for h in np.unique(labels):
+        small.append(np.flatnonzero(labels == h))
+        if sum(len(p) for p in small) >= MIN_STRATUM:
+            parts.append(np.sort(np.concatenate(small)))
+            small = []
+    if small:
+        rest = np.sort(np.concatenate(small))
+        if parts:
+            parts[-1] = np.sort(np.concatenate([parts[-1], rest]))
         else:
-            parts[0] = np.sort(np.concatenate([parts[0], rest]))
+            parts.append(rest)
     return parts
+
+
+# strata are labels taken together, in order, until each holds this many groups
+# (three degrees of freedom: a stratum's share of V̂ is then known well enough
+# for the Welch–Satterthwaite degrees of freedom; pairs made it 1 a stratum)
+MIN_STRATUM = 4
 
 
 def spread(c: np.ndarray, strata=None, covariate=None) -> Tuple[np.ndarray, int]:
@@ -219,36 +228,63 @@ def spread(c: np.ndarray, strata=None, covariate=None) -> Tuple[np.ndarray, int]
 
     ``covariate`` [G]: a value per group fixed before the points were drawn,
     which the groups' means follow (the two-pass stage: each group's exact
-    total trapezoid error, lca_ext.budget_rule.two_pass).  Then V̂ is the
-    spread about a regression of c_g on it within the strata, each residual
+    total trapezoid error, lca_ext.budget_rule.trapezoid_errors).  Then V̂ is
+    the spread about a regression of c_g on it within the strata, each residual
     e_g weighted by 1/(1 − h_g)² (h_g its leverage; "HC3"):
     E[e_g²] ≥ (1 − h_g)²·Var(c_g) for a fixed design, so E[V̂] ≥ Var(Ê)
-    whatever the groups' variances, with one degree of freedom less.  Where a
-    group would carry nearly all of the fit (leverage above MAX_LEVERAGE), or
-    the covariate is not finite, it is left out."""
+    whatever the groups' variances, with one degree of freedom less.  It is
+    used only where every stratum has MIN_STRATUM_FOR_COVARIATE groups (in
+    pairs the leverage of the strata alone, 1/2, doubles V̂), and left out
+    where a group would carry nearly all of the fit (leverage above
+    MAX_LEVERAGE) or the covariate is not finite or constant.
+
+    Several strata whose spreads differ: a stratum of n_h groups gives its
+    share of V̂ only n_h − 1 degrees of freedom, so where one stratum carries
+    most of V̂ the t quantile of G − H overstates how well V̂ is known.  Each
+    tensor's √V̂ is then widened by t(ν_k)/t(G − H), ν_k its Welch–Satterthwaite
+    degrees of freedom (Σ_h V_h)²/Σ_h V_h²/(n_h − 1), so that t(G − H)·√V̂ is
+    the 95% half-width at ν_k (a synthetic class with 30x the others' jumps:
+    tests/test_bars.py)."""
     G = len(c)
     if G < 2:
         return np.full(c.shape[1:], np.inf), 0
     parts = strata_of(strata, G)
-    if covariate is not None and G - len(parts) >= 2:
-        fitted = _regression_spread(c, parts, np.asarray(covariate, dtype=np.float64))
+    if covariate is not None and min(len(p) for p in parts) >= MIN_STRATUM_FOR_COVARIATE:
+        fitted = _regression_terms(c, parts, np.asarray(covariate, dtype=np.float64))
         if fitted is not None:
-            return fitted
-    var = np.zeros(c.shape[1:])
-    for idx in parts:
-        ch = c[idx]
-        var += len(idx) / (len(idx) - 1) * ((ch - ch.mean(0)) ** 2).sum(0)
-    return np.sqrt(var), G - len(parts)
+            return _welch(*fitted, parts)
+    terms = [len(idx) / (len(idx) - 1) * ((c[idx] - c[idx].mean(0)) ** 2).sum(0)
+             for idx in parts]
+    return _welch(terms, G - len(parts), parts)
 
 
+# the covariate only where every stratum has this many groups at least
+MIN_STRATUM_FOR_COVARIATE = 4
 # a covariate that puts a group's leverage above this is left out of the
 # spread (1/(1 − h)² would make V̂ rest on that one group)
 MAX_LEVERAGE = 0.9
 
 
-def _regression_spread(c: np.ndarray, parts, x: np.ndarray):
-    """(√V̂, dof) about c's regression on the strata and ``x`` (HC3), or None
-    where x adds nothing or gives a group too much leverage."""
+def _welch(terms, dof: int, parts) -> Tuple[np.ndarray, int]:
+    """√(Σ_h terms_h) [K], each tensor's widened by t(ν_k)/t(dof) where its
+    Welch–Satterthwaite ν_k (stratum h: len(parts[h]) − 1) is below ``dof``."""
+    var = np.sum(terms, axis=0)
+    sd = np.sqrt(var)
+    if len(parts) < 2:
+        return sd, dof
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = np.sum([t ** 2 / max(len(idx) - 1, 1) for t, idx in zip(terms, parts)], axis=0)
+        nu = np.where(denom > 0, var ** 2 / denom, float(dof))
+    nu = np.minimum(np.floor(np.nan_to_num(nu, nan=float(dof))), dof).astype(int)
+    base = t975(dof)
+    widen = np.array([t975(max(int(n), 1)) / base for n in nu.ravel()]).reshape(nu.shape)
+    return sd * widen, dof
+
+
+def _regression_terms(c: np.ndarray, parts, x: np.ndarray):
+    """(each stratum's HC3 share of V̂ [H][K], dof) about c's regression on
+    the strata and ``x``, or None where x adds nothing or gives a group too
+    much leverage."""
     G = len(c)
     if x.shape != (G,) or not np.isfinite(x).all():
         return None
@@ -264,9 +300,8 @@ def _regression_spread(c: np.ndarray, parts, x: np.ndarray):
     lev = np.diag(hat)
     if np.linalg.matrix_rank(design) < design.shape[1] or lev.max() > MAX_LEVERAGE:
         return None
-    resid = c - hat @ c
-    var = ((resid / (1.0 - lev)[:, None]) ** 2).sum(0)
-    return np.sqrt(var), G - design.shape[1]
+    weighted = ((c - hat @ c) / (1.0 - lev)[:, None]) ** 2
+    return [weighted[idx].sum(0) for idx in parts], G - design.shape[1]
 
 
 def monte_carlo(g0: np.ndarray, g1: np.ndarray, u: np.ndarray,

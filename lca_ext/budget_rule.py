@@ -9,7 +9,8 @@ One step:
    ``groups`` groups), the *two-pass stage*: the end point
    and one mixed pass, each group's trapezoid corrected by its random sample
    (:func:`two_pass`, lca_ext.bars.monte_carlo: unbiased for any integrand,
-   bar t·√V̂).  It ends the step when every tensor's bar is within its target
+   bar t·√V̂, V̂ the groups' spread about their exact total trapezoid errors,
+   :func:`trapezoid_errors`).  It ends the step when every tensor's bar is within its target
    and the total matches ΔL (without the rounding floor); else the step goes
    on, the end point and the mixed samples reused;
 1. the end point θ_{t+1} and the midpoint (2 passes; g(θ_t) is reused from the
@@ -95,7 +96,19 @@ def trapezoid_errors(path, g0: np.ndarray, g1: np.ndarray):
     l0, l1 = (losses(0.0), losses(1.0)) if losses is not None else (None, None)
     if l0 is None or l1 is None:
         return None
-    return (l1 - l0) - 0.5 * (g0 + g1).sum(1)
+    x = (l1 - l0) - 0.5 * (g0 + g1).sum(1)
+    # float32 / 16-bit passes: a covariate within the losses' rounding is noise
+    # (valid, but it costs a degree of freedom and widens V̂): left out
+    rounding = COVARIATE_ROUNDING * path.unit_roundoff() * (
+        np.abs(l0) + np.abs(l1) + 0.5 * np.abs(g0 + g1).sum(1))
+    if np.abs(x - x.mean()).max() <= rounding.max():
+        return None
+    return x
+
+
+# a covariate whose spread is within this many unit roundoffs of the losses'
+# size is taken as rounding (float32 passes on a small step: about 3)
+COVARIATE_ROUNDING = 16
 
 
 def two_pass(path, opts: RuleOptions):

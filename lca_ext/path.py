@@ -122,7 +122,7 @@ class GroupProbe:
         parameters (FSDP2, lca_ext.distributed.sharded_pass); ``loss``: the value
         ``grads`` is the gradient of (x ``scale``: the group's share of the loss)."""
         p = self._path
-        if loss is not None:
+        if loss is not None and self._keep:        # (kept groups only: the two-pass stage)
             share = loss.detach().double() * scale
             self.losses[i] = share if i not in self.losses else self.losses[i] + share
         if self._with_samples:
@@ -166,21 +166,19 @@ class GroupProbe:
         """[G] each group's share of the set's loss (every rank's), or None
         where the pass gave none for some group (on any rank)."""
         p = self._path
-        out = torch.zeros(self.groups, dtype=torch.float64, device=p.theta_t[0].device)
-        have = torch.zeros(self.groups, dtype=torch.float64, device=out.device)
+        # row 0: the losses; row 1: which groups gave one (one all-reduce)
+        both = torch.zeros(2, self.groups, dtype=torch.float64, device=p.theta_t[0].device)
         # (this rank's first group counted now: a start pass in per-class mode
         # counts its units as it goes)
         offset = p.group_offset
         for i, v in self.losses.items():
             if offset + i < self.groups:
-                out[offset + i] = v
-                have[offset + i] = 1.0
+                both[0, offset + i] = v
+                both[1, offset + i] = 1.0
         if p._ctx.world > 1:
-            p._ctx.sum_(out)
-            p._ctx.sum_(have)
-        if not bool((have > 0).all()):
-            return None
-        return out.cpu().numpy()
+            p._ctx.sum_(both)
+        both = both.cpu().numpy()
+        return both[0] if (both[1] > 0).all() else None
 
 
 class StepPath:

@@ -243,14 +243,15 @@ def test_the_two_pass_value_is_unbiased_and_weighting_narrows_it_on_curved_steps
 
 
 def test_strata_keep_the_classes_curvatures_out_of_the_bars_which_still_cover():
-    """Per-class mode's units (two a class here, ten classes), each class curving
-    its own way: pooling the spread within each class (the path's group_strata)
-    keeps the classes' differences out of V̂.  Over 400 draws of jumpy steps the
-    bars still hold the exact error >= 95% of the time, with 10 degrees of
-    freedom (20 units - 10 classes), and they are narrower and the steps cheaper
-    than with one stratum (the bars of a V̂ that counts the classes' differences
-    as noise): the two-pass stage's on the same points, and the steps' passes."""
-    strata = np.repeat(np.arange(10), 2)
+    """Per-class mode's units (four a class here, five classes), each class
+    curving its own way: pooling the spread within each class (the path's
+    group_strata) keeps the classes' differences out of V̂.  Over 400 draws of
+    jumpy steps the bars still hold the exact error >= 95% of the time, with 15
+    degrees of freedom (20 units - 5 classes), and they are narrower and the
+    steps cheaper than with one stratum (the bars of a V̂ that counts the
+    classes' differences as noise): the two-pass stage's on the same points,
+    and the steps' passes."""
+    strata = np.repeat(np.arange(5), 4)
     out, two_pass_sd = {}, {True: [], False: []}
     for pooled in (True, False):
         rng = np.random.default_rng(5)
@@ -265,7 +266,7 @@ def test_strata_keep_the_classes_curvatures_out_of_the_bars_which_still_cover():
             err = np.abs(path.dots(res.avg)[0] - path.truth())
             cover += list(res.tensor_error >= err)
             passes.append(path.passes)
-            assert res.bar_dof == (10 if pooled else 19)
+            assert res.bar_dof == (15 if pooled else 19)
             u = bars.draw_points(np.random.default_rng(i), 20)
             _, sd, dof = bars.monte_carlo(path.phi(0.0), path.phi(1.0), u, path.mixed(u),
                                           path.group_strata)
@@ -275,6 +276,33 @@ def test_strata_keep_the_classes_curvatures_out_of_the_bars_which_still_cover():
     ratio = np.median(np.array(two_pass_sd[True]) / np.array(two_pass_sd[False]))
     assert ratio <= 0.7, ratio
     assert out[True][1] <= out[False][1] - 0.3, out
+
+
+@pytest.mark.parametrize("louder", [30, 100])
+def test_pooled_bars_still_cover_when_one_class_is_far_noisier(louder):
+    """Strata whose spreads differ: one class's jumps 30 or 100 times the
+    others' (ten classes of two units, taken together in pairs of classes:
+    MIN_STRATUM).  With the t quantile of units - strata the two-pass
+    estimate's bars covered 91% and 83% (where one stratum carries most of V̂
+    it is known to fewer degrees of freedom); each tensor's Welch–Satterthwaite
+    degrees of freedom hold them >= 95%, the two-pass estimate's and the
+    rule's, over 400 draws."""
+    strata = np.repeat(np.arange(10), 2)
+    est, rule = [], []
+    for i in range(400):
+        path = SyntheticPath(np.random.default_rng(i), groups=20, jump=0.01, curve=0.2,
+                             known_start=True, strata=strata, class_curve=2.0)
+        path.size[strata == 0] *= louder
+        path.group_losses = lambda f: None
+        res = budget(path, lca_ext.RuleOptions(seed=i, max_passes=7))
+        rule += list(res.tensor_error >= np.abs(path.dots(res.avg)[0] - path.truth()))
+        u = bars.draw_points(np.random.default_rng(10 ** 6 + i), 20)
+        value, sd, dof = bars.monte_carlo(path.phi(0.0), path.phi(1.0), u, path.mixed(u),
+                                          strata)
+        assert dof == 15
+        est += list(bars.t975(dof) * sd >= np.abs(value - path.truth()))
+    assert np.mean(est) >= 0.95, np.mean(est)
+    assert np.mean(rule) >= 0.95, np.mean(rule)
 
 
 def test_the_two_pass_bars_spread_about_the_groups_trapezoid_errors_and_still_cover():
@@ -317,6 +345,60 @@ def test_the_two_pass_bars_spread_about_the_groups_trapezoid_errors_and_still_co
         (np.mean(passes[True]), np.mean(passes[False]))
 
 
+@pytest.mark.parametrize("classes", [None, 3])
+def test_the_groups_losses_are_each_groups_share_in_the_groups_order(classes, monkeypatch):
+    """The two-pass covariate's inputs, as the tracker's passes keep them: at
+    θ_t and θ_{t+1} each group's loss is its share of the set's mean loss,
+    computed here directly (float64): batch g's examples, or in per-class mode
+    each class's units (their group_strata) adding up to that class's share; the
+    groups' losses add up to the loss; and the covariate is each group's loss
+    change less its trapezoid (so a shuffled order would not match)."""
+    import lca_ext.budget_rule as rule_module
+    seen = []
+    real = rule_module.trapezoid_errors
+
+    def spy(path, g0, g1):
+        seen.append((path.group_losses(0.0), path.group_losses(1.0), path.group_strata,
+                     g0, g1, real(path, g0, g1)))
+        return seen[-1][-1]
+    monkeypatch.setattr(rule_module, "trapezoid_errors", spy)
+    torch.manual_seed(0)
+    x = torch.randn(160, 6, dtype=torch.float64)
+    y = (x[:, :3] + 0.3 * torch.randn(160, 3, dtype=torch.float64)).argmax(1)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3)).double()
+    batches = [(x[i:i + 20], y[i:i + 20]) for i in range(0, 160, 20)]
+    tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, batches,
+                                 num_classes=classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    shares = []
+    for t in range(3):
+        with torch.no_grad():
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none") / len(y)
+        before = losses
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:40]), y[:40]).backward()
+        with tracker.step():
+            opt.step()
+        with torch.no_grad():
+            after = nn.functional.cross_entropy(model(x), y, reduction="none") / len(y)
+        shares.append((before, after))
+    assert len(seen) == 3
+    for (l0, l1, strata, g0, g1, cov), (before, after) in zip(seen, shares):
+        for got, want in ((l0, before), (l1, after)):
+            assert got is not None
+            np.testing.assert_allclose(got.sum(), float(want.sum()), rtol=1e-12)
+            if classes is None:
+                direct = want.reshape(8, 20).sum(1).numpy()
+                np.testing.assert_allclose(got, direct, rtol=1e-10)
+            else:
+                for c in range(classes):
+                    np.testing.assert_allclose(got[np.asarray(strata) == c].sum(),
+                                               float(want[y == c].sum()), rtol=1e-10)
+        if cov is not None:
+            np.testing.assert_allclose(cov, (l1 - l0) - 0.5 * (g0 + g1).sum(1), rtol=1e-12)
+    assert any(s[-1] is not None for s in seen)
+
+
 def test_spread_about_a_covariate_is_hc3_and_leaves_out_what_it_cannot_use():
     """bars.spread with a covariate against a direct computation: residuals of
     the least-squares fit on [1, x] weighted by 1/(1 - h)², G - 2 degrees of
@@ -338,25 +420,36 @@ def test_spread_about_a_covariate_is_hc3_and_leaves_out_what_it_cannot_use():
         assert dof == 7
 
 
-def test_spread_pools_within_strata_and_merges_lone_groups():
+def test_spread_pools_within_strata_and_takes_small_ones_together():
     """bars.spread against a direct computation: each stratum's n/(n-1)·Σ(c - c̄)²
-    added up, strata of one group merged (together, or into the first other
-    stratum when alone), and a label array of the wrong shape named."""
+    added up, labels taken together in order until a stratum holds MIN_STRATUM
+    (4) groups (the last few into the stratum before), each tensor's √V̂ widened
+    by t(ν)/t(G - H) at its Welch–Satterthwaite ν; a label array of the wrong
+    shape named."""
     rng = np.random.default_rng(0)
-    c = rng.normal(size=(7, 3))
+    c = rng.normal(size=(11, 3)) * np.r_[np.ones(8), 5.0, 5.0, 5.0][:, None]
 
     def pooled(parts):
-        return np.sqrt(sum(len(p) / (len(p) - 1) * ((c[p] - c[p].mean(0)) ** 2).sum(0)
-                           for p in parts))
-    sd, dof = bars.spread(c, [0, 0, 1, 1, 1, 2, 3])        # 2 and 3 alone: together
-    np.testing.assert_allclose(sd, pooled([[0, 1], [2, 3, 4], [5, 6]]))
-    assert dof == 4
-    sd, dof = bars.spread(c, [0, 0, 0, 1, 1, 1, 2])        # 2 alone: into stratum 0
-    np.testing.assert_allclose(sd, pooled([[0, 1, 2, 6], [3, 4, 5]]))
-    assert dof == 5
+        terms = [len(p) / (len(p) - 1) * ((c[p] - c[p].mean(0)) ** 2).sum(0) for p in parts]
+        var = np.sum(terms, 0)
+        nu = np.floor(var ** 2 / np.sum([t ** 2 / (len(p) - 1) for t, p in zip(terms, parts)],
+                                        0))
+        dof = len(c) - len(parts)
+        widen = [bars.t975(int(min(n, dof))) / bars.t975(dof) for n in nu]
+        return np.sqrt(var) * widen, dof
+    # labels 0,0 | 1,1,1 | 2 | 3,3,3,3,3: {0, 1} (5 groups), {2, 3} (6 groups)
+    labels = [0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 3]
+    sd, dof = bars.spread(c, labels)
+    want, want_dof = pooled([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10]])
+    np.testing.assert_allclose(sd, want)
+    assert dof == want_dof == 9
+    # a last stratum too small joins the one before: {0..4}, {5..10}
+    sd, dof = bars.spread(c, [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2])
+    np.testing.assert_allclose(sd, pooled([[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10]])[0])
+    assert dof == 9
     sd, dof = bars.spread(c, None)
-    np.testing.assert_allclose(sd, pooled([list(range(7))]))
-    assert dof == 6
+    np.testing.assert_allclose(sd, np.sqrt(11 / 10 * ((c - c.mean(0)) ** 2).sum(0)))
+    assert dof == 10
     with pytest.raises(ValueError, match="strata has shape"):
         bars.spread(c, [0, 1])
 
