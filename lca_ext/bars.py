@@ -233,8 +233,8 @@ def spread(c: np.ndarray, strata=None, covariate=None) -> Tuple[np.ndarray, int]
     e_g weighted by 1/(1 − h_g)² (h_g its leverage; "HC3"):
     E[e_g²] ≥ (1 − h_g)²·Var(c_g) for a fixed design, so E[V̂] ≥ Var(Ê)
     whatever the groups' variances, with one degree of freedom less.  It is
-    used only where every stratum has MIN_STRATUM_FOR_COVARIATE groups (in
-    pairs the leverage of the strata alone, 1/2, doubles V̂), and left out
+    used only where every stratum has MIN_STRATUM groups (in pairs the
+    leverage of the strata alone, 1/2, doubled V̂), and left out
     where a group would carry nearly all of the fit (leverage above
     MAX_LEVERAGE) or the covariate is not finite or constant.
 
@@ -249,7 +249,7 @@ def spread(c: np.ndarray, strata=None, covariate=None) -> Tuple[np.ndarray, int]
     if G < 2:
         return np.full(c.shape[1:], np.inf), 0
     parts = strata_of(strata, G)
-    if covariate is not None and min(len(p) for p in parts) >= MIN_STRATUM_FOR_COVARIATE:
+    if covariate is not None and min(len(p) for p in parts) >= MIN_STRATUM:
         fitted = _regression_terms(c, parts, np.asarray(covariate, dtype=np.float64))
         if fitted is not None:
             return _welch(*fitted, parts)
@@ -258,8 +258,6 @@ def spread(c: np.ndarray, strata=None, covariate=None) -> Tuple[np.ndarray, int]
     return _welch(terms, G - len(parts), parts)
 
 
-# the covariate only where every stratum has this many groups at least
-MIN_STRATUM_FOR_COVARIATE = 4
 # a covariate that puts a group's leverage above this is left out of the
 # spread (1/(1 − h)² would make V̂ rest on that one group)
 MAX_LEVERAGE = 0.9

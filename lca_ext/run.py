@@ -44,7 +44,9 @@ class Run:
                                the rule's own embedded estimate (lca_ext.quadrature),
                                an upper estimate where Simpson beats the trapezoid
       tensor_bias, tensor_sd [T, K]   the bars' signed error estimate Ê and its
-                               standard error √V̂ (NaN without bars): sum_error()
+                               standard error √V̂ (NaN without bars; widened where
+                               strata leave it fewer degrees of freedom than
+                               bar_dof, lca_ext.bars.spread): sum_error()
       counts [T, K, 4]         helped / hurt / zero / nonfinite per tensor
       row_sums [T, R]          LCA per neuron (rows of dim 0), tensors concatenated
       histogram [T, K, B + 2]  LCA value counts over ``bin_edges`` (+ under/overflow)
