@@ -185,8 +185,8 @@ def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.nda
 
 def strata_of(strata, groups: int) -> list:
     """The groups' indices by stratum: ``strata`` [G] labels (None: one
-    stratum), strata of one group merged (they have no spread of their own:
-    together, or into the first other stratum if only one)."""
+    stratum), labels taken together in order until a stratum holds
+    MIN_STRATUM groups (the last few join the stratum before)."""
     if strata is None:
         return [np.arange(groups)]
     labels = np.asarray(strata)
