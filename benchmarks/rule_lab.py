@@ -18,7 +18,13 @@ Simpson (the truth, up to ``Recorded.convergence``): passes, per-tensor error
 over the tensors carrying >= 1% of a step, and how often ``tensor_error`` covers.
 
     python benchmarks/rule_lab.py record mlp cnn_bn vit gpt2   # ~minutes, once
+    LAB_STEPS=0-29 python benchmarks/rule_lab.py extend cnn_bn # add the steps missing
     python benchmarks/rule_lab.py replay                       # seconds
+
+``record`` takes LAB_STEPS (default: the 8 steps below, which over-weight the
+curved first ones); ``extend`` records the LAB_STEPS a recording lacks and
+merges them in, so a family can hold every step of its first 30, whose
+from-step-5 figures are then a percentile over 25 steps instead of 4.
 
 Recordings go to benchmarks/results/lab/<family>.npz (not in git: rerun
 ``record``).  benchmarks/test_bench_rule_lab.py drives both for the benchmark.
@@ -336,14 +342,47 @@ def oracle(recs: Sequence[Recorded], tol: float = 0.01) -> np.ndarray:
     return np.asarray(out)
 
 
+def parse_steps(text: str) -> tuple:
+    """LAB_STEPS: "0,2,5,17" or ranges "0-29" (inclusive), comma-separated."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += range(int(lo), int(hi) + 1)
+        elif part:
+            out.append(int(part))
+    return tuple(sorted(set(out)))
+
+
+def extend(name: str, steps: Sequence[int], grid: int = GRID) -> List[Recorded]:
+    """Record the ``steps`` that benchmarks/results/lab/<name>.npz lacks (the
+    family retrained from its seed: the same trajectory) and merge them in."""
+    path = os.path.join(LAB_DIR, f"{name}.npz")
+    held = load(path) if os.path.exists(path) else []
+    if held and held[0].grid != grid:
+        raise ValueError(f"{path} is on a grid of {held[0].grid}; LAB_GRID={grid}")
+    missing = sorted(set(steps) - {r.step for r in held})
+    if missing:
+        held += record(fidelity.FAMILIES[name](), steps=missing, grid=grid)
+        held.sort(key=lambda r: r.step)
+        save(held, path)
+    return held
+
+
 def _main(argv):
     import lca_ext
     from lca_ext.rules import RULES
+    if argv and argv[0] == "extend":
+        grid = int(os.environ.get("LAB_GRID", GRID))
+        steps = parse_steps(os.environ.get("LAB_STEPS", "0-29"))
+        for name in argv[1:]:
+            recs = extend(name, steps, grid)
+            print(name, "holds", [r.step for r in recs], flush=True)
+        return
     if argv and argv[0] == "record":
         # LAB_GRID, LAB_STEPS (e.g. "0,2,5,17") shorten a slow family's recording
         grid = int(os.environ.get("LAB_GRID", GRID))
-        steps = tuple(int(s) for s in os.environ.get("LAB_STEPS", "").split(",") if s) \
-            or LAB_STEPS
+        steps = parse_steps(os.environ.get("LAB_STEPS", "")) or LAB_STEPS
         for name in argv[1:]:
             try:
                 recs = record(fidelity.FAMILIES[name](), steps=steps, grid=grid)

@@ -42,7 +42,7 @@ The groups are the LCA set's batches (the tracker cuts a tensor pair into at
 least ``groups``), or in per-class mode the units: each class's part of a batch
 (lca_ext.classes; the classes themselves, unequal and few, gave too short an
 interval; with BatchNorm on batch statistics, the batches: bars, but no
-two-pass stage); under DDP every rank's (lca_ext.path.GroupProbe); under
+two-pass stage); under DDP every rank's (lca_ext.group_probe.GroupProbe); under
 FSDP2 the rounds, every rank's r-th batch run together (lca_ext.distributed;
 no two-pass stage there).  Where no groups can be had (fewer than two), the
 step keeps the certified rule's own estimate as its

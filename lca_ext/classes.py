@@ -76,7 +76,7 @@ def class_pass(ev, point, classes: Sequence[int], grad_out, weight: float, probe
     """One pass over the set: ``grad_out[k][j] += weight/W · d(share of
     classes[j])/dθ_k`` (forward only when grad_out is None); returns
     (Σ w·loss, Σ w) over these classes (tensors).  ``probe``
-    (lca_ext.path.GroupProbe, all classes): every class gradient part also goes
+    (lca_ext.group_probe.GroupProbe, all classes): every class gradient part also goes
     to ``probe.add(unit, grads, weight/W, slot=j)``; with ``point`` None,
     each unit runs at ``probe.point(unit)`` (a mixed pass)."""
     if not getattr(ev.batch_loss, "classic", False):

@@ -321,7 +321,7 @@ def sharded_pass(ev, point, grad_out, weight, probe=None) -> tuple:
     whole-set gradient of its shard.  The training's ``.grad`` tensors are
     set aside (not copied) and put back; module buffers are restored.
 
-    ``probe`` (lca_ext.path.GroupProbe): the bars' groups are the *rounds*
+    ``probe`` (lca_ext.group_probe.GroupProbe): the bars' groups are the *rounds*
     (round r: every rank's r-th batch, one forward together); each round's
     gradient shard goes to ``probe.add(r, ...)`` (the probe sums the shards'
     samples over the ranks); with ``point`` None, round r runs at

@@ -444,7 +444,7 @@ class Evaluator:
 
     def _pass_local(self, point, grad_out, weight, probe=None) -> tuple:
         """(Σ weight·loss, Σ weight) over the set (all ranks); gradients added.
-        ``probe`` (lca_ext.path.GroupProbe): each batch's gradient is also
+        ``probe`` (lca_ext.group_probe.GroupProbe): each batch's gradient is also
         handed to ``probe.add(i, grads, 1/W)`` (batch i is group i); with
         ``point`` None, batch i runs at ``probe.point(i)`` (a mixed pass)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -571,7 +571,7 @@ class Evaluator:
         class c's share of the mean loss, (1/W) Σ w·loss over class c's targets
         (lca_ext.classes says how the set is split).  Returns the classes' part
         of the mean loss: over every class, the whole-set loss, and the class
-        gradients add up to its gradient.  ``probe`` (lca_ext.path.GroupProbe):
+        gradients add up to its gradient.  ``probe`` (lca_ext.group_probe.GroupProbe):
         each unit's gradient is handed to it too (lca_ext.classes)."""
         if self.ctx.sharded:
             raise NotImplementedError("lca_ext: per-class LCA is not supported with FSDP2 "

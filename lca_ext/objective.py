@@ -3,7 +3,7 @@ and what it holds between steps: g(θ_t) and the loss there (reused from the
 previous step's end point), the class losses in per-class mode, and each LCA
 group's gradient at θ_t for the default rule's two-pass stage
 (lca_ext.budget_rule), and its pass account (lca_ext.pass_account).  Buffers come from and go back to the tracker's
-lca_ext.path.BufferPool."""
+lca_ext.buffer_pool.BufferPool."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -13,7 +13,7 @@ import torch
 
 from .evaluate import Evaluator
 from .pass_account import PassAccount
-from .path import BufferPool
+from .buffer_pool import BufferPool
 from .rule_options import RuleOptions
 
 

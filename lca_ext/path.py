@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .buffer_pool import BufferPool
+from .group_probe import GroupProbe
 from .lca_set import nonfinite_in
 
 # unit roundoff of a pass's arithmetic (bf16/fp16 only under autocast or 16-bit passes)
@@ -38,147 +40,6 @@ _PARAMETER_ADVICE = (
     "A NaN/Inf parameter element gives NaN LCA even where the LCA set never reads it "
     "(NaN·0); fix the parameter (or exclude the tensor from tracking with "
     "requires_grad=False) before tracking this step")
-
-
-class BufferPool:
-    """Gradient-sized buffers of one parameter list (float32, float64 for
-    float64 parameters), with an optional leading class dimension, recycled."""
-
-    def __init__(self, params: Sequence[torch.Tensor]):
-        self.params = list(params)
-        self._spares: Dict[int, List[List[torch.Tensor]]] = {}
-        # bytes of one class's (one parameter-shaped) gradient buffer
-        self.one_buffer = sum(p.numel() * (8 if p.dtype == torch.float64 else 4)
-                              for p in self.params)
-
-    def new(self, classes: int = 0) -> List[torch.Tensor]:
-        lead = (classes,) if classes else ()
-        return [torch.zeros((*lead, *p.shape), device=p.device,
-                            dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-                for p in self.params]
-
-    def take(self, classes: int = 0) -> List[torch.Tensor]:
-        """A zeroed buffer (a spare one if there is one)."""
-        pool = self._spares.setdefault(classes, [])
-        if not pool:
-            return self.new(classes)
-        buf = pool.pop()
-        torch._foreach_zero_(buf)
-        return buf
-
-    def give(self, buf: List[torch.Tensor]) -> None:
-        stacked = buf[0].dim() > self.params[0].dim()
-        self._spares.setdefault(buf[0].shape[0] if stacked else 0, []).append(buf)
-
-    def clear(self) -> None:
-        self._spares.clear()
-
-    def class_total(self, stacked: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Σ over classes of a per-class buffer: the whole-set quantity."""
-        total = self.take()
-        for t, s in zip(total, stacked):
-            torch.sum(s, 0, out=t)
-        return total
-
-
-class GroupProbe:
-    """Collects each group's samples Δθ·g_i during a pass (a group: a batch of
-    the LCA set, or in per-class mode a class's part of a batch); for a mixed
-    pass also gives each group its own point (``points[i]``: a fraction of the
-    step).  Under DDP it sees this rank's batches, i local: their global index
-    is ``path.group_offset + i``, and :meth:`array` sums every rank's rows."""
-
-    def __init__(self, path: "StepPath", groups: int, points: Optional[np.ndarray] = None,
-                 keep: int = 0, total: Optional[List[torch.Tensor]] = None,
-                 samples: bool = True, weights: Optional[np.ndarray] = None):
-        self._path = path
-        self._points = points
-        self._offset = path.group_offset
-        self.samples: Dict[int, torch.Tensor] = {}
-        self.groups = groups
-        # each group's gradient, kept while at most ``keep`` groups come (None:
-        # not kept, or more came: given back)
-        self.kept: Optional[List[List[torch.Tensor]]] = [] if keep else None
-        self._keep = keep
-        self._total = total         # the pass's whole gradient (a mixed pass's),
-        self._weights = weights     # each group's part x its weight (None: 1)
-        self._with_samples = samples
-        # each group's share of the set's loss at the pass's point (where the pass
-        # gives it: lca_ext.budget_rule's covariate for the bars' spread)
-        self.losses: Dict[int, torch.Tensor] = {}
-
-    def point(self, i: int) -> List[torch.Tensor]:
-        if self._offset + i >= len(self._points):
-            raise RuntimeError("lca_ext: the LCA set has more batches now than when the "
-                               "step began; it must be the same at every point of a step")
-        return self._path.point(float(self._points[self._offset + i]))
-
-    def add(self, i: int, grads: List[torch.Tensor], scale: float,
-            slot: Optional[int] = None, after: Optional[List[torch.Tensor]] = None,
-            loss: Optional[torch.Tensor] = None) -> None:
-        """Group i's gradient part (x ``scale``); ``slot``: its class, where the
-        pass's whole gradient is class-stacked (per-class mode); ``after``: where
-        θ_{t+1}'s values are while a pass has swapped the point into the live
-        parameters (FSDP2, lca_ext.distributed.sharded_pass); ``loss``: the value
-        ``grads`` is the gradient of (x ``scale``: the group's share of the loss)."""
-        p = self._path
-        if loss is not None and self._keep:        # (kept groups only: the two-pass stage)
-            share = loss.detach().double() * scale
-            self.losses[i] = share if i not in self.losses else self.losses[i] + share
-        if self._with_samples:
-            part = p._kernels.allocate(p.theta_t, after or p.after, grads).sums * scale
-            self.samples[i] = part if i not in self.samples else self.samples[i] + part
-        if self.kept is not None:
-            while len(self.kept) <= i and len(self.kept) < self._keep:
-                self.kept.append(p._pool.take())
-            if i < len(self.kept):
-                p._kernels.accumulate_(self.kept[i], grads, scale)
-            else:                   # more groups than the memory allows: keep none
-                for buf in self.kept:
-                    p._pool.give(buf)
-                self.kept = None
-        if self._total is not None:
-            total = self._total if slot is None else [t[slot] for t in self._total]
-            w = 1.0 if self._weights is None else float(self._weights[self._offset + i])
-            p._kernels.accumulate_(total, grads, scale * w)
-
-    def array(self) -> np.ndarray:
-        """[G, K] float64 (one host copy; under DDP every rank's rows, summed)."""
-        p = self._path
-        rows = [self._offset + i for i in self.samples]
-        bad = any(g >= self.groups for g in rows) or not (self.samples or p._ctx.world > 1)
-        if p._ctx.world > 1:        # every rank raises, or none (no rank left waiting)
-            bad = p._ctx.max_int(int(bad)) > 0
-        if bad:
-            raise RuntimeError(f"lca_ext: a pass saw groups {sorted(rows)}, expected "
-                               f"0..{self.groups - 1}: the LCA set must be the same batches "
-                               "at every point of a step")
-        # (a class with no example in the set has no part: its samples are 0)
-        out = torch.zeros(self.groups, len(p.theta_t), dtype=torch.float64,
-                          device=p.theta_t[0].device)
-        for g, v in zip(rows, self.samples.values()):
-            out[g] = v.double()
-        if p._ctx.world > 1:
-            p._ctx.sum_(out)
-        return out.cpu().numpy()
-
-    def loss_array(self) -> Optional[np.ndarray]:
-        """[G] each group's share of the set's loss (every rank's), or None
-        where the pass gave none for some group (on any rank)."""
-        p = self._path
-        # row 0: the losses; row 1: which groups gave one (one all-reduce)
-        both = torch.zeros(2, self.groups, dtype=torch.float64, device=p.theta_t[0].device)
-        # (this rank's first group counted now: a start pass in per-class mode
-        # counts its units as it goes)
-        offset = p.group_offset
-        for i, v in self.losses.items():
-            if offset + i < self.groups:
-                both[0, offset + i] = v
-                both[1, offset + i] = 1.0
-        if p._ctx.world > 1:
-            p._ctx.sum_(both)
-        both = both.cpu().numpy()
-        return both[0] if (both[1] > 0).all() else None
 
 
 class StepPath:
@@ -204,7 +65,9 @@ class StepPath:
         self.group_start_losses = group_start_losses if group_start is not None else None
         self.group_end_losses: Optional[np.ndarray] = None
         self._names = list(names) if names is not None else None
-        self._ev, self._kernels, self._ctx, self._pool = evaluator, kernels, ctx, pool
+        self._ev = evaluator
+        # (public: the group probe works through them, lca_ext.group_probe)
+        self.kernels, self.ctx, self.pool = kernels, ctx, pool
         self.theta_t, self.after = theta_t, after
         self.g_start, self.loss_start = g_start, loss_start
         self.class_loss_start = class_loss_start
@@ -239,8 +102,8 @@ class StepPath:
             labels = np.zeros(self.groups)
             labels[self.group_offset:self.group_offset + len(slots)] = \
                 np.asarray(slots, dtype=np.float64) + 1.0
-            if self._ctx.world > 1:
-                labels = self._ctx.sum_(torch.from_numpy(labels).to(self.theta_t[0].device)
+            if self.ctx.world > 1:
+                labels = self.ctx.sum_(torch.from_numpy(labels).to(self.theta_t[0].device)
                                         ).cpu().numpy()
             self._strata = labels.astype(np.int64) - 1
         return self._strata
@@ -258,7 +121,7 @@ class StepPath:
     def _most_local_groups(self) -> int:
         """The most groups one rank holds (what it must keep), 0 before they
         are counted; the same on every rank."""
-        if self._ctx.world == 1:
+        if self.ctx.world == 1:
             return self.groups
         self.groups                                # (counts every rank's, once known)
         return (self._ev.unit_counts if self._classes else self._ev.batch_counts).most()
@@ -268,18 +131,18 @@ class StepPath:
     @property
     def one_buffer(self) -> int:
         """Bytes of one gradient buffer of this path (per-class: all classes)."""
-        return self._pool.one_buffer * max(1, self._classes)
+        return self.pool.one_buffer * max(1, self._classes)
 
     def buffer(self) -> List[torch.Tensor]:
         """A zeroed gradient buffer (class-stacked in per-class mode)."""
-        return self._pool.take(self._classes)
+        return self.pool.take(self._classes)
 
     def release(self, buf) -> None:
-        self._pool.give(buf)
+        self.pool.give(buf)
 
     def accumulate(self, dst, src, weight: float) -> None:
         """dst += weight·src."""
-        self._kernels.accumulate_(dst, src, weight)
+        self.kernels.accumulate_(dst, src, weight)
 
     def scale(self, buf, factor: float) -> None:
         torch._foreach_mul_(buf, factor)
@@ -298,7 +161,7 @@ class StepPath:
             return self.after
         if out is None:
             if self._point is None:
-                self._point = self._pool.take()
+                self._point = self.pool.take()
             out = self._point
         point = []
         for dst, a0, a1 in zip(out, self.theta_t, self.after):
@@ -320,7 +183,7 @@ class StepPath:
             # (groups unknown before the first pass: tried, and given back if more
             # come than keep_groups; known and too many: not tried)
             keep = self.keep_groups > 0 and f in (0.0, 1.0) and self.group_end is None \
-                and not self._ctx.sharded and self._most_local_groups() <= self.keep_groups \
+                and not self.ctx.sharded and self._most_local_groups() <= self.keep_groups \
                 and (not self._classes or (self._ev.class_groups_supported()
                                            and self._ev.class_units_pure()))
             probe = GroupProbe(self, self.groups, keep=self.keep_groups if keep else 0,
@@ -338,14 +201,14 @@ class StepPath:
             if keep:
                 kept = probe.kept
                 ok = kept is not None and len(kept) == self._local_groups and self.groups >= 2
-                if self._ctx.world > 1:             # every rank keeps, or none
-                    ok = self._ctx.max_int(0 if ok else 1) == 0
+                if self.ctx.world > 1:             # every rank keeps, or none
+                    ok = self.ctx.max_int(0 if ok else 1) == 0
                 if ok:
                     self.group_end = kept
                     self.group_end_losses = probe.loss_array()
                 else:
                     for buf in kept or ():
-                        self._pool.give(buf)
+                        self.pool.give(buf)
         if out is not None:
             self.passes += 1
         if not math.isfinite(loss):
@@ -399,11 +262,11 @@ class StepPath:
         """φ of one gradient buffer: [C, K] for class stacks, [1, K] otherwise
         (whole-model values: summed over FSDP2 shards)."""
         if buf[0].dim() > self.theta_t[0].dim():
-            sums = self._kernels.allocate_classes(self.theta_t, self.after, buf).sums
+            sums = self.kernels.allocate_classes(self.theta_t, self.after, buf).sums
         else:
-            sums = self._kernels.allocate(self.theta_t, self.after, buf).sums[None]
-        if self._ctx.sharded:
-            sums = self._ctx.sum_(sums.clone())
+            sums = self.kernels.allocate(self.theta_t, self.after, buf).sums[None]
+        if self.ctx.sharded:
+            sums = self.ctx.sum_(sums.clone())
         out = sums.double().cpu().numpy()
         if not np.isfinite(out).all():
             self._refuse_nonfinite(buf, out)
@@ -445,8 +308,8 @@ class StepPath:
             phi = np.zeros((self.groups, len(self.theta_t)))
             for g, buf in enumerate(self.group_start):
                 phi[self.group_offset + g] = self.dots(buf)[0]
-            if self._ctx.world > 1:
-                phi = self._ctx.sum_(torch.from_numpy(phi).to(self.theta_t[0].device)
+            if self.ctx.world > 1:
+                phi = self.ctx.sum_(torch.from_numpy(phi).to(self.theta_t[0].device)
                                      ).cpu().numpy()
             self._group_phi[0.0] = phi
         return self._group_phi[f]
@@ -457,7 +320,7 @@ class StepPath:
         every rank's rule must decide alike)."""
         if self.group_start is None:
             return 0
-        return 2 * self._most_local_groups() * self._pool.one_buffer
+        return 2 * self._most_local_groups() * self.pool.one_buffer
 
     def group_losses(self, f: float) -> Optional[np.ndarray]:
         """[G] each group's share of the set's loss at θ_t (f = 0) or θ_{t+1}
@@ -480,14 +343,14 @@ class StepPath:
         Per-class mode: each unit's term goes to its class's slot of ``out``."""
         slots = self._ev.class_unit_slots if self._classes else None
         # (DDP: each rank adds its own groups' terms, summed over ranks)
-        self._ctx.replicated_grads_(out, before=True)
+        self.ctx.replicated_grads_(out, before=True)
         for g, buf in enumerate(self.group_start):
             u = float(points[self.group_offset + g])
             w = float(weights[self.group_offset + g])
             dst = out if slots is None else [t[slots[g]] for t in out]
             self.accumulate(dst, buf, 0.5 - w * (1.0 - u))
             self.accumulate(dst, self.group_end[g], 0.5 - w * u)
-        self._ctx.replicated_grads_(out, before=False)
+        self.ctx.replicated_grads_(out, before=False)
 
     def mixed(self, points: np.ndarray, out=None,
               weights: Optional[np.ndarray] = None) -> np.ndarray:
@@ -496,13 +359,13 @@ class StepPath:
         gradient is added to, group i's x ``weights[i]`` (None: 1)."""
         probe = GroupProbe(self, self.groups, points, total=out, weights=weights)
         if out is not None:        # (DDP: this rank's groups' part, summed over ranks)
-            self._ctx.replicated_grads_(out, before=True)
+            self.ctx.replicated_grads_(out, before=True)
         if self._classes:
             self._ev.class_probe_pass(probe)
         else:
             self._ev.probe_pass(probe)
         if out is not None:
-            self._ctx.replicated_grads_(out, before=False)
+            self.ctx.replicated_grads_(out, before=False)
         self.passes += 1
         return probe.array()
 
@@ -518,7 +381,7 @@ class StepPath:
     # -- per-class LCA outside per-class mode (lca_ext.quadrature.recomputed_classes) ---
 
     def class_stack(self, n: int) -> List[torch.Tensor]:
-        return self._pool.new(n)
+        return self.pool.new(n)
 
     def class_grads(self, f: float, classes, out, weight: float) -> np.ndarray:
         """weight x each class's gradient at f into ``out`` [len(classes), ...];
@@ -532,7 +395,7 @@ class StepPath:
 
     def class_sums(self, stacked):
         """(per-class per-tensor sums [C, K], counts [C, K, 4]) of a class stack."""
-        res = self._kernels.allocate_classes(self.theta_t, self.after, stacked)
+        res = self.kernels.allocate_classes(self.theta_t, self.after, stacked)
         return res.sums.cpu().numpy(), res.counts.cpu().numpy()
 
     def check_class_split(self, split_loss: float) -> None:
@@ -541,5 +404,5 @@ class StepPath:
     def close(self) -> None:
         """Give the point buffer back to the pool."""
         if self._point is not None:
-            self._pool.give(self._point)
+            self.pool.give(self._point)
             self._point = None

@@ -66,7 +66,8 @@ from .flags import StepFlags
 from .lca_set import LCASet
 from .objective import Objective
 from .params import ParameterSet, check_layout, layout
-from .path import BufferPool, StepPath
+from .buffer_pool import BufferPool
+from .path import StepPath
 from .rule_options import RuleOptions, rule_options
 from .run import Run, load_run  # noqa: F401  (a run is plain data: lca_ext/run.py)
 from .statistics import Statistics, StatsOptions, stats_options
