@@ -14,7 +14,7 @@ from lca_ext.budget_rule import budget
 from lca_ext.pass_account import MIN_PASSES, PassAccount
 
 from helpers import relu_classifier
-from test_bars import SyntheticPath
+from synthetic_path import SyntheticPath
 
 C = 4
 
