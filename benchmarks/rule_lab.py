@@ -354,13 +354,15 @@ def parse_steps(text: str) -> tuple:
     return tuple(sorted(set(out)))
 
 
-def extend(name: str, steps: Sequence[int], grid: int = GRID) -> List[Recorded]:
+def extend(name: str, steps: Sequence[int], grid: Optional[int] = None) -> List[Recorded]:
     """Record the ``steps`` that benchmarks/results/lab/<name>.npz lacks (the
-    family retrained from its seed: the same trajectory) and merge them in."""
+    family retrained from its seed: the same trajectory) and merge them in, on
+    the recording's own grid (``grid``: only for a family not yet recorded)."""
     path = os.path.join(LAB_DIR, f"{name}.npz")
     held = load(path) if os.path.exists(path) else []
-    if held and held[0].grid != grid:
+    if held and grid is not None and held[0].grid != grid:
         raise ValueError(f"{path} is on a grid of {held[0].grid}; LAB_GRID={grid}")
+    grid = held[0].grid if held else (grid or GRID)
     missing = sorted(set(steps) - {r.step for r in held})
     if missing:
         held += record(fidelity.FAMILIES[name](), steps=missing, grid=grid)
@@ -373,7 +375,7 @@ def _main(argv):
     import lca_ext
     from lca_ext.rules import RULES
     if argv and argv[0] == "extend":
-        grid = int(os.environ.get("LAB_GRID", GRID))
+        grid = int(os.environ["LAB_GRID"]) if "LAB_GRID" in os.environ else None
         steps = parse_steps(os.environ.get("LAB_STEPS", "0-29"))
         for name in argv[1:]:
             recs = extend(name, steps, grid)

@@ -202,8 +202,9 @@ def ungrounded_message(opts: RuleOptions, unit_roundoff: float, name: str, step:
                      "limits this step. Run the passes in float32 (pass_dtype=torch.float32, "
                      "autocast=None; on a GPU torch.backends.cuda.matmul.allow_tf32 = False)")
         else:
-            cause = ("the rounding of float32 passes limits this step (ΔL is within "
-                     f"{ROUNDING_MARGIN}x the loss's float32 noise floor). Run the passes in "
+            cause = ("the rounding of float32 passes limits this step (|ΣLCA − ΔL| is "
+                     "within the loss's float32 noise floor, or stopped shrinking under "
+                     f"refinement within {ROUNDING_MARGIN}x it). Run the passes in "
                      "float64 (pass_dtype=torch.float64)")
         knobs = "bar_rtol, rtol" if opts.method == "budget" else "tensor_rtol, rtol"
         why = (f"the error is at the passes' rounding floor, where refining cannot shrink "
