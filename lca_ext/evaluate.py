@@ -74,10 +74,14 @@ def classic_batch_loss(loss_fn: Callable) -> Callable:
     by the number of examples ``y.shape[0]``."""
     def batch_loss(model, batch):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            # (a tuple of 1 or 3 tensors as lca_data is read as a list of batches)
+            hint = (" (lca_data given as a tuple or list of tensors is a set only as "
+                    "exactly (inputs, targets); any other length is read as a list of "
+                    "batches, each one tensor)") if isinstance(batch, torch.Tensor) else ""
             raise ValueError("lca_ext: with loss_fn, every LCA batch must be an (inputs, "
-                             f"targets) pair; got a {type(batch).__name__}. For other "
-                             "batches pass batch_loss=f, f(model, batch) -> mean loss "
-                             "or (mean loss, weight)")
+                             f"targets) pair; got a {type(batch).__name__}{hint}. For "
+                             "other batches pass batch_loss=f, f(model, batch) -> mean "
+                             "loss or (mean loss, weight)")
         x, y = batch
         return loss_fn(model(x), y), y.shape[0]
     batch_loss.classic = True

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import arguments
 from . import distributed as dist_support
 from . import kernels
 from . import quadrature, rules
@@ -201,13 +202,8 @@ class LCATracker:
                  store: Union[None, str, os.PathLike, StoreOptions, dict] = None,
                  resume: Optional[bool] = None, state_every: Optional[int] = None,
                  reuse_gradients: bool = True, distributed=None, shard_lca_data: bool = True):
-        if (loss_fn is None) == (batch_loss is None):
-            raise ValueError("lca_ext.LCATracker: give exactly one of loss_fn "
-                             "(loss_fn(model(x), y)) and batch_loss (batch_loss(model, "
-                             "batch)); got " + ("both" if loss_fn is not None else "neither"))
-        if lca_data is None:
-            raise ValueError("lca_ext.LCATracker: lca_data is required (the fixed set whose "
-                             "loss change is allocated)")
+        schedule = arguments.check(model, loss_fn, batch_loss, lca_data, schedule,
+                                   batch_size, num_classes)
         # the options, grouped by concern: the rule, the statistics, the store
         self.rule = rule_options(rule, method=method, rtol=rtol, atol=atol,
                                             max_splits=max_splits)
@@ -215,9 +211,6 @@ class LCATracker:
                                    oscillation=oscillation, frames=frames,
                                    frame_every=frame_every)
         store_opts = store_options(store, resume=resume, state_every=state_every)
-        if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
-            raise ValueError(f"lca_ext.LCATracker: num_classes={num_classes!r}; "
-                             "expected an int >= 1")
         model = dist_support.unwrap(model)   # DDP: track (and evaluate) .module
         self.model = model
         self.ctx = dist_support.context(model, distributed)
@@ -248,8 +241,7 @@ class LCATracker:
             for name, data in sets.items()]
         for obj in self.objectives:
             obj.evaluator.check_examples()  # interacting examples; reduction='sum' refused
-        self.schedule = schedule if schedule is None or isinstance(schedule, int) \
-            else frozenset(schedule)
+        self.schedule = schedule            # None, an int k, or a frozenset of steps
         self.num_classes = num_classes
         self.class_memory_budget = class_memory_budget
         self.reuse_gradients = reuse_gradients

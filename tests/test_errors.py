@@ -235,3 +235,63 @@ def test_a_loss_that_sums_is_refused_when_the_tracker_is_built():
         def forward(self, inp):
             return self.mix @ self.lin(inp)
     lca_ext.LCATracker(WholeBatch(), F.cross_entropy, (x, y), batch_size=64)
+
+
+TRACKER_MISTAKES = [
+    # (what a new user passed, LCATracker keywords, the message's pattern)
+    ("schedule=0", dict(schedule=0), r"schedule=0; expected None .* an int k >= 1"),
+    ("schedule=-2", dict(schedule=-2), r"schedule=-2; expected"),
+    ("a negative step index", dict(schedule=[0, -1]), r"schedule holds \[-1\]; step indices"),
+    ("a float step index", dict(schedule=[0.5]), r"schedule holds \[0.5\]"),
+    ("batch_size=0", dict(batch_size=0), r"batch_size=0; expected None .* an int >= 1"),
+    ("the loss class, not an instance", dict(loss_fn=torch.nn.CrossEntropyLoss),
+     r"loss_fn=CrossEntropyLoss is a class; pass an instance \(loss_fn=CrossEntropyLoss\(\)\)"),
+    ("the optimizer as the loss", dict(loss_fn="optimizer"),
+     r"loss_fn is an optimizer \(SGD\); pass the loss"),
+    ("model.parameters() as the model", dict(model="parameters"),
+     r"model must be a torch.nn.Module; got a generator .*pass the model itself"),
+    ("a tuple of one tensor as the set", dict(lca_data="one tensor"),
+     r"got a Tensor \(lca_data given as a tuple .* exactly \(inputs, targets\)"),
+]
+
+
+@pytest.mark.parametrize("what,kw,pattern", TRACKER_MISTAKES, ids=[c[0] for c in TRACKER_MISTAKES])
+def test_tracker_mistakes_are_refused_with_the_argument_named(what, kw, pattern):
+    """A new user's mistakes (found by a trial on models the tests never used):
+    each used to crash at the first step from deep inside torch (schedule=0:
+    ZeroDivisionError; batch_size=0: range(); a loss class: 'Boolean value of
+    Tensor ...') or was silently accepted (schedule=-2 tracked steps 0 and 2)."""
+    import torch.nn.functional as F
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    kw = dict(kw)
+    args = dict(model=model, loss_fn=F.cross_entropy, lca_data=(x, y))
+    if kw.get("loss_fn") == "optimizer":
+        kw["loss_fn"] = torch.optim.SGD(model.parameters(), lr=0.1)
+    if kw.get("model") == "parameters":
+        kw["model"] = model.parameters()
+    if kw.get("lca_data") == "one tensor":
+        kw["lca_data"] = (x,)
+    args.update(kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        tracker = lca_ext.LCATracker(args.pop("model"), args.pop("loss_fn"),
+                                     args.pop("lca_data"), **args)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with tracker.step():
+            opt.step()
+
+
+def test_a_schedule_iterator_is_read_once_and_kept():
+    import torch.nn.functional as F
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    tracker = lca_ext.LCATracker(model, F.cross_entropy, (x, y), schedule=iter([0, 2]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with tracker.step():
+            opt.step()
+    assert tracker.result().steps.tolist() == [0, 2]
