@@ -38,7 +38,7 @@ def lm_loss(model, batch):
 
 
 @pytest.mark.parametrize("lca_batches", [4, 16], ids=["512-tokens", "2048-tokens"])
-@pytest.mark.parametrize("method", ["certified", "adaptive", "simpson"])
+@pytest.mark.parametrize("method", ["budget", "certified", "adaptive", "simpson"])
 def test_tiny_gpt2_tracked_step(benchmark, method, lca_batches):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB,
