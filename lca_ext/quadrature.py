@@ -202,10 +202,12 @@ def ungrounded_message(opts: RuleOptions, unit_roundoff: float, name: str, step:
                      "limits this step. Run the passes in float32 (pass_dtype=torch.float32, "
                      "autocast=None; on a GPU torch.backends.cuda.matmul.allow_tf32 = False)")
         else:
-            cause = ("the rounding of float32 passes limits this step (|ΣLCA − ΔL| is "
-                     "within the loss's float32 noise floor, or stopped shrinking under "
-                     f"refinement within {ROUNDING_MARGIN}x it). Run the passes in "
-                     "float64 (pass_dtype=torch.float64)")
+            within = ("within the loss's float32 noise floor" if opts.method == "budget"
+                      else "within the tolerance plus the loss's float32 noise floor")
+            cause = (f"the rounding of float32 passes limits this step (|ΣLCA − ΔL| is "
+                     f"{within}, or stopped shrinking under refinement within "
+                     f"{ROUNDING_MARGIN}x it). Run the passes in float64 "
+                     "(pass_dtype=torch.float64)")
         knobs = "bar_rtol, rtol" if opts.method == "budget" else "tensor_rtol, rtol"
         why = (f"the error is at the passes' rounding floor, where refining cannot shrink "
                f"it: {cause}, or loosen the tolerances (RuleOptions {knobs})")

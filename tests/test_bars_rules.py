@@ -406,10 +406,12 @@ class _Float32Path(SyntheticPath):
 
 def test_a_total_error_above_the_rounding_floor_is_refined_not_blamed_on_rounding():
     """A step whose Simpson total misses ΔL by 5x the float32 floor of its
-    losses: that is quadrature error, which refinement shrinks, so it is
-    refined (not flagged noise_limited after Simpson's 3 passes, as a margin of
-    10x the floor taken at once did); within the floor itself it is flagged at
-    once.  The truth is exact here: the flags are checked against it."""
+    losses, or misses its tolerance by less than the floor while the error
+    itself is above it: that is quadrature error, which refinement shrinks, so
+    it is refined (not flagged noise_limited after Simpson's 3 passes, as a
+    margin of 10x the floor, or the tolerance plus the floor, taken at once
+    did: a GPT-2 step under the Trainer, 3.5% of ΔL off); within the floor
+    itself it is flagged at once.  The truth is exact here: the flags are checked against it."""
     refined = 0
     for i in range(60):
         probe = SyntheticPath(np.random.default_rng(i), jump=0.1, curve=0.0)
@@ -420,23 +422,24 @@ def test_a_total_error_above_the_rounding_floor_is_refined_not_blamed_on_roundin
         tol = lca_ext.RuleOptions().total_tolerance(d_loss, float(np.abs(value).sum()), 0.0)
         if err <= tol:
             continue                      # Simpson's total already within tolerance
-        for ratio, flagged_at_once in ((5.0, False), (0.5, True)):
-            # the floor 16·u·2·level = err / ratio
-            path = _Float32Path(np.random.default_rng(i), err / ratio / (32 * 2.0 ** -24),
+        # the floor 16·u·2·level: err / 5; err less half the tolerance (the miss of the
+        # tolerance is within the floor, but the error is not); twice err
+        for floor, flagged_at_once in ((err / 5, False), (err - tol / 2, False),
+                                       (2 * err, True)):
+            path = _Float32Path(np.random.default_rng(i), floor / (32 * 2.0 ** -24),
                                 jump=0.1, curve=0.0)
             res = budget(path, lca_ext.RuleOptions(seed=i, max_passes=8))
             at_once = res.noise_limited and path.passes == 3
-            assert at_once == flagged_at_once, (i, ratio, path.passes, res.noise_limited)
+            assert at_once == flagged_at_once, (i, floor, path.passes, res.noise_limited)
             if not flagged_at_once:
                 value = sum(w * path.phi(f).sum(0) for f, w in res.avg.items())
                 final = abs(float(value.sum()) - d_loss)
                 assert path.passes > 3
-                # grounded exactly where the exact total error is within tolerance
-                # (and the floor); otherwise flagged with a cause
-                floor = err / ratio
+                # grounded exactly where the exact total error is within tolerance;
+                # otherwise flagged with a cause
                 within = final <= lca_ext.RuleOptions().total_tolerance(
-                    d_loss, float(np.abs(value).sum()), floor) * (1 + 1e-9)
-                assert res.grounded == (within and not res.noise_limited), (i, final, err)
+                    d_loss, float(np.abs(value).sum()), 0.0) * (1 + 1e-9)
+                assert res.grounded == within, (i, final, err)
                 assert res.grounded or res.budget_limited or res.noise_limited
                 refined += 1
     assert refined >= 5
