@@ -43,7 +43,6 @@ deterministic function of θ (a clear error otherwise).
 """
 from __future__ import annotations
 
-import collections.abc as abc
 import contextlib
 import random
 from typing import Callable, List, Optional, Sequence
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import batch_checks
 from . import classes as per_class
 from . import kernels
 from .distributed import Context, RankCounts, sharded_pass
@@ -87,30 +87,6 @@ def classic_batch_loss(loss_fn: Callable) -> Callable:
     batch_loss.classic = True
     batch_loss.loss_fn = loss_fn
     return batch_loss
-
-
-def unbatched(batch, classic: bool = False) -> Optional[str]:
-    """Why ``batch`` looks like one unbatched example rather than a batch, or
-    None: a dict whose ``input_ids`` is 1-d (a token sequence; batches are
-    [batch, length]), or, with ``loss_fn``, an (x, y) pair with a 0-d target."""
-    what = None
-    if isinstance(batch, abc.Mapping):
-        ids = batch.get("input_ids")
-        if isinstance(ids, torch.Tensor) and ids.dim() == 1:
-            what = f"'input_ids' of shape {tuple(ids.shape)}"
-        elif isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], int):
-            what = "'input_ids' a list of ints"
-    elif classic and isinstance(batch, (tuple, list)) and len(batch) == 2 and \
-            isinstance(batch[1], torch.Tensor) and batch[1].dim() == 0:
-        what = "a 0-d target"
-    if what is None:
-        return None
-    return (f"is a single example ({what}), not a batch: the set is read as a sequence "
-            "of batches. Under the Hugging Face Trainer pass the examples to "
-            "LCACallback(lca_data=examples), which collates them like the trainer; "
-            "to LCATracker pass batches: a DataLoader(examples, batch_size=..., "
-            "collate_fn=...), an (inputs, targets) tensor pair, or a list of collated "
-            "batches")
 
 
 class _Bound(nn.Module):
@@ -356,7 +332,7 @@ class Evaluator:
         """The total weight, and the check that the loss is deterministic."""
         with self.quiet_model():
             self._reseed()
-            self._check_batches()
+            batch_checks.check_all(self)
             total, wsum = (sharded_pass(self, point, None, 1.0) if self.ctx.sharded
                            else self._pass_local(point, None, 1.0))     # forward only
         if wsum <= 0:
@@ -386,54 +362,11 @@ class Evaluator:
             self._check_same(check, loss)
         return loss
 
-    def _check_batches(self) -> None:
-        """check_batch on every batch of this rank's share, before any forward,
-        then agreed over the ranks: a refused batch raises on *every* rank (a
-        rank that raised alone would leave the others waiting in a collective)."""
-        problem = None
-        for i, batch in enumerate(self.batches()):
-            try:
-                self.check_batch(i, batch)
-            except ValueError as err:
-                problem = err
-                break
-        bad = self.ctx.max_int(self.ctx.rank + 1 if problem is not None else 0)
-        if problem is not None:
-            raise problem
-        if bad:
-            raise ValueError(f"lca_ext: the {self.data.name} set: rank {bad - 1} refused one "
-                             "of its batches (its error names the batch and the cause)")
-
     def check_batch(self, i: int, batch) -> None:
-        """Refuses, naming the set, the batch and the cause, a batch that cannot
-        give a right loss: a single unbatched example (:func:`unbatched`), what
-        ``batch_loss.check_batch(model, batch)`` reports (a string; e.g.
-        lca_ext.integrations.transformers.hf_batch_loss: labels outside the
-        model's range), and with ``num_classes`` a class target outside
-        0..num_classes-1 (other than -100 with batch_loss).  Before the first
-        pass every batch is checked (:meth:`_check_batches`): once per set."""
-        classic = getattr(self.batch_loss, "classic", False)
-        problem = unbatched(batch, classic)
-        check = getattr(self.batch_loss, "check_batch", None)
-        if problem is None and check is not None:
-            problem = check(self.model, batch)
-        if problem is None and self.num_classes:
-            problem = self._class_range(batch, classic)
-        if problem:
-            where = f" (rank {self.ctx.rank})" if self.ctx.world > 1 else ""
-            raise ValueError(f"lca_ext: {self.data.name} batch {i}{where} {problem}")
-
-    def _class_range(self, batch, classic: bool) -> Optional[str]:
-        t = torch.as_tensor(per_class.targets_of(self, batch))
-        c = self.num_classes
-        outside = (t < 0) | (t >= c)
-        bad = t[outside if classic else outside & (t != -100)]
-        if not bad.numel():
-            return None
-        allowed = f"0..{c - 1}" if classic else f"0..{c - 1} or be -100 (ignored)"
-        return (f"has class target {bad.flatten()[0].item()}, outside 0..{c - 1} "
-                f"(num_classes={c}); every target must lie in {allowed}: fix the set's "
-                "targets, or raise num_classes")
+        """lca_ext.batch_checks.check_batch: batch ``i`` refused, naming the
+        cause, if it cannot give a right loss (every batch is checked before
+        the first pass, once per set)."""
+        batch_checks.check_batch(self, i, batch)
 
     def _check_same(self, check: float, loss: float) -> None:
         """The first pass's loss (forward only) against the first gradient pass's."""
