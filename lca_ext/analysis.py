@@ -132,6 +132,15 @@ def describe_doubtful(run, objective: str = "train") -> str:
     return format_doubtful(doubtful_steps(run, objective), len(run))
 
 
+def describe_doubtful_objectives(run) -> str:
+    """:func:`describe_doubtful` for every objective of the run, each named
+    where there are several (a doubtful eval-set step is shown, not hidden
+    behind a train set whose steps are all grounded)."""
+    if len(run.objectives) == 1:
+        return describe_doubtful(run, run.objectives[0])
+    return "; ".join(f"{name}: {describe_doubtful(run, name)}" for name in run.objectives)
+
+
 def format_doubtful(d: Dict[str, List[int]], tracked: int) -> str:
     """The line of :func:`describe_doubtful` for ``d`` (:func:`doubtful_steps`'
     form) out of ``tracked`` steps."""

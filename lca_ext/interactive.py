@@ -410,8 +410,8 @@ def _notes(run: Run, data: PageData) -> str:
         "(green) = the parameter helped lower the loss; positive (red) = it hurt; the "
         "colour scales are symmetric around 0 and saturate at a high quantile of |LCA| "
         "(the parameter frames' scale is each step's own; hover shows the exact value).",
-        "Steps not fully certified: " + analysis.describe_doubtful(run) + " (marked on "
-        "the |ΣLCA − ΔL| curve; the legend names each kind).",
+        "Steps not fully certified: " + analysis.describe_doubtful_objectives(run) +
+        " (the train set's marked on the |ΣLCA − ΔL| curve; the legend names each kind).",
         f"Slider: {len(data.steps)} of the run's {len(run)} tracked steps"
         + (" (evenly spaced)" if len(data.steps) < len(run) else "") + ". "
         + (f"Parameter frames: {len(data.frame_steps)} of {len(run.frames['step'])} stored "

@@ -38,7 +38,7 @@ def headline(run: Run, sync: Optional[List[Dict]] = None) -> Dict[str, object]:
                layer_totals=dict(zip(lt["names"], map(float, lt["total"]))),
                layer_bars={n: (float(v), float(e))
                            for n, v, e in zip(lt["names"], lt["total"], lt["error"])},
-               doubtful=analysis.describe_doubtful(run),
+               doubtful=analysis.describe_doubtful_objectives(run),
                gini=conc["gini_abs_total"], fraction_90=conc["fraction_doing_share"],
                helped_gini=hc["helped"], hurt_gini=hc["hurt"],
                helped_gini_per_layer=dict(zip(lt["names"], map(float, hc["per_layer"]["helped_gini"]))),

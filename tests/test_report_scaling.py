@@ -481,3 +481,27 @@ def test_grounding_figure_marks_every_doubtful_step_in_its_legend(tmp_path, monk
     plots.grounding(run, str(tmp_path))
     assert seen["fig"].axes[1].get_legend() is None
     assert "every step grounded" in seen["fig"].axes[1].get_title()
+
+
+def test_an_eval_sets_doubtful_steps_are_named_in_the_report_not_hidden(tmp_path):
+    """The demo's report said 'every one of the 150 tracked steps is grounded'
+    while its val set had 2 steps stopped at the pass budget: the report's row,
+    the CLI's line (both from headline) and the interactive page's note name
+    every objective's doubtful steps."""
+    from lca_ext import analysis, report
+
+    run = synthetic_run(["fc1", "fc2"], steps=12)
+    ok = np.ones(12, bool)
+    val_grounded, val_budget = ok.copy(), ~ok
+    val_grounded[[4, 9]] = False
+    val_budget[[4, 9]] = True
+    run.arrays.update({"train/grounded": ok, "train/budget_limited": ~ok,
+                       "train/noise_limited": ~ok, "val/grounded": val_grounded,
+                       "val/budget_limited": val_budget, "val/noise_limited": ~ok})
+    line = analysis.describe_doubtful_objectives(run)
+    assert line == ("train: every one of the 12 tracked steps is grounded; val: of 12 "
+                    "tracked steps, not grounded: step 4, 9; stopped at the pass budget "
+                    "(bars above target): 4, 9")
+    assert report.headline(run)["doubtful"] == line
+    html = open(report.build_report(run, str(tmp_path))).read()
+    assert "val: of 12 tracked steps, not grounded: step 4, 9" in html
