@@ -324,8 +324,12 @@ class Evaluator:
         return None
 
     def check_examples(self) -> None:
-        """Once, when the tracker is built: interacting examples, a loss_fn that is
-        not a mean (lca_ext.example_check)."""
+        """Once, when the tracker is built: the first batch of a list of batches
+        (an unbatched example is refused here, not at the first step), interacting
+        examples, a loss_fn that is not a mean (lca_ext.example_check)."""
+        source = self.data.source
+        if isinstance(source, (list, tuple)) and source and self.ctx.world == 1:
+            batch_checks.check_batch(self, 0, source[0])
         check_examples(self)
 
     def _first_pass(self, point) -> None:

@@ -314,22 +314,18 @@ def test_num_classes_target_outside_range_is_refused_before_a_pass():
 
 
 def test_unbatched_examples_given_to_the_tracker_say_what_to_pass():
+    """Refused when the tracker is built (a list's first batch is checked there;
+    a new user's list of example dicts used to pass until the first step)."""
     model = gpt2()
-    tracker = lca_ext.LCATracker(model, lca_data=token_examples(3, seed=9),
-                                 batch_loss=hf_batch_loss)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"lca_data batch 0 is a single example \('input_ids' "
                                          r"of shape \(8,\)\).*LCACallback\(lca_data=examples\)"
                                          r".*DataLoader"):
-        with tracker.step():
-            opt.step()
+        lca_ext.LCATracker(model, lca_data=token_examples(3, seed=9), batch_loss=hf_batch_loss)
     # (x, y) example pairs with loss_fn
     lin = nn.Linear(3, 2)
     pairs = [(torch.randn(3), torch.tensor(1)) for _ in range(4)]
-    tracker = lca_ext.LCATracker(lin, nn.functional.cross_entropy, pairs)
     with pytest.raises(ValueError, match=r"lca_data batch 0 is a single example \(a 0-d target\)"):
-        with tracker.step():
-            torch.optim.SGD(lin.parameters(), lr=0.1).step()
+        lca_ext.LCATracker(lin, nn.functional.cross_entropy, pairs)
 
 
 def test_a_batch_with_no_counted_label_is_refused():
