@@ -8,8 +8,8 @@ Per family and seed: mean passes a step (all 30 steps, and from step 5 on), the
 most on one step, steps stopped at the budget, grounded steps, and the median
 bar (``tensor_error`` / |value| over the (step, tensor) pairs carrying >= 1% of
 a step).  No reference is computed here: accuracy and coverage are the rule
-lab's (benchmarks/test_bench_rule_lab.py) and tests/test_bars.py's.  Rows are
-appended to ``benchmarks/results/price-<date>.json`` (or
+lab's (benchmarks/test_bench_rule_lab.py), tests/test_bars.py's and
+tests/test_bars_rules.py's.  Rows are appended to ``benchmarks/results/price-<date>.json`` (or
 ``$LCA_BENCH_PRICE_OUT``).  ``LCA_PRICE_RULE``: RuleOptions fields as JSON
 instead of the defaults (the guide's pass-account rows: '{"mean_passes": 3}').
 

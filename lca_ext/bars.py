@@ -244,7 +244,7 @@ def spread(c: np.ndarray, strata=None, covariate=None) -> Tuple[np.ndarray, int]
     tensor's √V̂ is then widened by t(ν_k)/t(G − H), ν_k its Welch–Satterthwaite
     degrees of freedom (Σ_h V_h)²/Σ_h V_h²/(n_h − 1), so that t(G − H)·√V̂ is
     the 95% half-width at ν_k (a synthetic class with 30x the others' jumps:
-    tests/test_bars.py)."""
+    tests/test_bars_rules.py)."""
     G = len(c)
     if G < 2:
         return np.full(c.shape[1:], np.inf), 0
