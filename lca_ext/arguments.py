@@ -23,7 +23,8 @@ def check(model, loss_fn, batch_loss, lca_data, schedule, batch_size, num_classe
         raise ValueError("lca_ext.LCATracker: lca_data is required (the fixed set whose "
                          "loss change is allocated)")
     check_batch_size(batch_size)
-    if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
+    if num_classes is not None and not (isinstance(num_classes, numbers.Integral) and
+                                        not isinstance(num_classes, bool) and num_classes >= 1):
         raise ValueError(f"lca_ext.LCATracker: num_classes={num_classes!r}; "
                          "expected an int >= 1")
     return check_schedule(schedule)
@@ -65,6 +66,9 @@ def check_schedule(schedule):
                          "step), an int k >= 1 (every k-th step) or the step indices to track")
     if isinstance(schedule, numbers.Integral):
         return int(schedule)
+    if isinstance(schedule, torch.Tensor):
+        raise TypeError("lca_ext.LCATracker: schedule is a tensor; pass its step indices "
+                        "as a list (schedule=steps.tolist())")
     try:
         steps = list(schedule)
     except TypeError:

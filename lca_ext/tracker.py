@@ -204,6 +204,7 @@ class LCATracker:
                  reuse_gradients: bool = True, distributed=None, shard_lca_data: bool = True):
         schedule = arguments.check(model, loss_fn, batch_loss, lca_data, schedule,
                                    batch_size, num_classes)
+        num_classes = None if num_classes is None else int(num_classes)   # (numpy ints too)
         # the options, grouped by concern: the rule, the statistics, the store
         self.rule = rule_options(rule, method=method, rtol=rtol, atol=atol,
                                             max_splits=max_splits)

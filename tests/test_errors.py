@@ -244,6 +244,8 @@ TRACKER_MISTAKES = [
     ("a negative step index", dict(schedule=[0, -1]), r"schedule holds \[-1\]; step indices"),
     ("a float step index", dict(schedule=[0.5]), r"schedule holds \[0.5\]"),
     ("batch_size=0", dict(batch_size=0), r"batch_size=0; expected None .* an int >= 1"),
+    ("a tensor schedule", dict(schedule="tensor"), r"schedule is a tensor; .*tolist\(\)"),
+    ("num_classes=0", dict(num_classes=0), r"num_classes=0; expected an int >= 1"),
     ("the loss class, not an instance", dict(loss_fn=torch.nn.CrossEntropyLoss),
      r"loss_fn=CrossEntropyLoss is a class; pass an instance \(loss_fn=CrossEntropyLoss\(\)\)"),
     ("the optimizer as the loss", dict(loss_fn="optimizer"),
@@ -272,6 +274,8 @@ def test_tracker_mistakes_are_refused_with_the_argument_named(what, kw, pattern)
         kw["model"] = model.parameters()
     if kw.get("lca_data") == "one tensor":
         kw["lca_data"] = (x,)
+    if kw.get("schedule") == "tensor":          # (it used to track no step at all)
+        kw["schedule"] = torch.tensor([0, 3])
     args.update(kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises((ValueError, TypeError), match=pattern):
@@ -281,6 +285,17 @@ def test_tracker_mistakes_are_refused_with_the_argument_named(what, kw, pattern)
         F.cross_entropy(model(x), y).backward()
         with tracker.step():
             opt.step()
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+    import numpy as np
+    import torch.nn.functional as F
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    tracker = lca_ext.LCATracker(model, F.cross_entropy, (x, y), num_classes=np.int64(3),
+                                 schedule=np.int64(2), batch_size=np.int64(8))
+    assert tracker.num_classes == 3 and type(tracker.num_classes) is int
+    assert tracker.schedule == 2 and type(tracker.schedule) is int
 
 
 def test_a_schedule_iterator_is_read_once_and_kept():

@@ -505,3 +505,4 @@ def test_an_eval_sets_doubtful_steps_are_named_in_the_report_not_hidden(tmp_path
     assert report.headline(run)["doubtful"] == line
     html = open(report.build_report(run, str(tmp_path))).read()
     assert "val: of 12 tracked steps, not grounded: step 4, 9" in html
+

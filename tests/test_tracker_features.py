@@ -290,3 +290,35 @@ def test_options_grouped_by_concern_and_the_old_keywords(tmp_path):
         lca_ext.LCATracker(*data, resume=True)
     with pytest.raises(ValueError, match="state_every=0"):
         lca_ext.LCATracker(*data, store=str(tmp_path / "d"), state_every=0)
+
+
+def test_the_callbacks_end_of_run_line_names_every_objectives_doubtful_steps():
+    """integrations.metrics.end_of_run (the Lightning and HF callbacks' last
+    line) named only the training set's steps: an eval set's steps stopped at
+    the budget went unmentioned (a reviewer's report)."""
+    import warnings
+
+    from lca_ext import analysis
+    from lca_ext.integrations.metrics import end_of_run
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 6), torch.randint(0, 3, (256,))
+    xv, yv = 3 * torch.randn(256, 6), torch.randint(0, 3, (256,))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    tracker = lca_ext.LCATracker(model, torch.nn.functional.cross_entropy, (x, y),
+                                 eval_sets={"val": (xv, yv)}, rule=dict(max_passes=3))
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            with tracker.step():
+                opt.step()
+        run = tracker.result()
+    val = analysis.doubtful_steps(run, "val")
+    assert val["budget_limited"], val                    # the setting gives some
+    with pytest.warns(RuntimeWarning) as caught:
+        end_of_run(tracker)
+    line = str(caught[0].message)
+    assert line.startswith("lca_ext: train: ")
+    assert "; val: " + analysis.format_doubtful(val, 3) in line

@@ -45,20 +45,26 @@ def step_metrics(record: dict, objectives: Sequence[str],
 
 def end_of_run(tracker) -> None:
     """The line a framework callback gives when training ends (rank 0 only): a
-    warning naming the training set's steps that are not fully certified, or
-    an info log line when every step is grounded.  With a store, the whole
-    stored run's steps (a resumed run's earlier ones too)."""
+    warning naming every objective's steps that are not fully certified (the
+    training set's and each eval set's, named where there are several), or an
+    info log line when every step is grounded.  With a store, the whole stored
+    run's steps (a resumed run's earlier ones too)."""
     if tracker.ctx.rank != 0:
         return
-    name = tracker.objectives[0].name
     link = tracker.store_link
-    if link is not None and link.writer is not None:
-        run = load_run(link.path)
-        doubtful, count = analysis.doubtful_steps(run, name), len(run)
-    else:
-        doubtful, count = tracker.flags.doubtful(name), tracker.flags.seen.get(name, 0)
-    line = "lca_ext: " + analysis.format_doubtful(doubtful, count)
-    if any(doubtful.values()):
+    run = load_run(link.path) if link is not None and link.writer is not None else None
+    parts, flagged = [], False
+    names = [obj.name for obj in tracker.objectives]
+    for name in names:
+        if run is not None:
+            doubtful, count = analysis.doubtful_steps(run, name), len(run)
+        else:
+            doubtful, count = tracker.flags.doubtful(name), tracker.flags.seen.get(name, 0)
+        flagged = flagged or any(doubtful.values())
+        text = analysis.format_doubtful(doubtful, count)
+        parts.append(text if len(names) == 1 else f"{name}: {text}")
+    line = "lca_ext: " + "; ".join(parts)
+    if flagged:
         warnings.warn(line + " (run.get('grounded'), run.get('budget_limited') and "
                       "run.tensor_error say which and by how much)", RuntimeWarning,
                       stacklevel=3)
