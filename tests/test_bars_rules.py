@@ -404,6 +404,15 @@ class _Float32Path(SyntheticPath):
         return 2.0 ** -24
 
 
+def _total_miss(path, res):
+    """(|ΣLCA − ΔL|, the default rule's tolerance without the floor) of a rule's
+    result on a synthetic path, from its exact samples."""
+    value = sum(w * path.phi(f).sum(0) for f, w in res.avg.items())
+    d_loss = path.loss(1.0) - path.loss(0.0)
+    tol = lca_ext.RuleOptions().total_tolerance(d_loss, float(np.abs(value).sum()), 0.0)
+    return abs(float(value.sum()) - d_loss), tol
+
+
 def test_a_total_error_above_the_rounding_floor_is_refined_not_blamed_on_rounding():
     """A step whose Simpson total misses ΔL by 5x the float32 floor of its
     losses, or misses its tolerance by less than the floor while the error
@@ -411,15 +420,12 @@ def test_a_total_error_above_the_rounding_floor_is_refined_not_blamed_on_roundin
     it is refined (not flagged noise_limited after Simpson's 3 passes, as a
     margin of 10x the floor, or the tolerance plus the floor, taken at once
     did: a GPT-2 step under the Trainer, 3.5% of ΔL off); within the floor
-    itself it is flagged at once.  The truth is exact here: the flags are checked against it."""
+    itself it is flagged at once.  The truth is exact here: the flags are
+    checked against it."""
     refined = 0
     for i in range(60):
         probe = SyntheticPath(np.random.default_rng(i), jump=0.1, curve=0.0)
-        res = budget(probe, lca_ext.RuleOptions(seed=i, max_passes=3))
-        value = sum(w * probe.phi(f).sum(0) for f, w in res.avg.items())
-        d_loss = probe.loss(1.0) - probe.loss(0.0)
-        err = abs(float(value.sum()) - d_loss)
-        tol = lca_ext.RuleOptions().total_tolerance(d_loss, float(np.abs(value).sum()), 0.0)
+        err, tol = _total_miss(probe, budget(probe, lca_ext.RuleOptions(seed=i, max_passes=3)))
         if err <= tol:
             continue                      # Simpson's total already within tolerance
         # the floor 16·u·2·level: err / 5; err less half the tolerance (the miss of the
@@ -432,13 +438,11 @@ def test_a_total_error_above_the_rounding_floor_is_refined_not_blamed_on_roundin
             at_once = res.noise_limited and path.passes == 3
             assert at_once == flagged_at_once, (i, floor, path.passes, res.noise_limited)
             if not flagged_at_once:
-                value = sum(w * path.phi(f).sum(0) for f, w in res.avg.items())
-                final = abs(float(value.sum()) - d_loss)
+                final, tol_final = _total_miss(path, res)
                 assert path.passes > 3
                 # grounded exactly where the exact total error is within tolerance;
                 # otherwise flagged with a cause
-                within = final <= lca_ext.RuleOptions().total_tolerance(
-                    d_loss, float(np.abs(value).sum()), 0.0) * (1 + 1e-9)
+                within = final <= tol_final * (1 + 1e-9)
                 assert res.grounded == within, (i, final, err)
                 assert res.grounded or res.budget_limited or res.noise_limited
                 refined += 1
@@ -454,19 +458,14 @@ def test_a_step_ended_by_its_budget_is_never_called_grounded_with_its_total_off(
     checked = 0
     for i in range(120):
         probe = SyntheticPath(np.random.default_rng(i), jump=0.3, curve=1.0)
-        res = budget(probe, lca_ext.RuleOptions(seed=i, max_passes=3))
-        value = sum(w * probe.phi(f).sum(0) for f, w in res.avg.items())
-        d_loss = probe.loss(1.0) - probe.loss(0.0)
-        err = abs(float(value.sum()) - d_loss)
-        if err <= lca_ext.RuleOptions().total_tolerance(d_loss, float(np.abs(value).sum()), 0.0):
+        err, tol = _total_miss(probe, budget(probe, lca_ext.RuleOptions(seed=i, max_passes=3)))
+        if err <= tol:
             continue
         for opts in (dict(max_passes=3), dict(max_splits=2)):
             path = _Float32Path(np.random.default_rng(i), 2 * err / (32 * 2.0 ** -24),
                                 jump=0.3, curve=1.0)
             res = budget(path, lca_ext.RuleOptions(seed=i, **opts))
-            value = sum(w * path.phi(f).sum(0) for f, w in res.avg.items())
-            final = abs(float(value.sum()) - d_loss)
-            tol = lca_ext.RuleOptions().total_tolerance(d_loss, float(np.abs(value).sum()), 0.0)
+            final, tol = _total_miss(path, res)
             assert res.grounded == (final <= tol * (1 + 1e-9)), (i, opts, final, tol)
             assert res.grounded or res.noise_limited or res.budget_limited or \
                 opts.get("max_splits") == 2
