@@ -71,7 +71,7 @@ def test_rule_lab(benchmark, family, label):
     else:                                # the other rows: the lab's 8 steps, as before
         recs = [r for r in recs if r.step in rule_lab.LAB_STEPS]
     opts = RULE_ROWS[label]
-    seeds = 20 if opts.method == "budget" or (opts.method == "certified" and opts.bars) else 1
+    seeds = 20 if opts.with_bars else 1
     rule = RULES[opts.method]
     # (the tracker holds the groups' θ_t gradients for the default rule only)
     known = opts.method == "budget" and "not held" not in label

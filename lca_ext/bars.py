@@ -143,24 +143,40 @@ def _quadratic(u, a, m, b, fa, fm, fb):
 
 
 def control(u: float, a: float, b: float, at, known_start: bool = False,
-            whole=None, groups: int = 1) -> np.ndarray:
-    """P_g(u): the group's interpolant at u on [a, b] (``at(f)`` its samples).
-    On the first interval without the group's values at θ_t: the group's line
-    through m and b plus 1/G of the whole set's curvature there (``whole(f)``),
-    so that the groups' controls add up to the whole set's quadratic."""
+            whole=None, groups: int = 1, order: int = 2) -> np.ndarray:
+    """P_g(u): the group's interpolant at u on [a, b] (``at(f)`` its samples) of
+    the rule's ``order``: 2 Simpson's quadratic through a, m and b, 1 the
+    trapezoid's line through a and b, 0 the first-order rule's constant φ(a).
+    On an interval starting at θ_t without the group's values there, what the
+    group's own later samples give plus 1/G of the rest of the whole set's
+    interpolant (``whole(f)``), so that the groups' controls still add up to the
+    whole set's: Simpson, the group's line through m and b plus 1/G of the
+    whole quadratic's curvature; the trapezoid, the group's value at b plus 1/G
+    of the whole line's change from b; first order, the group's value at b
+    plus 1/G of the whole set's φ(0) − φ(b)."""
     m = (a + b) / 2
     if a == 0.0 and not known_start:
+        if order == 0:
+            return at(b) + (whole(a) - whole(b)) / groups
+        if order == 1:
+            return at(b) + (u - b) / (b - a) * (whole(b) - whole(a)) / groups
         line = at(m) + (u - m) / (b - m) * (at(b) - at(m))
         whole_line = whole(m) + (u - m) / (b - m) * (whole(b) - whole(m))
         curve = _quadratic(u, a, m, b, whole(a), whole(m), whole(b)) - whole_line
         return line + curve / groups
+    if order == 0:
+        return at(a)
+    if order == 1:
+        return at(a) + (u - a) / (b - a) * (at(b) - at(a))
     return _quadratic(u, a, m, b, at(a), at(m), at(b))
 
 
 def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.ndarray],
              groups: Dict[float, np.ndarray], u: np.ndarray,
-             at_u: np.ndarray, strata=None) -> Tuple[np.ndarray, np.ndarray, int]:
-    """(Ê [K], √V̂ [K], degrees of freedom) for the rule on ``intervals``.
+             at_u: np.ndarray, strata=None,
+             order: int = 2) -> Tuple[np.ndarray, np.ndarray, int]:
+    """(Ê [K], √V̂ [K], degrees of freedom) for the rule on ``intervals``
+    (``order``: the rule's interpolant, :func:`control`).
 
     whole:   {f: [K]} the whole set's samples (f = 0 included)
     groups:  {f: [G, K]} the groups' samples at every point but 0 (or at every
@@ -175,7 +191,7 @@ def estimate(intervals: Sequence[Tuple[float, float]], whole: Dict[float, np.nda
     for g in range(G):
         a, b = _interval_of(float(u[g]), intervals)
         c[g] = w[g] * (at_u[g] - control(float(u[g]), a, b, lambda f: groups[f][g],
-                                         known_start, whole.__getitem__, G))
+                                         known_start, whole.__getitem__, G, order))
     # the controls add up to the whole set's interpolant, whose integral is the
     # rule's value: Ê = Σ c_g is unbiased for E
     e_hat = c.sum(0)
@@ -339,22 +355,22 @@ def rng_for(seed: int, name: str, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), step])
 
 
-def group_samples(path, phi) -> Dict[float, np.ndarray]:
+def group_samples(path, points) -> Dict[float, np.ndarray]:
     """The groups' samples at the rule's points (θ_t's only where the groups'
     gradients there are held)."""
     known = getattr(path, "group_start_known", False)
-    return {f: path.group_dots(f) for f in phi if f > 0.0 or known}
+    return {f: path.group_dots(f) for f in points if f > 0.0 or known}
 
 
-def honest_bars(path, seed: int, intervals, phi):
-    """One mixed pass and the 95% bars of a finished composite-Simpson rule on
-    ``intervals`` (``phi``: its points' samples): (bar, Ê, √V̂, dof), or None
-    where the path has no groups."""
+def honest_bars(path, seed: int, intervals, whole, order: int = 2):
+    """One mixed pass and the 95% bars of a finished rule: the interpolant of
+    ``order`` (:func:`control`; 2: composite Simpson) on ``intervals``, whose
+    points' whole-set samples are ``whole`` ({f: [K]}).  Returns (bar, Ê, √V̂,
+    dof), or None where the path has no groups."""
     if path.groups < 2:
         return None
     u = draw_points(rng_for(seed, path.name, path.step), path.groups)
     at_u = path.mixed(u)
-    e_hat, sd, dof = estimate(intervals, {f: v.sum(0) for f, v in phi.items()},
-                              group_samples(path, phi), u, at_u,
-                              getattr(path, "group_strata", None))
+    e_hat, sd, dof = estimate(intervals, whole, group_samples(path, whole), u, at_u,
+                              getattr(path, "group_strata", None), order)
     return bar(e_hat, sd, dof), e_hat, sd, dof

@@ -176,7 +176,7 @@ def budget(path, opts: RuleOptions) -> PathResult:
     miss) Simpson, one mixed pass for the 95% bars, local refinement within
     ``opts.max_passes`` (the module docstring says how it decides)."""
     max_passes = opts.max_passes if opts.max_passes is not None else 1 << 30
-    grouped = opts.bars and path.groups >= 2
+    grouped = opts.with_bars and path.groups >= 2
     if not grouped and opts.rtol is None:     # no bars: the total as the certified rule's
         opts = dataclasses.replace(opts, rtol=opts.tensor_rtol)
     end = None

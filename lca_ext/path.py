@@ -197,7 +197,10 @@ class StepPath:
                 # (per-class mode: the units are counted by the pass itself)
                 probe.groups = self.groups
             if probe is not None and f > 0.0 and self.groups >= 2:
-                self._group_phi[f] = probe.array()
+                # (per-class passes scale each unit's part by ``weight``, as its
+                # class slot's: the samples are kept unweighted)
+                phi = probe.array()
+                self._group_phi[f] = phi / weight if self._classes and weight != 1.0 else phi
             if keep:
                 kept = probe.kept
                 ok = kept is not None and len(kept) == self._local_groups and self.groups >= 2

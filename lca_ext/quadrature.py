@@ -377,7 +377,9 @@ def certified(path, opts: RuleOptions) -> PathResult:
     avg, weights = rule.finish()
     # the stored bar is the honest one (one more pass), the stop above the
     # calibrated estimate's (lca_ext.bars)
-    honest = bars.honest_bars(path, opts.seed, rule.intervals, rule.phi) if opts.bars else None
+    honest = bars.honest_bars(path, opts.seed, rule.intervals,
+                              {f: v.sum(0) for f, v in rule.phi.items()}) \
+        if opts.with_bars else None
     bar_k, e_hat, sd, dof = honest or (verdict.tensor_error, None, None, 0)
     return rule.result(avg, weights, bar_k, verdict.ok and not noise_limited, noise_limited,
                        tensor_bias=e_hat, tensor_sd=sd, bar_dof=dof)

@@ -63,10 +63,18 @@ class RuleOptions:
                  a systematic, curvature error, which a finer rule removes; the
                  jumps' noise shrinks only like √h: there the step stops and its
                  bar says what is left.  1: refine on the bar alone
-    bars:        budget and certified: the 95% bars (one more pass a step;
-                 lca_ext.bars).  False: no mixed pass, tensor_error is the
-                 rule's own estimate (the certified rule's, as before), and the
-                 budget rule refines on that estimate (tensor_rtol, min_share)
+    bars:        95% error bars from randomised group samples (one more pass a
+                 step, a mixed one; lca_ext.bars).  None (default): on for
+                 budget and certified, off for the total-only rules and
+                 first_order, whose price is one pass a step.  True on those:
+                 ``tensor_error`` is the honest 95% bar of the rule's own value
+                 (the trapezoid's, Simpson's or g(θ_t)'s; it does not change
+                 what the rule refines) at one pass more a step.  False: no
+                 mixed pass, tensor_error is the rule's own estimate (the
+                 certified rule's, as before; an estimate, not an interval:
+                 bar_dof 0), and the budget rule refines on that estimate
+                 (tensor_rtol, min_share).  No bars in the low-memory mode
+                 (reuse_gradients=False) or where the set is one group
     seed:        seeds the bars' random points (with the step and the
                  objective; never the global random streams)
     path_memory_budget: bytes of gradients the rules may hold beyond the three
@@ -96,7 +104,7 @@ class RuleOptions:
     refine_level: float = 0.05
     # (renamed: refine_sd, a per-tensor threshold, became the family-wise refine_level)
     refine_sd: dataclasses.InitVar[Optional[float]] = None
-    bars: bool = True
+    bars: Optional[bool] = None
     seed: int = 0
 
     def __post_init__(self, refine_sd=None):
@@ -137,11 +145,20 @@ class RuleOptions:
         if not (isinstance(self.pass_reserve, int) and self.pass_reserve >= 0):
             raise ValueError(f"lca_ext: pass_reserve={self.pass_reserve!r}; expected an int "
                              ">= 0 (passes the run's account may save up)")
+        if self.bars not in (None, True, False):
+            raise ValueError(f"lca_ext: bars={self.bars!r}; expected None (by method), "
+                             "True or False")
         if not (isinstance(self.groups, int) and self.groups >= 1):
             raise ValueError(f"lca_ext: groups={self.groups!r}; expected an int >= 1")
         if not (isinstance(self.path_memory_budget, int) and self.path_memory_budget >= 0):
             raise ValueError(f"lca_ext: path_memory_budget={self.path_memory_budget!r}; "
                              "expected bytes (an int >= 0)")
+
+    @property
+    def with_bars(self) -> bool:
+        """Does the rule store 95% bars (``bars``, None resolved by method)?"""
+        return (self.method in ("budget", "certified")) if self.bars is None \
+            else bool(self.bars)
 
     @property
     def total_only(self) -> bool:
@@ -153,7 +170,7 @@ class RuleOptions:
             # the default rule holds the total to its tensors' bar target: a
             # tighter one cost 0.3-0.5 passes a step on the LSTM and the CNN
             rtol = self.rtol if self.rtol is not None else (
-                self.bar_rtol if self.method == "budget" and self.bars else self.tensor_rtol)
+                self.bar_rtol if self.method == "budget" and self.with_bars else self.tensor_rtol)
             return rtol * max(abs(d_loss), self.total_share * gross) + noise
         rtol = TOTAL_ONLY_RTOL if self.rtol is None else self.rtol
         atol = TOTAL_ONLY_ATOL if self.atol is None else self.atol

@@ -13,12 +13,16 @@ from .rule_options import RuleOptions
 
 
 def first_order(path, opts: RuleOptions) -> PathResult:
-    """ḡ = g(θ_t); the recorded error is the trapezoid against it, |φ(1) − φ(0)|/2."""
+    """ḡ = g(θ_t); the recorded error is the trapezoid against it, |φ(1) − φ(0)|/2
+    (with ``bars=True`` the honest 95% bar of g(θ_t)'s value instead)."""
     g_end = path.buffer()
     loss_after = path.grad(1.0, g_end)
+    phi0 = path.dots(path.g_start).sum(0)
     trap_err = np.abs(path.dots(g_end) - path.dots(path.g_start)).sum(0) / 2
-    return PathResult(path.g_start, [(0.0, 1.0)], loss_after, g_end, 1, trap_err,
-                      True, False, path.class_loss())
+    fields = uniform_rules.uniform_bars(path, opts, 1, phi0, order=0)
+    return PathResult(path.g_start, [(0.0, 1.0)], loss_after, g_end, 1,
+                      fields.pop("tensor_error", trap_err), True, False, path.class_loss(),
+                      **fields)
 
 
 RULES = {"budget": budget_rule.budget, "certified": quadrature.certified, "adaptive": uniform_rules.adaptive,

@@ -231,8 +231,7 @@ class LCATracker:
             Objective(name, Evaluator(
                 model, bl,
                 LCASet(data, batch_size=batch_size, cache=cache,
-                       min_batches=self.rule.groups if self.rule.bars and
-                       self.rule.method in ("budget", "certified") else 1,
+                       min_batches=self.rule.groups if self.rule.with_bars else 1,
                        name="lca_data" if name == "train" else f"eval_sets[{name!r}]",
                        **share),
                 self.params, batchnorm=batchnorm, ctx=self.ctx, autocast=autocast,
@@ -470,7 +469,7 @@ class LCATracker:
         keep (the two-pass stage; 0: none): its share of path_memory_budget in
         gradient buffers, θ_t's and θ_{t+1}'s resident.  Not where per-class LCA
         is recomputed at the rule's points (the stage's ḡ is not a sum of points)."""
-        if not (self.rule.method == "budget" and self.rule.bars and self.reuse_gradients
+        if not (self.rule.method == "budget" and self.rule.with_bars and self.reuse_gradients
                 and (obj.classes or not (self.num_classes and obj is self.objectives[0]))
                 and not self.ctx.sharded):
             return 0

@@ -13,19 +13,48 @@ The total-only rules keep to four gradient-sized buffers: θ_t, Q = g_0 + g_N +
 path point and then g(θ_{t+1}); a step that needs refinement lends that buffer
 to its points, so the next step recomputes its start gradient.  Σ LCA and the
 per-tensor estimate |S_n − T_n| come from the per-tensor samples of Q and O.
+
+With ``RuleOptions(bars=True)`` (off by default for these rules: their price is
+about one pass a step) a finished step gets one mixed pass more and stores the
+honest 95% bar of its own value (:func:`uniform_bars`, lca_ext.bars): the
+bars change what is reported, never what the rule refines.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from . import bars
 from .quadrature import (PathResult, embedded_error, judge, noise_floor, pair_error,
                          rounding_limited, simpson_sum)
 
 
-def _uniform_result(avg, n, loss_after, g_end, lca, err, d_loss, tol, class_loss):
-    """A uniform rule's result; ``lca`` its Σ LCA from the samples (no extra pass)."""
-    return PathResult(avg, _uniform_points(n), loss_after, g_end, n, err,
-                      abs(lca - d_loss) <= tol, False, class_loss)
+def _uniform_result(avg, n, loss_after, g_end, lca, err, d_loss, tol, class_loss,
+                    bar_fields):
+    """A uniform rule's result; ``lca`` its Σ LCA from the samples (no extra
+    pass); ``bar_fields`` from :func:`uniform_bars` (its bar replaces ``err``)."""
+    return PathResult(avg, _uniform_points(n), loss_after, g_end, n,
+                      bar_fields.pop("tensor_error", err), abs(lca - d_loss) <= tol, False,
+                      class_loss, **bar_fields)
+
+
+def uniform_bars(path, opts, n: int, phi0, order: int = 2) -> dict:
+    """The honest 95% bars of a finished uniform rule (``opts.with_bars``; {}
+    without, or where the set is one group): n = 1 the trapezoid (``order`` 1)
+    or first order (``order`` 0) on the whole step, else composite Simpson on n
+    intervals.  ``phi0``: the whole set's samples at θ_t; the later points' are
+    their groups' samples summed (the groups add up to the set).  One mixed
+    pass; returns PathResult's bar fields."""
+    if not opts.with_bars or path.groups < 2:
+        return {}
+    points = [j / n for j in range(n + 1)]
+    whole = {0.0: np.asarray(phi0, np.float64)}
+    whole.update({f: path.group_dots(f).sum(0) for f in points[1:]})
+    if n == 1:
+        intervals = [(0.0, 1.0)]
+    else:
+        intervals, order = [(2 * j / n, (2 * j + 2) / n) for j in range(n // 2)], 2
+    bar, e_hat, sd, dof = bars.honest_bars(path, opts.seed, intervals, whole, order)
+    return dict(tensor_error=bar, tensor_bias=e_hat, tensor_sd=sd, bar_dof=dof)
 
 
 def _tol_total(path, opts, loss_after, d_loss, gross) -> float:
@@ -51,8 +80,8 @@ def adaptive(path, opts) -> PathResult:
     if abs(trapezoid - d_loss) <= tol:
         path.accumulate(c, a, 0.5)
         path.accumulate(c, b, 0.5)
-        return PathResult(c, _uniform_points(1), loss_after, b, 1,
-                          np.abs(phi_b - phi_a) / 2, True, False, cl)
+        return _uniform_result(c, 1, loss_after, b, trapezoid, np.abs(phi_b - phi_a) / 2,
+                               d_loss, tol, cl, uniform_bars(path, opts, 1, phi_a, order=1))
     # Simpson: c holds the midpoint, whose gradient goes into a with weight 4
     path.grad(0.5, a, weight=4.0, at=c)
     phi_m = (path.dots(a).sum(0) - phi_a) / 4                 # a = g_0 + 4·g_½
@@ -62,7 +91,8 @@ def adaptive(path, opts) -> PathResult:
         path.accumulate(c, a, 1.0 / 6)
         path.accumulate(c, b, 1.0 / 6)
         err = np.abs(phi_a - 2 * phi_m + phi_b) / 12          # |S − T₂|
-        return _uniform_result(c, 2, loss_after, b, lca, err, d_loss, tol, cl)
+        return _uniform_result(c, 2, loss_after, b, lca, err, d_loss, tol, cl,
+                               uniform_bars(path, opts, 2, phi_a))
     # composite Simpson: g_0 once more (into c) to take g_½ back out of a
     path.zero(c)
     path.grad(0.0, c)
@@ -73,7 +103,8 @@ def adaptive(path, opts) -> PathResult:
     avg = _form_uniform(path, c, a, n)
     path.release(c)
     path.release(b)                                           # lent to the points
-    return _uniform_result(avg, n, loss_after, None, lca, err, d_loss, tol, cl)
+    return _uniform_result(avg, n, loss_after, None, lca, err, d_loss, tol, cl,
+                           uniform_bars(path, opts, n, phi_a))
 
 
 def simpson(path, opts) -> PathResult:
@@ -87,6 +118,7 @@ def simpson(path, opts) -> PathResult:
     cl = path.class_loss()
     d_loss = loss_after - path.loss_start
     q = path.g_start                      # becomes Q = g_0 + g_N + 2·(even points)
+    phi_0 = path.dots(q).sum(0)
     path.accumulate(q, g_end, 1.0)
     phi_q, phi_o = path.dots(q).sum(0), path.dots(o).sum(0)
     tol = _tol_total(path, opts, loss_after, d_loss, float(np.abs((phi_q + 4 * phi_o) / 6).sum()))
@@ -95,7 +127,7 @@ def simpson(path, opts) -> PathResult:
     if n != 2:
         path.release(g_end)               # lent to the points: not g(θ_{t+1}) now
     return _uniform_result(avg, n, loss_after, g_end if n == 2 else None, lca, err,
-                           d_loss, tol, cl)
+                           d_loss, tol, cl, uniform_bars(path, opts, n, phi_0))
 
 
 def _refine(path, opts, q, o, points, d_loss, tol, phi_q, phi_o):

@@ -471,3 +471,56 @@ def test_a_step_ended_by_its_budget_is_never_called_grounded_with_its_total_off(
                 opts.get("max_splits") == 2
             checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("method", ["adaptive", "simpson", "first_order"])
+def test_bars_on_request_cover_the_other_rules_at_one_pass_more(method):
+    """``bars=True`` on the total-only rules and first order (off by default
+    for them: RuleOptions.with_bars): 300 jumpy synthetic steps, the stored bar
+    holds the exact error of the rule's own value in >= 95% of (step, tensor)
+    pairs, each step costs exactly one pass more than without bars and keeps
+    its value; without bars the rule's estimate is what it was (bar_dof 0)."""
+    from lca_ext.rules import RULES
+    assert not lca_ext.RuleOptions(method=method).with_bars
+    assert lca_ext.RuleOptions().with_bars and lca_ext.RuleOptions(method="certified").with_bars
+    with pytest.raises(ValueError, match="bars="):
+        lca_ext.RuleOptions(bars="yes")
+    cover, rel = [], []
+    for i in range(300):
+        # (two copies of one step: these rules build ḡ in the start buffer)
+        base, path = (SyntheticPath(np.random.default_rng([21, i]), jump=0.01 if i % 2 else 0.05,
+                                    curve=0.3 if i % 3 else 1.0) for _ in range(2))
+        plain = RULES[method](base, lca_ext.RuleOptions(method=method, max_splits=8))
+        res = RULES[method](path, lca_ext.RuleOptions(method=method, max_splits=8, bars=True,
+                                                      seed=i))
+        assert path.passes == base.passes + 1 and res.bar_dof == 7 and plain.bar_dof == 0
+        value = path.dots(res.avg)[0]
+        np.testing.assert_allclose(value, base.dots(plain.avg)[0], rtol=1e-12)
+        err = np.abs(value - path.truth())
+        cover += list(res.tensor_error >= err)
+        rel += list(res.tensor_error / np.maximum(err, 1e-12))
+    assert np.mean(cover) >= 0.95, np.mean(cover)
+    assert np.median(rel) < 50          # informative: not a blanket inflation
+
+
+@pytest.mark.parametrize("known_start", [False, True])
+@pytest.mark.parametrize("order", [0, 1])
+def test_the_trapezoid_and_first_order_bars_estimates_are_unbiased(order, known_start):
+    """E[Ê] = the exact error of the trapezoid (order 1) and of g(θ_t)'s value
+    (order 0) over the random points, with and without the groups' values at
+    θ_t (their controls then add 1/G of the whole set's rest: lca_ext.bars.control):
+    the mean of 3000 draws within 4 standard errors."""
+    path = SyntheticPath(np.random.default_rng(3), known_start=known_start)
+    whole = {f: path.phi(f).sum(0) for f in (0.0, 1.0)}
+    groups = {f: path.phi(f) for f in (0.0, 1.0) if f > 0 or known_start}
+    rule = whole[0.0] if order == 0 else (whole[0.0] + whole[1.0]) / 2
+    exact = path.truth() - rule
+    rng = np.random.default_rng(4)
+    draws = []
+    for _ in range(3000):
+        u = bars.draw_points(rng, path.groups)
+        draws.append(bars.estimate([(0.0, 1.0)], whole, groups, u, path.mixed(u),
+                                   order=order)[0])
+    draws = np.array(draws)
+    se = draws.std(0) / np.sqrt(len(draws))
+    assert (np.abs(draws.mean(0) - exact) <= 4 * se + 1e-12).all()
