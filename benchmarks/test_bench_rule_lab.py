@@ -41,6 +41,8 @@ RULE_ROWS = {
     "certified": lca_ext.RuleOptions(method="certified"),
     "certified, no bars": lca_ext.RuleOptions(method="certified", bars=False),
     "adaptive (total-only)": lca_ext.RuleOptions(method="adaptive"),
+    # the same rule's values with the honest bars of them (one mixed pass more)
+    "adaptive, bars=True": lca_ext.RuleOptions(method="adaptive", bars=True),
     # the default over every recorded step (a recording extended to steps 0-29:
     # rule_lab.py extend): percentiles from step 5 over 25 steps, not 4
     EVERY_STEP: lca_ext.RuleOptions(),

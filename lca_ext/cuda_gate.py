@@ -96,7 +96,7 @@ def record_stamp(identity: Dict[str, str], ops: List[str]) -> str:
     with open(tmp, "w") as f:
         json.dump({"verified": entries}, f, indent=1)
     os.replace(tmp, path)
-    _verified_cache.clear()
+    forget_verified()
     return path
 
 
@@ -109,6 +109,12 @@ def stamped_ops(identity: Dict[str, str]) -> frozenset:
 
 
 _verified_cache: Dict[int, frozenset] = {}
+
+
+def forget_verified() -> None:
+    """Read the stamps again at the next verified_ops (after a stamp is
+    written, or the cache directory changed)."""
+    _verified_cache.clear()
 
 
 def verified_ops(device) -> frozenset:

@@ -37,12 +37,15 @@ class Run:
                                2 = Simpson, n = composite; certified: local ones)
       grad_passes              whole-set gradient passes spent on the step
       tensor_sums [T, K]       LCA per parameter tensor
-      tensor_error [T, K]      the error bar of each tensor_sums value.  Default
-                               rule: the half-width of a 95% interval for its
-                               error, from randomised group samples (lca_ext.bars;
-                               bar_dof [T] > 0).  Other rules (or no groups):
-                               the rule's own embedded estimate (lca_ext.quadrature),
-                               an upper estimate where Simpson beats the trapezoid
+      tensor_error [T, K]      the error bar of each tensor_sums value.  With
+                               bars (bar_dof [T] > 0: the default and certified
+                               rules, any rule given RuleOptions(bars=True)): the
+                               half-width of a 95% interval for its error, from
+                               randomised group samples (lca_ext.bars).  Without
+                               (the total-only rules' and first order's default,
+                               bars=False, one group, the low-memory mode): the
+                               rule's own embedded estimate (lca_ext.quadrature),
+                               an estimate, not an interval
       tensor_bias, tensor_sd [T, K]   the bars' signed error estimate Ê and its
                                standard error √V̂ (NaN without bars; widened where
                                strata leave it fewer degrees of freedom than
@@ -117,11 +120,12 @@ class Run:
         """[K]: the 95% half-width of the error of ``tensor_sums[steps].sum(0)``
         (steps: None for all, or an index / mask into the run's tracked steps).
 
-        Steps with bars (the default rule, ``bar_dof`` > 0; lca_ext.bars): the
+        Steps with bars (``bar_dof`` > 0: the default and certified rules, any
+        rule given ``bars=True``; lca_ext.bars): the
         signed estimates Ê of independent steps add, so do their variances:
         |Σ Ê| + t·√(Σ V̂), t from the Welch–Satterthwaite degrees of freedom,
-        far tighter than adding the steps' bars.  Steps without bars (other
-        rules, per-class mode, torch.distributed) add their ``tensor_error``
+        far tighter than adding the steps' bars.  Steps without bars (see
+        ``tensor_error``) add their ``tensor_error``
         linearly (a bound only where each of those is).  NaN for a run
         stored without errors."""
         from . import bars

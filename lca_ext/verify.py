@@ -35,7 +35,7 @@ import torch
 
 from .cuda_gate import FUSED_OPS as CUDA_OPS
 # the stamps live in cuda_gate (which the ops read); these names are verify's API too
-from .cuda_gate import (_verified_cache, device_identity, library_sha256,  # noqa: F401
+from .cuda_gate import (device_identity, forget_verified, library_sha256,  # noqa: F401
                         record_stamp, stamp_path, stamped_ops, verified_ops)
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -161,9 +161,9 @@ IDENTITY = {"lca_ext": "0.1.0", "library_sha256": "ab" * 32, "torch": "2.14.1",
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LCA_EXT_CACHE_DIR", str(tmp_path))
-    verify._verified_cache.clear()
+    verify.forget_verified()
     yield tmp_path
-    verify._verified_cache.clear()
+    verify.forget_verified()
 
 
 def test_stamp_is_keyed_by_build_torch_and_gpu(cache_dir):
