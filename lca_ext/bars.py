@@ -146,26 +146,20 @@ def control(u: float, a: float, b: float, at, known_start: bool = False,
             whole=None, groups: int = 1, order: int = 2) -> np.ndarray:
     """P_g(u): the group's interpolant at u on [a, b] (``at(f)`` its samples) of
     the rule's ``order``: 2 Simpson's quadratic through a, m and b, 1 the
-    trapezoid's line through a and b, 0 the first-order rule's constant φ(a).
-    On an interval starting at θ_t without the group's values there, what the
-    group's own later samples give plus 1/G of the rest of the whole set's
-    interpolant (``whole(f)``), so that the groups' controls still add up to the
-    whole set's: Simpson, the group's line through m and b plus 1/G of the
-    whole quadratic's curvature; the trapezoid, the group's value at b plus 1/G
-    of the whole line's change from b; first order, the group's value at b
-    plus 1/G of the whole set's φ(0) − φ(b)."""
+    trapezoid's line through a and b.  On an interval starting at θ_t without
+    the group's values there, what the group's own later samples give plus 1/G
+    of the rest of the whole set's interpolant (``whole(f)``), so that the
+    groups' controls still add up to the whole set's: Simpson, the group's line
+    through m and b plus 1/G of the whole quadratic's curvature; the trapezoid,
+    the group's value at b plus 1/G of the whole line's change from b."""
     m = (a + b) / 2
     if a == 0.0 and not known_start:
-        if order == 0:
-            return at(b) + (whole(a) - whole(b)) / groups
         if order == 1:
             return at(b) + (u - b) / (b - a) * (whole(b) - whole(a)) / groups
         line = at(m) + (u - m) / (b - m) * (at(b) - at(m))
         whole_line = whole(m) + (u - m) / (b - m) * (whole(b) - whole(m))
         curve = _quadratic(u, a, m, b, whole(a), whole(m), whole(b)) - whole_line
         return line + curve / groups
-    if order == 0:
-        return at(a)
     if order == 1:
         return at(a) + (u - a) / (b - a) * (at(b) - at(a))
     return _quadratic(u, a, m, b, at(a), at(m), at(b))

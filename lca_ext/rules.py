@@ -19,7 +19,7 @@ def first_order(path, opts: RuleOptions) -> PathResult:
     loss_after = path.grad(1.0, g_end)
     phi0 = path.dots(path.g_start).sum(0)
     trap_err = np.abs(path.dots(g_end) - path.dots(path.g_start)).sum(0) / 2
-    fields = uniform_rules.uniform_bars(path, opts, 1, phi0, order=0)
+    fields = uniform_rules.uniform_bars(path, opts, 1, phi0, first_order=True)
     return PathResult(path.g_start, [(0.0, 1.0)], loss_after, g_end, 1,
                       fields.pop("tensor_error", trap_err), True, False, path.class_loss(),
                       **fields)

@@ -37,23 +37,28 @@ def _uniform_result(avg, n, loss_after, g_end, lca, err, d_loss, tol, class_loss
                       class_loss, **bar_fields)
 
 
-def uniform_bars(path, opts, n: int, phi0, order: int = 2) -> dict:
+def uniform_bars(path, opts, n: int, phi0, first_order: bool = False) -> dict:
     """The honest 95% bars of a finished uniform rule (``opts.with_bars``; {}
-    without, or where the set is one group): n = 1 the trapezoid (``order`` 1)
-    or first order (``order`` 0) on the whole step, else composite Simpson on n
-    intervals.  ``phi0``: the whole set's samples at θ_t; the later points' are
-    their groups' samples summed (the groups add up to the set).  One mixed
-    pass; returns PathResult's bar fields."""
+    without, or where the set is one group): n = 1 the trapezoid on the whole
+    step, else composite Simpson on n intervals; ``first_order``: the value
+    φ(0) of ḡ = g(θ_t), whose error is the trapezoid's plus the exactly known
+    (φ(1) − φ(0))/2 (so only the trapezoid's part is estimated: a constant
+    control would leave the whole slope to the random points).  ``phi0``: the
+    whole set's samples at θ_t; the later points' are their groups' samples
+    summed (the groups add up to the set).  One mixed pass; returns
+    PathResult's bar fields."""
     if not opts.with_bars or path.groups < 2:
         return {}
     points = [j / n for j in range(n + 1)]
     whole = {0.0: np.asarray(phi0, np.float64)}
     whole.update({f: path.group_dots(f).sum(0) for f in points[1:]})
-    if n == 1:
-        intervals = [(0.0, 1.0)]
-    else:
-        intervals, order = [(2 * j / n, (2 * j + 2) / n) for j in range(n // 2)], 2
-    bar, e_hat, sd, dof = bars.honest_bars(path, opts.seed, intervals, whole, order)
+    intervals = [(0.0, 1.0)] if n == 1 else \
+        [(2 * j / n, (2 * j + 2) / n) for j in range(n // 2)]
+    bar, e_hat, sd, dof = bars.honest_bars(path, opts.seed, intervals, whole,
+                                           order=1 if n == 1 else 2)
+    if first_order:
+        e_hat = e_hat + (whole[1.0] - whole[0.0]) / 2
+        bar = bars.bar(e_hat, sd, dof)
     return dict(tensor_error=bar, tensor_bias=e_hat, tensor_sd=sd, bar_dof=dof)
 
 
@@ -81,7 +86,7 @@ def adaptive(path, opts) -> PathResult:
         path.accumulate(c, a, 0.5)
         path.accumulate(c, b, 0.5)
         return _uniform_result(c, 1, loss_after, b, trapezoid, np.abs(phi_b - phi_a) / 2,
-                               d_loss, tol, cl, uniform_bars(path, opts, 1, phi_a, order=1))
+                               d_loss, tol, cl, uniform_bars(path, opts, 1, phi_a))
     # Simpson: c holds the midpoint, whose gradient goes into a with weight 4
     path.grad(0.5, a, weight=4.0, at=c)
     phi_m = (path.dots(a).sum(0) - phi_a) / 4                 # a = g_0 + 4·g_½
