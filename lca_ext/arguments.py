@@ -30,6 +30,16 @@ def check(model, loss_fn, batch_loss, lca_data, schedule, batch_size, num_classe
     return check_schedule(schedule)
 
 
+def check_bars(rule, reuse_gradients: bool) -> None:
+    """Bars asked for explicitly where they cannot be had: the low-memory mode
+    forms ḡ in one buffer with fixed weights and has no groups' samples."""
+    if rule.bars is True and not reuse_gradients:
+        raise ValueError(f"lca_ext.LCATracker: rule bars=True with reuse_gradients=False: "
+                         "the low-memory mode has no error bars (its tensor_error is the "
+                         "rule's own estimate); drop reuse_gradients=False for the bars "
+                         "(they need the groups' gradients), or drop bars=True")
+
+
 def check_model(model) -> None:
     if not isinstance(model, nn.Module):
         hint = (" (it looks like model.parameters(): pass the model itself)"

@@ -208,6 +208,7 @@ class LCATracker:
         # the options, grouped by concern: the rule, the statistics, the store
         self.rule = rule_options(rule, method=method, rtol=rtol, atol=atol,
                                             max_splits=max_splits)
+        arguments.check_bars(self.rule, reuse_gradients)
         stats_opts = stats_options(stats, bin_edges=bin_edges, row_sums=row_sums,
                                    oscillation=oscillation, frames=frames,
                                    frame_every=frame_every)

@@ -254,6 +254,9 @@ TRACKER_MISTAKES = [
      r"model must be a torch.nn.Module; got a generator .*pass the model itself"),
     ("a tuple of one tensor as the set", dict(lca_data="one tensor"),
      r"got a Tensor \(lca_data given as a tuple .* exactly \(inputs, targets\)"),
+    ("bars in the low-memory mode", dict(rule=dict(bars=True), reuse_gradients=False),
+     r"bars=True with reuse_gradients=False: the low-memory mode has no error bars"),
+    ("bars not a bool", dict(rule=dict(bars="yes")), r"bars='yes'; expected None"),
 ]
 
 
