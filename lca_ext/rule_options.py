@@ -73,8 +73,9 @@ class RuleOptions:
                  mixed pass, tensor_error is the rule's own estimate (the
                  certified rule's, as before; an estimate, not an interval:
                  bar_dof 0), and the budget rule refines on that estimate
-                 (tensor_rtol, min_share).  No bars in the low-memory mode
-                 (reuse_gradients=False) or where the set is one group
+                 (tensor_rtol, min_share).  No bars where the set is one
+                 group, nor in the low-memory mode (reuse_gradients=False:
+                 bars=True is refused there)
     seed:        seeds the bars' random points (with the step and the
                  objective; never the global random streams)
     path_memory_budget: bytes of gradients the rules may hold beyond the three
