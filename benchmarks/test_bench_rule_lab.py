@@ -43,6 +43,8 @@ RULE_ROWS = {
     "adaptive (total-only)": lca_ext.RuleOptions(method="adaptive"),
     # the same rule's values with the honest bars of them (one mixed pass more)
     "adaptive, bars=True": lca_ext.RuleOptions(method="adaptive", bars=True),
+    # the paper's first-order LCA, g(θ_t)·Δθ, with the bars of how far it is off
+    "first_order, bars=True": lca_ext.RuleOptions(method="first_order", bars=True),
     # the default over every recorded step (a recording extended to steps 0-29:
     # rule_lab.py extend): percentiles from step 5 over 25 steps, not 4
     EVERY_STEP: lca_ext.RuleOptions(),

@@ -34,10 +34,20 @@ class StepFlags:
         self.seen: dict = {}                            # objective -> steps recorded
         self._warned_causes: List[bool] = []            # noise_limited values warned
         self._reported = 0
+        self._no_bars_warned: set = set()               # objectives warned: no bars
 
     def record(self, name: str, step: int, path, error: float, unit_roundoff: float) -> None:
         """Note one finished step (``path``: its rule's PathResult)."""
         self.seen[name] = self.seen.get(name, 0) + 1
+        if self.rule.bars is True and path.bar_dof == 0 and name not in self._no_bars_warned:
+            self._no_bars_warned.add(name)
+            warnings.warn(
+                f"lca_ext: bars=True, but the {name!r} set gave step {step} no error bars: "
+                "it forms fewer than 2 groups (one batch; or, under FSDP2, per-class "
+                "units), so tensor_error is the rule's own estimate, not an interval "
+                "(run.bar_dof 0); pass batch_size smaller than the set (or a DataLoader of "
+                "several batches) so it is cut into RuleOptions.groups batches",
+                RuntimeWarning, stacklevel=5)
         if path.noise_limited:
             self.noise_steps.append((name, step))
         if path.budget_limited:

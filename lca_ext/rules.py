@@ -17,9 +17,9 @@ def first_order(path, opts: RuleOptions) -> PathResult:
     (with ``bars=True`` the honest 95% bar of g(θ_t)'s value instead)."""
     g_end = path.buffer()
     loss_after = path.grad(1.0, g_end)
-    phi0 = path.dots(path.g_start).sum(0)
-    trap_err = np.abs(path.dots(g_end) - path.dots(path.g_start)).sum(0) / 2
-    fields = uniform_rules.uniform_bars(path, opts, 1, phi0, first_order=True)
+    phi0 = path.dots(path.g_start)
+    trap_err = np.abs(path.dots(g_end) - phi0).sum(0) / 2
+    fields = uniform_rules.uniform_bars(path, opts, 1, phi0.sum(0), first_order=True)
     return PathResult(path.g_start, [(0.0, 1.0)], loss_after, g_end, 1,
                       fields.pop("tensor_error", trap_err), True, False, path.class_loss(),
                       **fields)

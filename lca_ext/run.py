@@ -45,7 +45,8 @@ class Run:
                                (the total-only rules' and first order's default,
                                bars=False, one group, the low-memory mode): the
                                rule's own embedded estimate (lca_ext.quadrature),
-                               an estimate, not an interval
+                               an estimate, not an interval (NaN for first order
+                               in the low-memory mode: none)
       tensor_bias, tensor_sd [T, K]   the bars' signed error estimate Ê and its
                                standard error √V̂ (NaN without bars; widened where
                                strata leave it fewer degrees of freedom than

@@ -447,7 +447,9 @@ class LCATracker:
             objectives=[o.name for o in self.objectives], num_classes=self.num_classes,
             bin_edges=self.bin_edges.cpu().tolist(),
             frame_names=[self.params.names[k] for k in self.stats.frame_tensors],
-            config=dict(dataclasses.asdict(self.rule),
+            # (bars as resolved for the method: None stored would read as a
+            # different configuration than the same rule written before)
+            config=dict(dataclasses.asdict(self.rule), bars=self.rule.with_bars,
                         pass_dtype=str(self.objectives[0].evaluator.compute_dtype),
                         batchnorm=self.objectives[0].evaluator.batchnorm,
                         lca_set_size=self.objectives[0].evaluator.count,

@@ -123,7 +123,7 @@ def simpson(path, opts) -> PathResult:
     cl = path.class_loss()
     d_loss = loss_after - path.loss_start
     q = path.g_start                      # becomes Q = g_0 + g_N + 2·(even points)
-    phi_0 = path.dots(q).sum(0)
+    phi_0 = path.dots(q).sum(0) if opts.with_bars else None     # (the bars' θ_t samples)
     path.accumulate(q, g_end, 1.0)
     phi_q, phi_o = path.dots(q).sum(0), path.dots(o).sum(0)
     tol = _tol_total(path, opts, loss_after, d_loss, float(np.abs((phi_q + 4 * phi_o) / 6).sum()))

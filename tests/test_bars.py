@@ -389,29 +389,37 @@ def test_bars_on_request_make_any_rules_error_an_interval(method, classes):
         assert np.median((run.tensor_error / np.abs(ref))[big]) > 0.01
 
 
-@pytest.mark.parametrize("method,classes", [("adaptive", C), ("adaptive", None),
-                                            ("first_order", C)])
-def test_the_bars_whole_set_samples_are_the_rules_own(method, classes, monkeypatch):
+@pytest.mark.parametrize("method,classes,memory", [
+    ("adaptive", C, 2 << 30), ("adaptive", None, 2 << 30), ("first_order", C, 2 << 30),
+    ("certified", C, 0)])
+def test_the_bars_whole_set_samples_are_the_rules_own(method, classes, memory, monkeypatch):
     """The bars of a uniform rule read the whole set's samples as its groups'
     summed (lca_ext.uniform_rules.uniform_bars): the rule's quadrature over
-    them must be the stored value of every step, also in per-class mode, whose
-    passes scale each unit's part by the pass's weight (Simpson's midpoint
-    enters adaptive's buffer x4: kept unweighted by the path)."""
+    them must be the stored value of every step, and at every point the
+    groups' samples must add up to the whole set's, also in per-class mode,
+    whose passes scale each unit's part by the pass's weight (Simpson's
+    midpoint enters adaptive's buffer x4; the certified rule recomputes a point
+    past path_memory_budget with its Simpson weight before its bars' pass:
+    both kept unweighted by the path)."""
     from lca_ext import bars as bars_module
     seen = []
     real = bars_module.honest_bars
 
     def spy(path, seed, intervals, whole, order=2):
-        seen.append((list(intervals), dict(whole), order))
+        sums = {f: path.group_dots(f).sum(0) for f in whole if f > 0.0}
+        seen.append((list(intervals), dict(whole), order, sums))
         return real(path, seed, intervals, whole, order)
     monkeypatch.setattr(bars_module, "honest_bars", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         run, _ = _relu_run(torch.float32, steps=4, lr=0.8, num_classes=classes,
                            with_reference=False,
-                           rule=lca_ext.RuleOptions(method=method, bars=True))
+                           rule=lca_ext.RuleOptions(method=method, bars=True,
+                                                    path_memory_budget=memory))
     assert len(seen) == len(run)
-    for t, (intervals, whole, order) in enumerate(seen):
+    for t, (intervals, whole, order, sums) in enumerate(seen):
+        for f, v in sums.items():
+            np.testing.assert_allclose(v, whole[f], rtol=1e-4, atol=1e-6 * np.abs(v).max())
         if method == "first_order":         # its bars: the trapezoid's, shifted
             value = whole[0.0]
         elif order == 1:
@@ -423,3 +431,31 @@ def test_the_bars_whole_set_samples_are_the_rules_own(method, classes, monkeypat
                                    atol=1e-6 * np.abs(value).max())
     if method == "adaptive":
         assert (run.splits >= 2).any()   # Simpson's midpoint was taken
+
+
+def test_bars_asked_for_where_the_set_is_one_group_warn_once_and_runs_record_them():
+    """bars=True on a set of one batch gives no bars (bar_dof 0): one warning
+    saying why and what to pass, not a silent estimate; the rule's default
+    (bars=None) does not warn.  The run's config records bars as resolved for
+    the method (True for the default rule, False for adaptive's default)."""
+    x, y, model = relu_classifier(C, torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for rule, warns in ((dict(method="adaptive", bars=True), True),
+                        (dict(method="adaptive"), False)):
+        tracker = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y),
+                                     batch_size=len(x), rule=rule)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                with tracker.step():
+                    opt.step()
+        said = [w for w in caught if "no error bars" in str(w.message)]
+        assert len(said) == (1 if warns else 0), [str(w.message) for w in caught]
+        if warns:
+            assert "batch_size" in str(said[0].message) and "'train'" in str(said[0].message)
+        assert (tracker.result().bar_dof == 0).all()
+        assert tracker.run_meta()["config"]["bars"] is (True if warns else False)
+    default = lca_ext.LCATracker(model, nn.functional.cross_entropy, (x, y))
+    assert default.run_meta()["config"]["bars"] is True
