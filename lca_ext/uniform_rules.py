@@ -15,7 +15,7 @@ to its points, so the next step recomputes its start gradient.  Σ LCA and the
 per-tensor estimate |S_n − T_n| come from the per-tensor samples of Q and O.
 
 With ``RuleOptions(bars=True)`` (off by default for these rules: their price is
-about one pass a step) a finished step gets one mixed pass more and stores the
+near one pass a step on smooth steps) a finished step gets one mixed pass more and stores the
 honest 95% bar of its own value (:func:`uniform_bars`, lca_ext.bars): the
 bars change what is reported, never what the rule refines.
 """
